@@ -1,0 +1,109 @@
+"""The `localmix` command line: run, chat and list."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from localmix.api import Model, load
+from localmix.errors import LocalmixError
+from localmix.home import list_models, models_dir
+from localmix.sampling import SamplingParams
+from localmix.cli.chat import chat_loop
+from localmix.cli.output import err, print_stats, stream_answer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run Mixtral-class mixture-of-experts models locally.")
+
+# Options shared by run and chat.
+MaxTokens = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate.")
+Temperature = typer.Option(0.8, help="Sampling temperature; 0 is greedy.")
+TopP = typer.Option(0.9, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass.")
+TopK = typer.Option(40, "--top-k", help="Keep the K most likely tokens; 0 keeps all.")
+MinP = typer.Option(0.0, "--min-p", help="Drop tokens less likely than this fraction of the top one.")
+RepeatPenalty = typer.Option(1.1, "--repeat-penalty", help="Penalty for tokens seen in the last 64.")
+Seed = typer.Option(None, help="Random seed: the same seed gives the same answer.")
+System = typer.Option(None, help="System prompt.")
+Experts = typer.Option(None, "--experts-per-token", help="Active experts per token (default: the model's).")
+Verbose = typer.Option(False, "--verbose", help="Print timings after each answer.")
+
+
+def sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repeat_penalty=repeat_penalty, seed=seed).check()
+
+
+def load_model(name: str, experts_per_token: int | None) -> tuple[Model, float]:
+    start = time.perf_counter()
+    with err.status(f"loading {name}"):
+        model = load(name, experts_per_token=experts_per_token)
+    return model, time.perf_counter() - start
+
+
+@app.command()
+def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder."),
+        prompt: Optional[str] = typer.Argument(None, help="The prompt; read from stdin when left out."),
+        max_tokens: int = MaxTokens, temperature: float = Temperature, top_p: float = TopP,
+        top_k: int = TopK, min_p: float = MinP, repeat_penalty: float = RepeatPenalty,
+        seed: Optional[int] = Seed, system: Optional[str] = System,
+        raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template."),
+        experts_per_token: Optional[int] = Experts, verbose: bool = Verbose):
+    """Answer one prompt, streaming the text to stdout."""
+    params = sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+    if max_tokens < 0:
+        raise LocalmixError(f"--max-tokens must be >= 0, got {max_tokens}")
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise LocalmixError("give a prompt (or pipe one on stdin); `localmix chat` talks interactively")
+        prompt = sys.stdin.read()
+    if raw and system:
+        raise LocalmixError("--system needs the chat template; leave out --raw")
+    start = time.perf_counter()
+    llm, load_s = load_model(model, experts_per_token)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params)
+    if verbose and last:
+        print_stats(last, load_s, time.perf_counter() - start)
+
+
+@app.command()
+def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folder."),
+         max_tokens: int = MaxTokens, temperature: float = Temperature, top_p: float = TopP,
+         top_k: int = TopK, min_p: float = MinP, repeat_penalty: float = RepeatPenalty,
+         seed: Optional[int] = Seed, system: Optional[str] = System,
+         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose):
+    """Chat in the terminal (/? for help)."""
+    params = sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+    if max_tokens < 0:
+        raise LocalmixError(f"--max-tokens must be >= 0, got {max_tokens}")
+    llm, load_s = load_model(model, experts_per_token)
+    chat_loop(llm, model, params, max_tokens, system, verbose, load_s)
+
+
+@app.command("list")
+def list_command():
+    """List the models in $LOCALMIX_HOME/models."""
+    names = list_models()
+    if not names:
+        err.print(f"no models in {models_dir()}")
+    for name in names:
+        print(name)
+
+
+def main() -> None:
+    try:
+        app()
+    except LocalmixError as e:
+        err.print(f"error: {e}", markup=False, soft_wrap=True)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    except BrokenPipeError:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

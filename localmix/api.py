@@ -1,0 +1,71 @@
+"""The Python API: load a model, then logits, generate, stream and chat."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from localmix.checkpoint import Checkpoint, read_weights
+from localmix.config import ModelArgs
+from localmix.errors import LocalmixError
+from localmix.generate import GenerationResponse, stream_generate
+from localmix.home import resolve_model
+from localmix.kv_cache import KVCache
+from localmix.model import Transformer
+from localmix.sampling import SamplingParams
+from localmix.tokenizer import Tokenizer
+
+
+class Model:
+    """A loaded model with its tokenizer.
+
+    A prompt is either text (completed as it stands, after a BOS token), a list of token ids (used
+    as they are), or a list of chat messages ({"role": "system"|"user"|"assistant", "content": str})
+    that the model's chat template turns into ids. Sampling settings are those of SamplingParams:
+    temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop.
+    """
+
+    def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None):
+        checkpoint = Checkpoint(folder)
+        self.path = checkpoint.folder
+        self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
+        self.tokenizer = Tokenizer(checkpoint.tokenizer_path)
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise LocalmixError(f"{checkpoint.tokenizer_path}: the tokenizer has {self.tokenizer.vocab_size} "
+                                f"tokens but the model only {self.config.vocab_size}")
+        self.transformer = Transformer(self.config, read_weights(checkpoint, self.config))
+
+    def logits(self, ids) -> np.ndarray:
+        """Float32 logits [len(ids), vocab] of one pass over the ids, from an empty context."""
+        ids = list(ids)
+        return self.transformer(np.asarray(ids, dtype=np.int64), KVCache(self.config, len(ids)))
+
+    def encode_prompt(self, prompt) -> tuple[list[int], bool]:
+        """(ids, whether the answer starts a new text), for the three kinds of prompt."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, bos=True), False
+        prompt = list(prompt)
+        if prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return [int(t) for t in prompt], False
+        return self.tokenizer.apply_chat_template(prompt), True
+
+    def stream(self, prompt, max_tokens: int = 256, on_prefill=None, **sampling) -> Iterator[GenerationResponse]:
+        ids, new_text = self.encode_prompt(prompt)
+        return stream_generate(self.transformer, self.tokenizer, ids, max_tokens, SamplingParams(**sampling),
+                               strip_leading_space=new_text, on_prefill=on_prefill)
+
+    def generate(self, prompt, max_tokens: int = 256, **sampling) -> str:
+        return "".join(r.text for r in self.stream(prompt, max_tokens, **sampling))
+
+    def chat(self, messages: list[dict], max_tokens: int = 256, **sampling) -> str:
+        """The assistant's answer to a conversation."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.generate(list(messages), max_tokens, **sampling)
+
+
+def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None) -> Model:
+    """Load a Hugging Face model folder, or a model by name from $LOCALMIX_HOME/models."""
+    return Model(resolve_model(path_or_name), experts_per_token)

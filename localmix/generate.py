@@ -1,0 +1,116 @@
+"""The generation loop: prefill the prompt, then sample one token at a time, streaming text."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from localmix.errors import LocalmixError
+from localmix.kv_cache import KVCache
+from localmix.model import Transformer
+from localmix.sampling import Sampler, SamplingParams
+from localmix.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResponse:
+    """One step of generation, as mlx-lm's stream_generate reports it."""
+    text: str                  # new text: whole characters only (may be empty)
+    token: int | None          # the token sampled at this step
+    prompt_tokens: int
+    prompt_tps: float          # prompt tokens per second of prefill
+    generation_tokens: int
+    generation_tps: float      # generated tokens per second since the first one
+    peak_memory: float         # peak resident memory of the process, GB
+    finish_reason: str | None  # None while generating, then "stop" or "length"
+
+
+def peak_memory_gb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1e9 if sys.platform == "darwin" else 1e6)  # bytes on macOS, KiB on Linux
+
+
+class StopStrings:
+    """Holds back text that might be the start of a stop string, and cuts at the first one seen."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to show, whether a stop string was reached)."""
+        if not self.stops:
+            return text, False
+        text = self.held + text
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.held = ""
+            return text[: min(cuts)], True
+        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+def stream_generate(transformer: Transformer, tokenizer: Tokenizer, prompt: list[int], max_tokens: int = 256,
+                    params: SamplingParams | None = None, strip_leading_space: bool = True,
+                    prefill_step: int = 256,
+                    on_prefill: Callable[[int, int], None] | None = None) -> Iterator[GenerationResponse]:
+    """Yield one response per generated token; the last one carries the finish reason.
+    The prompt is processed in chunks of prefill_step tokens (bounding the attention scores'
+    memory), calling on_prefill(done, total) after each."""
+    args = transformer.args
+    if max_tokens < 0:
+        raise LocalmixError(f"max_tokens must be >= 0, got {max_tokens}")
+    if not prompt:
+        raise LocalmixError("the prompt is empty")
+    if len(prompt) >= args.max_position_embeddings:
+        raise LocalmixError(f"the prompt has {len(prompt)} tokens, more than the model's context of "
+                            f"{args.max_position_embeddings} leaves room for")
+    if max(prompt) >= args.vocab_size or min(prompt) < 0:
+        raise LocalmixError(f"token ids must be in [0, {args.vocab_size})")
+    sampler = Sampler(params or SamplingParams())
+    stops = StopStrings(sampler.params.stop)
+    decoder = tokenizer.stream_decoder(strip_leading_space)
+    cache = KVCache(args, min(len(prompt) + max_tokens, args.max_position_embeddings))
+
+    start = time.perf_counter()
+    for i in range(0, len(prompt), prefill_step):
+        logits = transformer(prompt[i:i + prefill_step], cache, last_only=True)[-1]
+        if on_prefill:
+            on_prefill(min(i + prefill_step, len(prompt)), len(prompt))
+    prompt_tps = len(prompt) / max(time.perf_counter() - start, 1e-9)
+
+    history = list(prompt)
+    start = time.perf_counter()
+    generated = 0
+    finish = "length" if max_tokens == 0 else None
+    token = None
+    text = ""
+    while finish is None:
+        token = sampler(logits, history)
+        history.append(token)
+        generated += 1
+        if token == tokenizer.eos_id:
+            text, finish = stops.flush() + decoder.flush(), "stop"
+        else:
+            text, stopped = stops.feed(decoder.add(token))
+            if stopped:
+                finish = "stop"
+            elif generated == max_tokens or cache.length + 1 > args.max_position_embeddings:
+                text, finish = text + stops.feed(decoder.flush())[0] + stops.flush(), "length"
+            else:
+                logits = transformer(np.array([token]), cache, last_only=True)[-1]
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        yield GenerationResponse(text, token, len(prompt), prompt_tps, generated, generated / elapsed,
+                                 peak_memory_gb(), finish)
+    if generated == 0:
+        yield GenerationResponse("", None, len(prompt), prompt_tps, 0, 0.0, peak_memory_gb(), finish)

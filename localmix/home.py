@@ -1,0 +1,33 @@
+"""Where models live: $LOCALMIX_HOME/models/NAME (LOCALMIX_HOME defaults to ~/.cache/localmix)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from localmix.errors import LocalmixError
+
+
+def home() -> Path:
+    return Path(os.environ.get("LOCALMIX_HOME") or "~/.cache/localmix").expanduser()
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def list_models() -> list[str]:
+    folder = models_dir()
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A folder path as given, else a model name under $LOCALMIX_HOME/models."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    named = models_dir() / str(name_or_path)
+    if str(name_or_path) and named.is_dir():
+        return named
+    raise LocalmixError(f"unknown model {str(name_or_path)!r}: no such folder, and no model of that name "
+                        f"in {models_dir()}")

@@ -1,0 +1,55 @@
+"""Keys and values of the tokens seen so far, one preallocated buffer per layer."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from localmix.config import ModelArgs
+from localmix.errors import LocalmixError
+
+
+class KVCache:
+    """Float32 keys and values, [layers, kv_heads, capacity, head_dim] each.
+
+    Generation knows its final length (prompt plus max tokens) and asks for exactly that, so the
+    buffers are allocated once; `reserve` grows them (doubling) for callers that do not know.
+    """
+
+    def __init__(self, args: ModelArgs, capacity: int = 256):
+        self.max_length = args.max_position_embeddings
+        self.shape = (args.num_hidden_layers, args.num_key_value_heads, 0, args.head_dim)
+        self.keys = np.zeros(self.shape, np.float32)
+        self.values = np.zeros(self.shape, np.float32)
+        self.length = 0  # tokens stored in every layer
+        self.reserve(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def reserve(self, length: int) -> None:
+        if length > self.max_length:
+            raise LocalmixError(f"context full: {length} tokens exceed the model's "
+                                f"{self.max_length}-token context")
+        if length <= self.capacity:
+            return
+        capacity = min(max(length, 2 * self.capacity), self.max_length)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = np.zeros(self.shape[:2] + (capacity,) + self.shape[3:], np.float32)
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def update(self, layer: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store the new tokens' keys and values ([kv_heads, T, head_dim]) after the cached ones and
+        return views of all of them. `advance` moves the length on once every layer has stored."""
+        end = self.length + keys.shape[1]
+        self.keys[layer, :, self.length:end] = keys
+        self.values[layer, :, self.length:end] = values
+        return self.keys[layer, :, :end], self.values[layer, :, :end]
+
+    def advance(self, count: int) -> None:
+        self.length += count
+
+    def reset(self) -> None:
+        self.length = 0

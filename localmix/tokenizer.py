@@ -1,0 +1,159 @@
+"""The sentencepiece tokenizer, streaming decode, and Mistral's instruct chat format.
+
+The chat format reproduces mistral-common's encoding (`MistralTokenizer.v1()` for Mixtral 8x7B,
+`.v3()` for Mixtral 8x22B) id for id, including how it merges and validates conversations. Which
+one applies is read off the tokenizer: v2/v3 vocabularies have [INST] and [/INST] as control
+tokens, v1 writes them as plain text. Text from a user never becomes a control token, because
+sentencepiece never emits control pieces when it encodes text.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece
+
+from localmix.errors import LocalmixError
+
+ROLES = ("system", "user", "assistant")
+# Which role may follow which, as mistral-common's validator has it (tools aside).
+_MAY_FOLLOW = {"system": {"system", "user", "assistant"},
+               "user": {"system", "user", "assistant"},
+               "assistant": {"user", "assistant"}}
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | Path):
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        except (OSError, RuntimeError) as e:
+            raise LocalmixError(f"{model_path}: not a sentencepiece model ({e})") from None
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.begin_inst, self.end_inst = self._control_id("[INST]"), self._control_id("[/INST]")
+        # "v1": [INST] is text; "v3": [INST] and [/INST] are control tokens (v2's encoding of
+        # plain conversations is the same as v3's).
+        self.chat_version = "v3" if self.begin_inst is not None and self.end_inst is not None else "v1"
+        # What each id decodes to as bytes, for streaming: "▁" is a space, <0xNN> is a raw byte.
+        self._piece_bytes = [self._bytes_of(i) for i in range(self.vocab_size)]
+
+    def _control_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if i != self.sp.unk_id() and self.sp.is_control(i) else None
+
+    def _bytes_of(self, i: int) -> bytes:
+        if self.sp.is_control(i) or self.sp.is_unknown(i):
+            return b"" if self.sp.is_control(i) else " \u2047 ".encode()
+        piece = self.sp.id_to_piece(i)
+        if self.sp.is_byte(i):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def stream_decoder(self, strip_leading_space: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self._piece_bytes, strip_leading_space)
+
+    # -- chat ---------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages) -> list[int]:
+        """Ids of a conversation ending with a user turn, ready for the assistant to answer."""
+        messages = _validate(messages)
+        system = "\n\n".join(m.content for m in messages if m.role == "system" and m.content) or None
+        turns = _merge_turns(messages)
+        first_user = next(i for i, t in enumerate(turns) if t.role == "user")
+        last_user = max(i for i, t in enumerate(turns) if t.role == "user")
+        ids = [self.bos_id]
+        for i, turn in enumerate(turns):
+            if turn.role == "assistant":
+                text = turn.content if self.chat_version == "v1" else turn.content.rstrip(" ")
+                ids += self.encode(text) + [self.eos_id]
+            elif self.chat_version == "v1":  # the system prompt goes into the first user turn
+                text = f"{system}\n\n{turn.content}" if system and i == first_user else turn.content
+                ids += self.encode(f"[INST] {text} [/INST]")
+            else:  # v3: into the last user turn
+                text = f"{system}\n\n{turn.content}" if system and i == last_user else turn.content
+                ids += [self.begin_inst] + self.encode(text) + [self.end_inst]
+        return ids
+
+
+class StreamDecoder:
+    """Turns ids into text as they come, never splitting a UTF-8 character across two pieces of
+    output. The first piece's leading space is dropped, as sentencepiece drops it when decoding a
+    whole text; pass strip_leading_space=False when the text continues a prompt."""
+
+    def __init__(self, piece_bytes: list[bytes], strip_leading_space: bool):
+        self._piece_bytes = piece_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip = strip_leading_space
+
+    def add(self, token: int) -> str:
+        text = self._utf8.decode(self._piece_bytes[token])
+        if self._strip and text:
+            self._strip = False
+            if text.startswith(" "):
+                text = text[1:]
+        return text
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def _as_message(m) -> Message:
+    if isinstance(m, Message):
+        return m
+    if not isinstance(m, dict) or "role" not in m:
+        raise LocalmixError(f"a chat message must be a dict with 'role' and 'content', got {m!r}")
+    role, content = m["role"], m.get("content")
+    if role not in ROLES:
+        raise LocalmixError(f"unsupported chat role {role!r} (use system, user or assistant)")
+    if not isinstance(content, str):
+        raise LocalmixError(f"the content of a {role} message must be a string, got {content!r}")
+    return Message(role, content)
+
+
+def _validate(messages) -> list[Message]:
+    """mistral-common's rules for a conversation to answer."""
+    messages = [_as_message(m) for m in messages]
+    if not messages:
+        raise LocalmixError("the conversation has no messages")
+    if len(messages) == 1 and messages[0].role not in ("user", "system"):
+        raise LocalmixError("a conversation must start with a user or system message")
+    if len(messages) > 1 and messages[-1].role == "assistant":
+        raise LocalmixError("the last message must come from the user, not the assistant")
+    for before, after in zip(messages, messages[1:]):
+        if after.role not in _MAY_FOLLOW[before.role]:
+            raise LocalmixError(f"a {after.role} message cannot follow a {before.role} message")
+    if any(m.role == "assistant" and not m.content for m in messages):
+        raise LocalmixError("an assistant message must have content")
+    return messages
+
+
+def _merge_turns(messages: list[Message]) -> list[Message]:
+    """Consecutive messages of one role become one turn, joined by a blank line; system messages
+    leave the turns (they form the system prompt) but still separate the turns around them.
+    A conversation that does not open with a user turn gets an empty one first."""
+    turns: list[Message] = []
+    run: list[Message] = []
+    for m in messages + [Message("end", "")]:
+        if run and m.role != run[0].role:
+            if run[0].role != "system":
+                turns.append(Message(run[0].role, "\n\n".join(x.content for x in run if x.content)))
+            run = []
+        run.append(m)
+    if not turns or turns[0].role != "user":
+        turns.insert(0, Message("user", ""))
+    return turns

@@ -1,0 +1,62 @@
+"""Shared test helpers: small random checkpoints that transformers itself builds and saves, with the
+real Mixtral tokenizer that mistral-common ships."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mistral_common
+import numpy as np
+import pytest
+import torch
+import transformers
+
+TOKENIZERS = Path(mistral_common.__file__).parent / "data"
+TOKENIZER_V1 = TOKENIZERS / "tokenizer.model.v1"
+TOKENIZER_V3 = TOKENIZERS / "mistral_instruct_tokenizer_240323.model.v3"
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=32000,
+             max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None,
+             tie_word_embeddings=False, initializer_range=0.05)
+
+
+def make_hf_model(folder: Path, model_type: str = "mixtral", dtype=None, shard: str | None = None,
+                  tokenizer: Path = TOKENIZER_V1, seed: int = 0, **overrides):
+    """Build a random transformers model, save it as a Hugging Face folder, return it in float32
+    (holding exactly the values that were saved) for reference logits."""
+    config = dict(SMALL, **overrides)
+    if model_type == "mistral":
+        for key in ("num_local_experts", "num_experts_per_tok"):
+            config.pop(key)
+        cls_config, cls_model = transformers.MistralConfig, transformers.MistralForCausalLM
+    else:
+        cls_config, cls_model = transformers.MixtralConfig, transformers.MixtralForCausalLM
+    config = cls_config(**config)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls_model(config).eval()
+    with torch.no_grad():  # norms start at one: give them some spread so they are really tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, **kwargs)
+    shutil.copy(tokenizer, Path(folder) / "tokenizer.model")
+    return model.float()
+
+
+def reference_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """One small Mixtral folder shared by the API and CLI tests."""
+    folder = tmp_path_factory.mktemp("tiny-mixtral")
+    make_hf_model(folder)
+    return folder
