@@ -94,15 +94,26 @@ def list_command():
 
 
 def main() -> None:
+    # A model can say anything: never die on a character the terminal's encoding lacks.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # bad flags: one line, with click's exit code (2)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx else ""
+        if e.format_message():  # empty when the help was shown instead
+            err.print(f"error: {e.format_message()}{hint}", markup=False, soft_wrap=True)
+        raise SystemExit(e.exit_code)
     except LocalmixError as e:
         err.print(f"error: {e}", markup=False, soft_wrap=True)
         raise SystemExit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         raise SystemExit(130)
     except BrokenPipeError:
         raise SystemExit(1)
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+from localmix.cli.main import main
+
+main()

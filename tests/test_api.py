@@ -1,0 +1,116 @@
+"""The Python API: load by path or name, logits, generate, stream, chat."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+import localmix
+from localmix.errors import LocalmixError
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return localmix.load(tiny_model_dir)
+
+
+GREEDY = dict(temperature=0, repeat_penalty=1.0)
+
+
+def test_load_by_name_from_localmix_home(tiny_model_dir, tmp_path, monkeypatch):
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path))
+    m = localmix.load("tiny")
+    assert m.config.num_local_experts == 4 and m.tokenizer.vocab_size == 32000
+    with pytest.raises(LocalmixError, match="unknown model 'nope'"):
+        localmix.load("nope")
+
+
+def test_greedy_generation_follows_the_full_pass_argmax(model):
+    prompt = model.tokenizer.encode("The capital of France is", bos=True)
+    responses = list(model.stream(prompt, max_tokens=8, **GREEDY))
+    tokens = [r.token for r in responses]
+    ids = list(prompt)
+    for token in tokens:  # each token is the argmax after everything before it, computed without cache
+        assert token == int(np.argmax(model.logits(ids)[-1]))
+        ids.append(token)
+    assert [r.finish_reason for r in responses] == [None] * 7 + ["length"]
+    assert [r.generation_tokens for r in responses] == list(range(1, 9))
+    last = responses[-1]
+    assert last.prompt_tokens == len(prompt) and last.prompt_tps > 0 and last.generation_tps > 0
+    assert last.peak_memory > 0
+    assert "".join(r.text for r in responses) == continuation(model, prompt, tokens)
+
+
+def continuation(model, prompt, tokens):
+    """The text that tokens add after a prompt, from decoding everything at once."""
+    decode = model.tokenizer.decode
+    return decode(prompt + tokens)[len(decode(prompt)):]
+
+
+def test_text_prompt_gets_bos_and_keeps_the_continuation_space(model):
+    text = model.generate("The capital of France is", max_tokens=6, **GREEDY)
+    ids = model.tokenizer.encode("The capital of France is", bos=True)
+    tokens = [r.token for r in model.stream(ids, max_tokens=6, **GREEDY)]
+    assert text == continuation(model, ids, tokens)
+
+
+def test_same_seed_same_text(model):
+    kw = dict(max_tokens=12, temperature=1.0, seed=3)
+    assert model.generate("Once upon a time", **kw) == model.generate("Once upon a time", **kw)
+    tokens = lambda seed: [r.token for r in model.stream("Once upon a time", 12, temperature=1.0, seed=seed)]  # noqa
+    assert tokens(3) != tokens(4)
+
+
+def test_chat_applies_the_template(model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = model.tokenizer.apply_chat_template(messages)
+    via_ids = [r.token for r in model.stream(ids, max_tokens=5, **GREEDY)]
+    via_messages = [r.token for r in model.stream(messages, max_tokens=5, **GREEDY)]
+    assert via_ids == via_messages
+    answer = model.chat(messages, max_tokens=5, **GREEDY)
+    assert answer == "".join(r.text for r in model.stream(messages, max_tokens=5, **GREEDY))
+    assert not answer.startswith(" ")  # an answer starts a new text: no leading space
+    assert model.chat("Hi", max_tokens=5, **GREEDY) == model.chat([messages[1]], max_tokens=5, **GREEDY)
+
+
+def test_stop_string_cuts_the_text(model):
+    full = model.generate("Tell me", max_tokens=20, **GREEDY)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    responses = list(model.stream("Tell me", max_tokens=20, stop=[stop], **GREEDY))
+    assert responses[-1].finish_reason == "stop"
+    assert "".join(r.text for r in responses) == full[: full.index(stop)]
+
+
+def test_eos_stops_generation(model, monkeypatch):
+    """A wrapped forward pass that makes EOS the best token from the third step on."""
+    real = model.transformer.__call__
+    calls = []
+
+    def forward(ids, cache, last_only=False):
+        logits = real(ids, cache, last_only)
+        calls.append(1)
+        if len(calls) >= 3:
+            logits[:, model.tokenizer.eos_id] = 1e9
+        return logits
+    monkeypatch.setattr(model, "transformer", type("T", (), {"__call__": staticmethod(forward),
+                                                              "args": model.config})())
+    responses = list(model.stream("Hi", max_tokens=50, **GREEDY))
+    assert responses[-1].finish_reason == "stop" and responses[-1].token == model.tokenizer.eos_id
+    assert len(responses) == 3
+
+
+def test_limits(model):
+    assert list(model.stream("Hi", max_tokens=0))[-1].finish_reason == "length"
+    assert model.generate("Hi", max_tokens=0) == ""
+    with pytest.raises(LocalmixError, match="max_tokens must be >= 0"):
+        model.generate("Hi", max_tokens=-1)
+    context = model.config.max_position_embeddings
+    with pytest.raises(LocalmixError, match="more than the model's context"):
+        model.generate([5] * (context + 10), max_tokens=1)
+    with pytest.raises(LocalmixError, match="token ids must be in"):
+        model.generate([1, 40000], max_tokens=1)
+    # A generation that reaches the end of the context stops there: 3 tokens fill it, and a
+    # fourth comes from the logits of the last position.
+    responses = list(model.stream([5] * (context - 3), max_tokens=50, **GREEDY))
+    assert responses[-1].finish_reason == "length" and len(responses) == 4

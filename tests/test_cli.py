@@ -1,0 +1,151 @@
+"""The command line, run as a user runs it: a separate process, text in, text out, exit codes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import localmix
+
+
+def localmix_cli(*args, stdin="", env=None, cwd=None):
+    """Run `python -m localmix ARGS`; bytes are decoded without newline translation, since a random
+    model's answer may hold a lone carriage return."""
+    result = subprocess.run([sys.executable, "-m", "localmix", *map(str, args)], input=stdin.encode(),
+                            capture_output=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=120)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
+
+
+def assert_one_line_error(result, message):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+GREEDY = ["--temperature", "0", "--repeat-penalty", "1", "-n", "8"]
+
+
+def test_run_streams_the_chat_answer(tiny_model_dir):
+    result = localmix_cli("run", tiny_model_dir, "Why is the sky blue?", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    expected = localmix.load(tiny_model_dir).chat("Why is the sky blue?", max_tokens=8, temperature=0,
+                                                  repeat_penalty=1.0)
+    assert result.stdout == expected + "\n"
+
+
+def test_run_raw_system_and_stdin(tiny_model_dir):
+    model = localmix.load(tiny_model_dir)
+    kw = dict(max_tokens=8, temperature=0, repeat_penalty=1.0)
+    raw = localmix_cli("run", tiny_model_dir, "Once upon", "--raw", *GREEDY)
+    assert raw.stdout == model.generate("Once upon", **kw) + "\n"
+    system = localmix_cli("run", tiny_model_dir, "Hi", "--system", "Be brief.", *GREEDY)
+    assert system.stdout == model.chat([{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Hi"}], **kw) + "\n"
+    piped = localmix_cli("run", tiny_model_dir, *GREEDY, stdin="Hi")
+    assert piped.stdout == model.chat("Hi", **kw) + "\n"
+
+
+def test_verbose_prints_timings(tiny_model_dir):
+    result = localmix_cli("run", tiny_model_dir, "Hi", "--verbose", *GREEDY)
+    assert result.returncode == 0
+    assert "prompt eval rate:" in result.stderr and "eval count:           8 token(s)" in result.stderr
+
+
+def test_run_by_name_and_list(tiny_model_dir, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    env = {"LOCALMIX_HOME": str(tmp_path)}
+    assert localmix_cli("list", env=env).stdout == "tiny\n"
+    assert localmix_cli("run", "tiny", "Hi", *GREEDY, env=env).returncode == 0
+    assert_one_line_error(localmix_cli("run", "nope", "Hi", env=env), "unknown model 'nope'")
+
+
+@pytest.fixture
+def broken_copy(tiny_model_dir, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, folder)
+    return folder
+
+
+def test_bad_config(broken_copy):
+    (broken_copy / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert_one_line_error(localmix_cli("run", broken_copy, "Hi"), "unsupported model_type 'gpt2'")
+    (broken_copy / "config.json").unlink()
+    assert_one_line_error(localmix_cli("run", broken_copy, "Hi"), "config.json: no such file")
+
+
+def test_truncated_weights(broken_copy):
+    path = broken_copy / "model.safetensors"
+    os.truncate(path, path.stat().st_size // 2)
+    assert_one_line_error(localmix_cli("run", broken_copy, "Hi"), "truncated file")
+
+
+def test_bad_values(tiny_model_dir):
+    assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "-n", "-3"), "--max-tokens must be >= 0")
+    assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "--top-p", "0"), "top_p must be in")
+    assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "--raw", "--system", "x"), "--system needs")
+    assert_one_line_error(localmix_cli("run", tiny_model_dir, "word " * 600), "more than the model's context")
+    assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "--experts-per-token", "9"),
+                          "experts_per_token must be between 1 and 4")
+
+
+def test_bad_flags_are_usage_errors(tiny_model_dir):
+    result = localmix_cli("run", tiny_model_dir, "Hi", "--temperature", "warm")
+    assert_one_line_error(result, "Invalid value for '--temperature'")
+    assert result.returncode == 2
+    result = localmix_cli("run", tiny_model_dir, "Hi", "--no-such-flag")
+    assert_one_line_error(result, "No such option: --no-such-flag")
+    assert result.returncode == 2
+
+
+def test_chat_session_through_stdin(tiny_model_dir):
+    script = "\n".join([
+        "/set parameter temperature 0",
+        "/set parameter num_predict 4",
+        "/set parameter top_k many",
+        "/show parameters",
+        "Hello there",
+        '"""',
+        "a message",
+        "on two lines",
+        '"""',
+        "/set system You are terse.",
+        "/show system",
+        "/clear",
+        "/frobnicate",
+        "/?",
+        "/bye",
+    ]) + "\n"
+    result = localmix_cli("chat", tiny_model_dir, "--repeat-penalty", "1", stdin=script)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Set parameter 'temperature' to '0'" in out and "Set parameter 'num_predict' to '4'" in out
+    assert "Couldn't set parameter: top_k takes a int" in out
+    assert "temperature    0.0" in out
+    assert "You are terse." in out and "Cleared session context" in out
+    assert "Unknown command '/frobnicate'" in out and "/set parameter NAME VALUE" in out
+
+
+def test_chat_ends_on_ctrl_d(tiny_model_dir):
+    result = localmix_cli("chat", tiny_model_dir, stdin="")
+    assert result.returncode == 0
+
+
+def test_chat_keeps_history(tiny_model_dir):
+    from localmix.cli.chat import ChatSession
+    from localmix.cli.output import err
+    from localmix.sampling import SamplingParams
+    model = localmix.load(tiny_model_dir)
+    session = ChatSession(model, "tiny", SamplingParams(temperature=0, repeat_penalty=1.0), 4, "sys", False, 0.0, err)
+    session.answer("first")
+    session.answer("second")
+    roles = [m["role"] for m in session.history]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    first_answer = model.chat([{"role": "system", "content": "sys"}, {"role": "user", "content": "first"}],
+                              max_tokens=4, temperature=0, repeat_penalty=1.0)
+    assert session.history[1]["content"] == first_answer
+    assert session.messages("third")[0] == {"role": "system", "content": "sys"}

@@ -1,0 +1,79 @@
+"""Sampling: each truncation rule on hand-made distributions, penalties, seeds and stop strings."""
+
+import numpy as np
+import pytest
+
+from localmix.errors import LocalmixError
+from localmix.generate import StopStrings
+from localmix.sampling import Sampler, SamplingParams, apply_repeat_penalty, token_probabilities
+
+LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.06, 0.04]))
+
+
+def test_greedy_takes_the_argmax():
+    logits = np.array([0.1, 3.0, 2.9, -1.0])
+    sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=1.0))
+    assert all(sampler(logits, []) == 1 for _ in range(5))
+
+
+def test_temperature_one_without_truncation_is_the_softmax():
+    probs = token_probabilities(LOGITS, 1.0, 0, 1.0, 0.0)
+    np.testing.assert_allclose(probs, [0.5, 0.25, 0.15, 0.06, 0.04], atol=1e-12)
+
+
+def test_temperature_sharpens_and_flattens():
+    cold, hot = token_probabilities(LOGITS, 0.5, 0, 1.0, 0.0), token_probabilities(LOGITS, 2.0, 0, 1.0, 0.0)
+    assert cold[0] > 0.5 > hot[0]
+
+
+def test_top_k():
+    probs = token_probabilities(LOGITS, 1.0, 2, 1.0, 0.0)
+    np.testing.assert_allclose(probs, [2 / 3, 1 / 3, 0, 0, 0])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = token_probabilities(LOGITS, 1.0, 0, 0.8, 0.0)  # 0.5 + 0.25 < 0.8 <= 0.5 + 0.25 + 0.15
+    np.testing.assert_allclose(probs, np.array([0.5, 0.25, 0.15, 0, 0]) / 0.9)
+    assert token_probabilities(LOGITS, 1.0, 0, 0.01, 0.0)[0] == 1.0
+
+
+def test_min_p():
+    probs = token_probabilities(LOGITS, 1.0, 0, 1.0, 0.3)  # keeps p >= 0.15
+    np.testing.assert_allclose(probs, np.array([0.5, 0.25, 0.15, 0, 0]) / 0.9)
+
+
+def test_repeat_penalty():
+    logits = np.array([2.0, -2.0, 1.0])
+    np.testing.assert_allclose(apply_repeat_penalty(logits, [0, 1, 1], 2.0), [1.0, -4.0, 1.0])
+    sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=3.0))
+    assert sampler(np.array([2.0, 1.0]), history=[0]) == 1
+    assert sampler(np.array([2.0, 1.0]), history=[]) == 0
+
+
+def test_same_seed_same_samples_and_frequencies_follow_probabilities():
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=7)
+    a, b = Sampler(params), Sampler(params)
+    draws_a = [a(LOGITS, []) for _ in range(4000)]
+    assert draws_a == [b(LOGITS, []) for _ in range(4000)]
+    other = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=8))
+    assert draws_a[:50] != [other(LOGITS, []) for _ in range(50)]
+    freq = np.bincount(draws_a, minlength=5) / 4000
+    np.testing.assert_allclose(freq, [0.5, 0.25, 0.15, 0.06, 0.04], atol=0.03)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(min_p=2), dict(repeat_penalty=0), dict(repeat_last_n=-1)])
+def test_bad_parameters(bad):
+    with pytest.raises(LocalmixError):
+        SamplingParams(**bad).check()
+
+
+def test_stop_strings_hold_back_possible_starts():
+    stops = StopStrings(["</answer>", "STOP"])
+    assert stops.feed("Hello </an") == ("Hello ", False)
+    assert stops.feed("other") == ("</another", False)
+    assert stops.feed(" ST") == (" ", False)
+    assert stops.feed("OP and more") == ("", True)
+    assert StopStrings([]).feed("anything</answer>") == ("anything</answer>", False)
+    tail = StopStrings(["xyz"])
+    assert tail.feed("abx") == ("ab", False) and tail.flush() == "x"
