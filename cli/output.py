@@ -49,4 +49,5 @@ def stream_answer(model: Model, prompt, max_tokens: int, params: SamplingParams)
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     return "".join(parts), last

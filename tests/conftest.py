@@ -24,8 +24,8 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
 
 def make_hf_model(folder: Path, model_type: str = "mixtral", dtype=None, shard: str | None = None,
                   tokenizer: Path = TOKENIZER_V1, seed: int = 0, **overrides):
-    """Build a random transformers model, save it as a Hugging Face folder, return it in float32
-    (holding exactly the values that were saved) for reference logits."""
+    """Build a random transformers model, save it as a Hugging Face folder (in dtype, sharded to
+    shard-sized files), and return it in float32, holding exactly the values that were saved."""
     config = dict(SMALL, **overrides)
     if model_type == "mistral":
         for key in ("num_local_experts", "num_experts_per_tok"):
@@ -41,12 +41,13 @@ def make_hf_model(folder: Path, model_type: str = "mixtral", dtype=None, shard: 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
-    if dtype is not None:
-        model = model.to(dtype)
     kwargs = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(folder, **kwargs)
+    (model.to(dtype) if dtype else model).save_pretrained(folder, **kwargs)
     shutil.copy(tokenizer, Path(folder) / "tokenizer.model")
-    return model.float()
+    if dtype is None:
+        return model
+    # Reload rather than cast back: casting would leave the rotary table at bf16 precision.
+    return cls_model.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def reference_logits(model, ids) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 import localmix
 
 
-def localmix_cli(*args, stdin="", env=None, cwd=None):
+def localmix_cli(*args, stdin="", env=None, cwd="/"):
     """Run `python -m localmix ARGS`; bytes are decoded without newline translation, since a random
     model's answer may hold a lone carriage return."""
     result = subprocess.run([sys.executable, "-m", "localmix", *map(str, args)], input=stdin.encode(),

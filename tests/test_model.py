@@ -2,9 +2,9 @@
 
 Tolerance: both sides compute in float32 with the same operation order, so the remaining
 difference is summation order inside matrix products (numpy's BLAS versus torch's), a few float32
-ulps per layer: about 1e-6 of the largest logit here. The issue's bound, 1e-4 relative to the
-largest logit, leaves a factor of 100 for deeper or wider models; the same argmax at every
-position must hold too.
+ulps per layer: we measure 4e-7 to 1.3e-6 of the largest logit on the cases here (pytest -s prints
+it). We assert 1e-5, the project's aim (the hard limit is 1e-4), which leaves a factor of 20 for
+BLAS differences; the same argmax at every position must hold too.
 """
 
 import numpy as np
@@ -15,7 +15,7 @@ import localmix
 from localmix.kv_cache import KVCache
 from conftest import make_hf_model, reference_logits
 
-RTOL = 1e-4
+RTOL = 1e-5
 
 CASES = {
     "gqa2-top2of4": {},
@@ -32,12 +32,15 @@ CASES = {
     "dense-mistral-window-7": dict(model_type="mistral", sliding_window=7, num_key_value_heads=1),
     "bf16-sharded": dict(dtype=torch.bfloat16, shard="300KB"),
     "fp16": dict(dtype=torch.float16),
+    "wider-deeper": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, num_local_experts=8),
 }
 
 
-def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
+def assert_close(ours: np.ndarray, ref: np.ndarray, label: str = "") -> None:
     assert ours.shape == ref.shape and ours.dtype == np.float32
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    print(f"{label}: max|diff|/max|ref| = {rel:.1e}")  # shown with pytest -s
     assert rel <= RTOL, f"max|diff|/max|ref| = {rel:.2e}"
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
 
@@ -45,9 +48,9 @@ def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_logits_match_transformers(tmp_path, case):
     reference = make_hf_model(tmp_path, **CASES[case])
-    ids = np.random.default_rng(1).integers(0, 32000, 23)
+    ids = np.random.default_rng(1).integers(0, 32000, 40)
     model = localmix.load(tmp_path)
-    assert_close(model.logits(ids), reference_logits(reference, ids))
+    assert_close(model.logits(ids), reference_logits(reference, ids), case)
 
 
 @pytest.mark.parametrize("case", ["gqa2-top2of4", "sliding-window-5", "dense-mistral-window-7"])
@@ -61,7 +64,7 @@ def test_kv_cache_decoding_equals_full_pass(tmp_path, case):
     steps = [model.transformer(ids[i:i + 1], cache) for i in range(6, len(ids))]
     incremental = np.concatenate([prefix] + steps)
     np.testing.assert_allclose(incremental, full, rtol=0, atol=1e-5 * np.abs(full).max())
-    assert_close(incremental, reference_logits(reference, ids))
+    assert_close(incremental, reference_logits(reference, ids), f"kv-cache {case}")
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -72,7 +75,7 @@ def test_experts_per_token_override(tmp_path, k):
     assert model.config.num_experts_per_tok == k
     for layer in reference.model.layers:  # the same override in transformers
         layer.mlp.gate.top_k = k
-    assert_close(model.logits(ids), reference_logits(reference, ids))
+    assert_close(model.logits(ids), reference_logits(reference, ids), f"top-{k}")
 
 
 def test_experts_per_token_out_of_range(tmp_path):
