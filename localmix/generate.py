@@ -91,26 +91,27 @@ def stream_generate(transformer: Transformer, tokenizer: Tokenizer, prompt: list
 
     history = list(prompt)
     start = time.perf_counter()
-    generated = 0
-    finish = "length" if max_tokens == 0 else None
-    token = None
-    text = ""
-    while finish is None:
+    if max_tokens == 0:
+        yield GenerationResponse("", None, len(prompt), prompt_tps, 0, 0.0, peak_memory_gb(), "length")
+        return
+    for generated in range(1, max_tokens + 1):
         token = sampler(logits, history)
         history.append(token)
-        generated += 1
+        finish = None
         if token == tokenizer.eos_id:
-            text, finish = stops.flush() + decoder.flush(), "stop"
+            finish, new_text = "stop", decoder.flush()
         else:
-            text, stopped = stops.feed(decoder.add(token))
-            if stopped:
-                finish = "stop"
-            elif generated == max_tokens or cache.length + 1 > args.max_position_embeddings:
-                text, finish = text + stops.feed(decoder.flush())[0] + stops.flush(), "length"
-            else:
-                logits = transformer(np.array([token]), cache, last_only=True)[-1]
+            new_text = decoder.add(token)
+            if generated == max_tokens or cache.length == args.max_position_embeddings:
+                finish, new_text = "length", new_text + decoder.flush()
+        text, stopped = stops.feed(new_text)
+        if stopped:
+            finish = "stop"
+        elif finish:
+            text += stops.flush()
         elapsed = max(time.perf_counter() - start, 1e-9)
         yield GenerationResponse(text, token, len(prompt), prompt_tps, generated, generated / elapsed,
                                  peak_memory_gb(), finish)
-    if generated == 0:
-        yield GenerationResponse("", None, len(prompt), prompt_tps, 0, 0.0, peak_memory_gb(), finish)
+        if finish:
+            return
+        logits = transformer(np.array([token]), cache, last_only=True)[-1]
