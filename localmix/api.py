@@ -15,6 +15,7 @@ from localmix.home import resolve_model
 from localmix.kv_cache import KVCache
 from localmix.model import Transformer
 from localmix.sampling import SamplingParams
+from localmix.store import ModelFolder, is_localmix_model
 from localmix.tokenizer import Tokenizer
 
 
@@ -28,7 +29,8 @@ class Model:
     """
 
     def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None):
-        checkpoint = Checkpoint(folder)
+        """Open a localmix model folder (quantized, from `localmix pull`) or a Hugging Face one."""
+        checkpoint = ModelFolder(folder) if is_localmix_model(folder) else Checkpoint(folder)
         self.path = checkpoint.folder
         self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
         self.tokenizer = Tokenizer(checkpoint.tokenizer_path)
@@ -67,5 +69,5 @@ class Model:
 
 
 def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None) -> Model:
-    """Load a Hugging Face model folder, or a model by name from $LOCALMIX_HOME/models."""
+    """Load a model by name from $LOCALMIX_HOME/models, or a localmix or Hugging Face folder."""
     return Model(resolve_model(path_or_name), experts_per_token)

@@ -47,8 +47,8 @@ class SafetensorsFile:
         self.size = size
         self._map = None
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor as float32: a view of the file for F32, a converted copy for F16/BF16."""
+    def locate(self, name: str) -> tuple[str, tuple[int, ...], int]:
+        """(dtype, shape, byte offset in the file) of a tensor, checked against the file's size."""
         info = self.tensors[name]
         dtype, shape = info["dtype"], tuple(info["shape"])
         if dtype not in _DTYPES:
@@ -61,14 +61,36 @@ class SafetensorsFile:
         count = int(np.prod(shape, dtype=np.int64))
         if end - start != count * _DTYPES[dtype].itemsize:
             raise LocalmixError(f"{self.path}: tensor {name} has {end - start} bytes for shape {list(shape)}")
+        return dtype, shape, start
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor as float32: a view of the file for F32, a converted copy for F16/BF16."""
+        dtype, shape, start = self.locate(name)
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._map[start:end].view(_DTYPES[dtype]).reshape(shape)
-        if dtype == "F32":
-            return raw
-        if dtype == "F16":
-            return raw.astype(np.float32)
-        return bf16_to_f32(raw)
+        count = int(np.prod(shape, dtype=np.int64))
+        raw = self._map[start:start + count * _DTYPES[dtype].itemsize].view(_DTYPES[dtype]).reshape(shape)
+        return to_float32(raw, dtype)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor as float32, read with pread rather than mapped: a converter
+        streaming through a whole checkpoint then holds no more than these rows in memory."""
+        dtype, shape, offset = self.locate(name)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * _DTYPES[dtype].itemsize
+        raw = np.empty((stop - start,) + shape[1:], _DTYPES[dtype])
+        with open(self.path, "rb") as f:
+            f.seek(offset + start * row_bytes)
+            if f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                raise LocalmixError(f"{self.path}: truncated file while reading {name}")
+        return to_float32(raw, dtype)
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "F32":
+        return raw
+    if dtype == "F16":
+        return raw.astype(np.float32)
+    return bf16_to_f32(raw)
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -116,18 +138,26 @@ class Checkpoint:
             raise LocalmixError(f"{self.folder}: no .safetensors weights found")
         return {tensor: name for name in names for tensor in self._file(name).tensors}
 
-    def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The named tensor as float32, checked against the shape the config implies."""
+    def file_of(self, name: str, shape: tuple[int, ...]) -> SafetensorsFile:
+        """The file holding the named tensor, checked to hold it with the shape the config implies."""
         if name not in self.weight_map:
             raise LocalmixError(f"{self.folder}: tensor {name} is missing from the checkpoint")
         file = self._file(self.weight_map[name])
-        if name not in file.tensors:
-            raise LocalmixError(f"{file.path}: tensor {name} is missing (the index lists it here)")
-        found = tuple(file.tensors[name]["shape"])
-        if found != tuple(shape):
-            raise LocalmixError(f"{file.path}: tensor {name} has shape {list(found)}, "
-                                f"expected {list(shape)} from config.json")
-        return file.load(name)
+        check_tensor(file, name, shape)
+        return file
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The named tensor as float32, checked against the shape the config implies."""
+        return self.file_of(name, shape).load(name)
+
+
+def check_tensor(file: SafetensorsFile, name: str, shape: tuple[int, ...]) -> None:
+    if name not in file.tensors:
+        raise LocalmixError(f"{file.path}: tensor {name} is missing (the index lists it here)")
+    found = tuple(file.tensors[name]["shape"])
+    if found != tuple(shape):
+        raise LocalmixError(f"{file.path}: tensor {name} has shape {list(found)}, "
+                            f"expected {list(shape)} from config.json")
 
 
 def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None):
@@ -166,3 +196,16 @@ def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None):
     embed = get("model.embed_tokens.weight", (V, H))
     lm_head = embed if args.tie_word_embeddings else get("lm_head.weight", (V, H))
     return Weights(embed=embed, layers=layers, norm=get("model.norm.weight", (H,)), lm_head=lm_head)
+
+
+def tensor_table(args: ModelArgs) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor the model reads, with its shape, in model order. read_weights is the one place
+    that names tensors; here it runs against a recorder instead of a checkpoint."""
+    table = []
+
+    class Recorder:
+        def tensor(self, name, shape):
+            table.append((name, tuple(shape)))
+
+    read_weights(Recorder(), args)
+    return table

@@ -43,6 +43,16 @@ class Weights:
     lm_head: np.ndarray  # [vocab, hidden]; the embedding itself when tied
 
 
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """x @ w.T for a float matrix, or for a quantized one (dequantized here, one matrix at a time:
+    this is the reference path; fast kernels read the packed weights directly)."""
+    return x @ (w if isinstance(w, np.ndarray) else w.dequantize()).T
+
+
+def embedding(ids: np.ndarray, w) -> np.ndarray:
+    return (w[ids] if isinstance(w, np.ndarray) else w.dequantize(ids)).astype(np.float32)
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     variance = np.mean(x * x, axis=-1, keepdims=True)
     return weight * (x / np.sqrt(variance + eps))
@@ -91,9 +101,9 @@ def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, inde
               positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     """Grouped-query attention over the cached tokens plus the new ones in x ([T, hidden])."""
     T, heads, kv_heads, dim = x.shape[0], args.num_attention_heads, args.num_key_value_heads, args.head_dim
-    q = apply_rope((x @ layer.wq.T).reshape(T, heads, dim), positions, inv_freq)
-    k = apply_rope((x @ layer.wk.T).reshape(T, kv_heads, dim), positions, inv_freq)
-    v = (x @ layer.wv.T).reshape(T, kv_heads, dim)
+    q = apply_rope(linear(x, layer.wq).reshape(T, heads, dim), positions, inv_freq)
+    k = apply_rope(linear(x, layer.wk).reshape(T, kv_heads, dim), positions, inv_freq)
+    v = linear(x, layer.wv).reshape(T, kv_heads, dim)
     keys, values = cache.update(index, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
 
     # Each KV head serves a group of query heads: [kv_heads, group, T, dim] against
@@ -104,11 +114,11 @@ def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, inde
     scores = np.where(mask, scores, -np.inf)
     out = softmax(scores) @ values[:, None]            # [kv_heads, group, T, dim]
     out = out.transpose(2, 0, 1, 3).reshape(T, heads * dim)
-    return out @ layer.wo.T
+    return linear(out, layer.wo)
 
 
 def expert_ffn(x: np.ndarray, expert: Expert) -> np.ndarray:
-    return (silu(x @ expert.w1.T) * (x @ expert.w3.T)) @ expert.w2.T
+    return linear(silu(linear(x, expert.w1)) * linear(x, expert.w3), expert.w2)
 
 
 def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +159,7 @@ class Transformer:
         ids = np.asarray(ids, dtype=np.int64)
         positions = cache.length + np.arange(len(ids))
         cache.reserve(cache.length + len(ids))
-        x = w.embed[ids].astype(np.float32)
+        x = embedding(ids, w.embed)
         for index, layer in enumerate(w.layers):
             h = rms_norm(x, layer.attention_norm, args.rms_norm_eps)
             x = x + attention(h, layer, args, cache, index, positions, self.inv_freq)
@@ -158,4 +168,4 @@ class Transformer:
         cache.advance(len(ids))
         if last_only:
             x = x[-1:]
-        return rms_norm(x, w.norm, args.rms_norm_eps) @ w.lm_head.T
+        return linear(rms_norm(x, w.norm, args.rms_norm_eps), w.lm_head)

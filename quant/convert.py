@@ -1,0 +1,175 @@
+"""Convert a Hugging Face checkpoint into a localmix model folder, streaming.
+
+Tensors are read a block of rows at a time (pread, no memory map), quantized and written straight
+to their place in the preallocated output files, so memory stays bounded by one block whatever the
+model's size. Everything is written into a hidden temporary folder that is renamed into place at
+the very end: an interrupted conversion never leaves something that looks like a model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from localmix.checkpoint import Checkpoint, SafetensorsFile, check_tensor, tensor_table
+from localmix.config import ModelArgs
+from localmix.errors import LocalmixError
+from localmix.quant.affine import GROUP_SIZES, quantize
+from localmix.store import (DENSE_FILE, FORMAT_VERSION, MANIFEST, TensorLayout, plan_layout, sha256_of)
+
+BLOCK_VALUES = 1 << 22  # values converted at a time: 16 MB of float32, ~150 MB with temporaries
+BITS_CHOICES = ("4", "8", "mixed")
+
+
+def bits_policy(bits: str, args: ModelArgs) -> Callable[[str], int]:
+    """How many bits each quantized tensor gets.
+    4: everything at 4 bits but the output projection at 8 (llama.cpp likewise keeps its output
+       at 6 bits in Q4_0 files), so logits are not where the error concentrates.
+    8: everything at 8 bits.
+    mixed: experts' w1 and w3 at 4 bits, everything else (attention, embeddings, output, the
+       experts' w2) at 8: the down projection writes straight into the residual stream."""
+    if bits not in BITS_CHOICES:
+        raise LocalmixError(f"--bits must be one of {', '.join(BITS_CHOICES)}, got {bits!r}")
+    output = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+
+    def policy(name: str) -> int:
+        if bits == "8" or name == output:
+            return 8
+        if bits == "4":
+            return 4
+        return 4 if name.endswith(("w1.weight", "w3.weight", "gate_proj.weight", "up_proj.weight")) else 8
+    return policy
+
+
+class LocalSource:
+    """A Hugging Face folder on disk; with delete_shards, each shard is deleted once converted."""
+
+    def __init__(self, folder: str | Path, delete_shards: bool = False):
+        self.checkpoint = Checkpoint(folder)
+        self.folder = self.checkpoint.folder
+        self.config = self.checkpoint.config
+        self.weight_map = self.checkpoint.weight_map
+        self.delete_shards = delete_shards
+        self.repo, self.revision = str(self.folder.resolve()), None
+        self.tokenizer_path = self.checkpoint.tokenizer_path
+        for name, shape in tensor_table(self.config):  # every tensor present and well shaped, up front
+            self.checkpoint.file_of(name, shape)
+
+    def raw_config(self) -> dict:
+        return json.loads((self.folder / "config.json").read_text())
+
+    def download_bytes(self) -> int:
+        return 0
+
+    def shard(self, name: str) -> SafetensorsFile:
+        return self.checkpoint._file(name)
+
+    def release(self, name: str) -> None:
+        if self.delete_shards:
+            (self.folder / name).unlink(missing_ok=True)
+
+
+def output_size(args: ModelArgs, bits: str, group_size: int) -> int:
+    layouts, sizes = plan_layout(tensor_table(args), bits_policy(bits, args), group_size)
+    return sum(sizes.values())
+
+
+def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,
+            on_progress: Callable[[int, int], None] | None = None) -> Path:
+    """Quantize the source's tensors into a new localmix model folder out_dir."""
+    out_dir = Path(out_dir)
+    if group_size not in GROUP_SIZES:
+        raise LocalmixError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if out_dir.exists():
+        raise LocalmixError(f"{out_dir} already exists; remove it first (localmix rm)")
+    args = source.config
+    table = tensor_table(args)
+    layouts, sizes = plan_layout(table, bits_policy(bits, args), group_size)
+    check_disk(out_dir.parent, sum(sizes.values()) + source.download_bytes())
+
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted pull left: start it again
+    (tmp / "experts").mkdir(parents=True)
+    try:
+        for file, size in sizes.items():
+            with open(tmp / file, "wb") as f:
+                f.truncate(size)
+        tensors = write_tensors(source, tmp, layouts, on_progress)
+        files = {file: {"size": size, "sha256": sha256_of(tmp / file)} for file, size in sizes.items()}
+        shutil.copyfile(source.tokenizer_path, tmp / "tokenizer.model")
+        raw_config = source.raw_config()
+        (tmp / "config.json").write_text(json.dumps(raw_config, indent=2))
+        files["tokenizer.model"] = {"size": (tmp / "tokenizer.model").stat().st_size,
+                                    "sha256": sha256_of(tmp / "tokenizer.model")}
+        manifest = {
+            "format": "localmix", "format_version": FORMAT_VERSION,
+            "source": {"repo": source.repo, "revision": source.revision},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "quantization": {"bits": bits, "group_size": group_size, "method": "least-squares search"},
+            "config": raw_config, "tokenizer": "tokenizer.model",
+            "files": files, "tensors": tensors,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def check_disk(folder: Path, needed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise LocalmixError(f"not enough disk space in {folder}: need {needed / 1e9:.2f} GB, "
+                            f"{free / 1e9:.2f} GB free")
+
+
+def write_tensors(source, tmp: Path, layouts: list[TensorLayout], on_progress) -> dict:
+    """Convert every tensor, shard by shard in the order the shards come, and return the
+    manifest's tensor entries."""
+    by_shard: dict[str, list[TensorLayout]] = {}
+    for layout in layouts:
+        by_shard.setdefault(source.weight_map[layout.name], []).append(layout)
+    total = sum(int(np.prod(layout.shape)) for layout in layouts)
+    done = 0
+    entries = {}
+    for shard_name in sorted(by_shard):
+        shard = source.shard(shard_name)
+        for layout in by_shard[shard_name]:
+            check_tensor(shard, layout.name, layout.shape)
+            for rows in write_tensor(shard, tmp, layout):
+                done += rows * int(np.prod(layout.shape[1:]))
+                if on_progress:
+                    on_progress(done, total)
+            entries[layout.name] = layout.to_json(sha256_of(tmp / layout.file, layout.offset, layout.nbytes))
+        source.release(shard_name)
+    return dict(sorted(entries.items()))
+
+
+def write_tensor(shard: SafetensorsFile, tmp: Path, layout: TensorLayout):
+    """Write one tensor a block of rows at a time; yields the rows written each time."""
+    rows = layout.shape[0]
+    cols = int(np.prod(layout.shape[1:]))
+    step = max(1, BLOCK_VALUES // cols)
+    fd = os.open(tmp / layout.file, os.O_WRONLY)
+    try:
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            block = shard.read_rows(layout.name, start, stop)
+            if layout.bits is None:
+                arrays = [np.ascontiguousarray(block, dtype=np.float32)]
+            else:
+                arrays = quantize(block, layout.bits, layout.group_size)
+            for (_, offset, size), array in zip(layout.parts, arrays):
+                row_bytes = size // rows
+                os.pwrite(fd, array.tobytes(), offset + start * row_bytes)
+            yield stop - start
+    finally:
+        os.close(fd)
