@@ -10,8 +10,8 @@ import typer
 
 from localmix.api import Model, load
 from localmix.errors import LocalmixError
-from localmix.home import list_models, models_dir
 from localmix.sampling import SamplingParams
+from localmix.cli import manage
 from localmix.cli.chat import chat_loop
 from localmix.cli.output import err, print_stats, stream_answer
 
@@ -83,14 +83,12 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
     chat_loop(llm, model, params, max_tokens, system, verbose, load_s)
 
 
-@app.command("list")
-def list_command():
-    """List the models in $LOCALMIX_HOME/models."""
-    names = list_models()
-    if not names:
-        err.print(f"no models in {models_dir()}")
-    for name in names:
-        print(name)
+app.command()(manage.pull)
+app.command("list")(manage.list_command)
+app.command()(manage.show)
+app.command()(manage.rm)
+app.command()(manage.verify)
+app.command()(manage.perplexity)
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 
 from localmix.api import Model
 from localmix.sampling import SamplingParams
@@ -51,3 +52,30 @@ def stream_answer(model: Model, prompt, max_tokens: int, params: SamplingParams)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(parts), last
+
+
+def bytes_progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=err, transient=False)
+
+
+def rich_tqdm(progress: Progress):
+    """A stand-in for tqdm that huggingface_hub drives, drawing its bars with rich instead."""
+
+    class RichBar:
+        def __init__(self, *args, total=None, initial=0, desc="", **kwargs):
+            self.task = progress.add_task(f"download {desc}", total=total, completed=initial)
+
+        def update(self, n=1):
+            progress.advance(self.task, n)
+
+        def close(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    return RichBar

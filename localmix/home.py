@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from localmix.errors import LocalmixError
@@ -18,7 +19,18 @@ def models_dir() -> Path:
 
 def list_models() -> list[str]:
     folder = models_dir()
-    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def remove_model(name: str) -> Path:
+    """Delete $LOCALMIX_HOME/models/NAME (only a name there: never an arbitrary folder)."""
+    folder = models_dir() / name
+    if "/" in name or name.startswith(".") or not folder.is_dir():
+        raise LocalmixError(f"unknown model {name!r}: no such model in {models_dir()}")
+    shutil.rmtree(folder)
+    return folder
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:

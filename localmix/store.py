@@ -206,3 +206,53 @@ class ModelFolder:
                                views["scales"].view(np.float16).reshape(rows, -1),
                                views["biases"].view(np.float16).reshape(rows, -1),
                                layout.bits, layout.group_size, str(self.folder / layout.file))
+
+
+def verify(folder: str | Path) -> list[str]:
+    """Re-hash every file and tensor against the manifest; the problems found (none: intact)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    problems = []
+    for file, entry in manifest["files"].items():
+        path = folder / file
+        if not path.is_file():
+            problems.append(f"{file}: missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{file}: {path.stat().st_size} bytes, expected {entry['size']}")
+        elif sha256_of(path) != entry["sha256"]:
+            bad = [name for name, t in manifest["tensors"].items()
+                   if t["file"] == file and sha256_of(path, t["offset"], t["nbytes"]) != t["sha256"]]
+            problems.append(f"{file}: checksum mismatch" + (f" (tensors {', '.join(bad)})" if bad else ""))
+    return problems
+
+
+def model_summary(folder: str | Path) -> dict:
+    """What `localmix show` and `list` print: architecture, parameters, quantization, bytes."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    args = ModelArgs.from_hf_config(manifest["config"])
+    tensors = manifest["tensors"]
+    params = {name: int(np.prod(t["shape"])) for name, t in tensors.items()}
+    is_expert = {name: t["file"] != DENSE_FILE for name, t in tensors.items()}
+    expert_params = sum(n for name, n in params.items() if is_expert[name])
+    dense_params = sum(params.values()) - expert_params
+    share = args.num_experts_per_tok / args.num_local_experts if args.is_moe else 1.0
+    dense_bytes = manifest["files"][DENSE_FILE]["size"]
+    expert_bytes = sum(f["size"] for file, f in manifest["files"].items() if file.startswith("experts/"))
+    layers = args.num_hidden_layers
+    return {
+        "name": folder.name,
+        "architecture": args.model_type,
+        "layers": layers, "hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
+        "attention_heads": args.num_attention_heads, "kv_heads": args.num_key_value_heads,
+        "experts": args.num_local_experts, "experts_per_token": args.num_experts_per_tok,
+        "context": args.max_position_embeddings, "vocab_size": args.vocab_size,
+        "parameters": dense_params + expert_params,
+        "active_parameters": int(dense_params + expert_params * share),
+        "bits": manifest["quantization"]["bits"], "group_size": manifest["quantization"]["group_size"],
+        "dense_bytes": dense_bytes, "expert_bytes": expert_bytes,
+        "disk_bytes": sum(f["size"] for f in manifest["files"].values()),
+        # Smallest memory that runs it: the dense weights plus one layer's active experts.
+        "min_memory_bytes": dense_bytes + int(expert_bytes / max(layers, 1) * share),
+        "source": manifest["source"], "created": manifest["created"],
+    }

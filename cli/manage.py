@@ -1,0 +1,140 @@
+"""Commands that make and look after models: pull, list, show, rm, verify, perplexity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.console import Console
+from rich.table import Table
+
+import localmix
+from localmix.errors import LocalmixError
+from localmix.home import list_models, models_dir, remove_model, resolve_model
+from localmix.quality import kl_divergence, perplexity as text_perplexity, top1_agreement
+from localmix.quant.pull import pull as pull_model
+from localmix.store import is_localmix_model, model_summary, verify as verify_model
+from localmix.cli.output import bytes_progress, err, rich_tqdm
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME) or Hugging Face folder."),
+         bits: str = typer.Option("4", help="4, 8 or mixed (experts' w1/w3 at 4 bits, the rest at 8)."),
+         group_size: int = typer.Option(64, "--group-size", help="Values per scale and bias: 32, 64 or 128."),
+         name: Optional[str] = typer.Option(None, help="Model name (default: the repo's name and bits)."),
+         revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub repository."),
+         delete_source: bool = typer.Option(False, "--delete-source",
+                                            help="Delete each source shard once converted.")):
+    """Download (or read) a checkpoint and quantize it per expert into $LOCALMIX_HOME/models."""
+    with bytes_progress() as downloads:
+        bar = {}
+
+        def on_progress(done: int, total: int) -> None:
+            if "task" not in bar:
+                bar["progress"] = Progress(TextColumn("quantizing"), BarColumn(), TaskProgressColumn(),
+                                           TimeRemainingColumn(), console=err)
+                bar["progress"].start()
+                bar["task"] = bar["progress"].add_task("quantize", total=total)
+            bar["progress"].update(bar["task"], completed=done)
+
+        try:
+            out = pull_model(source, bits, group_size, name, revision, delete_source, on_progress,
+                             tqdm_class=rich_tqdm(downloads))
+        finally:
+            if "progress" in bar:
+                bar["progress"].stop()
+    summary = model_summary(out)
+    print(f"pulled {summary['name']}: {summary['bits']}-bit, {gb(summary['disk_bytes'])} in {out}")
+
+
+def list_command():
+    """List the models in $LOCALMIX_HOME/models."""
+    names = list_models()
+    if not names:
+        err.print(f"no models in {models_dir()}")
+        return
+    table = Table("name", "bits", "size", "source", "created", box=None)
+    for name in names:
+        folder = models_dir() / name
+        if is_localmix_model(folder):
+            s = model_summary(folder)
+            revision = (s["source"].get("revision") or "")[:10]
+            source = s["source"]["repo"] + (f"@{revision}" if revision else "")
+            table.add_row(name, str(s["bits"]), gb(s["disk_bytes"]), source, s["created"][:10])
+        else:
+            table.add_row(name, "float", "", "Hugging Face folder", "")
+    Console(highlight=False).print(table)
+
+
+def show(model: str = typer.Argument(..., help="Model name or folder."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Architecture, parameters, quantization and memory needed."""
+    folder = resolve_model(model)
+    if not is_localmix_model(folder):
+        raise LocalmixError(f"{folder} is a Hugging Face folder; `localmix pull {folder}` makes a localmix model")
+    s = model_summary(folder)
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    experts = f"{s['experts']} experts, {s['experts_per_token']} per token" if s["experts"] else "dense"
+    print(f"  name             {s['name']}\n"
+          f"  architecture     {s['architecture']}: {s['layers']} layers, hidden {s['hidden_size']}, {experts}\n"
+          f"  attention        {s['attention_heads']} heads, {s['kv_heads']} KV heads, context {s['context']}\n"
+          f"  parameters       {s['parameters'] / 1e9:.2f} B total, {s['active_parameters'] / 1e9:.2f} B active\n"
+          f"  quantization     {s['bits']}-bit, group size {s['group_size']}\n"
+          f"  on disk          {gb(s['disk_bytes'])} (dense {gb(s['dense_bytes'])}, experts {gb(s['expert_bytes'])})\n"
+          f"  memory needed    {gb(s['disk_bytes'])} fully resident; "
+          f"at least {gb(s['min_memory_bytes'])} (dense weights and one layer's active experts)\n"
+          f"  source           {s['source']['repo']} {s['source'].get('revision') or ''}")
+
+
+def rm(model: str = typer.Argument(..., help="Model name.")):
+    """Delete a model."""
+    print(f"deleted {remove_model(model)}")
+
+
+def verify(model: str = typer.Argument(..., help="Model name or folder.")):
+    """Re-hash every file against the manifest."""
+    folder = resolve_model(model)
+    problems = verify_model(folder)
+    if problems:
+        for problem in problems:
+            err.print(f"{folder}/{problem}", markup=False)
+        raise LocalmixError(f"{len(problems)} damaged file(s): pull the model again")
+    print(f"{folder}: all files intact")
+
+
+def perplexity(model: str = typer.Argument(..., help="Model name or folder."),
+               file: Path = typer.Argument(..., help="A text file."),
+               base: Optional[str] = typer.Option(None, help="Float model (folder) to compare with: KL divergence."),
+               max_tokens: int = typer.Option(1024, "--max-tokens", help="Use at most this many tokens."),
+               as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Perplexity on a text, and with --base the KL divergence from the original model."""
+    try:
+        text = file.read_text()
+    except OSError as e:
+        raise LocalmixError(f"{file}: cannot read ({e.strerror})") from None
+    llm = localmix.load(model)
+    ids = llm.tokenizer.encode(text, bos=True)[:max_tokens]
+    if len(ids) < 2:
+        raise LocalmixError(f"{file}: too little text")
+    with err.status(f"scoring {len(ids)} tokens"):
+        logits = llm.logits(ids)
+        result = {"tokens": len(ids), "perplexity": text_perplexity(logits, ids)}
+        if base:
+            base_logits = localmix.load(base).logits(ids)
+            result.update(base_perplexity=text_perplexity(base_logits, ids), kl=kl_divergence(base_logits, logits),
+                          top1=top1_agreement(base_logits, logits))
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"perplexity {result['perplexity']:.4f} over {len(ids)} tokens")
+    if base:
+        print(f"base perplexity {result['base_perplexity']:.4f}; KL divergence {result['kl']:.5f} nats; "
+              f"top-1 agreement {result['top1']:.3f}")

@@ -1,0 +1,41 @@
+"""`localmix pull`: a Hugging Face folder or hub repository in, a localmix model out."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from localmix.errors import LocalmixError
+from localmix.home import home, models_dir
+from localmix.quant.convert import LocalSource, convert
+from localmix.quant.hub import HubSource, looks_like_repo_id
+
+MODEL_NAME = re.compile(r"^[\w][\w.\-]*$")
+
+
+def default_name(source: str, bits: str) -> str:
+    return f"{Path(source.rstrip('/')).name}-q{bits}"
+
+
+def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = None, revision: str | None = None,
+         delete_source: bool = False, on_progress=None, tqdm_class=None) -> Path:
+    """Quantize a local Hugging Face folder or a hub repository into $LOCALMIX_HOME/models/NAME."""
+    name = name or default_name(source, bits)
+    if not MODEL_NAME.match(name):
+        raise LocalmixError(f"invalid model name {name!r}: use letters, digits, '.', '-' and '_'")
+    out = models_dir() / name
+    if out.exists():
+        raise LocalmixError(f"a model named {name} exists already; `localmix rm {name}` first or pick --name")
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        if revision:
+            raise LocalmixError("--revision applies to hub repositories, not local folders")
+        origin = LocalSource(folder, delete_source)
+    elif looks_like_repo_id(source):
+        origin = HubSource(source, revision, home() / "downloads", delete_source, tqdm_class)
+    else:
+        raise LocalmixError(f"{source}: no such folder, and not a hub repository id (OWNER/NAME)")
+    convert(origin, out, bits, group_size, on_progress)
+    if isinstance(origin, HubSource):
+        origin.cleanup()
+    return out
