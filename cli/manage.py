@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.console import Console
 from rich.table import Table
 
@@ -17,7 +16,7 @@ from localmix.home import list_models, models_dir, remove_model, resolve_model
 from localmix.quality import kl_divergence, perplexity as text_perplexity, top1_agreement
 from localmix.quant.pull import pull as pull_model
 from localmix.store import is_localmix_model, model_summary, verify as verify_model
-from localmix.cli.output import bytes_progress, err, rich_tqdm
+from localmix.cli.output import PullProgress, err
 
 
 def gb(n: int) -> str:
@@ -32,23 +31,12 @@ def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME) or 
          delete_source: bool = typer.Option(False, "--delete-source",
                                             help="Delete each source shard once converted.")):
     """Download (or read) a checkpoint and quantize it per expert into $LOCALMIX_HOME/models."""
-    with bytes_progress() as downloads:
-        bar = {}
-
-        def on_progress(done: int, total: int) -> None:
-            if "task" not in bar:
-                bar["progress"] = Progress(TextColumn("quantizing"), BarColumn(), TaskProgressColumn(),
-                                           TimeRemainingColumn(), console=err)
-                bar["progress"].start()
-                bar["task"] = bar["progress"].add_task("quantize", total=total)
-            bar["progress"].update(bar["task"], completed=done)
-
-        try:
-            out = pull_model(source, bits, group_size, name, revision, delete_source, on_progress,
-                             tqdm_class=rich_tqdm(downloads))
-        finally:
-            if "progress" in bar:
-                bar["progress"].stop()
+    progress = PullProgress()
+    try:
+        out = pull_model(source, bits, group_size, name, revision, delete_source,
+                         on_progress=progress.quantize, on_download=progress.download)
+    finally:
+        progress.stop()
     summary = model_summary(out)
     print(f"pulled {summary['name']}: {summary['bits']}-bit, {gb(summary['disk_bytes'])} in {out}")
 

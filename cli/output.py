@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from localmix.api import Model
 from localmix.sampling import SamplingParams
@@ -54,28 +53,29 @@ def stream_answer(model: Model, prompt, max_tokens: int, params: SamplingParams)
     return "".join(parts), last
 
 
-def bytes_progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err, transient=False)
+class PullProgress:
+    """The bars of a pull, one per downloaded file and one for quantization, shown from the first
+    update on (a pull that fails before any work prints nothing but its error)."""
 
+    def __init__(self):
+        self.progress: Progress | None = None
+        self.tasks: dict[str, int] = {}
 
-def rich_tqdm(progress: Progress):
-    """A stand-in for tqdm that huggingface_hub drives, drawing its bars with rich instead."""
+    def _update(self, key: str, description: str, done: int, total: int) -> None:
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                     TimeRemainingColumn(), console=err)
+            self.progress.start()
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(description, total=total or None)
+        self.progress.update(self.tasks[key], completed=done)
 
-    class RichBar:
-        def __init__(self, *args, total=None, initial=0, desc="", **kwargs):
-            self.task = progress.add_task(f"download {desc}", total=total, completed=initial)
+    def download(self, name: str, done: int, total: int) -> None:
+        self._update(name, f"download {name} ({total / 1e6:.1f} MB)", done, total)
 
-        def update(self, n=1):
-            progress.advance(self.task, n)
+    def quantize(self, done: int, total: int) -> None:
+        self._update("quantize", "quantize", done, total)
 
-        def close(self):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.close()
-
-    return RichBar
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

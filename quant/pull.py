@@ -18,23 +18,23 @@ def default_name(source: str, bits: str) -> str:
 
 
 def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = None, revision: str | None = None,
-         delete_source: bool = False, on_progress=None, tqdm_class=None) -> Path:
+         delete_source: bool = False, on_progress=None, on_download=None) -> Path:
     """Quantize a local Hugging Face folder or a hub repository into $LOCALMIX_HOME/models/NAME."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir() and not looks_like_repo_id(source):
+        raise LocalmixError(f"{source}: no such folder, and not a hub repository id (OWNER/NAME)")
     name = name or default_name(source, bits)
     if not MODEL_NAME.match(name):
         raise LocalmixError(f"invalid model name {name!r}: use letters, digits, '.', '-' and '_'")
     out = models_dir() / name
     if out.exists():
         raise LocalmixError(f"a model named {name} exists already; `localmix rm {name}` first or pick --name")
-    folder = Path(source).expanduser()
     if folder.is_dir():
         if revision:
             raise LocalmixError("--revision applies to hub repositories, not local folders")
         origin = LocalSource(folder, delete_source)
-    elif looks_like_repo_id(source):
-        origin = HubSource(source, revision, home() / "downloads", delete_source, tqdm_class)
     else:
-        raise LocalmixError(f"{source}: no such folder, and not a hub repository id (OWNER/NAME)")
+        origin = HubSource(source, revision, home() / "downloads", delete_source, on_download)
     convert(origin, out, bits, group_size, on_progress)
     if isinstance(origin, HubSource):
         origin.cleanup()

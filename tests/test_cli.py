@@ -20,11 +20,15 @@ def localmix_cli(*args, stdin="", env=None, cwd="/"):
     return result
 
 
-def assert_one_line_error(result, message):
+def assert_one_line_error(result, message, after_progress=False):
+    """A non-zero exit and one error line on stderr, no traceback. after_progress: progress bars
+    (pull) may come before the error line, which is then the last."""
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == lines[-1:] and message in lines[-1], result.stderr
+    assert after_progress or len(lines) == 1, result.stderr
 
 
 GREEDY = ["--temperature", "0", "--repeat-penalty", "1", "-n", "8"]

@@ -1,0 +1,179 @@
+"""Converting Hugging Face folders into localmix models, loading them, and their bad inputs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import localmix
+from localmix.checkpoint import Checkpoint, read_weights, tensor_table
+from localmix.errors import LocalmixError
+from localmix.kv_cache import KVCache
+from localmix.model import Transformer
+from localmix.quality import kl_divergence
+from localmix.quant.affine import dequantize, quantize
+from localmix.quant.convert import LocalSource, bits_policy, convert
+from localmix.store import FILE_ALIGN, PART_ALIGN, QuantizedMatrix, read_manifest, sha256_of, stays_float, verify
+from conftest import make_hf_model
+
+SHAPE = dict(intermediate_size=128)  # every input dimension a multiple of 64 and 128
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    make_hf_model(folder, dtype=torch.bfloat16, shard="300KB", **SHAPE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def q4(hf_folder, tmp_path_factory):
+    return convert(LocalSource(hf_folder), tmp_path_factory.mktemp("models") / "tiny-q4", bits="4")
+
+
+def test_layout_one_file_per_expert_aligned(q4, hf_folder):
+    manifest = read_manifest(q4)
+    args = Checkpoint(hf_folder).config
+    assert manifest["format_version"] == 1 and manifest["quantization"] == {
+        "bits": "4", "group_size": 64, "method": "least-squares search"}
+    assert manifest["source"]["repo"] == str(hf_folder.resolve())
+    experts = sorted(p.name for p in (q4 / "experts").iterdir())
+    assert experts == [f"L{l:03d}-E{e:03d}.bin" for l in range(2) for e in range(4)]
+    for file, entry in manifest["files"].items():
+        size = (q4 / file).stat().st_size
+        assert size == entry["size"] and entry["sha256"] == sha256_of(q4 / file)
+        if file.endswith(".bin"):
+            assert size % FILE_ALIGN == 0
+    names = [name for name, _ in tensor_table(args)]
+    assert sorted(manifest["tensors"]) == sorted(names)
+    for name, t in manifest["tensors"].items():
+        assert t["offset"] % PART_ALIGN == 0 and t["sha256"] == sha256_of(q4 / t["file"], t["offset"], t["nbytes"])
+        in_expert = ".experts." in name
+        assert t["file"].startswith("experts/") == in_expert
+        assert t["dtype"] == ("f32" if stays_float(name) else "q8" if name == "lm_head.weight" else "q4")
+    layer1_expert2 = {n for n, t in manifest["tensors"].items() if t["file"] == "experts/L001-E002.bin"}
+    assert layer1_expert2 == {f"model.layers.1.block_sparse_moe.experts.2.{w}.weight" for w in ("w1", "w2", "w3")}
+
+
+def test_stored_tensors_are_the_quantizer_output(q4, hf_folder):
+    """Every quantized tensor in the files equals quantize() of the source, bit for bit, and the
+    loaded model is the float model with those dequantized weights."""
+    source = Checkpoint(hf_folder)
+    model = localmix.load(q4)
+    policy = bits_policy("4", source.config)
+    dequantized = {}
+    for name, shape in tensor_table(source.config):
+        if not stays_float(name):
+            bits = policy(name)
+            dequantized[name] = dequantize(*quantize(source.tensor(name, shape), bits, 64), bits, 64)
+
+    class Dequantized:
+        def tensor(self, name, shape):
+            return dequantized.get(name, source.tensor(name, shape))
+    reference = Transformer(source.config, read_weights(Dequantized(), source.config))
+    ids = np.random.default_rng(0).integers(0, 32000, 17)
+    np.testing.assert_array_equal(model.logits(ids), reference(ids, KVCache(source.config, 17)))
+    assert isinstance(model.transformer.weights.layers[0].experts[0].w1, QuantizedMatrix)
+
+
+def test_opening_maps_files_without_reading_them(q4):
+    model = localmix.load(q4)
+    w1 = model.transformer.weights.layers[1].experts[3].w1
+    assert isinstance(w1.words.base, np.memmap) or isinstance(w1.words.base.base, np.memmap)
+
+
+def test_more_bits_less_divergence(hf_folder, q4, tmp_path):
+    ids = np.random.default_rng(1).integers(0, 32000, 40)
+    base = localmix.load(hf_folder).logits(ids)
+    kl = {"4": kl_divergence(base, localmix.load(q4).logits(ids))}
+    for bits in ("8", "mixed"):
+        kl[bits] = kl_divergence(base, localmix.load(convert(LocalSource(hf_folder), tmp_path / bits, bits)).logits(ids))
+    assert 0 < kl["8"] < kl["mixed"] < kl["4"] < 0.5, kl
+
+
+def test_verify_finds_corruption(q4, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(q4, copy)
+    assert verify(copy) == []
+    path = copy / "experts" / "L001-E003.bin"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    problems = verify(copy)
+    assert len(problems) == 1 and "experts/L001-E003.bin: checksum mismatch" in problems[0]
+    assert "experts.3.w1.weight" in problems[0]
+
+
+def test_truncated_expert_file_names_it_and_suggests_verify(q4, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(q4, copy)
+    os.truncate(copy / "experts" / "L000-E001.bin", 1000)
+    with pytest.raises(LocalmixError, match=r"L000-E001.bin: truncated or corrupt .* run .localmix verify"):
+        localmix.load(copy)
+
+
+def test_manifest_of_a_newer_format(q4, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(q4, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LocalmixError, match="format version 99 is newer"):
+        localmix.load(copy)
+
+
+def test_interrupted_conversion_leaves_nothing(hf_folder, tmp_path):
+    def interrupt(done, total):
+        if done > total // 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        convert(LocalSource(hf_folder), tmp_path / "m", "4", on_progress=interrupt)
+    assert list(tmp_path.iterdir()) == []
+    convert(LocalSource(hf_folder), tmp_path / "m", "4")  # and the next try works
+    assert verify(tmp_path / "m") == []
+
+
+def test_group_size_and_bits_errors(hf_folder, tmp_path):
+    with pytest.raises(LocalmixError, match="--group-size must be one of"):
+        convert(LocalSource(hf_folder), tmp_path / "m", "4", group_size=48)
+    with pytest.raises(LocalmixError, match="--bits must be one of"):
+        convert(LocalSource(hf_folder), tmp_path / "m", "3")
+    odd = tmp_path / "odd"
+    make_hf_model(odd, intermediate_size=96)
+    with pytest.raises(LocalmixError, match="96 columns, not a multiple of the group size 64"):
+        convert(LocalSource(odd), tmp_path / "m", "4")
+    assert not (tmp_path / "m").exists()
+    convert(LocalSource(odd), tmp_path / "m", "4", group_size=32)
+
+
+def test_delete_source_removes_shards_as_it_goes(tmp_path):
+    folder = tmp_path / "hf"
+    make_hf_model(folder, shard="300KB", **SHAPE)
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 2
+    convert(LocalSource(folder, delete_shards=True), tmp_path / "m", "8")
+    assert list(folder.glob("*.safetensors")) == [] and verify(tmp_path / "m") == []
+
+
+def test_not_enough_disk(hf_folder, tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(LocalmixError, match="not enough disk space .* need 0.00 GB, 0.00 GB free"):
+        convert(LocalSource(hf_folder), tmp_path / "m", "4")
+    assert not (tmp_path / "m").exists()
+
+
+def test_dense_mistral_and_tied_embeddings(tmp_path):
+    for name, kw in {"dense": dict(model_type="mistral"), "tied": dict(tie_word_embeddings=True)}.items():
+        make_hf_model(tmp_path / name, **SHAPE, **kw)
+        out = convert(LocalSource(tmp_path / name), tmp_path / f"{name}-q8", "8")
+        ids = np.random.default_rng(2).integers(0, 32000, 12)
+        base = localmix.load(tmp_path / name).logits(ids)
+        assert kl_divergence(base, localmix.load(out).logits(ids)) < 1e-3
+    manifest = read_manifest(tmp_path / "dense-q8")
+    assert manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["file"] == "experts/L000-E000.bin"
