@@ -51,7 +51,11 @@ def list_command():
     for name in names:
         folder = models_dir() / name
         if is_localmix_model(folder):
-            s = model_summary(folder)
+            try:
+                s = model_summary(folder)
+            except LocalmixError:
+                table.add_row(name, "?", "", "damaged manifest: localmix verify " + name, "")
+                continue
             revision = (s["source"].get("revision") or "")[:10]
             source = s["source"]["repo"] + (f"@{revision}" if revision else "")
             table.add_row(name, str(s["bits"]), gb(s["disk_bytes"]), source, s["created"][:10])
