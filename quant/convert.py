@@ -21,7 +21,7 @@ from localmix.checkpoint import Checkpoint, SafetensorsFile, check_tensor, tenso
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.affine import GROUP_SIZES, quantize
-from localmix.store import (DENSE_FILE, FORMAT_VERSION, MANIFEST, TensorLayout, plan_layout, sha256_of)
+from localmix.store import (FORMAT_VERSION, MANIFEST, TensorLayout, plan_layout, sha256_of)
 
 BLOCK_VALUES = 1 << 22  # values converted at a time: 16 MB of float32, ~150 MB with temporaries
 BITS_CHOICES = ("4", "8", "mixed")
@@ -73,11 +73,6 @@ class LocalSource:
     def release(self, name: str) -> None:
         if self.delete_shards:
             (self.folder / name).unlink(missing_ok=True)
-
-
-def output_size(args: ModelArgs, bits: str, group_size: int) -> int:
-    layouts, sizes = plan_layout(tensor_table(args), bits_policy(bits, args), group_size)
-    return sum(sizes.values())
 
 
 def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,

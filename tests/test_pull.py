@@ -1,8 +1,6 @@
 """`localmix pull` and the model commands, run as a user runs them, against a fake hub."""
 
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest

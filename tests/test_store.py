@@ -40,7 +40,7 @@ def test_layout_one_file_per_expert_aligned(q4, hf_folder):
         "bits": "4", "group_size": 64, "method": "least-squares search"}
     assert manifest["source"]["repo"] == str(hf_folder.resolve())
     experts = sorted(p.name for p in (q4 / "experts").iterdir())
-    assert experts == [f"L{l:03d}-E{e:03d}.bin" for l in range(2) for e in range(4)]
+    assert experts == [f"L{layer:03d}-E{e:03d}.bin" for layer in range(2) for e in range(4)]
     for file, entry in manifest["files"].items():
         size = (q4 / file).stat().st_size
         assert size == entry["size"] and entry["sha256"] == sha256_of(q4 / file)
