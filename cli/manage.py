@@ -24,7 +24,7 @@ def gb(n: int) -> str:
 
 
 def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME) or Hugging Face folder."),
-         bits: str = typer.Option("4", help="4, 8 or mixed (experts' w1/w3 at 4 bits, the rest at 8)."),
+         bits: str = typer.Option("4", help="4, 8 or mixed (experts at 4 bits, attention and embeddings at 8)."),
          group_size: int = typer.Option(64, "--group-size", help="Values per scale and bias: 32, 64 or 128."),
          name: Optional[str] = typer.Option(None, help="Model name (default: the repo's name and bits)."),
          revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub repository."),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.text import Text
 
 from localmix.api import Model
 from localmix.sampling import SamplingParams
@@ -53,6 +55,17 @@ def stream_answer(model: Model, prompt, max_tokens: int, params: SamplingParams)
     return "".join(parts), last
 
 
+class OnlyForBytes(ProgressColumn):
+    """A column shown for byte-counting tasks (downloads) and left blank for the others."""
+
+    def __init__(self, column: ProgressColumn):
+        super().__init__()
+        self.column = column
+
+    def render(self, task):
+        return self.column.render(task) if task.fields.get("bytes") else Text("")
+
+
 class PullProgress:
     """The bars of a pull, one per downloaded file and one for quantization, shown from the first
     update on (a pull that fails before any work prints nothing but its error)."""
@@ -61,20 +74,21 @@ class PullProgress:
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
 
-    def _update(self, key: str, description: str, done: int, total: int) -> None:
+    def _update(self, key: str, description: str, done: int, total: int, is_bytes: bool) -> None:
         if self.progress is None:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                     OnlyForBytes(DownloadColumn()), OnlyForBytes(TransferSpeedColumn()),
                                      TimeRemainingColumn(), console=err)
             self.progress.start()
         if key not in self.tasks:
-            self.tasks[key] = self.progress.add_task(description, total=total or None)
+            self.tasks[key] = self.progress.add_task(description, total=total or None, bytes=is_bytes)
         self.progress.update(self.tasks[key], completed=done)
 
     def download(self, name: str, done: int, total: int) -> None:
-        self._update(name, f"download {name} ({total / 1e6:.1f} MB)", done, total)
+        self._update(name, f"download {name}", done, total, True)
 
     def quantize(self, done: int, total: int) -> None:
-        self._update("quantize", "quantize", done, total)
+        self._update("quantize", "quantize", done, total, False)
 
     def stop(self) -> None:
         if self.progress is not None:

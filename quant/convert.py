@@ -21,7 +21,7 @@ from localmix.checkpoint import Checkpoint, SafetensorsFile, check_tensor, tenso
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.affine import GROUP_SIZES, quantize
-from localmix.store import (FORMAT_VERSION, MANIFEST, TensorLayout, plan_layout, sha256_of)
+from localmix.store import DENSE_FILE, FORMAT_VERSION, MANIFEST, TensorLayout, expert_file, plan_layout, sha256_of
 
 BLOCK_VALUES = 1 << 22  # values converted at a time: 16 MB of float32, ~150 MB with temporaries
 BITS_CHOICES = ("4", "8", "mixed")
@@ -32,8 +32,9 @@ def bits_policy(bits: str, args: ModelArgs) -> Callable[[str], int]:
     4: everything at 4 bits but the output projection at 8 (llama.cpp likewise keeps its output
        at 6 bits in Q4_0 files), so logits are not where the error concentrates.
     8: everything at 8 bits.
-    mixed: experts' w1 and w3 at 4 bits, everything else (attention, embeddings, output, the
-       experts' w2) at 8: the down projection writes straight into the residual stream."""
+    mixed: the experts (nearly all the parameters) at 4 bits, everything else at 8: attention,
+       and the embeddings, whose error enters the residual stream directly (on the peers' mini
+       model it is most of the 4-bit model's divergence from the original)."""
     if bits not in BITS_CHOICES:
         raise LocalmixError(f"--bits must be one of {', '.join(BITS_CHOICES)}, got {bits!r}")
     output = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
@@ -43,7 +44,7 @@ def bits_policy(bits: str, args: ModelArgs) -> Callable[[str], int]:
             return 8
         if bits == "4":
             return 4
-        return 4 if name.endswith(("w1.weight", "w3.weight", "gate_proj.weight", "up_proj.weight")) else 8
+        return 4 if expert_file(name) != DENSE_FILE else 8
     return policy
 
 
