@@ -63,7 +63,7 @@ def quantize_minmax(w: np.ndarray, bits: int, group_size: int = 64):
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int = 64, importance: np.ndarray | None = None,
-             steps: int = 20):
+             steps: int = 20, fast: bool = True):
     """Error-minimizing affine quantization.
 
     For each group, try a range of scales around the min/max one; for each, round the values to
@@ -71,12 +71,29 @@ def quantize(w: np.ndarray, bits: int, group_size: int = 64, importance: np.ndar
     llama.cpp's k-quants do). Keep the fit of least weighted squared error, then round scale and
     bias to float16 and requantize against the rounded values, so the stored integers are the
     best ones for the scale and bias that will actually be used. `importance` ([cols], e.g. the
-    mean squared activation of each input) weights the error; uniform without it.
+    mean squared activation of each input) weights the error; uniform without it. fast picks the
+    Numba search (quant/search.py) over its numpy twin here.
     """
     x = _groups(w, group_size)
-    rows = w.shape[0]
-    weight = (np.ones_like(x) if importance is None
-              else np.broadcast_to(np.tile(importance.astype(np.float32), rows).reshape(x.shape), x.shape))
+    weight = (np.ones((1, group_size), np.float32) if importance is None
+              else importance.astype(np.float32).reshape(-1, group_size))  # [groups per row, group_size]
+    if fast:
+        from localmix.quant.search import search_scales_numba
+        best_scale, best_bias = search_scales_numba(x, weight, bits, steps)
+    else:
+        best_scale, best_bias = search_scales(x, weight, bits, steps)
+    n_bins = (1 << bits) - 1
+    scale = best_scale.astype(np.float16).astype(np.float32)
+    bias = best_bias.astype(np.float16).astype(np.float32)
+    scale = np.where(scale == 0, np.float32(np.finfo(np.float16).tiny), scale)  # a constant group
+    q = np.clip(np.round((x - bias[:, None]) / scale[:, None]), 0, n_bins)
+    return _finish(w.shape, q, scale, bias, bits, group_size)
+
+
+def search_scales(x: np.ndarray, weight: np.ndarray, bits: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The search of quantize(), for groups x [G, group_size] with error weights [W, group_size]
+    (group g uses row g % W): each group's best float32 scale and bias."""
+    weight = np.tile(weight, (x.shape[0] // weight.shape[0], 1))
     n_bins = (1 << bits) - 1
     x_min, x_max = x.min(axis=1), x.max(axis=1)
     span = np.maximum(x_max - x_min, np.float32(1e-12))
@@ -106,12 +123,7 @@ def quantize(w: np.ndarray, bits: int, group_size: int = 64, importance: np.ndar
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
         best_bias = np.where(better, bias, best_bias)
-
-    scale = best_scale.astype(np.float16).astype(np.float32)
-    bias = best_bias.astype(np.float16).astype(np.float32)
-    scale = np.where(scale == 0, np.float32(np.finfo(np.float16).tiny), scale)  # a constant group
-    q = np.clip(np.round((x - bias[:, None]) / scale[:, None]), 0, n_bins)
-    return _finish(w.shape, q, scale, bias, bits, group_size)
+    return best_scale, best_bias
 
 
 def _finish(shape, q, scales, biases, bits, group_size):
