@@ -75,6 +75,9 @@ class LocalSource:
         if self.delete_shards:
             (self.folder / name).unlink(missing_ok=True)
 
+    def cleanup(self) -> None:
+        """Nothing was downloaded: the folder stays (less its shards with delete_shards)."""
+
 
 def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,
             on_progress: Callable[[int, int], None] | None = None) -> Path:

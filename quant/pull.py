@@ -36,6 +36,5 @@ def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = 
     else:
         origin = HubSource(source, revision, home() / "downloads", delete_source, on_download)
     convert(origin, out, bits, group_size, on_progress)
-    if isinstance(origin, HubSource):
-        origin.cleanup()
+    origin.cleanup()
     return out
