@@ -115,11 +115,21 @@ def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,
             "files": files, "tensors": tensors,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        sync_folder(tmp)  # everything on disk before the rename makes it a model
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def sync_folder(folder: Path) -> None:
+    for path in [*folder.rglob("*"), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def check_disk(folder: Path, needed: int) -> None:
