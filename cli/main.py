@@ -89,6 +89,7 @@ app.command()(manage.show)
 app.command()(manage.rm)
 app.command()(manage.verify)
 app.command()(manage.perplexity)
+app.command()(manage.bench)
 
 
 def main() -> None:

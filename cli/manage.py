@@ -130,3 +130,29 @@ def perplexity(model: str = typer.Argument(..., help="Model name or folder."),
     if base:
         print(f"base perplexity {result['base_perplexity']:.4f}; KL divergence {result['kl']:.5f} nats; "
               f"top-1 agreement {result['top1']:.3f}")
+
+
+def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder."),
+          prompt_tokens: int = typer.Option(128, "-p", help="Prompt tokens to process."),
+          gen_tokens: int = typer.Option(64, "-n", help="Tokens to generate."),
+          repeat: int = typer.Option(1, "--repeat", help="Runs to average."),
+          experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token"),
+          membw: bool = typer.Option(False, "--membw", help="Measure the memory read bandwidth instead."),
+          as_json: bool = typer.Option(False, "--json", help="End with the figures as one JSON line.")):
+    """Prefill and decode speed (as llama.cpp is measured by ../shared/peers/llama_speed.py)."""
+    from localmix import bench as benchmark
+    if membw:
+        gb_s = benchmark.memory_bandwidth()
+        print(json.dumps({"membw_gb_s": gb_s}) if as_json else f"memory read bandwidth {gb_s:.1f} GB/s")
+        return
+    if model is None:
+        raise LocalmixError("name a model to benchmark (or pass --membw)")
+    llm = localmix.load(model, experts_per_token=experts_per_token)
+    with err.status(f"prefill {prompt_tokens} tokens, generate {gen_tokens}, {repeat} time(s)"):
+        r = benchmark.run(llm, prompt_tokens, gen_tokens, repeat)
+    table = Table("model", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS MB", "TTFT s", box=None)
+    table.add_row(str(model), f"{r['prefill_tok_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['decode_gb_s']:.2f}",
+                  f"{r['peak_rss_mb']:.0f}", f"{r['ttft_s']:.3f}")
+    Console(highlight=False).print(table)
+    if as_json:
+        print(json.dumps(r))

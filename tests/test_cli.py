@@ -153,3 +153,26 @@ def test_chat_keeps_history(tiny_model_dir):
                               max_tokens=4, temperature=0, repeat_penalty=1.0)
     assert session.history[1]["content"] == first_answer
     assert session.messages("third")[0] == {"role": "system", "content": "sys"}
+
+
+def test_bench_reports_llama_bench_figures(tiny_model_dir):
+    result = localmix_cli("bench", tiny_model_dir, "-p", "16", "-n", "4", "--repeat", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"prefill_tok_s", "decode_tok_s", "decode_gb_s", "peak_rss_mb", "ttft_s"} <= set(figures)
+    assert all(figures[k] > 0 for k in ("prefill_tok_s", "decode_tok_s", "decode_gb_s", "peak_rss_mb", "ttft_s"))
+    assert "decode tok/s" in result.stdout
+    assert_one_line_error(localmix_cli("bench", tiny_model_dir, "-p", "0"), "at least 1")
+    assert_one_line_error(localmix_cli("bench", tiny_model_dir, "-p", "600"), "exceed the model's context")
+    assert_one_line_error(localmix_cli("bench"), "name a model")
+    membw = json.loads(localmix_cli("bench", "--membw", "--json").stdout)
+    assert membw["membw_gb_s"] > 0
+
+
+def test_bytes_per_token_counts_routed_experts_only(tiny_model_dir):
+    from localmix.bench import bytes_per_token
+    top2, top1 = localmix.load(tiny_model_dir), localmix.load(tiny_model_dir, experts_per_token=1)
+    expert = top2.transformer.weights.layers[0].experts[0]
+    one_expert = expert.w1.nbytes + expert.w2.nbytes + expert.w3.nbytes
+    layers = top2.config.num_hidden_layers
+    assert bytes_per_token(top2) - bytes_per_token(top1) == layers * one_expert

@@ -1,0 +1,83 @@
+"""`localmix bench`: prompt processing and generation speed, measured the way the peers' script
+(../shared/peers/llama_speed.py) measures llama.cpp, so the two can be compared in one run: the
+same synthetic prompt, one timed prefill, then greedy decoding one token at a time."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from localmix.errors import LocalmixError
+from localmix.generate import peak_memory_gb
+from localmix.kv_cache import KVCache
+
+
+def bench_prompt(length: int, vocab_size: int) -> list[int]:
+    """llama_speed.py's prompt: BOS, then a fixed spread of ordinary token ids."""
+    span = min(31000, vocab_size - 501)
+    return [1] + [(i * 7919) % span + 500 for i in range(length - 1)]
+
+
+def nbytes(w) -> int:
+    return w.nbytes if isinstance(w, np.ndarray) else w.words.nbytes + w.scales.nbytes + w.biases.nbytes
+
+
+def bytes_per_token(model) -> int:
+    """Weight bytes one decoded token must read: every dense matrix, one embedding row, and in
+    each layer the experts it is routed to (the model's experts per token)."""
+    w, args = model.transformer.weights, model.config
+    total = nbytes(w.lm_head) + nbytes(w.norm) + nbytes(w.embed) // args.vocab_size
+    for layer in w.layers:
+        total += sum(nbytes(m) for m in (layer.attention_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.ffn_norm))
+        total += nbytes(layer.router) if layer.router is not None else 0
+        expert = sum(nbytes(m) for m in (layer.experts[0].w1, layer.experts[0].w2, layer.experts[0].w3))
+        total += expert * (args.num_experts_per_tok if args.is_moe else 1)
+    return total
+
+
+def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1) -> dict:
+    if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
+        raise LocalmixError("-p, -n and --repeat must be at least 1")
+    if prompt_tokens + gen_tokens > model.config.max_position_embeddings:
+        raise LocalmixError(f"-p plus -n exceed the model's context of {model.config.max_position_embeddings}")
+    prompt = bench_prompt(prompt_tokens, model.config.vocab_size)
+    prefill, decode = [], []
+    for _ in range(repeat):
+        cache = KVCache(model.config, prompt_tokens + gen_tokens)
+        start = time.perf_counter()
+        logits = model.transformer(prompt, cache, last_only=True)
+        prefill.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(gen_tokens):
+            logits = model.transformer([int(np.argmax(logits[-1]))], cache, last_only=True)
+        decode.append(time.perf_counter() - start)
+    decode_tok_s = gen_tokens / float(np.mean(decode))
+    return {
+        "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat,
+        "prefill_tok_s": prompt_tokens / float(np.mean(prefill)),
+        "decode_tok_s": decode_tok_s,
+        "decode_gb_s": bytes_per_token(model) * decode_tok_s / 1e9,
+        "peak_rss_mb": peak_memory_gb() * 1e3,
+        "ttft_s": float(np.mean(prefill)),
+    }
+
+
+def memory_bandwidth(threads: int | None = None) -> float:
+    """Sustained read bandwidth in GB/s: numpy's max over a 1 GiB array, one slice per thread
+    (as the peers' membw.py measures it)."""
+    threads = threads or os.cpu_count() or 1
+    data = np.ones(1 << 28, np.float32)
+    parts = np.array_split(data, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.max, parts))
+        best = min(_timed(lambda: list(pool.map(np.max, parts))) for _ in range(5))
+    return data.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
