@@ -29,6 +29,7 @@ Seed = typer.Option(None, help="Random seed: the same seed gives the same answer
 System = typer.Option(None, help="System prompt.")
 Experts = typer.Option(None, "--experts-per-token", help="Active experts per token (default: the model's).")
 Verbose = typer.Option(False, "--verbose", help="Print timings after each answer.")
+Backend = typer.Option("numba", "--backend", help="Quantized products: numba (kernels) or numpy (reference).")
 
 
 def sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingParams:
@@ -36,10 +37,10 @@ def sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed) -> S
                           repeat_penalty=repeat_penalty, seed=seed).check()
 
 
-def load_model(name: str, experts_per_token: int | None) -> tuple[Model, float]:
+def load_model(name: str, experts_per_token: int | None, backend: str) -> tuple[Model, float]:
     start = time.perf_counter()
     with err.status(f"loading {name}"):
-        model = load(name, experts_per_token=experts_per_token)
+        model = load(name, experts_per_token=experts_per_token, backend=backend)
     return model, time.perf_counter() - start
 
 
@@ -50,7 +51,7 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         top_k: int = TopK, min_p: float = MinP, repeat_penalty: float = RepeatPenalty,
         seed: Optional[int] = Seed, system: Optional[str] = System,
         raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template."),
-        experts_per_token: Optional[int] = Experts, verbose: bool = Verbose):
+        experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend):
     """Answer one prompt, streaming the text to stdout."""
     params = sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
     if max_tokens < 0:
@@ -62,7 +63,7 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
     if raw and system:
         raise LocalmixError("--system needs the chat template; leave out --raw")
     start = time.perf_counter()
-    llm, load_s = load_model(model, experts_per_token)
+    llm, load_s = load_model(model, experts_per_token, backend)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params)
     if verbose and last:
@@ -74,12 +75,12 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
          max_tokens: int = MaxTokens, temperature: float = Temperature, top_p: float = TopP,
          top_k: int = TopK, min_p: float = MinP, repeat_penalty: float = RepeatPenalty,
          seed: Optional[int] = Seed, system: Optional[str] = System,
-         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose):
+         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend):
     """Chat in the terminal (/? for help)."""
     params = sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
     if max_tokens < 0:
         raise LocalmixError(f"--max-tokens must be >= 0, got {max_tokens}")
-    llm, load_s = load_model(model, experts_per_token)
+    llm, load_s = load_model(model, experts_per_token, backend)
     chat_loop(llm, model, params, max_tokens, system, verbose, load_s)
 
 

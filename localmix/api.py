@@ -28,9 +28,10 @@ class Model:
     temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop.
     """
 
-    def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None):
-        """Open a localmix model folder (quantized, from `localmix pull`) or a Hugging Face one."""
-        checkpoint = ModelFolder(folder) if is_localmix_model(folder) else Checkpoint(folder)
+    def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba"):
+        """Open a localmix model folder (quantized, from `localmix pull`) or a Hugging Face one.
+        backend: "numba" (kernels) or "numpy" (the reference) for the quantized matrix products."""
+        checkpoint = ModelFolder(folder, backend) if is_localmix_model(folder) else Checkpoint(folder)
         self.path = checkpoint.folder
         self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
         self.tokenizer = Tokenizer(checkpoint.tokenizer_path)
@@ -68,6 +69,6 @@ class Model:
         return self.generate(list(messages), max_tokens, **sampling)
 
 
-def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None) -> Model:
+def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba") -> Model:
     """Load a model by name from $LOCALMIX_HOME/models, or a localmix or Hugging Face folder."""
-    return Model(resolve_model(path_or_name), experts_per_token)
+    return Model(resolve_model(path_or_name), experts_per_token, backend)

@@ -44,9 +44,8 @@ class Weights:
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
-    """x @ w.T for a float matrix, or for a quantized one (dequantized here, one matrix at a time:
-    this is the reference path; fast kernels read the packed weights directly)."""
-    return x @ (w if isinstance(w, np.ndarray) else w.dequantize()).T
+    """x @ w.T for a float matrix, or for a quantized one (which multiplies on its backend)."""
+    return x @ w.T if isinstance(w, np.ndarray) else w.linear(x)
 
 
 def embedding(ids: np.ndarray, w) -> np.ndarray:

@@ -106,16 +106,31 @@ def plan_layout(table: list[tuple[str, tuple[int, ...]]], bits_for, group_size: 
     return layouts, {file: align(end, FILE_ALIGN) for file, end in ends.items()}
 
 
+BACKENDS = ("numba", "numpy")
+
+
 @dataclass
 class QuantizedMatrix:
     """A [rows, cols] matrix as MLX-layout packed words, float16 scales and biases (views of the
-    model's files). Dequantized when used; fast kernels read the packed form directly."""
+    model's files). backend "numba" multiplies with the kernels of localmix.kernels, "numpy" with
+    their reference twins (dequantize, then BLAS)."""
     words: np.ndarray
     scales: np.ndarray
     biases: np.ndarray
     bits: int
     group_size: int
     source: str  # the file, named in errors
+    backend: str = "numba"
+
+    def linear(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for x [T, cols]."""
+        if self.backend == "numpy":
+            return x @ self.dequantize().T
+        from localmix import kernels
+        parts = (self.words, self.scales, self.biases, self.bits, self.group_size)
+        if x.shape[0] == 1:
+            return kernels.matvec(x[0], *parts)[None, :]
+        return x @ kernels.dequantize(*parts).T
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -164,8 +179,11 @@ class ModelFolder:
     """A localmix model folder, opened without reading its weights: tensors are views of
     memory-mapped files, so opening costs no time proportional to the model's size."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, backend: str = "numba"):
+        if backend not in BACKENDS:
+            raise LocalmixError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
         self.folder = Path(folder)
+        self.backend = backend
         self.manifest = read_manifest(self.folder)
         self.config = ModelArgs.from_hf_config(self.manifest["config"], source=str(self.folder / MANIFEST))
         self._maps: dict[str, np.memmap] = {}
@@ -205,7 +223,7 @@ class ModelFolder:
         return QuantizedMatrix(views["words"].view(np.uint32).reshape(rows, -1),
                                views["scales"].view(np.float16).reshape(rows, -1),
                                views["biases"].view(np.float16).reshape(rows, -1),
-                               layout.bits, layout.group_size, str(self.folder / layout.file))
+                               layout.bits, layout.group_size, str(self.folder / layout.file), self.backend)
 
 
 def verify(folder: str | Path) -> list[str]:
