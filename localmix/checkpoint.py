@@ -93,6 +93,14 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return bf16_to_f32(raw)
 
 
+def tokenizer_file(folder: Path, advice: str) -> Path:
+    """The folder's sentencepiece tokenizer.model; when it is missing, an error with the advice."""
+    path = folder / "tokenizer.model"
+    if not path.is_file():
+        raise LocalmixError(f"{folder}: no tokenizer.model ({advice})")
+    return path
+
+
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32: shifting its 16 bits up is exact."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
@@ -112,10 +120,7 @@ class Checkpoint:
 
     @property
     def tokenizer_path(self) -> Path:
-        path = self.folder / "tokenizer.model"
-        if not path.is_file():
-            raise LocalmixError(f"{self.folder}: no tokenizer.model (localmix needs the sentencepiece tokenizer)")
-        return path
+        return tokenizer_file(self.folder, "localmix needs the sentencepiece tokenizer")
 
     def _file(self, name: str) -> SafetensorsFile:
         if name not in self._files:

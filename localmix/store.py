@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from localmix.checkpoint import tokenizer_file
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.affine import dequantize
@@ -190,10 +191,7 @@ class ModelFolder:
 
     @property
     def tokenizer_path(self) -> Path:
-        path = self.folder / "tokenizer.model"
-        if not path.is_file():
-            raise LocalmixError(f"{self.folder}: no tokenizer.model; run `localmix verify`")
-        return path
+        return tokenizer_file(self.folder, "run `localmix verify`")
 
     def _map(self, file: str, end: int) -> np.memmap:
         if file not in self._maps:
