@@ -32,7 +32,10 @@ Verbose = typer.Option(False, "--verbose", help="Print timings after each answer
 Backend = typer.Option("numba", "--backend", help="Quantized products: numba (kernels) or numpy (reference).")
 
 
-def sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingParams:
+def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingParams:
+    """The options of run and chat, checked before the model is loaded."""
+    if max_tokens < 0:
+        raise LocalmixError(f"--max-tokens must be >= 0, got {max_tokens}")
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                           repeat_penalty=repeat_penalty, seed=seed).check()
 
@@ -53,9 +56,7 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template."),
         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend):
     """Answer one prompt, streaming the text to stdout."""
-    params = sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    if max_tokens < 0:
-        raise LocalmixError(f"--max-tokens must be >= 0, got {max_tokens}")
+    params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     if prompt is None:
         if sys.stdin.isatty():
             raise LocalmixError("give a prompt (or pipe one on stdin); `localmix chat` talks interactively")
@@ -77,9 +78,7 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
          seed: Optional[int] = Seed, system: Optional[str] = System,
          experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend):
     """Chat in the terminal (/? for help)."""
-    params = sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    if max_tokens < 0:
-        raise LocalmixError(f"--max-tokens must be >= 0, got {max_tokens}")
+    params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     llm, load_s = load_model(model, experts_per_token, backend)
     chat_loop(llm, model, params, max_tokens, system, verbose, load_s)
 
