@@ -30,6 +30,7 @@ System = typer.Option(None, help="System prompt.")
 Experts = typer.Option(None, "--experts-per-token", help="Active experts per token (default: the model's).")
 Verbose = typer.Option(False, "--verbose", help="Print timings after each answer.")
 Backend = typer.Option("numba", "--backend", help="Quantized products: numba (kernels) or numpy (reference).")
+Threads = typer.Option(None, "--threads", "-t", help="Threads for the kernels (default: the physical cores).")
 
 
 def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingParams:
@@ -40,10 +41,12 @@ def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty
                           repeat_penalty=repeat_penalty, seed=seed).check()
 
 
-def load_model(name: str, experts_per_token: int | None, backend: str) -> tuple[Model, float]:
+def load_model(name: str, experts_per_token: int | None, backend: str, threads: int | None) -> tuple[Model, float]:
     start = time.perf_counter()
-    with err.status(f"loading {name}"):
-        model = load(name, experts_per_token=experts_per_token, backend=backend)
+    with err.status(f"loading {name} (the first start compiles the kernels: about a minute)"):
+        model = load(name, experts_per_token=experts_per_token, backend=backend, threads=threads)
+    if model.compile_s > 5:
+        err.print(f"compiled the kernels in {model.compile_s:.0f} s; later starts reuse them", style="dim")
     return model, time.perf_counter() - start
 
 
@@ -54,7 +57,8 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         top_k: int = TopK, min_p: float = MinP, repeat_penalty: float = RepeatPenalty,
         seed: Optional[int] = Seed, system: Optional[str] = System,
         raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template."),
-        experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend):
+        experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
+        threads: Optional[int] = Threads):
     """Answer one prompt, streaming the text to stdout."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     if prompt is None:
@@ -64,7 +68,7 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
     if raw and system:
         raise LocalmixError("--system needs the chat template; leave out --raw")
     start = time.perf_counter()
-    llm, load_s = load_model(model, experts_per_token, backend)
+    llm, load_s = load_model(model, experts_per_token, backend, threads)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params)
     if verbose and last:
@@ -76,10 +80,11 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
          max_tokens: int = MaxTokens, temperature: float = Temperature, top_p: float = TopP,
          top_k: int = TopK, min_p: float = MinP, repeat_penalty: float = RepeatPenalty,
          seed: Optional[int] = Seed, system: Optional[str] = System,
-         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend):
+         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
+         threads: Optional[int] = Threads):
     """Chat in the terminal (/? for help)."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    llm, load_s = load_model(model, experts_per_token, backend)
+    llm, load_s = load_model(model, experts_per_token, backend, threads)
     chat_loop(llm, model, params, max_tokens, system, verbose, load_s)
 
 

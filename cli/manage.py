@@ -61,7 +61,9 @@ def list_command():
             table.add_row(name, str(s["bits"]), gb(s["disk_bytes"]), source, s["created"][:10])
         else:
             table.add_row(name, "float", "", "Hugging Face folder", "")
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.width = max(console.width, 110)  # one line per row, also in a narrow pipe
+    console.print(table)
 
 
 def show(model: str = typer.Argument(..., help="Model name or folder."),
@@ -139,21 +141,24 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
           experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token"),
           membw: bool = typer.Option(False, "--membw", help="Measure the memory read bandwidth instead."),
           backend: str = typer.Option("numba", "--backend", help="numba (kernels) or numpy (reference)."),
+          threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads (default: the physical cores)."),
           as_json: bool = typer.Option(False, "--json", help="End with the figures as one JSON line.")):
     """Prefill and decode speed (as llama.cpp is measured by ../shared/peers/llama_speed.py)."""
     from localmix import bench as benchmark
     if membw:
-        gb_s = benchmark.memory_bandwidth()
+        gb_s = benchmark.memory_bandwidth(threads)
         print(json.dumps({"membw_gb_s": gb_s}) if as_json else f"memory read bandwidth {gb_s:.1f} GB/s")
         return
     if model is None:
         raise LocalmixError("name a model to benchmark (or pass --membw)")
-    llm = localmix.load(model, experts_per_token=experts_per_token, backend=backend)
+    llm = localmix.load(model, experts_per_token=experts_per_token, backend=backend, threads=threads)
     with err.status(f"prefill {prompt_tokens} tokens, generate {gen_tokens}, {repeat} time(s)"):
         r = benchmark.run(llm, prompt_tokens, gen_tokens, repeat)
-    table = Table("model", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS MB", "TTFT s", box=None)
-    table.add_row(str(model), f"{r['prefill_tok_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['decode_gb_s']:.2f}",
+    table = Table("model", "threads", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS MB", "TTFT s", box=None)
+    table.add_row(str(model), str(r["threads"]), f"{r['prefill_tok_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['decode_gb_s']:.2f}",
                   f"{r['peak_rss_mb']:.0f}", f"{r['ttft_s']:.3f}")
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.width = max(console.width, 110)  # one line per row, also in a narrow pipe
+    console.print(table)
     if as_json:
         print(json.dumps(r))

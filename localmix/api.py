@@ -7,16 +7,28 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from localmix import kernels
 from localmix.checkpoint import Checkpoint, read_weights
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.generate import GenerationResponse, stream_generate
 from localmix.home import resolve_model
-from localmix.kv_cache import KVCache
-from localmix.model import Transformer
+from localmix.kv_cache import KV_DTYPES
+from localmix.backends import backend_ops
+from localmix.model import Ops, Transformer
 from localmix.sampling import SamplingParams
 from localmix.store import ModelFolder, is_localmix_model
+from localmix.threads import use_threads
 from localmix.tokenizer import Tokenizer
+
+
+def quantized_shapes(weights) -> set[tuple[int, int]]:
+    """The (bits, group size) pairs of a model's quantized matrices."""
+    matrices = [weights.embed, weights.lm_head]
+    for layer in weights.layers:
+        matrices += [layer.wq, layer.wk, layer.wv, layer.wo]
+        matrices += [m for e in layer.experts for m in (e.w1, e.w2, e.w3)]
+    return {(m.bits, m.group_size) for m in matrices if hasattr(m, "bits")}
 
 
 class Model:
@@ -28,22 +40,33 @@ class Model:
     temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop.
     """
 
-    def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba"):
+    def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
+                 threads: int | None = None, kv_cache: str = "f32"):
         """Open a localmix model folder (quantized, from `localmix pull`) or a Hugging Face one.
-        backend: "numba" (kernels) or "numpy" (the reference) for the quantized matrix products."""
-        checkpoint = ModelFolder(folder, backend) if is_localmix_model(folder) else Checkpoint(folder)
+        backend: "numba" (kernels) or "numpy" (the reference) for the quantized matrix products.
+        threads: for the kernels (default: the physical cores). kv_cache: "f32" or "f16"."""
+        if kv_cache not in KV_DTYPES:
+            raise LocalmixError(f"unknown KV cache type {kv_cache!r}: use {' or '.join(KV_DTYPES)}")
+        # Float checkpoints always run the reference: they are what the quantized paths are checked against.
+        quantized = is_localmix_model(folder)
+        ops = backend_ops(backend) if quantized else backend_ops(backend) and Ops
+        self.backend = backend if quantized else "numpy"
+        self.threads = use_threads(threads, ops is not Ops)
+        checkpoint = ModelFolder(folder) if quantized else Checkpoint(folder)
         self.path = checkpoint.folder
         self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
         self.tokenizer = Tokenizer(checkpoint.tokenizer_path)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise LocalmixError(f"{checkpoint.tokenizer_path}: the tokenizer has {self.tokenizer.vocab_size} "
                                 f"tokens but the model only {self.config.vocab_size}")
-        self.transformer = Transformer(self.config, read_weights(checkpoint, self.config))
+        self.transformer = Transformer(self.config, read_weights(checkpoint, self.config), ops, KV_DTYPES[kv_cache])
+        # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.
+        self.compile_s = kernels.warm_up(quantized_shapes(self.transformer.weights)) if ops is not Ops else 0.0
 
     def logits(self, ids) -> np.ndarray:
         """Float32 logits [len(ids), vocab] of one pass over the ids, from an empty context."""
         ids = list(ids)
-        return self.transformer(np.asarray(ids, dtype=np.int64), KVCache(self.config, len(ids)))
+        return self.transformer(np.asarray(ids, dtype=np.int64), self.transformer.new_cache(len(ids)))
 
     def encode_prompt(self, prompt) -> tuple[list[int], bool]:
         """(ids, whether the answer starts a new text), for the three kinds of prompt."""
@@ -69,6 +92,7 @@ class Model:
         return self.generate(list(messages), max_tokens, **sampling)
 
 
-def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba") -> Model:
+def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
+         threads: int | None = None, kv_cache: str = "f32") -> Model:
     """Load a model by name from $LOCALMIX_HOME/models, or a localmix or Hugging Face folder."""
-    return Model(resolve_model(path_or_name), experts_per_token, backend)
+    return Model(resolve_model(path_or_name), experts_per_token, backend, threads, kv_cache)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from localmix.errors import LocalmixError
-from localmix.kv_cache import KVCache
 from localmix.model import Transformer
 from localmix.sampling import Sampler, SamplingParams
 from localmix.tokenizer import Tokenizer
@@ -80,7 +79,7 @@ def stream_generate(transformer: Transformer, tokenizer: Tokenizer, prompt: list
     sampler = Sampler(params or SamplingParams())
     stops = StopStrings(sampler.params.stop)
     decoder = tokenizer.stream_decoder(strip_leading_space)
-    cache = KVCache(args, min(len(prompt) + max_tokens, args.max_position_embeddings))
+    cache = transformer.new_cache(min(len(prompt) + max_tokens, args.max_position_embeddings))
 
     start = time.perf_counter()
     for i in range(0, len(prompt), prefill_step):

@@ -44,8 +44,12 @@ class Weights:
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
-    """x @ w.T for a float matrix, or for a quantized one (which multiplies on its backend)."""
+    """x @ w.T for a float matrix, or for a quantized one (dequantized first)."""
     return x @ w.T if isinstance(w, np.ndarray) else w.linear(x)
+
+
+def linears(x: np.ndarray, ws: list) -> list[np.ndarray]:
+    return [linear(x, w) for w in ws]
 
 
 def embedding(ids: np.ndarray, w) -> np.ndarray:
@@ -96,28 +100,41 @@ def attention_mask(query_positions: np.ndarray, key_count: int, sliding_window: 
     return allowed
 
 
-def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, index: int,
-              positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-    """Grouped-query attention over the cached tokens plus the new ones in x ([T, hidden])."""
-    T, heads, kv_heads, dim = x.shape[0], args.num_attention_heads, args.num_key_value_heads, args.head_dim
-    q = apply_rope(linear(x, layer.wq).reshape(T, heads, dim), positions, inv_freq)
-    k = apply_rope(linear(x, layer.wk).reshape(T, kv_heads, dim), positions, inv_freq)
-    v = linear(x, layer.wv).reshape(T, kv_heads, dim)
-    keys, values = cache.update(index, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
-
+def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.ndarray,
+           sliding_window: int | None) -> np.ndarray:
+    """softmax(q k^T / sqrt(d)) v for q [T, heads, dim] over cached keys and values
+    [kv_heads, S, dim], masked by position; returns [T, heads * dim]."""
+    T, heads, dim = q.shape
+    kv_heads = keys.shape[0]
+    keys, values = keys.astype(np.float32, copy=False), values.astype(np.float32, copy=False)
     # Each KV head serves a group of query heads: [kv_heads, group, T, dim] against
     # [kv_heads, 1, S, dim] broadcasts without repeating the keys.
     q = q.reshape(T, kv_heads, heads // kv_heads, dim).transpose(1, 2, 0, 3)
     scores = (q @ keys[:, None].transpose(0, 1, 3, 2)) * np.float32(dim ** -0.5)
-    mask = attention_mask(positions, keys.shape[1], args.sliding_window)
-    scores = np.where(mask, scores, -np.inf)
+    scores = np.where(attention_mask(positions, keys.shape[1], sliding_window), scores, -np.inf)
     out = softmax(scores) @ values[:, None]            # [kv_heads, group, T, dim]
-    out = out.transpose(2, 0, 1, 3).reshape(T, heads * dim)
-    return linear(out, layer.wo)
+    return out.transpose(2, 0, 1, 3).reshape(T, heads * dim)
+
+
+def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, index: int,
+              positions: np.ndarray, inv_freq: np.ndarray, ops: type[Ops]) -> np.ndarray:
+    """Grouped-query attention over the cached tokens plus the new ones in x ([T, hidden])."""
+    T, heads, kv_heads, dim = x.shape[0], args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    q, k, v = ops.linears(x, [layer.wq, layer.wk, layer.wv])
+    q = ops.apply_rope(q.reshape(T, heads, dim), positions, inv_freq)
+    k = ops.apply_rope(k.reshape(T, kv_heads, dim), positions, inv_freq)
+    keys, values = cache.update(index, k.transpose(1, 0, 2), v.reshape(T, kv_heads, dim).transpose(1, 0, 2))
+    return ops.linears(ops.attend(q, keys, values, positions, args.sliding_window), [layer.wo])[0]
 
 
 def expert_ffn(x: np.ndarray, expert: Expert) -> np.ndarray:
     return linear(silu(linear(x, expert.w1)) * linear(x, expert.w3), expert.w2)
+
+
+def experts_ffn(x: np.ndarray, experts: list[Expert], counts: list[int]) -> np.ndarray:
+    """Each expert over its run of rows of x: experts[0] the first counts[0] rows, and so on."""
+    starts = np.cumsum([0] + list(counts))
+    return np.concatenate([expert_ffn(x[a:b], e) for e, a, b in zip(experts, starts[:-1], starts[1:])])
 
 
 def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,42 +146,61 @@ def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray,
     return chosen, weights / np.sum(weights, axis=-1, keepdims=True)
 
 
-def moe_block(x: np.ndarray, layer: Layer, k: int) -> np.ndarray:
+def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray:
     if layer.router is None:
-        return expert_ffn(x, layer.experts[0])
+        return ops.experts_ffn(x, layer.experts, [len(x)])
     chosen, weights = route_tokens(x, layer.router, k)
-    out = np.zeros_like(x)
-    # Expert by expert, each over the tokens routed to it: every expert's weights are used once
-    # per call, and each token sums its experts in index order, as transformers does.
-    for e, expert in enumerate(layer.experts):
-        rows, slots = np.nonzero(chosen == e)
-        if rows.size:
-            out[rows] += expert_ffn(x[rows], expert) * weights[rows, slots, None]
+    # Tokens grouped by expert, so that every expert's weights are read once per call.
+    routed = [np.nonzero(chosen == e) for e in range(len(layer.experts))]
+    used = [e for e, (rows, _) in enumerate(routed) if rows.size]
+    y = ops.experts_ffn(x[np.concatenate([routed[e][0] for e in used])], [layer.experts[e] for e in used],
+                    [routed[e][0].size for e in used])
+    # Each token sums its experts in index order, as transformers does.
+    out, start = np.zeros_like(x), 0
+    for e in used:
+        rows, slots = routed[e]
+        out[rows] += y[start:start + rows.size] * weights[rows, slots, None]
+        start += rows.size
     return out
+
+
+class Ops:
+    """The operations that a backend may run faster. These are the reference: the functions above,
+    in float32 numpy. localmix.backends has the Numba kernels' versions."""
+    rms_norm = staticmethod(rms_norm)
+    apply_rope = staticmethod(apply_rope)
+    attend = staticmethod(attend)
+    linears = staticmethod(linears)
+    experts_ffn = staticmethod(experts_ffn)
 
 
 class Transformer:
     """Embedding, decoder layers (attention then mixture of experts, each pre-normed and added to
     the residual stream), final norm and language-model head."""
 
-    def __init__(self, args: ModelArgs, weights: Weights):
+    def __init__(self, args: ModelArgs, weights: Weights, ops: type[Ops] = Ops, kv_dtype=np.float32):
         self.args = args
         self.weights = weights
+        self.ops = ops
+        self.kv_dtype = kv_dtype
         self.inv_freq = rope_inverse_frequencies(args)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.args, capacity, self.kv_dtype)
 
     def __call__(self, ids: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Logits ([T, vocab], or [1, vocab] with last_only) for tokens that follow the cache's."""
-        args, w = self.args, self.weights
+        args, w, ops = self.args, self.weights, self.ops
         ids = np.asarray(ids, dtype=np.int64)
         positions = cache.length + np.arange(len(ids))
         cache.reserve(cache.length + len(ids))
         x = embedding(ids, w.embed)
         for index, layer in enumerate(w.layers):
-            h = rms_norm(x, layer.attention_norm, args.rms_norm_eps)
-            x = x + attention(h, layer, args, cache, index, positions, self.inv_freq)
-            h = rms_norm(x, layer.ffn_norm, args.rms_norm_eps)
-            x = x + moe_block(h, layer, args.num_experts_per_tok)
+            h = ops.rms_norm(x, layer.attention_norm, args.rms_norm_eps)
+            x = x + attention(h, layer, args, cache, index, positions, self.inv_freq, ops)
+            h = ops.rms_norm(x, layer.ffn_norm, args.rms_norm_eps)
+            x = x + moe_block(h, layer, args.num_experts_per_tok, ops)
         cache.advance(len(ids))
         if last_only:
             x = x[-1:]
-        return linear(rms_norm(x, w.norm, args.rms_norm_eps), w.lm_head)
+        return ops.linears(ops.rms_norm(x, w.norm, args.rms_norm_eps), [w.lm_head])[0]

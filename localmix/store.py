@@ -107,31 +107,22 @@ def plan_layout(table: list[tuple[str, tuple[int, ...]]], bits_for, group_size: 
     return layouts, {file: align(end, FILE_ALIGN) for file, end in ends.items()}
 
 
-BACKENDS = ("numba", "numpy")
-
-
 @dataclass
 class QuantizedMatrix:
     """A [rows, cols] matrix as MLX-layout packed words, float16 scales and biases (views of the
-    model's files). backend "numba" multiplies with the kernels of localmix.kernels, "numpy" with
-    their reference twins (dequantize, then BLAS)."""
+    model's files). `linear` is the reference product (dequantize, then BLAS); the Numba backend
+    multiplies on the packed words instead (localmix.kernels)."""
     words: np.ndarray
     scales: np.ndarray
     biases: np.ndarray
     bits: int
     group_size: int
     source: str  # the file, named in errors
-    backend: str = "numba"
+    addresses: tuple | None = None  # of words, scales and biases, once the kernels have asked
 
     def linear(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T for x [T, cols]."""
-        if self.backend == "numpy":
-            return x @ self.dequantize().T
-        from localmix import kernels
-        parts = (self.words, self.scales, self.biases, self.bits, self.group_size)
-        if x.shape[0] == 1:
-            return kernels.matvec(x[0], *parts)[None, :]
-        return x @ kernels.dequantize(*parts).T
+        return x @ self.dequantize().T
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -180,11 +171,8 @@ class ModelFolder:
     """A localmix model folder, opened without reading its weights: tensors are views of
     memory-mapped files, so opening costs no time proportional to the model's size."""
 
-    def __init__(self, folder: str | Path, backend: str = "numba"):
-        if backend not in BACKENDS:
-            raise LocalmixError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
+    def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.backend = backend
         self.manifest = read_manifest(self.folder)
         self.config = ModelArgs.from_hf_config(self.manifest["config"], source=str(self.folder / MANIFEST))
         self._maps: dict[str, np.memmap] = {}
@@ -221,7 +209,7 @@ class ModelFolder:
         return QuantizedMatrix(views["words"].view(np.uint32).reshape(rows, -1),
                                views["scales"].view(np.float16).reshape(rows, -1),
                                views["biases"].view(np.float16).reshape(rows, -1),
-                               layout.bits, layout.group_size, str(self.folder / layout.file), self.backend)
+                               layout.bits, layout.group_size, str(self.folder / layout.file))
 
 
 def verify(folder: str | Path) -> list[str]:

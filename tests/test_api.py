@@ -94,6 +94,7 @@ def test_eos_stops_generation(model, monkeypatch):
             logits[:, model.tokenizer.eos_id] = 1e9
         return logits
     monkeypatch.setattr(model, "transformer", type("T", (), {"__call__": staticmethod(forward),
+                                                              "new_cache": model.transformer.new_cache,
                                                               "args": model.config})())
     responses = list(model.stream("Hi", max_tokens=50, **GREEDY))
     assert responses[-1].finish_reason == "stop" and responses[-1].token == model.tokenizer.eos_id
