@@ -146,121 +146,142 @@ def _llvm_function(module, name, ret, args):
     return ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
-def _row_products(bits: int, group_size: int, tokens: int):
-    """An intrinsic computing `tokens` dot products of one packed weight row with consecutive
-    quantized activation rows, storing float32 results. One loop iteration covers a unit of
-    max(group, chunk) values: one group of 1, 2 or 4 chunks, or one chunk of 2 groups (4 bits,
-    group 32); the fp16 scales are converted and multiplied once per group."""
+FORMATS = [(bits, group_size) for bits in (4, 8) for group_size in (32, 64, 128)]
+
+
+def _emit_row_products(builder, bits, group_size, tokens, args):
+    """LLVM IR for `tokens` dot products of one packed weight row with consecutive quantized
+    activation rows, stored as float32. One loop iteration covers a unit of max(group, chunk)
+    values: one group of 1, 2 or 4 chunks, or one chunk of 2 groups (4 bits, group 32); the fp16
+    scales are converted and multiplied once per group."""
+    w_addr, s_addr, b_addr, x_addr, dx_addr, xsum_addr, x_stride, dx_stride, g_stride, out_addr, out_stride, units = args
     per_lane = values_per_lane(bits)
     chunk_values = 16 * per_lane
     unit_values = max(group_size, chunk_values)
     chunks_per_unit, groups_per_unit = unit_values // chunk_values, unit_values // group_size
     mask = (1 << bits) - 1
+    maddwd = _llvm_function(builder.module, "llvm.x86.avx2.pmadd.wd", _vector(_i32, 8),
+                            [_vector(_i16, 16), _vector(_i16, 16)])
+    vnni = has_vnni()
+    dpwssd = _llvm_function(builder.module, "llvm.x86.avx512.vpdpwssd.256", _vector(_i32, 8),
+                            [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)])
+    fma8 = _llvm_function(builder.module, "llvm.fma.v8f32", _vector(_f32, 8), [_vector(_f32, 8)] * 3)
+    fma1 = _llvm_function(builder.module, "llvm.fma.f32", _f32, [_f32] * 3)
+    prefetch = _llvm_function(builder.module, "llvm.prefetch.p0", ir.VoidType(),
+                              [ir.IntType(8).as_pointer(), _i32, _i32, _i32])
+    reduce = _llvm_function(builder.module, "llvm.vector.reduce.fadd.v8f32", _f32, [_f32, _vector(_f32, 8)])
 
-    @intrinsic
-    def row_products(typingctx, w_addr, s_addr, b_addr, x_addr, dx_addr, xsum_addr,
-                     x_stride, dx_stride, g_stride, out_addr, out_stride, units):
-        sig = types.void(*[types.int64] * 12)  # addresses, strides in bytes, units per row
+    def const(v):
+        return ir.Constant(_i64, v)
 
-        def codegen(context, builder, signature, args):
-            w_addr, s_addr, b_addr, x_addr, dx_addr, xsum_addr, x_stride, dx_stride, g_stride, out_addr, out_stride, units = args
-            maddwd = _llvm_function(builder.module, "llvm.x86.avx2.pmadd.wd", _vector(_i32, 8),
-                                    [_vector(_i16, 16), _vector(_i16, 16)])
-            vnni = has_vnni()
-            dpwssd = _llvm_function(builder.module, "llvm.x86.avx512.vpdpwssd.256", _vector(_i32, 8),
-                                    [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)])
-            fma8 = _llvm_function(builder.module, "llvm.fma.v8f32", _vector(_f32, 8), [_vector(_f32, 8)] * 3)
-            fma1 = _llvm_function(builder.module, "llvm.fma.f32", _f32, [_f32] * 3)
-            prefetch = _llvm_function(builder.module, "llvm.prefetch.p0", ir.VoidType(),
-                                      [ir.IntType(8).as_pointer(), _i32, _i32, _i32])
-            reduce = _llvm_function(builder.module, "llvm.vector.reduce.fadd.v8f32", _f32, [_f32, _vector(_f32, 8)])
+    def load(addr, ty, offset=None):
+        if offset is not None:
+            addr = builder.add(addr, offset)
+        return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=1)
 
-            def const(v):
-                return ir.Constant(_i64, v)
+    def half(addr, index):  # fp16 bits at addr[index] as float32
+        return builder.fpext(builder.bitcast(load(addr, _i16, builder.mul(index, const(2))), ir.HalfType()), _f32)
 
-            def load(addr, ty, offset=None):
-                if offset is not None:
-                    addr = builder.add(addr, offset)
-                return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=1)
+    def splat(value, n=8):
+        one = builder.insert_element(ir.Constant(_vector(_f32, 1), None), value, ir.Constant(_i32, 0))
+        return builder.shuffle_vector(one, one, ir.Constant(_vector(_i32, n), [0] * n))
 
-            def half(addr, index):  # fp16 bits at addr[index] as float32
-                return builder.fpext(builder.bitcast(load(addr, _i16, builder.mul(index, const(2))), ir.HalfType()), _f32)
+    entry = builder.block
+    loop, done = builder.append_basic_block("units"), builder.append_basic_block("done")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    u = builder.phi(_i64)
+    u.add_incoming(const(0), entry)
+    acc = [builder.phi(_vector(_f32, 8)) for _ in range(tokens)]
+    bias_acc = [builder.phi(_f32) for _ in range(tokens)]
+    for a in acc:
+        a.add_incoming(ir.Constant(_vector(_f32, 8), [0.0] * 8), entry)
+    for a in bias_acc:
+        a.add_incoming(ir.Constant(_f32, 0.0), entry)
 
-            def splat(value, n=8):
-                one = builder.insert_element(ir.Constant(_vector(_f32, 1), None), value, ir.Constant(_i32, 0))
-                return builder.shuffle_vector(one, one, ir.Constant(_vector(_i32, n), [0] * n))
+    sums = [None] * tokens  # integer dot of the unit, [8 x i32] per token
+    for c in range(chunks_per_unit):
+        chunk = builder.add(builder.mul(u, const(chunks_per_unit)), const(c))
+        w = load(w_addr, _vector(_i16, 16), builder.mul(chunk, const(32)))
+        if PREFETCH:
+            ahead = builder.add(w_addr, builder.add(builder.mul(chunk, const(32)), const(PREFETCH)))
+            builder.call(prefetch, [builder.inttoptr(ahead, ir.IntType(8).as_pointer()), ir.Constant(_i32, 0),
+                                    ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        lanes = [builder.and_(builder.lshr(w, ir.Constant(_vector(_i16, 16), [bits * j] * 16)),
+                              ir.Constant(_vector(_i16, 16), [mask] * 16)) for j in range(per_lane)]
+        x_chunk = builder.add(x_addr, builder.mul(chunk, const(2 * chunk_values)))
+        for t in range(tokens):
+            x_t = builder.add(x_chunk, builder.mul(const(t), x_stride))
+            for j in range(per_lane):
+                xj = load(x_t, _vector(_i16, 16), const(32 * j))
+                if vnni and sums[t] is not None:  # multiply, add pairs and accumulate in one instruction
+                    sums[t] = builder.call(dpwssd, [sums[t], lanes[j], xj])
+                else:
+                    p = builder.call(maddwd, [lanes[j], xj])
+                    sums[t] = p if sums[t] is None else builder.add(sums[t], p)
 
-            entry = builder.block
-            loop, done = builder.append_basic_block("units"), builder.append_basic_block("done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            u = builder.phi(_i64)
-            u.add_incoming(const(0), entry)
-            acc = [builder.phi(_vector(_f32, 8)) for _ in range(tokens)]
-            bias_acc = [builder.phi(_f32) for _ in range(tokens)]
-            for a in acc:
-                a.add_incoming(ir.Constant(_vector(_f32, 8), [0.0] * 8), entry)
-            for a in bias_acc:
-                a.add_incoming(ir.Constant(_f32, 0.0), entry)
+    groups = [builder.add(builder.mul(u, const(groups_per_unit)), const(k)) for k in range(groups_per_unit)]
+    biases = [half(b_addr, g) for g in groups]
+    scales = [half(s_addr, g) for g in groups]
+    if groups_per_unit == 1:
+        scale = splat(scales[0])
+    else:  # lanes 0-3 come from the chunk's first 128 bits: the first group
+        pair = builder.insert_element(splat(scales[0], 2), scales[1], ir.Constant(_i32, 1))
+        scale = builder.shuffle_vector(pair, pair, ir.Constant(_vector(_i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+    new_acc, new_bias = [], []
+    for t in range(tokens):
+        # dx_lanes holds each lane's activation scale for the unit, ready as a vector
+        dx = load(builder.add(dx_addr, builder.mul(const(t), dx_stride)), _vector(_f32, 8), builder.mul(u, const(32)))
+        factor = builder.fmul(scale, dx)
+        new_acc.append(builder.call(fma8, [builder.sitofp(sums[t], _vector(_f32, 8)), factor, acc[t]]))
+        xsum_t = builder.add(xsum_addr, builder.mul(const(t), g_stride))
+        b = bias_acc[t]
+        for bias, scale_g, g in zip(biases, scales, groups):
+            b = builder.call(fma1, [bias, load(xsum_t, _f32, builder.mul(g, const(8))), b])
+            b = builder.call(fma1, [scale_g, load(xsum_t, _f32, builder.add(builder.mul(g, const(8)), const(4))), b])
+        new_bias.append(b)
 
-            sums = [None] * tokens  # integer dot of the unit, [8 x i32] per token
-            for c in range(chunks_per_unit):
-                chunk = builder.add(builder.mul(u, const(chunks_per_unit)), const(c))
-                w = load(w_addr, _vector(_i16, 16), builder.mul(chunk, const(32)))
-                if PREFETCH:
-                    ahead = builder.add(w_addr, builder.add(builder.mul(chunk, const(32)), const(PREFETCH)))
-                    builder.call(prefetch, [builder.inttoptr(ahead, ir.IntType(8).as_pointer()), ir.Constant(_i32, 0),
-                                            ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-                lanes = [builder.and_(builder.lshr(w, ir.Constant(_vector(_i16, 16), [bits * j] * 16)),
-                                      ir.Constant(_vector(_i16, 16), [mask] * 16)) for j in range(per_lane)]
-                x_chunk = builder.add(x_addr, builder.mul(chunk, const(2 * chunk_values)))
-                for t in range(tokens):
-                    x_t = builder.add(x_chunk, builder.mul(const(t), x_stride))
-                    for j in range(per_lane):
-                        xj = load(x_t, _vector(_i16, 16), const(32 * j))
-                        if vnni and sums[t] is not None:  # multiply, add pairs and accumulate in one instruction
-                            sums[t] = builder.call(dpwssd, [sums[t], lanes[j], xj])
-                        else:
-                            p = builder.call(maddwd, [lanes[j], xj])
-                            sums[t] = p if sums[t] is None else builder.add(sums[t], p)
+    u_next = builder.add(u, const(1))
+    u.add_incoming(u_next, builder.block)
+    for phi, value in zip(acc + bias_acc, new_acc + new_bias):
+        phi.add_incoming(value, builder.block)
+    builder.cbranch(builder.icmp_signed("<", u_next, units), loop, done)
 
-            groups = [builder.add(builder.mul(u, const(groups_per_unit)), const(k)) for k in range(groups_per_unit)]
-            biases = [half(b_addr, g) for g in groups]
-            scales = [half(s_addr, g) for g in groups]
-            if groups_per_unit == 1:
-                scale = splat(scales[0])
-            else:  # lanes 0-3 come from the chunk's first 128 bits: the first group
-                pair = builder.insert_element(splat(scales[0], 2), scales[1], ir.Constant(_i32, 1))
-                scale = builder.shuffle_vector(pair, pair, ir.Constant(_vector(_i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
-            new_acc, new_bias = [], []
-            for t in range(tokens):
-                # dx_lanes holds each lane's activation scale for the unit, ready as a vector
-                dx = load(builder.add(dx_addr, builder.mul(const(t), dx_stride)), _vector(_f32, 8), builder.mul(u, const(32)))
-                factor = builder.fmul(scale, dx)
-                new_acc.append(builder.call(fma8, [builder.sitofp(sums[t], _vector(_f32, 8)), factor, acc[t]]))
-                xsum_t = builder.add(xsum_addr, builder.mul(const(t), g_stride))
-                b = bias_acc[t]
-                for bias, scale_g, g in zip(biases, scales, groups):
-                    b = builder.call(fma1, [bias, load(xsum_t, _f32, builder.mul(g, const(8))), b])
-                    b = builder.call(fma1, [scale_g, load(xsum_t, _f32, builder.add(builder.mul(g, const(8)), const(4))), b])
-                new_bias.append(b)
+    builder.position_at_end(done)
+    for t in range(tokens):
+        total = builder.fadd(builder.call(reduce, [ir.Constant(_f32, -0.0), new_acc[t]]), new_bias[t])
+        out = builder.inttoptr(builder.add(out_addr, builder.mul(const(t), out_stride)), _f32.as_pointer())
+        builder.store(total, out)
 
-            u_next = builder.add(u, const(1))
-            u.add_incoming(u_next, builder.block)
-            for phi, value in zip(acc + bias_acc, new_acc + new_bias):
-                phi.add_incoming(value, builder.block)
-            builder.cbranch(builder.icmp_signed("<", u_next, units), loop, done)
 
-            builder.position_at_end(done)
-            for t in range(tokens):
-                total = builder.fadd(builder.call(reduce, [ir.Constant(_f32, -0.0), new_acc[t]]), new_bias[t])
-                out = builder.inttoptr(builder.add(out_addr, builder.mul(const(t), out_stride)), _f32.as_pointer())
-                builder.store(total, out)
-            return context.get_dummy_value()
+@intrinsic
+def row_products(typingctx, bits, group_size, tokens, w_addr, s_addr, b_addr, x_addr, dx_addr, xsum_addr,
+                 x_stride, dx_stride, g_stride, out_addr, out_stride, units):
+    """row_products(bits, group_size, tokens, addresses and strides...): one loop per format and
+    token count (1 or TILE) is emitted, and a switch on the three picks it. The format is a
+    runtime value so that the kernels calling this have no per-format closures, which Numba's
+    cache could not find again on the next start."""
+    sig = types.void(*[types.int64] * 15)
 
-        return sig, codegen
+    def codegen(context, builder, signature, args):
+        key = builder.add(builder.add(builder.mul(args[0], ir.Constant(_i64, 4096)),
+                                      builder.mul(args[1], ir.Constant(_i64, 16))), args[2])
+        done = builder.append_basic_block("formats_done")
+        unsupported = builder.append_basic_block("unsupported")
+        switch = builder.switch(key, unsupported)
+        for bits, group_size in FORMATS:
+            for tokens in (1, TILE):
+                block = builder.append_basic_block(f"q{bits}_g{group_size}_t{tokens}")
+                switch.add_case(ir.Constant(_i64, bits * 4096 + group_size * 16 + tokens), block)
+                builder.position_at_end(block)
+                _emit_row_products(builder, bits, group_size, tokens, args[3:])
+                builder.branch(done)
+        builder.position_at_end(unsupported)  # callers check the format first
+        builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
 
-    return row_products
+    return sig, codegen
 
 
 # --- matrix products --------------------------------------------------------------------------
@@ -289,40 +310,37 @@ def matrix_addresses(m) -> tuple[int, int, int]:
     return cached
 
 
-def _vector_matmul(bits: int, group_size: int):
-    one, tile = _row_products(bits, group_size, 1), _row_products(bits, group_size, TILE)
-    unit_values = max(group_size, 256 // bits)
+@njit(cache=True, parallel=True)
+def _vector_matmul(table, xv, xl, xs, out, bits, group_size):
+    # Blocks of about 16 KiB of weight rows, and in each, tiles of tokens over the block's rows:
+    # the block stays in L1 while each tile's activations are read once per block, not per row.
+    count = 0
+    for j in range(table.shape[0]):
+        count += (table[j, ROWS] + table[j, BLOCK] - 1) // table[j, BLOCK]
+    blocks = np.empty((count, 3), np.int64)
+    i = 0
+    for j in range(table.shape[0]):
+        for first in range(0, table[j, ROWS], table[j, BLOCK]):
+            blocks[i, 0], blocks[i, 1], blocks[i, 2] = j, first, min(first + table[j, BLOCK], table[j, ROWS])
+            i += 1
+    x_stride, l_stride, s_stride, o_stride = xv.strides[0], xl.strides[0], xs.strides[0], out.strides[0]
+    for i in prange(count):
+        job = table[blocks[i, 0]]
+        t = 0
+        while t < job[TOKENS]:
+            width = TILE if t + TILE <= job[TOKENS] else 1
+            row = job[X_ROW] + t
+            x, l, s = xv.ctypes.data + row * x_stride, xl.ctypes.data + row * l_stride, xs.ctypes.data + row * s_stride
+            o = out.ctypes.data + (job[OUT_ROW] + t) * o_stride + 4 * job[OUT_COL]
+            for n in range(blocks[i, 1], blocks[i, 2]):
+                args = (job[W] + n * job[W_STRIDE], job[S] + n * job[S_STRIDE], job[B] + n * job[S_STRIDE],
+                        x, l, s, x_stride, l_stride, s_stride, o + 4 * n, o_stride, job[UNITS])
+                row_products(bits, group_size, width, *args)
+            t += width
 
-    @njit(cache=True, parallel=True)
-    def matmul(table, xv, xl, xs, out):
-        # Blocks of about 16 KiB of weight rows, and in each, tiles of tokens over the block's rows:
-        # the block stays in L1 while each tile's activations are read once per block, not per row.
-        count = 0
-        for j in range(table.shape[0]):
-            count += (table[j, ROWS] + table[j, BLOCK] - 1) // table[j, BLOCK]
-        blocks = np.empty((count, 3), np.int64)
-        i = 0
-        for j in range(table.shape[0]):
-            for first in range(0, table[j, ROWS], table[j, BLOCK]):
-                blocks[i, 0], blocks[i, 1], blocks[i, 2] = j, first, min(first + table[j, BLOCK], table[j, ROWS])
-                i += 1
-        x_stride, l_stride, s_stride, o_stride = xv.strides[0], xl.strides[0], xs.strides[0], out.strides[0]
-        for i in prange(count):
-            job = table[blocks[i, 0]]
-            t = 0
-            while t < job[TOKENS]:
-                width = TILE if t + TILE <= job[TOKENS] else 1
-                row = job[X_ROW] + t
-                x, l, s = xv.ctypes.data + row * x_stride, xl.ctypes.data + row * l_stride, xs.ctypes.data + row * s_stride
-                o = out.ctypes.data + (job[OUT_ROW] + t) * o_stride + 4 * job[OUT_COL]
-                for n in range(blocks[i, 1], blocks[i, 2]):
-                    args = (job[W] + n * job[W_STRIDE], job[S] + n * job[S_STRIDE], job[B] + n * job[S_STRIDE],
-                            x, l, s, x_stride, l_stride, s_stride, o + 4 * n, o_stride, job[UNITS])
-                    if width == TILE:
-                        tile(*args)
-                    else:
-                        one(*args)
-                t += width
+
+def _vector_runner(bits: int, group_size: int):
+    unit_values = max(group_size, 256 // bits)
 
     def run(x: QuantizedActivations, jobs: list[Job], out: np.ndarray) -> None:
         table = np.empty((len(jobs), 12), np.int64)
@@ -330,7 +348,7 @@ def _vector_matmul(bits: int, group_size: int):
             rows, row_bytes = m.words.shape[0], m.words.strides[0]
             table[j] = (*matrix_addresses(m), row_bytes, m.scales.strides[0], row_bytes * 8 // bits // unit_values,
                         x_row, tokens, out_row, out_col, rows, max(1, BLOCK_BYTES // row_bytes))
-        matmul(table, x.values, x.lane_scales, x.sums, out)
+        _vector_matmul(table, x.values, x.lane_scales, x.sums, out, bits, group_size)
 
     return run
 
@@ -380,7 +398,7 @@ def matmul_batch(x: QuantizedActivations, jobs: list[Job], out: np.ndarray, vect
     if any((j.matrix.bits, j.matrix.group_size) != key[:2] for j in jobs):
         raise ValueError("matmul_batch: the matrices differ in bits or group size")
     if key not in _COMPILED:
-        _COMPILED[key] = (_vector_matmul if key[2] else _plain_matmul)(*key[:2])
+        _COMPILED[key] = (_vector_runner if key[2] else _plain_matmul)(*key[:2])
     _COMPILED[key](x, jobs, out)
 
 
