@@ -37,6 +37,7 @@ from numba.extending import intrinsic, overload
 from localmix.quant.affine import dequantize as dequantize_reference
 
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+FORMATS = [(bits, group_size) for bits in (4, 8) for group_size in (32, 64, 128)]  # what the kernels run
 TILE = 4              # tokens multiplied per pass over a weight row in prefill: unpack once, use 4 times
 PREFETCH = 8192       # bytes ahead of the row being read: with the hardware prefetcher alone a row
                       # streams at a third of the memory bandwidth here, 8 KiB ahead at 3/4 of it
@@ -69,16 +70,18 @@ def values_per_lane(bits: int) -> int:
 
 # --- activations -----------------------------------------------------------------------------
 
-def _activation_quantizer(bits: int):
+def _activation_quantizer(bits: int, group_size: int, parallel: bool):
     per_lane = values_per_lane(bits)
     per_chunk = 16 * per_lane
     middle = np.float32(1 << (bits - 1))
+    groups_per_unit = max(1, per_chunk // group_size)
 
-    @njit(cache=True, parallel=True)
-    def quantize(x, group_size, xq, dx, sums):
+    @njit(cache=True, parallel=parallel)
+    def quantize(x, xq, dx, sums, lane_scales):
         T, K = x.shape
         for t in prange(T):
             rounded = np.zeros(K // group_size, np.int64)
+            inverse = np.empty(K // group_size, np.float32)
             for g in range(K // group_size):
                 start = g * group_size
                 peak, total = np.float32(0.0), np.float32(0.0)
@@ -86,28 +89,38 @@ def _activation_quantizer(bits: int):
                     peak = max(peak, abs(x[t, k]))
                     total += x[t, k]
                 dx[t, g] = peak / np.float32(32767.0) if peak > 0 else np.float32(1.0)
-                sums[t, g, 0] = total
+                inverse[g] = np.float32(1.0) / dx[t, g]
+                sums[g, 0, t] = total
             # value (lane, slot) of a chunk goes to slot * 16 + lane: every lane's value j side by side
             for chunk in range(K // per_chunk):
                 for lane in range(16):
                     for slot in range(per_lane):
                         k = chunk * per_chunk + lane * per_lane + slot
-                        v = np.int16(np.rint(x[t, k] / dx[t, k // group_size]))
+                        v = np.int16(min(np.float32(32767.0), max(np.float32(-32767.0),
+                                                                   np.rint(x[t, k] * inverse[k // group_size]))))
                         xq[t, chunk * per_chunk + slot * 16 + lane] = v
                         rounded[k // group_size] += v
             for g in range(K // group_size):
-                sums[t, g, 1] = middle * (sums[t, g, 0] - dx[t, g] * np.float32(rounded[g]))
+                sums[g, 1, t] = middle * (sums[g, 0, t] - dx[t, g] * np.float32(rounded[g]))
+            # the vector kernel's lane scales: per unit (one group, or one chunk of two groups),
+            # lanes 0-3 come from the first 128 bits of a chunk, lanes 4-7 from the rest
+            for u in range(lane_scales.shape[1]):
+                for lane in range(8):
+                    lane_scales[t, u, lane] = dx[t, u * groups_per_unit + (lane // 4 if groups_per_unit == 2 else 0)]
 
     return quantize
 
 
-_QUANTIZE_ACTIVATIONS = {4: _activation_quantizer(4), 8: _activation_quantizer(8)}
+# One token goes through the serial version: starting the threads costs more than its work.
+_QUANTIZE_ACTIVATIONS = {(bits, group_size, parallel): _activation_quantizer(bits, group_size, parallel)
+                         for bits, group_size in FORMATS for parallel in (False, True)}
 
 
 class QuantizedActivations(NamedTuple):
     values: np.ndarray       # int16 [T, K], in kernel order
     scales: np.ndarray       # float32 [T, groups]: x ~= scale * value within a group
-    sums: np.ndarray         # float32 [T, groups, 2]: the sum of x, and m (sum x - sum x~), see below
+    sums: np.ndarray         # float32 [groups, 2, T]: the sum of x, and m (sum x - sum x~), see below;
+                             # token-minor, so that a tile of tokens loads them as one vector
     lane_scales: np.ndarray  # float32 [T, units, 8]: each vector lane's scale, for the AVX2 kernel
 
 
@@ -122,12 +135,9 @@ def quantize_activations(x: np.ndarray, bits: int, group_size: int) -> Quantized
     T, K = x.shape
     xq = np.empty((T, K), np.int16)
     dx = np.empty((T, K // group_size), np.float32)
-    xsum = np.empty((T, K // group_size, 2), np.float32)
-    _QUANTIZE_ACTIVATIONS[bits](x, group_size, xq, dx, xsum)
-    if group_size * bits >= 256:  # a unit is one group: every lane has its scale
-        lane_scales = np.repeat(dx[:, :, None], 8, axis=2)
-    else:  # a unit is one chunk of two groups: lanes 0-3 hold the first, 4-7 the second
-        lane_scales = np.repeat(dx.reshape(T, -1, 2), 4, axis=2)
+    xsum = np.empty((K // group_size, 2, T), np.float32)
+    lane_scales = np.empty((T, K // max(group_size, 256 // bits), 8), np.float32)
+    _QUANTIZE_ACTIVATIONS[bits, group_size, T > 1](x, xq, dx, xsum, lane_scales)
     return QuantizedActivations(xq, dx, xsum, lane_scales)
 
 
@@ -144,9 +154,6 @@ def _llvm_function(module, name, ret, args):
     if name in module.globals:
         return module.globals[name]
     return ir.Function(module, ir.FunctionType(ret, args), name=name)
-
-
-FORMATS = [(bits, group_size) for bits in (4, 8) for group_size in (32, 64, 128)]
 
 
 def _emit_row_products(builder, bits, group_size, tokens, args):
@@ -166,7 +173,7 @@ def _emit_row_products(builder, bits, group_size, tokens, args):
     dpwssd = _llvm_function(builder.module, "llvm.x86.avx512.vpdpwssd.256", _vector(_i32, 8),
                             [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)])
     fma8 = _llvm_function(builder.module, "llvm.fma.v8f32", _vector(_f32, 8), [_vector(_f32, 8)] * 3)
-    fma1 = _llvm_function(builder.module, "llvm.fma.f32", _f32, [_f32] * 3)
+    fma_t = _llvm_function(builder.module, f"llvm.fma.v{tokens}f32", _vector(_f32, tokens), [_vector(_f32, tokens)] * 3)
     prefetch = _llvm_function(builder.module, "llvm.prefetch.p0", ir.VoidType(),
                               [ir.IntType(8).as_pointer(), _i32, _i32, _i32])
     reduce = _llvm_function(builder.module, "llvm.vector.reduce.fadd.v8f32", _f32, [_f32, _vector(_f32, 8)])
@@ -193,11 +200,11 @@ def _emit_row_products(builder, bits, group_size, tokens, args):
     u = builder.phi(_i64)
     u.add_incoming(const(0), entry)
     acc = [builder.phi(_vector(_f32, 8)) for _ in range(tokens)]
-    bias_acc = [builder.phi(_f32) for _ in range(tokens)]
+    bias_acc = [builder.phi(_vector(_f32, tokens))]  # the biases' part, one lane per token
     for a in acc:
         a.add_incoming(ir.Constant(_vector(_f32, 8), [0.0] * 8), entry)
     for a in bias_acc:
-        a.add_incoming(ir.Constant(_f32, 0.0), entry)
+        a.add_incoming(ir.Constant(_vector(_f32, tokens), [0.0] * tokens), entry)
 
     sums = [None] * tokens  # integer dot of the unit, [8 x i32] per token
     for c in range(chunks_per_unit):
@@ -228,18 +235,20 @@ def _emit_row_products(builder, bits, group_size, tokens, args):
     else:  # lanes 0-3 come from the chunk's first 128 bits: the first group
         pair = builder.insert_element(splat(scales[0], 2), scales[1], ir.Constant(_i32, 1))
         scale = builder.shuffle_vector(pair, pair, ir.Constant(_vector(_i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
-    new_acc, new_bias = [], []
+    new_acc = []
     for t in range(tokens):
         # dx_lanes holds each lane's activation scale for the unit, ready as a vector
         dx = load(builder.add(dx_addr, builder.mul(const(t), dx_stride)), _vector(_f32, 8), builder.mul(u, const(32)))
         factor = builder.fmul(scale, dx)
         new_acc.append(builder.call(fma8, [builder.sitofp(sums[t], _vector(_f32, 8)), factor, acc[t]]))
-        xsum_t = builder.add(xsum_addr, builder.mul(const(t), g_stride))
-        b = bias_acc[t]
-        for bias, scale_g, g in zip(biases, scales, groups):
-            b = builder.call(fma1, [bias, load(xsum_t, _f32, builder.mul(g, const(8))), b])
-            b = builder.call(fma1, [scale_g, load(xsum_t, _f32, builder.add(builder.mul(g, const(8)), const(4))), b])
-        new_bias.append(b)
+    # b sum(x) + s m (sum x - sum x~) for all the tile's tokens at once: the sums are token-minor
+    b = bias_acc[0]
+    for bias, scale_g, g in zip(biases, scales, groups):
+        sums_g = builder.add(xsum_addr, builder.mul(g, g_stride))
+        b = builder.call(fma_t, [splat(bias, tokens), load(sums_g, _vector(_f32, tokens)), b])
+        resid = load(sums_g, _vector(_f32, tokens), builder.sdiv(g_stride, const(2)))
+        b = builder.call(fma_t, [splat(scale_g, tokens), resid, b])
+    new_bias = [b]
 
     u_next = builder.add(u, const(1))
     u.add_incoming(u_next, builder.block)
@@ -249,7 +258,8 @@ def _emit_row_products(builder, bits, group_size, tokens, args):
 
     builder.position_at_end(done)
     for t in range(tokens):
-        total = builder.fadd(builder.call(reduce, [ir.Constant(_f32, -0.0), new_acc[t]]), new_bias[t])
+        bias_part = builder.extract_element(new_bias[0], ir.Constant(_i32, t))
+        total = builder.fadd(builder.call(reduce, [ir.Constant(_f32, -0.0), new_acc[t]]), bias_part)
         out = builder.inttoptr(builder.add(out_addr, builder.mul(const(t), out_stride)), _f32.as_pointer())
         builder.store(total, out)
 
@@ -330,7 +340,7 @@ def _vector_matmul(table, xv, xl, xs, out, bits, group_size):
         while t < job[TOKENS]:
             width = TILE if t + TILE <= job[TOKENS] else 1
             row = job[X_ROW] + t
-            x, l, s = xv.ctypes.data + row * x_stride, xl.ctypes.data + row * l_stride, xs.ctypes.data + row * s_stride
+            x, l, s = xv.ctypes.data + row * x_stride, xl.ctypes.data + row * l_stride, xs.ctypes.data + row * 4
             o = out.ctypes.data + (job[OUT_ROW] + t) * o_stride + 4 * job[OUT_COL]
             for n in range(blocks[i, 1], blocks[i, 2]):
                 args = (job[W] + n * job[W_STRIDE], job[S] + n * job[S_STRIDE], job[B] + n * job[S_STRIDE],
@@ -374,13 +384,13 @@ def _plain_matmul(bits: int, group_size: int):
                             q = np.int32((word >> np.uint16(bits * j)) & mask)
                             dot += q * np.int32(xq[t, chunk * 16 * per_lane + j * 16 + lane])
                     scale = half[scales[n, g]]
-                    total += scale * dx[t, g] * np.float32(dot) + half[biases[n, g]] * xsum[t, g, 0] + scale * xsum[t, g, 1]
+                    total += scale * dx[t, g] * np.float32(dot) + half[biases[n, g]] * xsum[g, 0, t] + scale * xsum[g, 1, t]
                 out[t, n] = total
 
     def run(x: QuantizedActivations, jobs: list[Job], out: np.ndarray) -> None:
         for m, x_row, tokens, out_row, out_col in jobs:
             rows = slice(x_row, x_row + tokens)
-            matmul(x.values[rows], x.scales[rows], x.sums[rows], m.words.view(np.uint16), m.scales.view(np.uint16),
+            matmul(x.values[rows], x.scales[rows], x.sums[:, :, rows], m.words.view(np.uint16), m.scales.view(np.uint16),
                    m.biases.view(np.uint16), HALF_TO_FLOAT,
                    out[out_row:out_row + tokens, out_col:out_col + m.words.shape[0]])
 
@@ -433,9 +443,7 @@ def matmul_reference(x, matrix) -> np.ndarray:
 
 # --- the experts ---------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True, fastmath=True)
-def swiglu(gate_up):
-    """silu(gate) * up for [T, 2 * ffn] holding gate then up."""
+def _swiglu(gate_up):
     T, N = gate_up.shape[0], gate_up.shape[1] // 2
     out = np.empty((T, N), np.float32)
     for t in prange(T):
@@ -443,6 +451,14 @@ def swiglu(gate_up):
             g = gate_up[t, n]
             out[t, n] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, N + n]
     return out
+
+
+_SWIGLU = {parallel: njit(cache=True, fastmath=True, parallel=parallel)(_swiglu) for parallel in (False, True)}
+
+
+def swiglu(gate_up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up for [T, 2 * ffn] holding gate then up."""
+    return _SWIGLU[gate_up.shape[0] > 1](gate_up)
 
 
 def swiglu_reference(gate_up):
@@ -468,11 +484,11 @@ def experts_ffn(x: np.ndarray, experts: list, counts: list[int], vector: bool | 
 # --- norm, rotary embedding, attention -------------------------------------------------------
 # Their numpy twins are the reference functions of localmix.model.
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def rms_norm(x, weight, eps):
     out = np.empty_like(x)
     T, D = x.shape
-    for t in prange(T):
+    for t in range(T):
         total = np.float32(0.0)
         for d in range(D):
             total += x[t, d] * x[t, d]
@@ -512,7 +528,7 @@ def _as_float_overload(table, value):
 @njit(cache=True, parallel=True, fastmath=True)
 def _attend(q, keys, values, positions, window, half, out):
     T, heads, dim = q.shape
-    group = heads // keys.shape[0]
+    group = heads // keys.shape[1]
     scale = np.float32(dim ** -0.5)
     for job in prange(T * heads):
         t, h = job // heads, job % heads
@@ -524,7 +540,7 @@ def _attend(q, keys, values, positions, window, half, out):
         for s in range(first, last + 1):
             dot = np.float32(0.0)
             for d in range(dim):
-                dot += q[t, h, d] * _as_float(half, keys[kv, s, d])
+                dot += q[t, h, d] * _as_float(half, keys[s, kv, d])
             scores[s - first] = dot * scale
             peak = max(peak, scores[s - first])
         total = np.float32(0.0)
@@ -536,13 +552,13 @@ def _attend(q, keys, values, positions, window, half, out):
         for s in range(first, last + 1):
             weight = scores[s - first] / total
             for d in range(dim):
-                row[d] += weight * _as_float(half, values[kv, s, d])
+                row[d] += weight * _as_float(half, values[s, kv, d])
 
 
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.ndarray,
            sliding_window: int | None) -> np.ndarray:
     """softmax(q k^T / sqrt(d)) v over the visible keys, for q [T, heads, dim] and a float32 or
-    float16 cache [kv_heads, length, dim]; each KV head serves its group of query heads in place.
+    float16 cache [length, kv_heads, dim]; each KV head serves its group of query heads in place.
     Returns [T, heads * dim]."""
     T, heads, dim = q.shape
     out = np.empty((T, heads * dim), np.float32)
@@ -600,12 +616,14 @@ def warm_up(shapes, vector: bool | None = None) -> float:
         n = max(group_size, 256 // bits) * 2
         words = rng.integers(0, 2**32, (4, n * bits // 32), dtype=np.uint32)
         scales = np.ones((4, n // group_size), np.float16)
-        matmul(np.ones((TILE + 1, n), np.float32), _Packed(words, scales, scales, bits, group_size), vector)
+        for tokens in (1, TILE + 1):  # decoding and prompts run different variants
+            matmul(np.ones((tokens, n), np.float32), _Packed(words, scales, scales, bits, group_size), vector)
     one = np.ones((1, 1), np.float32)
     swiglu(np.ones((1, 2), np.float32))
+    swiglu(np.ones((2, 2), np.float32))
     rms_norm(one, one[0], np.float32(1e-5))
     apply_rope(np.ones((1, 1, 2), np.float32), np.zeros(1, np.int64), one[0])
     for dtype in (np.float32, np.float16):
-        cache = np.ones((1, 1, 2), dtype)
+        cache = np.ones((1, 1, 2), dtype)  # [length, kv_heads, dim]
         attend(np.ones((1, 1, 2), np.float32), cache, cache, np.zeros(1, np.int64), None)
     return time.perf_counter() - start

@@ -7,14 +7,14 @@ import numpy as np
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 
-
 KV_DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
 class KVCache:
-    """Keys and values, [layers, kv_heads, capacity, head_dim] each, float32 (the default: exact)
-    or float16 (half the memory: 32 layers x 8 heads x 128 x 2 x 2 bytes = 128 KiB per token of
-    Mixtral 8x7B context instead of 256 KiB).
+    """Keys and values, [layers, capacity, kv_heads, head_dim] each (position-major, so that the
+    stored tokens of a layer are one contiguous block), float32 (the default: exact) or float16
+    (half the memory: 32 layers x 8 heads x 128 x 2 x 2 bytes = 128 KiB per token of Mixtral 8x7B
+    context instead of 256 KiB).
 
     Generation knows its final length (prompt plus max tokens) and asks for exactly that, so the
     buffers are allocated once; `reserve` grows them (doubling) for callers that do not know.
@@ -22,16 +22,15 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, capacity: int = 256, dtype=np.float32):
         self.max_length = args.max_position_embeddings
-        self.shape = (args.num_hidden_layers, args.num_key_value_heads, 0, args.head_dim)
+        self.layers, self.heads, self.head_dim = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
         self.dtype = np.dtype(dtype)
-        self.keys = np.zeros(self.shape, self.dtype)
-        self.values = np.zeros(self.shape, self.dtype)
+        self.keys = self.values = np.zeros((self.layers, 0, self.heads, self.head_dim), self.dtype)
         self.length = 0  # tokens stored in every layer
         self.reserve(capacity)
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        return self.keys.shape[1]
 
     def reserve(self, length: int) -> None:
         if length > self.max_length:
@@ -42,17 +41,18 @@ class KVCache:
         capacity = min(max(length, 2 * self.capacity), self.max_length)
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = np.zeros(self.shape[:2] + (capacity,) + self.shape[3:], self.dtype)
-            new[:, :, : self.length] = old[:, :, : self.length]
+            new = np.zeros((self.layers, capacity, self.heads, self.head_dim), self.dtype)
+            new[:, : self.length] = old[:, : self.length]
             setattr(self, name, new)
 
     def update(self, layer: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store the new tokens' keys and values ([kv_heads, T, head_dim]) after the cached ones and
-        return views of all of them. `advance` moves the length on once every layer has stored."""
-        end = self.length + keys.shape[1]
-        self.keys[layer, :, self.length:end] = keys
-        self.values[layer, :, self.length:end] = values
-        return self.keys[layer, :, :end], self.values[layer, :, :end]
+        """Store the new tokens' keys and values ([T, kv_heads, head_dim]) after the cached ones and
+        return views of all of them ([length, kv_heads, head_dim]). `advance` moves the length on
+        once every layer has stored."""
+        end = self.length + keys.shape[0]
+        self.keys[layer, self.length:end] = keys
+        self.values[layer, self.length:end] = values
+        return self.keys[layer, :end], self.values[layer, :end]
 
     def advance(self, count: int) -> None:
         self.length += count

@@ -103,10 +103,11 @@ def attention_mask(query_positions: np.ndarray, key_count: int, sliding_window: 
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.ndarray,
            sliding_window: int | None) -> np.ndarray:
     """softmax(q k^T / sqrt(d)) v for q [T, heads, dim] over cached keys and values
-    [kv_heads, S, dim], masked by position; returns [T, heads * dim]."""
+    [S, kv_heads, dim], masked by position; returns [T, heads * dim]."""
     T, heads, dim = q.shape
-    kv_heads = keys.shape[0]
-    keys, values = keys.astype(np.float32, copy=False), values.astype(np.float32, copy=False)
+    kv_heads = keys.shape[1]
+    keys = keys.astype(np.float32, copy=False).transpose(1, 0, 2)
+    values = values.astype(np.float32, copy=False).transpose(1, 0, 2)
     # Each KV head serves a group of query heads: [kv_heads, group, T, dim] against
     # [kv_heads, 1, S, dim] broadcasts without repeating the keys.
     q = q.reshape(T, kv_heads, heads // kv_heads, dim).transpose(1, 2, 0, 3)
@@ -123,7 +124,7 @@ def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, inde
     q, k, v = ops.linears(x, [layer.wq, layer.wk, layer.wv])
     q = ops.apply_rope(q.reshape(T, heads, dim), positions, inv_freq)
     k = ops.apply_rope(k.reshape(T, kv_heads, dim), positions, inv_freq)
-    keys, values = cache.update(index, k.transpose(1, 0, 2), v.reshape(T, kv_heads, dim).transpose(1, 0, 2))
+    keys, values = cache.update(index, k, v.reshape(T, kv_heads, dim))
     return ops.linears(ops.attend(q, keys, values, positions, args.sliding_window), [layer.wo])[0]
 
 

@@ -76,10 +76,10 @@ def test_activations_are_int16_in_kernel_order(bits, group_size):
     scale_per_value = np.repeat(q.scales, group_size, axis=1)
     assert np.abs(natural * scale_per_value - x).max() <= 0.5001 * scale_per_value.max()
     np.testing.assert_allclose(q.scales, np.abs(x).reshape(5, -1, group_size).max(axis=2) / 32767, rtol=1e-6)
-    np.testing.assert_allclose(q.sums[..., 0], x.reshape(5, -1, group_size).sum(axis=2), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(q.sums[:, 0].T, x.reshape(5, -1, group_size).sum(axis=2), rtol=1e-5, atol=1e-4)
     rounded = (natural * scale_per_value).reshape(5, -1, group_size).sum(axis=2)
     float_rounding = 2 ** (bits - 1) * 1e-6 * np.abs(x).reshape(5, -1, group_size).sum(axis=2)  # of the sums
-    assert (np.abs(q.sums[..., 1] - 2 ** (bits - 1) * (q.sums[..., 0] - rounded)) <= float_rounding).all()
+    assert (np.abs(q.sums[:, 1].T - 2 ** (bits - 1) * (q.sums[:, 0].T - rounded)) <= float_rounding).all()
     assert np.abs(natural).max() == 32767
     # the vector kernel's per-lane scales: 8 lanes per unit of max(group, 32-byte chunk) values
     chunk_values = 256 // bits
@@ -196,8 +196,8 @@ def test_rms_norm_and_rope_match_the_model():
 def test_attention_matches_the_model(heads, kv_heads, window, dtype):
     rng = np.random.default_rng(heads + kv_heads)
     dim, cached = 32, 11
-    keys = rng.standard_normal((kv_heads, cached + 4, dim)).astype(dtype)
-    values = rng.standard_normal((kv_heads, cached + 4, dim)).astype(dtype)
+    keys = rng.standard_normal((cached + 4, kv_heads, dim)).astype(dtype)
+    values = rng.standard_normal((cached + 4, kv_heads, dim)).astype(dtype)
     for tokens in (1, 4):  # decoding, and a prompt's tokens after cached ones
         positions = np.arange(cached + 4 - tokens, cached + 4)
         q = rng.standard_normal((tokens, heads, dim)).astype(np.float32)
