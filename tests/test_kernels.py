@@ -10,6 +10,10 @@ to about 1e-4 of the largest output on these matrices. The two kernel paths comp
 the order of float additions: 1e-5.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -217,3 +221,25 @@ def test_half_table_decodes_every_float16():
     expected = bits.view(np.float16).astype(np.float32)
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(kernels.HALF_TO_FLOAT[finite], expected[finite])
+
+
+def test_the_avx2_path_without_vnni(tmp_path):
+    """CPUs with AVX2 but no VNNI run pmaddwd + paddd: compiled here in a separate process, with
+    its own Numba cache (the kernels compiled for this CPU are cached with VNNI)."""
+    needs(True)
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from localmix import kernels\n"
+        "from test_kernels import packed_matrix, activations, assert_within_activation_rounding\n"
+        "assert kernels.vnni_instruction() is None\n"
+        "rng = np.random.default_rng(0)\n"
+        "for bits, group_size in kernels.FORMATS:\n"
+        "    m = packed_matrix(rng, (37, 256), bits, group_size)\n"
+        "    x = activations(rng, kernels.TILE + 1, 256)\n"
+        "    assert_within_activation_rounding(kernels.matmul(x, m, vector=True), x, m)\n"
+        "print('ok')\n")
+    env = {**os.environ, "LOCALMIX_KERNELS": "avx2", "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+           "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
