@@ -33,6 +33,10 @@ class NumbaOps(Ops):
     attend = staticmethod(kernels.attend)
 
     @staticmethod
+    def route_tokens(x, router, k):
+        return kernels.route_tokens(np.ascontiguousarray(x, np.float32), router, k)
+
+    @staticmethod
     def linears(x, ws):
         if all(is_packed(w) for w in ws):
             return kernels.matmul_many(x, ws)

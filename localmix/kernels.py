@@ -493,6 +493,37 @@ def experts_ffn(x: np.ndarray, experts: list, counts: list[int], vector: bool | 
     return out
 
 
+# --- routing --------------------------------------------------------------------------------
+
+@njit(cache=True)
+def route_tokens(x, router, k):
+    """The model's route_tokens in one call: softmax over the router's logits, the k largest (the
+    lower index first on ties, as a stable sort puts them), renormalized."""
+    T, E = x.shape[0], router.shape[0]
+    chosen = np.empty((T, k), np.int64)
+    weights = np.empty((T, k), np.float32)
+    probs = np.empty(E, np.float32)
+    for t in range(T):
+        for e in range(E):
+            total = np.float32(0.0)
+            for d in range(x.shape[1]):
+                total += x[t, d] * router[e, d]
+            probs[e] = total
+        peak = probs.max()
+        probs = np.exp(probs - peak)
+        probs /= probs.sum()
+        taken = np.zeros(E, np.bool_)
+        for slot in range(k):
+            best = -1
+            for e in range(E):
+                if not taken[e] and (best < 0 or probs[e] > probs[best]):
+                    best = e
+            taken[best] = True
+            chosen[t, slot], weights[t, slot] = best, probs[best]
+        weights[t] /= weights[t].sum()
+    return chosen, weights
+
+
 # --- norm, rotary embedding, attention -------------------------------------------------------
 # Their numpy twins are the reference functions of localmix.model.
 
@@ -634,6 +665,7 @@ def warm_up(shapes, vector: bool | None = None) -> float:
     swiglu(np.ones((1, 2), np.float32))
     swiglu(np.ones((2, 2), np.float32))
     rms_norm(one, one[0], np.float32(1e-5))
+    route_tokens(np.ones((1, 2), np.float32), np.ones((2, 2), np.float32), 1)
     apply_rope(np.ones((1, 1, 2), np.float32), np.zeros(1, np.int64), one[0])
     for dtype in (np.float32, np.float16):
         cache = np.ones((1, 1, 2), dtype)  # [length, kv_heads, dim]

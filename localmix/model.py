@@ -150,18 +150,19 @@ def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray,
 def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray:
     if layer.router is None:
         return ops.experts_ffn(x, layer.experts, [len(x)])
-    chosen, weights = route_tokens(x, layer.router, k)
-    # Tokens grouped by expert, so that every expert's weights are read once per call.
-    routed = [np.nonzero(chosen == e) for e in range(len(layer.experts))]
-    used = [e for e, (rows, _) in enumerate(routed) if rows.size]
-    y = ops.experts_ffn(x[np.concatenate([routed[e][0] for e in used])], [layer.experts[e] for e in used],
-                    [routed[e][0].size for e in used])
+    chosen, weights = ops.route_tokens(x, layer.router, k)
+    # (token, slot) pairs grouped by expert, so that every expert's weights are read once per call.
+    order = np.argsort(chosen.ravel(), kind="stable")
+    rows, slots = np.divmod(order, k)
+    counts = np.bincount(chosen.ravel(), minlength=len(layer.experts))
+    used = np.flatnonzero(counts)
+    y = ops.experts_ffn(x[rows], [layer.experts[e] for e in used], counts[used].tolist())
+    y *= weights[rows, slots, None]
     # Each token sums its experts in index order, as transformers does.
     out, start = np.zeros_like(x), 0
-    for e in used:
-        rows, slots = routed[e]
-        out[rows] += y[start:start + rows.size] * weights[rows, slots, None]
-        start += rows.size
+    for count in counts[used]:
+        out[rows[start:start + count]] += y[start:start + count]
+        start += count
     return out
 
 
@@ -169,6 +170,7 @@ class Ops:
     """The operations that a backend may run faster. These are the reference: the functions above,
     in float32 numpy. localmix.backends has the Numba kernels' versions."""
     rms_norm = staticmethod(rms_norm)
+    route_tokens = staticmethod(route_tokens)
     apply_rope = staticmethod(apply_rope)
     attend = staticmethod(attend)
     linears = staticmethod(linears)

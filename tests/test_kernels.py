@@ -178,6 +178,17 @@ def test_swiglu_matches_its_twin():
     np.testing.assert_allclose(kernels.swiglu(gate_up), kernels.swiglu_reference(gate_up), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_routing_matches_the_model(k):
+    rng = np.random.default_rng(k)
+    x, router = rng.standard_normal((9, 64)).astype(np.float32), rng.standard_normal((8, 64)).astype(np.float32)
+    router[5] = router[2]  # a tie: the lower index goes first
+    chosen, weights = kernels.route_tokens(x, router, k)
+    expected_chosen, expected_weights = model.route_tokens(x, router, k)
+    np.testing.assert_array_equal(chosen, expected_chosen)
+    np.testing.assert_allclose(weights, expected_weights, rtol=1e-5)
+
+
 def test_rms_norm_and_rope_match_the_model():
     rng = np.random.default_rng(4)
     x, weight = rng.standard_normal((6, 96)).astype(np.float32), rng.standard_normal(96).astype(np.float32)
