@@ -84,32 +84,33 @@ def _activation_quantizer(bits: int, group_size: int, parallel: bool):
     middle = np.float32(1 << (bits - 1))
     groups_per_unit = max(1, per_chunk // group_size)
 
-    @njit(cache=True, parallel=parallel)
+    @njit(cache=True, parallel=parallel, fastmath=True)
     def quantize(x, xq, dx, sums, lane_scales):
         T, K = x.shape
         for t in prange(T):
-            rounded = np.zeros(K // group_size, np.int64)
-            inverse = np.empty(K // group_size, np.float32)
+            values = np.empty(K, np.int16)  # natural order first: these loops vectorize
             for g in range(K // group_size):
                 start = g * group_size
                 peak, total = np.float32(0.0), np.float32(0.0)
                 for k in range(start, start + group_size):
                     peak = max(peak, abs(x[t, k]))
                     total += x[t, k]
-                dx[t, g] = peak / np.float32(32767.0) if peak > 0 else np.float32(1.0)
-                inverse[g] = np.float32(1.0) / dx[t, g]
+                d = peak / np.float32(32767.0) if peak > 0 else np.float32(1.0)
+                inverse = np.float32(1.0) / d
+                rounded = 0
+                for k in range(start, start + group_size):
+                    v = np.int16(min(np.float32(32767.0), max(np.float32(-32767.0), np.rint(x[t, k] * inverse))))
+                    values[k] = v
+                    rounded += np.int32(v)
+                dx[t, g] = d
                 sums[g, 0, t] = total
+                sums[g, 1, t] = middle * (total - d * np.float32(rounded))
             # value (lane, slot) of a chunk goes to slot * 16 + lane: every lane's value j side by side
             for chunk in range(K // per_chunk):
-                for lane in range(16):
-                    for slot in range(per_lane):
-                        k = chunk * per_chunk + lane * per_lane + slot
-                        v = np.int16(min(np.float32(32767.0), max(np.float32(-32767.0),
-                                                                   np.rint(x[t, k] * inverse[k // group_size]))))
-                        xq[t, chunk * per_chunk + slot * 16 + lane] = v
-                        rounded[k // group_size] += v
-            for g in range(K // group_size):
-                sums[g, 1, t] = middle * (sums[g, 0, t] - dx[t, g] * np.float32(rounded[g]))
+                base = chunk * per_chunk
+                for slot in range(per_lane):
+                    for lane in range(16):
+                        xq[t, base + slot * 16 + lane] = values[base + lane * per_lane + slot]
             # the vector kernel's lane scales: per unit (one group, or one chunk of two groups),
             # lanes 0-3 come from the first 128 bits of a chunk, lanes 4-7 from the rest
             for u in range(lane_scales.shape[1]):
