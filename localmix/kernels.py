@@ -82,10 +82,9 @@ def _activation_quantizer(bits: int, group_size: int, parallel: bool):
     per_lane = values_per_lane(bits)
     per_chunk = 16 * per_lane
     middle = np.float32(1 << (bits - 1))
-    groups_per_unit = max(1, per_chunk // group_size)
 
     @njit(cache=True, parallel=parallel, fastmath=True)
-    def quantize(x, xq, dx, sums, lane_scales):
+    def quantize(x, xq, dx, sums, sums_by_token):
         T, K = x.shape
         for t in prange(T):
             values = np.empty(K, np.int16)  # natural order first: these loops vectorize
@@ -103,19 +102,14 @@ def _activation_quantizer(bits: int, group_size: int, parallel: bool):
                     values[k] = v
                     rounded += np.int32(v)
                 dx[t, g] = d
-                sums[g, 0, t] = total
-                sums[g, 1, t] = middle * (total - d * np.float32(rounded))
+                sums[g, 0, t] = sums_by_token[t, 0, g] = total
+                sums[g, 1, t] = sums_by_token[t, 1, g] = middle * (total - d * np.float32(rounded))
             # value (lane, slot) of a chunk goes to slot * 16 + lane: every lane's value j side by side
             for chunk in range(K // per_chunk):
                 base = chunk * per_chunk
                 for slot in range(per_lane):
                     for lane in range(16):
                         xq[t, base + slot * 16 + lane] = values[base + lane * per_lane + slot]
-            # the vector kernel's lane scales: per unit (one group, or one chunk of two groups),
-            # lanes 0-3 come from the first 128 bits of a chunk, lanes 4-7 from the rest
-            for u in range(lane_scales.shape[1]):
-                for lane in range(8):
-                    lane_scales[t, u, lane] = dx[t, u * groups_per_unit + (lane // 4 if groups_per_unit == 2 else 0)]
 
     return quantize
 
@@ -126,11 +120,11 @@ _QUANTIZE_ACTIVATIONS = {(bits, group_size, parallel): _activation_quantizer(bit
 
 
 class QuantizedActivations(NamedTuple):
-    values: np.ndarray       # int16 [T, K], in kernel order
-    scales: np.ndarray       # float32 [T, groups]: x ~= scale * value within a group
-    sums: np.ndarray         # float32 [groups, 2, T]: the sum of x, and m (sum x - sum x~), see below;
-                             # token-minor, so that a tile of tokens loads them as one vector
-    lane_scales: np.ndarray  # float32 [T, units, 8]: each vector lane's scale, for the AVX2 kernel
+    values: np.ndarray         # int16 [T, K], in kernel order
+    scales: np.ndarray         # float32 [T, groups]: x ~= scale * value within a group
+    sums: np.ndarray           # float32 [groups, 2, T]: the sum of x, and m (sum x - sum x~), see below;
+                               # token-minor, so that a tile of tokens loads them as one vector
+    sums_by_token: np.ndarray  # float32 [T, 2, groups]: the same, groups side by side for one token
 
 
 def quantize_activations(x: np.ndarray, bits: int, group_size: int) -> QuantizedActivations:
@@ -145,12 +139,14 @@ def quantize_activations(x: np.ndarray, bits: int, group_size: int) -> Quantized
     xq = np.empty((T, K), np.int16)
     dx = np.empty((T, K // group_size), np.float32)
     xsum = np.empty((K // group_size, 2, T), np.float32)
-    lane_scales = np.empty((T, K // max(group_size, 256 // bits), 8), np.float32)
-    _QUANTIZE_ACTIVATIONS[bits, group_size, T > 1](x, xq, dx, xsum, lane_scales)
-    return QuantizedActivations(xq, dx, xsum, lane_scales)
+    xsum_by_token = np.empty((T, 2, K // group_size), np.float32)
+    _QUANTIZE_ACTIVATIONS[bits, group_size, T > 1](x, xq, dx, xsum, xsum_by_token)
+    return QuantizedActivations(xq, dx, xsum, xsum_by_token)
 
 
 # --- the vector row product (LLVM IR) --------------------------------------------------------
+# A unit is max(group, chunk) values: one group of 1, 2 or 4 chunks of 32 bytes, or one chunk of
+# two groups (4 bits, group 32). Its integer dot product is an [8 x i32] vector per token.
 
 _i16, _i32, _i64, _f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -165,125 +161,222 @@ def _llvm_function(module, name, ret, args):
     return ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
-def _emit_row_products(builder, bits, group_size, tokens, args):
-    """LLVM IR for `tokens` dot products of one packed weight row with consecutive quantized
-    activation rows, stored as float32. One loop iteration covers a unit of max(group, chunk)
-    values: one group of 1, 2 or 4 chunks, or one chunk of 2 groups (4 bits, group 32); the fp16
-    scales are converted and multiplied once per group."""
-    w_addr, s_addr, b_addr, x_addr, dx_addr, xsum_addr, x_stride, dx_stride, g_stride, out_addr, out_stride, units = args
-    per_lane = values_per_lane(bits)
-    chunk_values = 16 * per_lane
-    unit_values = max(group_size, chunk_values)
-    chunks_per_unit, groups_per_unit = unit_values // chunk_values, unit_values // group_size
-    mask = (1 << bits) - 1
-    maddwd = _llvm_function(builder.module, "llvm.x86.avx2.pmadd.wd", _vector(_i32, 8),
-                            [_vector(_i16, 16), _vector(_i16, 16)])
-    # As inline assembly: LLVM turns its own vpdpwssd intrinsic back into pmaddwd + paddd here.
-    vnni = vnni_instruction()
-    if vnni:
-        import llvmlite.binding as llvm
-        llvm.initialize_native_asmparser()  # Numba does not, and inline assembly needs it
-    dpwssd = vnni and ir.InlineAsm(ir.FunctionType(_vector(_i32, 8), [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)]),
-                                   f"{vnni} $3, $2, $0", "=x,0,x,x")
-    fma8 = _llvm_function(builder.module, "llvm.fma.v8f32", _vector(_f32, 8), [_vector(_f32, 8)] * 3)
-    fma_t = _llvm_function(builder.module, f"llvm.fma.v{tokens}f32", _vector(_f32, tokens), [_vector(_f32, tokens)] * 3)
-    prefetch = _llvm_function(builder.module, "llvm.prefetch.p0", ir.VoidType(),
-                              [ir.IntType(8).as_pointer(), _i32, _i32, _i32])
-    reduce = _llvm_function(builder.module, "llvm.vector.reduce.fadd.v8f32", _f32, [_f32, _vector(_f32, 8)])
+class _RowEmitter:
+    """Builds the IR of one format's row products; `args` are the intrinsic's runtime operands."""
 
-    def const(v):
-        return ir.Constant(_i64, v)
+    def __init__(self, builder, bits, group_size, args):
+        self.b, self.bits = builder, bits
+        (self.w_addr, self.s_addr, self.b_addr, self.x_addr, self.dx_addr, self.sums_addr, self.x_stride,
+         self.dx_stride, self.g_stride, self.out_addr, self.out_stride, self.units) = args
+        self.per_lane = values_per_lane(bits)
+        self.chunk_values = 16 * self.per_lane
+        unit_values = max(group_size, self.chunk_values)
+        self.chunks_per_unit, self.groups_per_unit = unit_values // self.chunk_values, unit_values // group_size
+        module = builder.module
+        self.maddwd = _llvm_function(module, "llvm.x86.avx2.pmadd.wd", _vector(_i32, 8),
+                                     [_vector(_i16, 16), _vector(_i16, 16)])
+        # As inline assembly: LLVM turns its own vpdpwssd intrinsic back into pmaddwd + paddd here.
+        vnni = vnni_instruction()
+        if vnni:
+            import llvmlite.binding as llvm
+            llvm.initialize_native_asmparser()  # Numba does not, and inline assembly needs it
+        self.dpwssd = vnni and ir.InlineAsm(
+            ir.FunctionType(_vector(_i32, 8), [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)]),
+            f"{vnni} $3, $2, $0", "=x,0,x,x")
+        self.prefetch = _llvm_function(module, "llvm.prefetch.p0", ir.VoidType(),
+                                       [ir.IntType(8).as_pointer(), _i32, _i32, _i32])
+        self.reduce = _llvm_function(module, "llvm.vector.reduce.fadd.v8f32", _f32, [_f32, _vector(_f32, 8)])
 
-    def load(addr, ty, offset=None):
+    def const(self, v, ty=_i64):
+        return ir.Constant(ty, v)
+
+    def fma(self, a, b, c):
+        ty = a.type
+        name = f"llvm.fma.v{ty.count}f32" if isinstance(ty, ir.VectorType) else "llvm.fma.f32"
+        return self.b.call(_llvm_function(self.b.module, name, ty, [ty] * 3), [a, b, c])
+
+    def load(self, addr, ty, offset=None):
         if offset is not None:
-            addr = builder.add(addr, offset)
-        return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=1)
+            addr = self.b.add(addr, offset)
+        return self.b.load(self.b.inttoptr(addr, ty.as_pointer()), align=1)
 
-    def half(addr, index):  # fp16 bits at addr[index] as float32
-        return builder.fpext(builder.bitcast(load(addr, _i16, builder.mul(index, const(2))), ir.HalfType()), _f32)
+    def at(self, addr, index, size):  # addr + index * size
+        return self.b.add(addr, self.b.mul(index, self.const(size)))
 
-    def splat(value, n=8):
-        one = builder.insert_element(ir.Constant(_vector(_f32, 1), None), value, ir.Constant(_i32, 0))
-        return builder.shuffle_vector(one, one, ir.Constant(_vector(_i32, n), [0] * n))
+    def halves(self, addr, index, n=1):  # n fp16 values at addr[index] as float32
+        ty = _i16 if n == 1 else _vector(_i16, n)
+        half = ir.HalfType() if n == 1 else _vector(ir.HalfType(), n)
+        bits = self.load(self.at(addr, index, 2), ty)
+        return self.b.fpext(self.b.bitcast(bits, half), _f32 if n == 1 else _vector(_f32, n))
 
-    entry = builder.block
-    loop, done = builder.append_basic_block("units"), builder.append_basic_block("done")
-    builder.branch(loop)
-    builder.position_at_end(loop)
-    u = builder.phi(_i64)
-    u.add_incoming(const(0), entry)
-    acc = [builder.phi(_vector(_f32, 8)) for _ in range(tokens)]
-    bias_acc = [builder.phi(_vector(_f32, tokens))]  # the biases' part, one lane per token
-    for a in acc:
-        a.add_incoming(ir.Constant(_vector(_f32, 8), [0.0] * 8), entry)
-    for a in bias_acc:
-        a.add_incoming(ir.Constant(_vector(_f32, tokens), [0.0] * tokens), entry)
+    def splat(self, value, n=8):
+        one = self.b.insert_element(ir.Constant(_vector(_f32, 1), None), value, self.const(0, _i32))
+        return self.b.shuffle_vector(one, one, ir.Constant(_vector(_i32, n), [0] * n))
 
-    sums = [None] * tokens  # integer dot of the unit, [8 x i32] per token
-    for c in range(chunks_per_unit):
-        chunk = builder.add(builder.mul(u, const(chunks_per_unit)), const(c))
-        w = load(w_addr, _vector(_i16, 16), builder.mul(chunk, const(32)))
-        if PREFETCH:
-            ahead = builder.add(w_addr, builder.add(builder.mul(chunk, const(32)), const(PREFETCH)))
-            builder.call(prefetch, [builder.inttoptr(ahead, ir.IntType(8).as_pointer()), ir.Constant(_i32, 0),
-                                    ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-        lanes = [builder.and_(builder.lshr(w, ir.Constant(_vector(_i16, 16), [bits * j] * 16)),
-                              ir.Constant(_vector(_i16, 16), [mask] * 16)) for j in range(per_lane)]
-        x_chunk = builder.add(x_addr, builder.mul(chunk, const(2 * chunk_values)))
+    def lanes_of(self, values):
+        """One float per group of a unit as the 8 lanes' vector: lanes 0-3 come from a chunk's
+        first 128 bits, so with two groups per chunk they belong to the first group."""
+        if len(values) == 1:
+            return self.splat(values[0])
+        pair = self.b.insert_element(self.splat(values[0], 2), values[1], self.const(1, _i32))
+        return self.b.shuffle_vector(pair, pair, ir.Constant(_vector(_i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+
+    def unit_dots(self, u, tokens):
+        """[8 x i32] partial dot products of unit u with each token's activations."""
+        b, sums = self.b, [None] * tokens
+        mask = ir.Constant(_vector(_i16, 16), [(1 << self.bits) - 1] * 16)
+        for c in range(self.chunks_per_unit):
+            chunk = b.add(b.mul(u, self.const(self.chunks_per_unit)), self.const(c))
+            w = self.load(self.at(self.w_addr, chunk, 32), _vector(_i16, 16))
+            ahead = b.add(self.at(self.w_addr, chunk, 32), self.const(PREFETCH))
+            b.call(self.prefetch, [b.inttoptr(ahead, ir.IntType(8).as_pointer()), self.const(0, _i32),
+                                   self.const(3, _i32), self.const(1, _i32)])
+            lanes = [b.and_(b.lshr(w, ir.Constant(_vector(_i16, 16), [self.bits * j] * 16)), mask)
+                     for j in range(self.per_lane)]
+            x_chunk = self.at(self.x_addr, chunk, 2 * self.chunk_values)
+            for t in range(tokens):
+                x_t = b.add(x_chunk, b.mul(self.const(t), self.x_stride))
+                for j in range(self.per_lane):
+                    xj = self.load(x_t, _vector(_i16, 16), self.const(32 * j))
+                    if self.dpwssd and sums[t] is not None:
+                        sums[t] = b.call(self.dpwssd, [sums[t], lanes[j], xj])
+                    else:
+                        p = b.call(self.maddwd, [lanes[j], xj])
+                        sums[t] = p if sums[t] is None else b.add(sums[t], p)
+        return sums
+
+    def loop(self, count, carried, body):
+        """for i in range(count): carried = body(i, carried); returns the final values."""
+        b = self.b
+        entry = b.block
+        head, done = b.append_basic_block("loop"), b.append_basic_block("loop_done")
+        b.branch(head)
+        b.position_at_end(head)
+        i = b.phi(_i64)
+        i.add_incoming(self.const(0), entry)
+        phis = []
+        for value in carried:
+            phi = b.phi(value.type)
+            phi.add_incoming(value, entry)
+            phis.append(phi)
+        new = body(i, phis)
+        i_next = b.add(i, self.const(1))
+        i.add_incoming(i_next, b.block)
+        for phi, value in zip(phis, new):
+            phi.add_incoming(value, b.block)
+        b.cbranch(b.icmp_signed("<", i_next, count), head, done)
+        b.position_at_end(done)
+        return new
+
+    def store(self, t, value):
+        b = self.b
+        b.store(value, b.inttoptr(b.add(self.out_addr, b.mul(self.const(t), self.out_stride)), _f32.as_pointer()))
+
+    def zeros(self, n):
+        return ir.Constant(_vector(_f32, n), [0.0] * n)
+
+    def tile(self, tokens):
+        """A tile of tokens: the weights are unpacked once per unit for all of them. The sums
+        (token-minor) give the biases' part of all the tile's tokens as one vector."""
+        b = self.b
+
+        def body(u, carried):
+            acc, bias_acc = carried[:tokens], carried[tokens]
+            sums = self.unit_dots(u, tokens)
+            groups = [b.add(b.mul(u, self.const(self.groups_per_unit)), self.const(k))
+                      for k in range(self.groups_per_unit)]
+            scales = [self.halves(self.s_addr, g) for g in groups]
+            biases = [self.halves(self.b_addr, g) for g in groups]
+            scale = self.lanes_of(scales)
+            new_acc = []
+            for t in range(tokens):
+                dx_t = b.add(self.dx_addr, b.mul(self.const(t), self.dx_stride))
+                dx = self.lanes_of([self.load(self.at(dx_t, g, 4), _f32) for g in groups])
+                new_acc.append(self.fma(b.sitofp(sums[t], _vector(_f32, 8)), b.fmul(scale, dx), acc[t]))
+            for bias, scale_g, g in zip(biases, scales, groups):  # b sum(x) + s m (sum x - sum x~)
+                sums_g = b.add(self.sums_addr, b.mul(g, self.g_stride))
+                bias_acc = self.fma(self.splat(bias, tokens), self.load(sums_g, _vector(_f32, tokens)), bias_acc)
+                residual = self.load(sums_g, _vector(_f32, tokens), b.sdiv(self.g_stride, self.const(2)))
+                bias_acc = self.fma(self.splat(scale_g, tokens), residual, bias_acc)
+            return new_acc + [bias_acc]
+
+        final = self.loop(self.units, [self.zeros(8)] * tokens + [self.zeros(tokens)], body)
         for t in range(tokens):
-            x_t = builder.add(x_chunk, builder.mul(const(t), x_stride))
-            for j in range(per_lane):
-                xj = load(x_t, _vector(_i16, 16), const(32 * j))
-                if vnni and sums[t] is not None:
-                    sums[t] = builder.call(dpwssd, [sums[t], lanes[j], xj])
-                else:
-                    p = builder.call(maddwd, [lanes[j], xj])
-                    sums[t] = p if sums[t] is None else builder.add(sums[t], p)
+            total = b.fadd(b.call(self.reduce, [self.const(-0.0, _f32), final[t]]),
+                           b.extract_element(final[tokens], self.const(t, _i32)))
+            self.store(t, total)
 
-    groups = [builder.add(builder.mul(u, const(groups_per_unit)), const(k)) for k in range(groups_per_unit)]
-    biases = [half(b_addr, g) for g in groups]
-    scales = [half(s_addr, g) for g in groups]
-    if groups_per_unit == 1:
-        scale = splat(scales[0])
-    else:  # lanes 0-3 come from the chunk's first 128 bits: the first group
-        pair = builder.insert_element(splat(scales[0], 2), scales[1], ir.Constant(_i32, 1))
-        scale = builder.shuffle_vector(pair, pair, ir.Constant(_vector(_i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
-    new_acc = []
-    for t in range(tokens):
-        # dx_lanes holds each lane's activation scale for the unit, ready as a vector
-        dx = load(builder.add(dx_addr, builder.mul(const(t), dx_stride)), _vector(_f32, 8), builder.mul(u, const(32)))
-        factor = builder.fmul(scale, dx)
-        new_acc.append(builder.call(fma8, [builder.sitofp(sums[t], _vector(_f32, 8)), factor, acc[t]]))
-    # b sum(x) + s m (sum x - sum x~) for all the tile's tokens at once: the sums are token-minor
-    b = bias_acc[0]
-    for bias, scale_g, g in zip(biases, scales, groups):
-        sums_g = builder.add(xsum_addr, builder.mul(g, g_stride))
-        b = builder.call(fma_t, [splat(bias, tokens), load(sums_g, _vector(_f32, tokens)), b])
-        resid = load(sums_g, _vector(_f32, tokens), builder.sdiv(g_stride, const(2)))
-        b = builder.call(fma_t, [splat(scale_g, tokens), resid, b])
-    new_bias = [b]
+    def single(self):
+        """One token (decoding). Where a unit is one group and the groups come in eights, eight
+        units' dot products are summed across lanes together (a transpose by shuffles), so that
+        scales, biases and activation sums are read and converted eight at a time, as vectors;
+        otherwise unit by unit. The sums here are token-major: [sum x of every group, then m
+        (sum x - sum x~) of every group]."""
+        b = self.b
+        groups_total = b.mul(self.units, self.const(self.groups_per_unit))
+        residuals = b.add(self.sums_addr, b.mul(groups_total, self.const(4)))
+        done = b.append_basic_block("single_done")
+        result = []
+        if self.groups_per_unit == 1:
+            blocked, by_unit = b.append_basic_block("by_eight"), b.append_basic_block("by_unit")
+            eights = b.icmp_signed("==", b.srem(self.units, self.const(8)), self.const(0))
+            b.cbranch(eights, blocked, by_unit)
+            b.position_at_end(blocked)
 
-    u_next = builder.add(u, const(1))
-    u.add_incoming(u_next, builder.block)
-    for phi, value in zip(acc + bias_acc, new_acc + new_bias):
-        phi.add_incoming(value, builder.block)
-    builder.cbranch(builder.icmp_signed("<", u_next, units), loop, done)
+            def eight(i, carried):
+                acc, bias_acc = carried
+                dots = [self.unit_dots(b.add(b.mul(i, self.const(8)), self.const(k)), 1)[0] for k in range(8)]
+                for pattern in ([0, 8, 2, 10, 4, 12, 6, 14], [0, 1, 8, 9, 4, 5, 12, 13], [0, 1, 2, 3, 8, 9, 10, 11]):
+                    other = [p + (1 if pattern[1] == 8 else 2 if pattern[2] == 8 else 4) for p in pattern]
+                    dots = [b.add(b.shuffle_vector(dots[k], dots[k + 1], ir.Constant(_vector(_i32, 8), pattern)),
+                                  b.shuffle_vector(dots[k], dots[k + 1], ir.Constant(_vector(_i32, 8), other)))
+                            for k in range(0, len(dots), 2)]
+                first = b.mul(i, self.const(8))
+                scales = self.halves(self.s_addr, first, 8)
+                dx = self.load(self.at(self.dx_addr, first, 4), _vector(_f32, 8))
+                acc = self.fma(b.sitofp(dots[0], _vector(_f32, 8)), b.fmul(scales, dx), acc)
+                bias_acc = self.fma(self.halves(self.b_addr, first, 8),
+                                    self.load(self.at(self.sums_addr, first, 4), _vector(_f32, 8)), bias_acc)
+                bias_acc = self.fma(scales, self.load(self.at(residuals, first, 4), _vector(_f32, 8)), bias_acc)
+                return [acc, bias_acc]
 
-    builder.position_at_end(done)
-    for t in range(tokens):
-        bias_part = builder.extract_element(new_bias[0], ir.Constant(_i32, t))
-        total = builder.fadd(builder.call(reduce, [ir.Constant(_f32, -0.0), new_acc[t]]), bias_part)
-        out = builder.inttoptr(builder.add(out_addr, builder.mul(const(t), out_stride)), _f32.as_pointer())
-        builder.store(total, out)
+            acc, bias_acc = self.loop(b.sdiv(self.units, self.const(8)), [self.zeros(8), self.zeros(8)], eight)
+            result.append((b.fadd(b.call(self.reduce, [self.const(-0.0, _f32), acc]),
+                                  b.call(self.reduce, [self.const(-0.0, _f32), bias_acc])), b.block))
+            b.branch(done)
+            b.position_at_end(by_unit)
+
+        def unit(u, carried):
+            acc, bias_acc = carried
+            dot = self.unit_dots(u, 1)[0]
+            groups = [b.add(b.mul(u, self.const(self.groups_per_unit)), self.const(k))
+                      for k in range(self.groups_per_unit)]
+            scales = [self.halves(self.s_addr, g) for g in groups]
+            factors = [b.fmul(s, self.load(self.at(self.dx_addr, g, 4), _f32)) for s, g in zip(scales, groups)]
+            acc = self.fma(b.sitofp(dot, _vector(_f32, 8)), self.lanes_of(factors), acc)
+            for scale, g in zip(scales, groups):
+                bias_acc = self.fma(self.halves(self.b_addr, g), self.load(self.at(self.sums_addr, g, 4), _f32), bias_acc)
+                bias_acc = self.fma(scale, self.load(self.at(residuals, g, 4), _f32), bias_acc)
+            return [acc, bias_acc]
+
+        acc, bias_acc = self.loop(self.units, [self.zeros(8), self.const(0.0, _f32)], unit)
+        result.append((b.fadd(b.call(self.reduce, [self.const(-0.0, _f32), acc]), bias_acc), b.block))
+        b.branch(done)
+        b.position_at_end(done)
+        total = b.phi(_f32)
+        for value, block in result:
+            total.add_incoming(value, block)
+        self.store(0, total)
 
 
 @intrinsic
-def row_products(typingctx, bits, group_size, tokens, w_addr, s_addr, b_addr, x_addr, dx_addr, xsum_addr,
+def row_products(typingctx, bits, group_size, tokens, w_addr, s_addr, b_addr, x_addr, dx_addr, sums_addr,
                  x_stride, dx_stride, g_stride, out_addr, out_stride, units):
-    """row_products(bits, group_size, tokens, addresses and strides...): one loop per format and
-    token count (1 or TILE) is emitted, and a switch on the three picks it. The format is a
-    runtime value so that the kernels calling this have no per-format closures, which Numba's
-    cache could not find again on the next start."""
+    """row_products(bits, group_size, tokens, addresses and strides...): `tokens` (1 or TILE) dot
+    products of one packed weight row with consecutive quantized activation rows, stored as
+    float32. One loop per format and token count is emitted, and a switch on the three picks it:
+    the format is a runtime value so that the kernels calling this have no per-format closures,
+    which Numba's cache could not find again on the next start."""
     sig = types.void(*[types.int64] * 15)
 
     def codegen(context, builder, signature, args):
@@ -297,7 +390,8 @@ def row_products(typingctx, bits, group_size, tokens, w_addr, s_addr, b_addr, x_
                 block = builder.append_basic_block(f"q{bits}_g{group_size}_t{tokens}")
                 switch.add_case(ir.Constant(_i64, bits * 4096 + group_size * 16 + tokens), block)
                 builder.position_at_end(block)
-                _emit_row_products(builder, bits, group_size, tokens, args[3:])
+                emitter = _RowEmitter(builder, bits, group_size, args[3:])
+                emitter.single() if tokens == 1 else emitter.tile(tokens)
                 builder.branch(done)
         builder.position_at_end(unsupported)  # callers check the format first
         builder.branch(done)
@@ -334,7 +428,7 @@ def matrix_addresses(m) -> tuple[int, int, int]:
 
 
 @njit(cache=True, parallel=True)
-def _vector_matmul(table, xv, xl, xs, out, bits, group_size):
+def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
     # Blocks of about 16 KiB of weight rows, and in each, tiles of tokens over the block's rows:
     # the block stays in L1 while each tile's activations are read once per block, not per row.
     count = 0
@@ -346,18 +440,20 @@ def _vector_matmul(table, xv, xl, xs, out, bits, group_size):
         for first in range(0, table[j, ROWS], table[j, BLOCK]):
             blocks[i, 0], blocks[i, 1], blocks[i, 2] = j, first, min(first + table[j, BLOCK], table[j, ROWS])
             i += 1
-    x_stride, l_stride, s_stride, o_stride = xv.strides[0], xl.strides[0], xs.strides[0], out.strides[0]
+    x_stride, d_stride, s_stride, o_stride = xv.strides[0], xd.strides[0], xs.strides[0], out.strides[0]
     for i in prange(count):
         job = table[blocks[i, 0]]
         t = 0
         while t < job[TOKENS]:
             width = TILE if t + TILE <= job[TOKENS] else 1
             row = job[X_ROW] + t
-            x, l, s = xv.ctypes.data + row * x_stride, xl.ctypes.data + row * l_stride, xs.ctypes.data + row * 4
+            x, d = xv.ctypes.data + row * x_stride, xd.ctypes.data + row * d_stride
+            # a tile reads the token-minor sums, one token the token-major ones
+            s = xs.ctypes.data + row * 4 if width > 1 else xt.ctypes.data + row * xt.strides[0]
             o = out.ctypes.data + (job[OUT_ROW] + t) * o_stride + 4 * job[OUT_COL]
             for n in range(blocks[i, 1], blocks[i, 2]):
                 args = (job[W] + n * job[W_STRIDE], job[S] + n * job[S_STRIDE], job[B] + n * job[S_STRIDE],
-                        x, l, s, x_stride, l_stride, s_stride, o + 4 * n, o_stride, job[UNITS])
+                        x, d, s, x_stride, d_stride, s_stride, o + 4 * n, o_stride, job[UNITS])
                 row_products(bits, group_size, width, *args)
             t += width
 
@@ -371,7 +467,7 @@ def _vector_runner(bits: int, group_size: int):
             rows, row_bytes = m.words.shape[0], m.words.strides[0]
             table[j] = (*matrix_addresses(m), row_bytes, m.scales.strides[0], row_bytes * 8 // bits // unit_values,
                         x_row, tokens, out_row, out_col, rows, max(1, BLOCK_BYTES // row_bytes))
-        _vector_matmul(table, x.values, x.lane_scales, x.sums, out, bits, group_size)
+        _vector_matmul(table, x.values, x.scales, x.sums, x.sums_by_token, out, bits, group_size)
 
     return run
 
