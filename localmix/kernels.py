@@ -105,11 +105,12 @@ def _activation_quantizer(bits: int, group_size: int, parallel: bool):
                 sums[g, 0, t] = sums_by_token[t, 0, g] = total
                 sums[g, 1, t] = sums_by_token[t, 1, g] = middle * (total - d * np.float32(rounded))
             # value (lane, slot) of a chunk goes to slot * 16 + lane: every lane's value j side by side
-            for chunk in range(K // per_chunk):
+            for chunk in range(xq.shape[1] // per_chunk):
                 base = chunk * per_chunk
                 for slot in range(per_lane):
                     for lane in range(16):
-                        xq[t, base + slot * 16 + lane] = values[base + lane * per_lane + slot]
+                        k = base + lane * per_lane + slot
+                        xq[t, base + slot * 16 + lane] = values[k] if k < K else 0
 
     return quantize
 
@@ -120,7 +121,7 @@ _QUANTIZE_ACTIVATIONS = {(bits, group_size, parallel): _activation_quantizer(bit
 
 
 class QuantizedActivations(NamedTuple):
-    values: np.ndarray         # int16 [T, K], in kernel order
+    values: np.ndarray         # int16 [T, K rounded up to 32 bytes of weights], in kernel order
     scales: np.ndarray         # float32 [T, groups]: x ~= scale * value within a group
     sums: np.ndarray           # float32 [groups, 2, T]: the sum of x, and m (sum x - sum x~), see below;
                                # token-minor, so that a tile of tokens loads them as one vector
@@ -136,7 +137,8 @@ def quantize_activations(x: np.ndarray, bits: int, group_size: int) -> Quantized
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     T, K = x.shape
-    xq = np.empty((T, K), np.int16)
+    per_chunk = 256 // bits
+    xq = np.empty((T, -(-K // per_chunk) * per_chunk), np.int16)  # whole 32-byte chunks, zero-padded
     dx = np.empty((T, K // group_size), np.float32)
     xsum = np.empty((K // group_size, 2, T), np.float32)
     xsum_by_token = np.empty((T, 2, K // group_size), np.float32)
@@ -417,11 +419,17 @@ class Job(NamedTuple):
     out_col: int
 
 
-def matrix_addresses(m) -> tuple[int, int, int]:
-    """Where a matrix's words, scales and biases start; kept on the matrix, which never moves."""
+def matrix_row(m) -> list[int]:
+    """A matrix's part of its job's table row (addresses, strides, sizes); kept on the matrix,
+    which never moves, so that decoding does not work it out again for every token."""
     cached = getattr(m, "addresses", None)
     if cached is None:
-        cached = tuple(a.__array_interface__["data"][0] for a in (m.words, m.scales, m.biases))
+        rows, row_bytes = m.words.shape[0], m.words.strides[0]
+        cached = [0] * 12
+        cached[W], cached[S], cached[B] = (a.__array_interface__["data"][0] for a in (m.words, m.scales, m.biases))
+        cached[W_STRIDE], cached[S_STRIDE] = row_bytes, m.scales.strides[0]
+        cached[UNITS] = row_bytes * 8 // m.bits // max(m.group_size, 256 // m.bits)
+        cached[ROWS], cached[BLOCK] = rows, max(1, BLOCK_BYTES // row_bytes)
         if not isinstance(m, tuple):
             m.addresses = cached
     return cached
@@ -459,14 +467,9 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
 
 
 def _vector_runner(bits: int, group_size: int):
-    unit_values = max(group_size, 256 // bits)
-
     def run(x: QuantizedActivations, jobs: list[Job], out: np.ndarray) -> None:
-        table = np.empty((len(jobs), 12), np.int64)
-        for j, (m, x_row, tokens, out_row, out_col) in enumerate(jobs):
-            rows, row_bytes = m.words.shape[0], m.words.strides[0]
-            table[j] = (*matrix_addresses(m), row_bytes, m.scales.strides[0], row_bytes * 8 // bits // unit_values,
-                        x_row, tokens, out_row, out_col, rows, max(1, BLOCK_BYTES // row_bytes))
+        table = np.array([matrix_row(job.matrix) for job in jobs], np.int64)
+        table[:, X_ROW:OUT_COL + 1] = [job[1:] for job in jobs]
         _vector_matmul(table, x.values, x.scales, x.sums, x.sums_by_token, out, bits, group_size)
 
     return run
@@ -513,7 +516,11 @@ def matmul_batch(x: QuantizedActivations, jobs: list[Job], out: np.ndarray, vect
     """For every job, out[out_row:+tokens, out_col:+rows] = x[x_row:+tokens] @ matrix.T, in one
     parallel pass. The matrices share the bits and group size that x was quantized for."""
     m = jobs[0].matrix
-    key = (m.bits, m.group_size, has_vector_kernels() if vector is None else vector)
+    vector = has_vector_kernels() if vector is None else vector
+    # the vector kernel works in units of max(group, 32 bytes): 4-bit rows of 32 values more than
+    # a multiple of 64 (no real model has them) take the plain kernel
+    vector = vector and (m.words.shape[1] * 32 // m.bits) % max(m.group_size, 256 // m.bits) == 0
+    key = (m.bits, m.group_size, vector)
     if any((j.matrix.bits, j.matrix.group_size) != key[:2] for j in jobs):
         raise ValueError("matmul_batch: the matrices differ in bits or group size")
     if key not in _COMPILED:

@@ -118,7 +118,7 @@ class QuantizedMatrix:
     bits: int
     group_size: int
     source: str  # the file, named in errors
-    addresses: tuple | None = None  # of words, scales and biases, once the kernels have asked
+    addresses: list | None = None  # where words, scales and biases lie, once the kernels have asked
 
     def linear(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T for x [T, cols]."""

@@ -163,6 +163,10 @@ def test_bench_reports_llama_bench_figures(tiny_model_dir):
     assert all(figures[k] > 0 for k in ("prefill_tok_s", "decode_tok_s", "decode_gb_s", "peak_rss_mb", "ttft_s"))
     assert "decode tok/s" in result.stdout
     assert_one_line_error(localmix_cli("bench", tiny_model_dir, "-p", "0"), "at least 1")
+    one_thread = localmix_cli("bench", tiny_model_dir, "-p", "4", "-n", "2", "--threads", "1", "--json")
+    assert json.loads(one_thread.stdout.strip().splitlines()[-1])["threads"] == 1, one_thread.stderr
+    assert_one_line_error(localmix_cli("bench", tiny_model_dir, "--threads", "0"), "--threads must be between 1")
+    assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "--kv-cache", "f8"), "unknown KV cache type")
     assert_one_line_error(localmix_cli("bench", tiny_model_dir, "-p", "600"), "exceed the model's context")
     assert_one_line_error(localmix_cli("bench"), "name a model")
     membw = json.loads(localmix_cli("bench", "--membw", "--json").stdout)

@@ -76,7 +76,7 @@ def test_activations_are_int16_in_kernel_order(bits, group_size):
     q = kernels.quantize_activations(x, bits, group_size)
     per_lane = kernels.values_per_lane(bits)
     # back to natural order: kernel order is [chunk][slot][lane], natural [chunk][lane][slot]
-    natural = q.values.reshape(5, -1, per_lane, 16).transpose(0, 1, 3, 2).reshape(5, -1)
+    natural = q.values.reshape(5, -1, per_lane, 16).transpose(0, 1, 3, 2).reshape(5, -1)[:, :512]
     scale_per_value = np.repeat(q.scales, group_size, axis=1)
     assert np.abs(natural * scale_per_value - x).max() <= 0.5001 * scale_per_value.max()
     np.testing.assert_allclose(q.scales, np.abs(x).reshape(5, -1, group_size).max(axis=2) / 32767, rtol=1e-6)
@@ -106,6 +106,14 @@ def test_matmul_matches_its_twin(vector, bits, group_size, shape):
         ours = kernels.matmul(x, m, vector=vector)
         assert ours.shape == (tokens, shape[0])
         assert_within_activation_rounding(ours, x, m)
+
+
+def test_rows_that_are_not_whole_vector_units_still_multiply():
+    """4-bit rows of 96 values: one and a half 32-byte chunks."""
+    rng = np.random.default_rng(8)
+    m = packed_matrix(rng, (9, 96), 4, 32)
+    x = activations(rng, 3, 96)
+    assert_within_activation_rounding(kernels.matmul(x, m), x, m)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
