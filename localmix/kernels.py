@@ -482,8 +482,7 @@ def _plain_matmul(bits: int, group_size: int):
 
     @njit(cache=True, parallel=True)
     def matmul(xq, dx, xsum, lanes, scales, biases, half, out):
-        T, K = xq.shape
-        groups = K // group_size
+        T, groups = xq.shape[0], scales.shape[1]
         for n in prange(lanes.shape[0]):
             for t in range(T):
                 total = np.float32(0.0)
