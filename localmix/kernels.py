@@ -14,7 +14,7 @@ How a quantized product works here (decode and prefill alike):
 - Per group: scale * dx * (integer dot) + bias * sum(x), in float32.
 
 On x86 with AVX2 the chunk product is emitted as LLVM vector code through `@intrinsic`
-(`vpmaddwd`, or `vpdpwssd` where the CPU has VNNI: 12% faster prompts here), with float
+(`vpmaddwd`, and in prompts `vpdpwssd` where the CPU has VNNI: 12% faster here), with float
 accumulators that stay in registers for the whole row; elsewhere, or with LOCALMIX_KERNELS=plain,
 the same integer math runs as plain Numba loops. LOCALMIX_KERNELS=avx2 leaves VNNI out. All read
 the same bytes and give the same integer sums, and the tests run all three.
@@ -240,7 +240,9 @@ class _RowEmitter:
                 x_t = b.add(x_chunk, b.mul(self.const(t), self.x_stride))
                 for j in range(self.per_lane):
                     xj = self.load(x_t, _vector(_i16, 16), self.const(32 * j))
-                    if self.dpwssd and sums[t] is not None:
+                    # vpdpwssd for tiles only: alone, its chained accumulation is slower than
+                    # pmaddwd + paddd (one token streams 20 GB/s here with those, 17 with it)
+                    if self.dpwssd and tokens > 1 and sums[t] is not None:
                         sums[t] = b.call(self.dpwssd, [sums[t], lanes[j], xj])
                     else:
                         p = b.call(self.maddwd, [lanes[j], xj])
