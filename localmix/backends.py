@@ -8,6 +8,8 @@ model reads the same whatever runs it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from localmix import kernels
@@ -47,6 +49,68 @@ class NumbaOps(Ops):
         if is_packed(experts[0].w1):
             return kernels.experts_ffn(x, experts, counts)
         return Ops.experts_ffn(x, experts, counts)
+
+
+    @staticmethod
+    def decoder_layer(x, layer, args, cache, index, positions, inv_freq, ops):
+        """One token's layer in two kernel calls (see kernels.decode_rest); prompts, dense
+        layers and mixed formats go operation by operation."""
+        plan = fused_plan(layer, args)
+        if x.shape[0] != 1 or plan is None:
+            return Ops.decoder_layer(x, layer, args, cache, index, positions, inv_freq, ops)
+        heads, kv_heads, dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        positions = np.asarray(positions, np.int64)
+        eps = np.float32(args.rms_norm_eps)
+        q, k, v = kernels.decode_qkv(np.ascontiguousarray(x, np.float32), layer.attention_norm, eps, plan.qkv,
+                                     *plan.qkv_format, heads, kv_heads, dim, positions, inv_freq)
+        keys, values = cache.update(index, k[0], v[0])
+        if keys.dtype == np.float16:
+            keys, values = keys.view(np.uint16), values.view(np.uint16)
+        return kernels.decode_rest(x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT,
+                                   plan.o, *plan.o_format, layer.ffn_norm, eps, layer.router,
+                                   args.num_experts_per_tok, plan.experts, *plan.up_format, *plan.down_format)
+
+
+class FusedPlan(NamedTuple):
+    qkv: np.ndarray      # kernel table rows of wq, wk, wv, side by side in one output
+    qkv_format: tuple    # (bits, group size)
+    o: np.ndarray
+    o_format: tuple
+    experts: np.ndarray  # [experts, 3 (w1, w3, w2), table row]
+    up_format: tuple
+    down_format: tuple
+
+
+def fused_plan(layer, args) -> FusedPlan | None:
+    """The kernel tables of a layer's matrices, made once; None where the layer cannot be fused
+    (a dense MLP, float weights, or q, k and v, or w1 and w3, in different formats)."""
+    plan = getattr(layer, "fused", False)
+    if plan is not False:
+        return plan
+    plan = None
+    matrices = [layer.wq, layer.wk, layer.wv, layer.wo] + [m for e in layer.experts for m in (e.w1, e.w3, e.w2)]
+    if layer.router is not None and all(is_packed(m) for m in matrices) and kernels.has_vector_kernels():
+        def fmt(ms):
+            formats = {(m.bits, m.group_size) for m in ms}
+            return formats.pop() if len(formats) == 1 else None
+
+        def rows(ms, cols=None):
+            table = np.array([kernels.matrix_row(m) for m in ms], np.int64)
+            table[:, kernels.TOKENS] = 1
+            if cols is not None:
+                table[:, kernels.OUT_COL] = cols
+            return table
+
+        qkv, up, down = [layer.wq, layer.wk, layer.wv], [m for e in layer.experts for m in (e.w1, e.w3)], \
+            [e.w2 for e in layer.experts]
+        formats = fmt(qkv), (layer.wo.bits, layer.wo.group_size), fmt(up), fmt(down)
+        if None not in formats:
+            sizes = [m.words.shape[0] for m in qkv]
+            experts = np.stack([rows([e.w1, e.w3, e.w2]) for e in layer.experts])
+            plan = FusedPlan(rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0], rows([layer.wo]), formats[1],
+                             experts, formats[2], formats[3])
+    layer.fused = plan
+    return plan
 
 
 def backend_ops(name: str) -> type[Ops]:

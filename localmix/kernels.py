@@ -78,46 +78,54 @@ def values_per_lane(bits: int) -> int:
 
 # --- activations -----------------------------------------------------------------------------
 
-def _activation_quantizer(bits: int, group_size: int, parallel: bool):
-    per_lane = values_per_lane(bits)
+def _quantize_into(x, bits, group_size, xq, dx, sums, sums_by_token):
+    T, K = x.shape
+    per_lane = 16 // bits
     per_chunk = 16 * per_lane
     middle = np.float32(1 << (bits - 1))
-
-    @njit(cache=True, parallel=parallel, fastmath=True)
-    def quantize(x, xq, dx, sums, sums_by_token):
-        T, K = x.shape
-        for t in prange(T):
-            values = np.empty(K, np.int16)  # natural order first: these loops vectorize
-            for g in range(K // group_size):
-                start = g * group_size
-                peak, total = np.float32(0.0), np.float32(0.0)
-                for k in range(start, start + group_size):
-                    peak = max(peak, abs(x[t, k]))
-                    total += x[t, k]
-                d = peak / np.float32(32767.0) if peak > 0 else np.float32(1.0)
-                inverse = np.float32(1.0) / d
-                rounded = 0
-                for k in range(start, start + group_size):
-                    v = np.int16(min(np.float32(32767.0), max(np.float32(-32767.0), np.rint(x[t, k] * inverse))))
-                    values[k] = v
-                    rounded += np.int32(v)
-                dx[t, g] = d
-                sums[g, 0, t] = sums_by_token[t, 0, g] = total
-                sums[g, 1, t] = sums_by_token[t, 1, g] = middle * (total - d * np.float32(rounded))
-            # value (lane, slot) of a chunk goes to slot * 16 + lane: every lane's value j side by side
-            for chunk in range(xq.shape[1] // per_chunk):
-                base = chunk * per_chunk
-                for slot in range(per_lane):
-                    for lane in range(16):
-                        k = base + lane * per_lane + slot
-                        xq[t, base + slot * 16 + lane] = values[k] if k < K else 0
-
-    return quantize
+    for t in prange(T):
+        values = np.empty(K, np.int16)  # natural order first: these loops vectorize
+        for g in range(K // group_size):
+            start = g * group_size
+            peak, total = np.float32(0.0), np.float32(0.0)
+            for k in range(start, start + group_size):
+                peak = max(peak, abs(x[t, k]))
+                total += x[t, k]
+            d = peak / np.float32(32767.0) if peak > 0 else np.float32(1.0)
+            inverse = np.float32(1.0) / d
+            rounded = 0
+            for k in range(start, start + group_size):
+                v = np.int16(min(np.float32(32767.0), max(np.float32(-32767.0), np.rint(x[t, k] * inverse))))
+                values[k] = v
+                rounded += np.int32(v)
+            dx[t, g] = d
+            sums[g, 0, t] = sums_by_token[t, 0, g] = total
+            sums[g, 1, t] = sums_by_token[t, 1, g] = middle * (total - d * np.float32(rounded))
+        # value (lane, slot) of a chunk goes to slot * 16 + lane: every lane's value j side by side
+        for chunk in range(xq.shape[1] // per_chunk):
+            base = chunk * per_chunk
+            for slot in range(per_lane):
+                for lane in range(16):
+                    k = base + lane * per_lane + slot
+                    xq[t, base + slot * 16 + lane] = values[k] if k < K else 0
 
 
 # One token goes through the serial version: starting the threads costs more than its work.
-_QUANTIZE_ACTIVATIONS = {(bits, group_size, parallel): _activation_quantizer(bits, group_size, parallel)
-                         for bits, group_size in FORMATS for parallel in (False, True)}
+_quantize_serial = njit(cache=True, fastmath=True)(_quantize_into)
+_quantize_parallel = njit(cache=True, fastmath=True, parallel=True)(_quantize_into)
+
+
+@njit(cache=True)
+def _quantized(x, bits, group_size):
+    """quantize_activations' arrays, for kernels that call it."""
+    T, K = x.shape
+    per_chunk = 256 // bits
+    xq = np.empty((T, (K + per_chunk - 1) // per_chunk * per_chunk), np.int16)
+    dx = np.empty((T, K // group_size), np.float32)
+    sums = np.empty((K // group_size, 2, T), np.float32)
+    sums_by_token = np.empty((T, 2, K // group_size), np.float32)
+    _quantize_serial(x, bits, group_size, xq, dx, sums, sums_by_token)
+    return xq, dx, sums, sums_by_token
 
 
 class QuantizedActivations(NamedTuple):
@@ -137,13 +145,15 @@ def quantize_activations(x: np.ndarray, bits: int, group_size: int) -> Quantized
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     T, K = x.shape
+    if T == 1:
+        return QuantizedActivations(*_quantized(x, bits, group_size))
     per_chunk = 256 // bits
     xq = np.empty((T, -(-K // per_chunk) * per_chunk), np.int16)  # whole 32-byte chunks, zero-padded
     dx = np.empty((T, K // group_size), np.float32)
-    xsum = np.empty((K // group_size, 2, T), np.float32)
-    xsum_by_token = np.empty((T, 2, K // group_size), np.float32)
-    _QUANTIZE_ACTIVATIONS[bits, group_size, T > 1](x, xq, dx, xsum, xsum_by_token)
-    return QuantizedActivations(xq, dx, xsum, xsum_by_token)
+    sums = np.empty((K // group_size, 2, T), np.float32)
+    sums_by_token = np.empty((T, 2, K // group_size), np.float32)
+    _quantize_parallel(x, bits, group_size, xq, dx, sums, sums_by_token)
+    return QuantizedActivations(xq, dx, sums, sums_by_token)
 
 
 # --- the vector row product (LLVM IR) --------------------------------------------------------
@@ -570,12 +580,13 @@ def _swiglu(gate_up):
     return out
 
 
-_SWIGLU = {parallel: njit(cache=True, fastmath=True, parallel=parallel)(_swiglu) for parallel in (False, True)}
+_swiglu_serial = njit(cache=True, fastmath=True)(_swiglu)
+_swiglu_parallel = njit(cache=True, fastmath=True, parallel=True)(_swiglu)
 
 
 def swiglu(gate_up: np.ndarray) -> np.ndarray:
     """silu(gate) * up for [T, 2 * ffn] holding gate then up."""
-    return _SWIGLU[gate_up.shape[0] > 1](gate_up)
+    return (_swiglu_parallel if gate_up.shape[0] > 1 else _swiglu_serial)(gate_up)
 
 
 def swiglu_reference(gate_up):
@@ -714,6 +725,57 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.nd
         keys, values = keys.view(np.uint16), values.view(np.uint16)
     _attend(q, keys, values, np.asarray(positions, np.int64), sliding_window or 0, HALF_TO_FLOAT, out)
     return out
+
+
+# --- a decoded token's layer in two calls -------------------------------------------------------
+# One token's layer is about 60 small operations; run from Python one by one, the time between
+# them was a third of the token's. Here they run in two compiled calls (the KV cache is written
+# between them, in numpy, which also converts to float16). The math is the model's, step by step.
+
+@njit(cache=True)
+def _products(x, table, bits, group_size, rows, width):
+    """x (float) times the table's matrices, into [rows, width]."""
+    xq, dx, sums, sums_by_token = _quantized(x, bits, group_size)
+    out = np.empty((rows, width), np.float32)
+    _vector_matmul(table, xq, dx, sums, sums_by_token, out, bits, group_size)
+    return out
+
+
+@njit(cache=True)
+def decode_qkv(x, norm, eps, qkv, bits, group_size, heads, kv_heads, dim, positions, inv_freq):
+    """RMSNorm, q k v, RoPE: the attention's inputs for one token."""
+    out = _products(rms_norm(x, norm, eps), qkv, bits, group_size, 1, (heads + 2 * kv_heads) * dim)
+    q = apply_rope(out[:, :heads * dim].copy().reshape(1, heads, dim), positions, inv_freq)
+    k = apply_rope(out[:, heads * dim:(heads + kv_heads) * dim].copy().reshape(1, kv_heads, dim), positions, inv_freq)
+    return q, k, out[:, (heads + kv_heads) * dim:].copy().reshape(1, kv_heads, dim)
+
+
+@njit(cache=True)
+def decode_rest(x, q, keys, values, positions, window, half, o, o_bits, o_group, norm, eps, router, k,
+                experts, up_bits, up_group, down_bits, down_group):
+    """Attention over the cache, its output projection, then the mixture of experts, for one
+    token. experts: [E, 3, table row] for w1, w3, w2."""
+    heads, dim = q.shape[1], q.shape[2]
+    attended = np.empty((1, heads * dim), np.float32)
+    _attend(q, keys, values, positions, window, half, attended)
+    x = x + _products(attended, o, o_bits, o_group, 1, x.shape[1])
+    h = rms_norm(x, norm, eps)
+    chosen, weights = route_tokens(h, router, k)
+    order = np.argsort(chosen[0])  # the experts in index order, as the model sums them
+    ffn = experts[0, 0, ROWS]
+    up = np.empty((2 * k, 12), np.int64)
+    down = np.empty((k, 12), np.int64)
+    for i in range(k):
+        e = chosen[0, order[i]]
+        up[i], up[k + i], down[i] = experts[e, 0], experts[e, 1], experts[e, 2]
+        up[i, OUT_ROW] = up[k + i, OUT_ROW] = down[i, X_ROW] = down[i, OUT_ROW] = i
+        up[k + i, OUT_COL] = ffn
+    gate_up = _products(h, up, up_bits, up_group, k, 2 * ffn)
+    y = _products(_swiglu_serial(gate_up), down, down_bits, down_group, k, x.shape[1])
+    mixed = np.zeros_like(x)
+    for i in range(k):
+        mixed[0] += y[i] * weights[0, order[i]]
+    return x + mixed
 
 
 # --- dequantize (embedding rows) -----------------------------------------------------------------

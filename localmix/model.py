@@ -166,6 +166,15 @@ def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray
     return out
 
 
+def decoder_layer(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, index: int,
+                  positions: np.ndarray, inv_freq: np.ndarray, ops: type[Ops]) -> np.ndarray:
+    """Attention then mixture of experts, each pre-normed and added to the residual stream."""
+    h = ops.rms_norm(x, layer.attention_norm, args.rms_norm_eps)
+    x = x + attention(h, layer, args, cache, index, positions, inv_freq, ops)
+    h = ops.rms_norm(x, layer.ffn_norm, args.rms_norm_eps)
+    return x + moe_block(h, layer, args.num_experts_per_tok, ops)
+
+
 class Ops:
     """The operations that a backend may run faster. These are the reference: the functions above,
     in float32 numpy. localmix.backends has the Numba kernels' versions."""
@@ -175,6 +184,7 @@ class Ops:
     attend = staticmethod(attend)
     linears = staticmethod(linears)
     experts_ffn = staticmethod(experts_ffn)
+    decoder_layer = staticmethod(decoder_layer)
 
 
 class Transformer:
@@ -199,10 +209,7 @@ class Transformer:
         cache.reserve(cache.length + len(ids))
         x = embedding(ids, w.embed)
         for index, layer in enumerate(w.layers):
-            h = ops.rms_norm(x, layer.attention_norm, args.rms_norm_eps)
-            x = x + attention(h, layer, args, cache, index, positions, self.inv_freq, ops)
-            h = ops.rms_norm(x, layer.ffn_norm, args.rms_norm_eps)
-            x = x + moe_block(h, layer, args.num_experts_per_tok, ops)
+            x = ops.decoder_layer(x, layer, args, cache, index, positions, self.inv_freq, ops)
         cache.advance(len(ids))
         if last_only:
             x = x[-1:]
