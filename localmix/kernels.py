@@ -78,41 +78,56 @@ def values_per_lane(bits: int) -> int:
 
 # --- activations -----------------------------------------------------------------------------
 
-def _quantize_into(x, bits, group_size, xq, dx, sums, sums_by_token):
-    T, K = x.shape
+@njit(inline="always", fastmath=True)
+def _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token):
+    K = x.shape[1]
     per_lane = 16 // bits
     per_chunk = 16 * per_lane
     middle = np.float32(1 << (bits - 1))
-    for t in prange(T):
-        values = np.empty(K, np.int16)  # natural order first: these loops vectorize
-        for g in range(K // group_size):
-            start = g * group_size
-            peak, total = np.float32(0.0), np.float32(0.0)
-            for k in range(start, start + group_size):
-                peak = max(peak, abs(x[t, k]))
-                total += x[t, k]
-            d = peak / np.float32(32767.0) if peak > 0 else np.float32(1.0)
-            inverse = np.float32(1.0) / d
-            rounded = 0
-            for k in range(start, start + group_size):
-                v = np.int16(min(np.float32(32767.0), max(np.float32(-32767.0), np.rint(x[t, k] * inverse))))
-                values[k] = v
-                rounded += np.int32(v)
-            dx[t, g] = d
-            sums[g, 0, t] = sums_by_token[t, 0, g] = total
-            sums[g, 1, t] = sums_by_token[t, 1, g] = middle * (total - d * np.float32(rounded))
-        # value (lane, slot) of a chunk goes to slot * 16 + lane: every lane's value j side by side
-        for chunk in range(xq.shape[1] // per_chunk):
-            base = chunk * per_chunk
-            for slot in range(per_lane):
-                for lane in range(16):
-                    k = base + lane * per_lane + slot
-                    xq[t, base + slot * 16 + lane] = values[k] if k < K else 0
+    values = np.empty(K, np.int16)  # natural order first: these loops vectorize
+    for g in range(K // group_size):
+        start = g * group_size
+        peak, total = np.float32(0.0), np.float32(0.0)
+        for k in range(start, start + group_size):
+            peak = max(peak, abs(x[t, k]))
+            total += x[t, k]
+        d = peak / np.float32(32767.0) if peak > 0 else np.float32(1.0)
+        inverse = np.float32(1.0) / d
+        rounded = 0
+        for k in range(start, start + group_size):
+            v = np.int16(min(np.float32(32767.0), max(np.float32(-32767.0), np.rint(x[t, k] * inverse))))
+            values[k] = v
+            rounded += np.int32(v)
+        dx[t, g] = d
+        sums[g, 0, t] = sums_by_token[t, 0, g] = total
+        sums[g, 1, t] = sums_by_token[t, 1, g] = middle * (total - d * np.float32(rounded))
+    # value (lane, slot) of a chunk goes to slot * 16 + lane: every lane's value j side by side
+    for chunk in range(xq.shape[1] // per_chunk):
+        base = chunk * per_chunk
+        for slot in range(per_lane):
+            for lane in range(16):
+                k = base + lane * per_lane + slot
+                xq[t, base + slot * 16 + lane] = values[k] if k < K else 0
 
 
-# One token goes through the serial version: starting the threads costs more than its work.
-_quantize_serial = njit(cache=True, fastmath=True)(_quantize_into)
-_quantize_parallel = njit(cache=True, fastmath=True, parallel=True)(_quantize_into)
+@njit(cache=True, fastmath=True)
+def _quantize_serial(x, bits, group_size, xq, dx, sums, sums_by_token):
+    """One token (or the few rows of a decoded token's experts): starting threads costs more."""
+    for t in range(x.shape[0]):
+        _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token)
+
+
+def _parallel_quantizer(bits: int, group_size: int):
+    # the format as constants: prompts quantize three times faster than with runtime values
+    @njit(cache=True, fastmath=True, parallel=True)
+    def quantize(x, xq, dx, sums, sums_by_token):
+        for t in prange(x.shape[0]):
+            _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token)
+
+    return quantize
+
+
+_QUANTIZE_PARALLEL = {(bits, group_size): _parallel_quantizer(bits, group_size) for bits, group_size in FORMATS}
 
 
 @njit(cache=True)
@@ -152,7 +167,7 @@ def quantize_activations(x: np.ndarray, bits: int, group_size: int) -> Quantized
     dx = np.empty((T, K // group_size), np.float32)
     sums = np.empty((K // group_size, 2, T), np.float32)
     sums_by_token = np.empty((T, 2, K // group_size), np.float32)
-    _quantize_parallel(x, bits, group_size, xq, dx, sums, sums_by_token)
+    _QUANTIZE_PARALLEL[bits, group_size](x, xq, dx, sums, sums_by_token)
     return QuantizedActivations(xq, dx, sums, sums_by_token)
 
 
