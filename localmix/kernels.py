@@ -31,11 +31,16 @@ import time
 from typing import NamedTuple
 
 import numpy as np
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from localmix.quant.affine import dequantize as dequantize_reference
+
+# Numba does not set up LLVM's assembly parser, which the inline vpdpwssd needs: whenever a kernel
+# holding it is compiled, or linked from Numba's cache into another kernel being compiled.
+llvm.initialize_native_asmparser()
 
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 FORMATS = [(bits, group_size) for bits in (4, 8) for group_size in (32, 64, 128)]  # what the kernels run
@@ -47,7 +52,6 @@ BLOCK_BYTES = 16384   # weight rows per block in prefill: a block stays in L1 wh
 
 @functools.cache
 def cpu_features() -> dict:
-    import llvmlite.binding as llvm
     return dict(llvm.get_host_cpu_features())
 
 
@@ -204,9 +208,6 @@ class _RowEmitter:
                                      [_vector(_i16, 16), _vector(_i16, 16)])
         # As inline assembly: LLVM turns its own vpdpwssd intrinsic back into pmaddwd + paddd here.
         vnni = vnni_instruction()
-        if vnni:
-            import llvmlite.binding as llvm
-            llvm.initialize_native_asmparser()  # Numba does not, and inline assembly needs it
         self.dpwssd = vnni and ir.InlineAsm(
             ir.FunctionType(_vector(_i32, 8), [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)]),
             f"{vnni} $3, $2, $0", "=x,0,x,x")
