@@ -103,6 +103,21 @@ def test_numba_backend_matches_the_numpy_reference(q4, vector, kv_cache, monkeyp
     assert (fast.argmax(-1) == reference.argmax(-1)).mean() >= 0.8
 
 
+@pytest.mark.parametrize("bits", ["8", "mixed"])
+def test_decoding_kernels_with_a_sliding_window_and_other_formats(tmp_path, bits):
+    """The fused decoding layer (kernels.decode_qkv/decode_rest) on 8-bit and mixed models (q, k,
+    v at 8 bits, experts at 4), top-3 routing, a window shorter than the text, f16 cache."""
+    make_hf_model(tmp_path / "hf", dtype=torch.bfloat16, sliding_window=4, num_experts_per_tok=3, **SHAPE)
+    folder = convert(LocalSource(tmp_path / "hf"), tmp_path / "model", bits=bits)
+    ids = np.random.default_rng(5).integers(0, 32000, 10)
+    reference = prompt_then_decode(localmix.load(folder, backend="numpy"), ids, split=3)
+    for kv_cache in ("f32", "f16"):
+        fast = localmix.load(folder, kv_cache=kv_cache)
+        ours = prompt_then_decode(fast, ids, split=3)
+        assert (fast.transformer.weights.layers[0].fused is not None) == kernels.has_vector_kernels()
+        assert np.abs(ours - reference).max() <= 1e-3 * np.abs(reference).max()
+
+
 def test_unknown_backend_and_cache_types_are_refused(q4):
     with pytest.raises(LocalmixError, match="unknown backend 'gpu'"):
         localmix.load(q4, backend="gpu")
