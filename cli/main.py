@@ -32,6 +32,8 @@ Verbose = typer.Option(False, "--verbose", help="Print timings after each answer
 Backend = typer.Option("numba", "--backend", help="Quantized products: numba (kernels) or numpy (reference).")
 Threads = typer.Option(None, "--threads", "-t", help="Threads for the kernels (default: the physical cores).")
 KvCache = typer.Option("f32", "--kv-cache", help="KV cache type: f32 (exact) or f16 (half the memory).")
+Memory = typer.Option(None, "--memory", help="Memory budget, e.g. 12GB: experts beyond it are read from disk "
+                                             "into an expert cache.")
 
 
 def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingParams:
@@ -43,10 +45,13 @@ def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty
 
 
 def load_model(name: str, experts_per_token: int | None, backend: str, threads: int | None,
-               kv_cache: str) -> tuple[Model, float]:
+               kv_cache: str, memory: str | None = None) -> tuple[Model, float]:
     start = time.perf_counter()
     with err.status(f"loading {name} (the first start compiles the kernels: about a minute)"):
-        model = load(name, experts_per_token=experts_per_token, backend=backend, threads=threads, kv_cache=kv_cache)
+        model = load(name, experts_per_token=experts_per_token, backend=backend, threads=threads, kv_cache=kv_cache,
+                     memory=memory)
+    if model.memory_note:
+        err.print(model.memory_note, style="dim", markup=False)
     if model.compile_s > 5:
         err.print(f"compiled the kernels in {model.compile_s:.0f} s; later starts reuse them", style="dim")
     return model, time.perf_counter() - start
@@ -60,7 +65,7 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         seed: Optional[int] = Seed, system: Optional[str] = System,
         raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template."),
         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
-        threads: Optional[int] = Threads, kv_cache: str = KvCache):
+        threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory):
     """Answer one prompt, streaming the text to stdout."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     if prompt is None:
@@ -70,7 +75,7 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
     if raw and system:
         raise LocalmixError("--system needs the chat template; leave out --raw")
     start = time.perf_counter()
-    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache)
+    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params)
     if verbose and last:
@@ -83,10 +88,10 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
          top_k: int = TopK, min_p: float = MinP, repeat_penalty: float = RepeatPenalty,
          seed: Optional[int] = Seed, system: Optional[str] = System,
          experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
-         threads: Optional[int] = Threads, kv_cache: str = KvCache):
+         threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory):
     """Chat in the terminal (/? for help)."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache)
+    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory)
     chat_loop(llm, model, params, max_tokens, system, verbose, load_s)
 
 

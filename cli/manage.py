@@ -143,6 +143,7 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
           backend: str = typer.Option("numba", "--backend", help="numba (kernels) or numpy (reference)."),
           threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads (default: the physical cores)."),
           kv_cache: str = typer.Option("f32", "--kv-cache", help="KV cache type: f32 or f16."),
+          memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget, e.g. 12GB (expert cache)."),
           as_json: bool = typer.Option(False, "--json", help="End with the figures as one JSON line.")):
     """Prefill and decode speed (as llama.cpp is measured by ../shared/peers/llama_speed.py)."""
     from localmix import bench as benchmark
@@ -153,7 +154,9 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
     if model is None:
         raise LocalmixError("name a model to benchmark (or pass --membw)")
     llm = localmix.load(model, experts_per_token=experts_per_token, backend=backend, threads=threads,
-                        kv_cache=kv_cache)
+                        kv_cache=kv_cache, memory=memory)
+    if llm.memory_note:
+        err.print(llm.memory_note, style="dim", markup=False)
     with err.status(f"prefill {prompt_tokens} tokens, generate {gen_tokens}, {repeat} time(s)"):
         r = benchmark.run(llm, prompt_tokens, gen_tokens, repeat)
     table = Table("model", "threads", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS MB", "TTFT s", box=None)

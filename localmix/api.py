@@ -11,6 +11,7 @@ from localmix import kernels
 from localmix.checkpoint import Checkpoint, read_weights
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
+from localmix.expert_cache import CachedExperts, ExpertCache, plan_memory
 from localmix.generate import GenerationResponse, stream_generate
 from localmix.home import resolve_model
 from localmix.kv_cache import KV_DTYPES
@@ -25,10 +26,25 @@ from localmix.tokenizer import Tokenizer
 def quantized_shapes(weights) -> set[tuple[int, int]]:
     """The (bits, group size) pairs of a model's quantized matrices."""
     matrices = [weights.embed, weights.lm_head]
+    shapes = set()
     for layer in weights.layers:
         matrices += [layer.wq, layer.wk, layer.wv, layer.wo]
-        matrices += [m for e in layer.experts for m in (e.w1, e.w2, e.w3)]
-    return {(m.bits, m.group_size) for m in matrices if hasattr(m, "bits")}
+        if isinstance(layer.experts, CachedExperts):
+            shapes.update(layer.experts.formats)
+        else:
+            matrices += [m for e in layer.experts for m in (e.w1, e.w2, e.w3)]
+    return shapes | {(m.bits, m.group_size) for m in matrices if hasattr(m, "bits")}
+
+
+def expert_formats(manifest: dict) -> tuple:
+    """((bits, group) of the experts' w1 and w3, of their w2), from the manifest."""
+    formats = {}
+    for name, t in manifest["tensors"].items():
+        if ".experts." in name and t["dtype"].startswith("q"):
+            formats.setdefault(name.rsplit(".", 2)[-2], set()).add((int(t["dtype"][1:]), t["group_size"]))
+    up = formats.get("w1", set()) | formats.get("w3", set())
+    down = formats.get("w2", set())
+    return (up.pop() if len(up) == 1 else None), (down.pop() if len(down) == 1 else None)
 
 
 class Model:
@@ -41,10 +57,14 @@ class Model:
     """
 
     def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
-                 threads: int | None = None, kv_cache: str = "f32"):
+                 threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
+                 expert_policy: str = "lru"):
         """Open a localmix model folder (quantized, from `localmix pull`) or a Hugging Face one.
         backend: "numba" (kernels) or "numpy" (the reference) for the quantized matrix products.
-        threads: for the kernels (default: the physical cores). kv_cache: "f32" or "f16"."""
+        threads: for the kernels (default: the physical cores). kv_cache: "f32" or "f16".
+        memory: a budget such as "12GB" for a localmix model: the experts that do not fit stay on
+        disk and come in through an expert cache (policy "lru" or "lfu"); without one, a model
+        larger than the available memory gets a budget chosen for it (see memory_note)."""
         if kv_cache not in KV_DTYPES:
             raise LocalmixError(f"unknown KV cache type {kv_cache!r}: use {' or '.join(KV_DTYPES)}")
         # Float checkpoints always run the reference: they are what the quantized paths are checked against.
@@ -55,11 +75,24 @@ class Model:
         checkpoint = ModelFolder(folder) if quantized else Checkpoint(folder)
         self.path = checkpoint.folder
         self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
+        self.expert_cache, self.memory_note = None, None
+        slots = None
+        if quantized:
+            slots, self.memory_note = plan_memory(checkpoint.manifest, self.config, memory)
+        elif memory is not None:
+            raise LocalmixError("--memory applies to localmix models (from `localmix pull`), not to float checkpoints")
         self.tokenizer = Tokenizer(checkpoint.tokenizer_path)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise LocalmixError(f"{checkpoint.tokenizer_path}: the tokenizer has {self.tokenizer.vocab_size} "
                                 f"tokens but the model only {self.config.vocab_size}")
-        self.transformer = Transformer(self.config, read_weights(checkpoint, self.config), ops, KV_DTYPES[kv_cache])
+        weights = read_weights(checkpoint, self.config, experts=slots is None)
+        if slots is not None:
+            self.expert_cache = ExpertCache(checkpoint.folder, checkpoint.manifest, self.config.num_hidden_layers,
+                                            self.config.num_local_experts, slots, expert_policy)
+            formats = expert_formats(checkpoint.manifest)
+            for i, layer in enumerate(weights.layers):
+                layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts, formats)
+        self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache])
         # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.
         self.compile_s = kernels.warm_up(quantized_shapes(self.transformer.weights)) if ops is not Ops else 0.0
 
@@ -93,6 +126,7 @@ class Model:
 
 
 def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
-         threads: int | None = None, kv_cache: str = "f32") -> Model:
+         threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
+         expert_policy: str = "lru") -> Model:
     """Load a model by name from $LOCALMIX_HOME/models, or a localmix or Hugging Face folder."""
-    return Model(resolve_model(path_or_name), experts_per_token, backend, threads, kv_cache)
+    return Model(resolve_model(path_or_name), experts_per_token, backend, threads, kv_cache, memory, expert_policy)

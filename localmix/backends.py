@@ -14,7 +14,7 @@ import numpy as np
 
 from localmix import kernels
 from localmix.errors import LocalmixError
-from localmix.model import Ops
+from localmix.model import Ops, expert_batches
 
 BACKENDS = ("numba", "numpy")
 
@@ -53,9 +53,9 @@ class NumbaOps(Ops):
 
     @staticmethod
     def decoder_layer(x, layer, args, cache, index, positions, inv_freq, ops):
-        """One token's layer in two kernel calls (see kernels.decode_rest); prompts, dense
+        """One token's layer in three kernel calls (see kernels.decode_attention); prompts, dense
         layers and mixed formats go operation by operation."""
-        plan = fused_plan(layer, args)
+        plan = fused_plan(layer)
         if x.shape[0] != 1 or plan is None:
             return Ops.decoder_layer(x, layer, args, cache, index, positions, inv_freq, ops)
         heads, kv_heads, dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
@@ -66,9 +66,14 @@ class NumbaOps(Ops):
         keys, values = cache.update(index, k[0], v[0])
         if keys.dtype == np.float16:
             keys, values = keys.view(np.uint16), values.view(np.uint16)
-        return kernels.decode_rest(x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT,
-                                   plan.o, *plan.o_format, layer.ffn_norm, eps, layer.router,
-                                   args.num_experts_per_tok, plan.experts, *plan.up_format, *plan.down_format)
+        x, h, chosen, weights = kernels.decode_attention(
+            x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT, plan.o, *plan.o_format,
+            layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)
+        (_, experts), = expert_batches(layer.experts, chosen)  # an expert cache has room for a token's
+        up = np.array([kernels.matrix_row(e.w1) for e in experts] + [kernels.matrix_row(e.w3) for e in experts])
+        down = np.array([kernels.matrix_row(e.w2) for e in experts])
+        up[:, kernels.TOKENS] = down[:, kernels.TOKENS] = 1
+        return kernels.decode_experts(x, h, weights, up, *plan.up_format, down, *plan.down_format)
 
 
 class FusedPlan(NamedTuple):
@@ -76,19 +81,21 @@ class FusedPlan(NamedTuple):
     qkv_format: tuple    # (bits, group size)
     o: np.ndarray
     o_format: tuple
-    experts: np.ndarray  # [experts, 3 (w1, w3, w2), table row]
-    up_format: tuple
-    down_format: tuple
+    up_format: tuple     # of the experts' w1 and w3
+    down_format: tuple   # of their w2
 
 
-def fused_plan(layer, args) -> FusedPlan | None:
-    """The kernel tables of a layer's matrices, made once; None where the layer cannot be fused
-    (a dense MLP, float weights, or q, k and v, or w1 and w3, in different formats)."""
+def fused_plan(layer) -> FusedPlan | None:
+    """The kernel tables of a layer's attention matrices and its formats, made once; None where
+    the layer cannot be fused (a dense MLP, float weights, or q, k and v, or w1 and w3, in
+    different formats)."""
     plan = getattr(layer, "fused", False)
     if plan is not False:
         return plan
     plan = None
-    matrices = [layer.wq, layer.wk, layer.wv, layer.wo] + [m for e in layer.experts for m in (e.w1, e.w3, e.w2)]
+    cached = hasattr(layer.experts, "formats")  # an expert cache's: do not bring them all in to look
+    expert_matrices = [] if cached else [m for e in layer.experts for m in (e.w1, e.w3, e.w2)]
+    matrices = [layer.wq, layer.wk, layer.wv, layer.wo] + expert_matrices
     if layer.router is not None and all(is_packed(m) for m in matrices) and kernels.has_vector_kernels():
         def fmt(ms):
             formats = {(m.bits, m.group_size) for m in ms}
@@ -101,14 +108,13 @@ def fused_plan(layer, args) -> FusedPlan | None:
                 table[:, kernels.OUT_COL] = cols
             return table
 
-        qkv, up, down = [layer.wq, layer.wk, layer.wv], [m for e in layer.experts for m in (e.w1, e.w3)], \
-            [e.w2 for e in layer.experts]
-        formats = fmt(qkv), (layer.wo.bits, layer.wo.group_size), fmt(up), fmt(down)
+        qkv = [layer.wq, layer.wk, layer.wv]
+        experts = layer.experts.formats if cached else (fmt(expert_matrices[0::3] + expert_matrices[1::3]),
+                                                        fmt(expert_matrices[2::3]))
+        formats = fmt(qkv), (layer.wo.bits, layer.wo.group_size), *experts
         if None not in formats:
             sizes = [m.words.shape[0] for m in qkv]
-            experts = np.stack([rows([e.w1, e.w3, e.w2]) for e in layer.experts])
-            plan = FusedPlan(rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0], rows([layer.wo]), formats[1],
-                             experts, formats[2], formats[3])
+            plan = FusedPlan(rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0], rows([layer.wo]), *formats[1:])
     layer.fused = plan
     return plan
 

@@ -57,7 +57,8 @@ def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1) 
             logits = model.transformer([int(np.argmax(logits[-1]))], cache, last_only=True)
         decode.append(time.perf_counter() - start)
     decode_tok_s = gen_tokens / float(np.mean(decode))
-    return {
+    experts = model.expert_cache.stats() if model.expert_cache else {}  # over the whole run
+    return {**experts,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "threads": model.threads,
         "prefill_tok_s": prompt_tokens / float(np.mean(prefill)),
         "decode_tok_s": decode_tok_s,

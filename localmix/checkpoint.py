@@ -165,8 +165,9 @@ def check_tensor(file: SafetensorsFile, name: str, shape: tuple[int, ...]) -> No
                             f"expected {list(shape)} from config.json")
 
 
-def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None):
-    """All tensors of the model, named as Hugging Face names them, checked against the config."""
+def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None, experts: bool = True):
+    """All tensors of the model, named as Hugging Face names them, checked against the config.
+    experts=False leaves a mixture's experts out (an expert cache brings them in on demand)."""
     from localmix.model import Expert, Layer, Weights
 
     args = args or checkpoint.config
@@ -180,15 +181,15 @@ def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None):
         if args.is_moe:
             moe = p + "block_sparse_moe."
             router = get(moe + "gate.weight", (args.num_local_experts, H))
-            experts = [Expert(w1=get(f"{moe}experts.{e}.w1.weight", (F, H)),
-                              w2=get(f"{moe}experts.{e}.w2.weight", (H, F)),
-                              w3=get(f"{moe}experts.{e}.w3.weight", (F, H)))
-                       for e in range(args.num_local_experts)]
+            layer_experts = [Expert(w1=get(f"{moe}experts.{e}.w1.weight", (F, H)),
+                                    w2=get(f"{moe}experts.{e}.w2.weight", (H, F)),
+                                    w3=get(f"{moe}experts.{e}.w3.weight", (F, H)))
+                             for e in range(args.num_local_experts)] if experts else []
         else:
             router = None
-            experts = [Expert(w1=get(p + "mlp.gate_proj.weight", (F, H)),
-                              w2=get(p + "mlp.down_proj.weight", (H, F)),
-                              w3=get(p + "mlp.up_proj.weight", (F, H)))]
+            layer_experts = [Expert(w1=get(p + "mlp.gate_proj.weight", (F, H)),
+                                    w2=get(p + "mlp.down_proj.weight", (H, F)),
+                                    w3=get(p + "mlp.up_proj.weight", (F, H)))]
         layers.append(Layer(
             attention_norm=get(p + "input_layernorm.weight", (H,)),
             wq=get(p + "self_attn.q_proj.weight", (q_rows, H)),
@@ -196,7 +197,7 @@ def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None):
             wv=get(p + "self_attn.v_proj.weight", (kv_rows, H)),
             wo=get(p + "self_attn.o_proj.weight", (H, q_rows)),
             ffn_norm=get(p + "post_attention_layernorm.weight", (H,)),
-            router=router, experts=experts))
+            router=router, experts=layer_experts))
 
     embed = get("model.embed_tokens.weight", (V, H))
     lm_head = embed if args.tie_word_embeddings else get("lm_head.weight", (V, H))

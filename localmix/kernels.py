@@ -743,10 +743,12 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.nd
     return out
 
 
-# --- a decoded token's layer in two calls -------------------------------------------------------
+# --- a decoded token's layer in three calls -----------------------------------------------------
 # One token's layer is about 60 small operations; run from Python one by one, the time between
-# them was a third of the token's. Here they run in two compiled calls (the KV cache is written
-# between them, in numpy, which also converts to float16). The math is the model's, step by step.
+# them was a third of the token's. Here they run in three compiled calls: between them, numpy
+# writes the KV cache (converting to float16 where asked) and the chosen experts are looked up
+# (from an expert cache, when the model runs within a memory budget). The math is the model's,
+# step by step.
 
 @njit(cache=True)
 def _products(x, table, bits, group_size, rows, width):
@@ -767,30 +769,34 @@ def decode_qkv(x, norm, eps, qkv, bits, group_size, heads, kv_heads, dim, positi
 
 
 @njit(cache=True)
-def decode_rest(x, q, keys, values, positions, window, half, o, o_bits, o_group, norm, eps, router, k,
-                experts, up_bits, up_group, down_bits, down_group):
-    """Attention over the cache, its output projection, then the mixture of experts, for one
-    token. experts: [E, 3, table row] for w1, w3, w2."""
+def decode_attention(x, q, keys, values, positions, window, half, o, o_bits, o_group, norm, eps, router, k):
+    """Attention over the cache and its output projection added to x, then the experts' norm and
+    routing, for one token: returns x, the normed h, and the chosen experts (in index order, as
+    the model sums them) with their weights."""
     heads, dim = q.shape[1], q.shape[2]
     attended = np.empty((1, heads * dim), np.float32)
     _attend(q, keys, values, positions, window, half, attended)
     x = x + _products(attended, o, o_bits, o_group, 1, x.shape[1])
     h = rms_norm(x, norm, eps)
     chosen, weights = route_tokens(h, router, k)
-    order = np.argsort(chosen[0])  # the experts in index order, as the model sums them
-    ffn = experts[0, 0, ROWS]
-    up = np.empty((2 * k, 12), np.int64)
-    down = np.empty((k, 12), np.int64)
+    order = np.argsort(chosen[0])
+    return x, h, chosen[0][order], weights[0][order]
+
+
+@njit(cache=True)
+def decode_experts(x, h, weights, up, up_bits, up_group, down, down_bits, down_group):
+    """x + the chosen experts' SwiGLU of h, weighted. up: the table rows of their w1 then their
+    w3, down: of their w2, in the order of weights."""
+    k = weights.size
+    ffn = up[0, ROWS]
     for i in range(k):
-        e = chosen[0, order[i]]
-        up[i], up[k + i], down[i] = experts[e, 0], experts[e, 1], experts[e, 2]
         up[i, OUT_ROW] = up[k + i, OUT_ROW] = down[i, X_ROW] = down[i, OUT_ROW] = i
         up[k + i, OUT_COL] = ffn
     gate_up = _products(h, up, up_bits, up_group, k, 2 * ffn)
     y = _products(_swiglu_serial(gate_up), down, down_bits, down_group, k, x.shape[1])
     mixed = np.zeros_like(x)
     for i in range(k):
-        mixed[0] += y[i] * weights[0, order[i]]
+        mixed[0] += y[i] * weights[i]
     return x + mixed
 
 

@@ -147,6 +147,14 @@ def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray,
     return chosen, weights / np.sum(weights, axis=-1, keepdims=True)
 
 
+def expert_batches(experts, chosen) -> list[tuple[list[int], list[Expert]]]:
+    """The chosen experts in batches that are in memory together: one batch, unless an expert
+    cache (localmix.expert_cache) holds fewer experts than were chosen."""
+    if hasattr(experts, "batches"):
+        return experts.batches(chosen)
+    return [(list(chosen), [experts[e] for e in chosen])]
+
+
 def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray:
     if layer.router is None:
         return ops.experts_ffn(x, layer.experts, [len(x)])
@@ -156,8 +164,12 @@ def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray
     rows, slots = np.divmod(order, k)
     counts = np.bincount(chosen.ravel(), minlength=len(layer.experts))
     used = np.flatnonzero(counts)
-    y = ops.experts_ffn(x[rows], [layer.experts[e] for e in used], counts[used].tolist())
-    y *= weights[rows, slots, None]
+    y, start = [], 0
+    for batch, experts in expert_batches(layer.experts, used):
+        size = counts[batch].sum()
+        y.append(ops.experts_ffn(x[rows[start:start + size]], experts, counts[batch].tolist()))
+        start += size
+    y = np.concatenate(y) * weights[rows, slots, None]
     # Each token sums its experts in index order, as transformers does.
     out, start = np.zeros_like(x), 0
     for count in counts[used]:

@@ -1,0 +1,232 @@
+"""Experts kept within a memory budget: preallocated slots, filled from the expert files on demand.
+
+A localmix model keeps each expert in its own file (w1, w2, w3). Within a budget the dense weights
+stay resident, and the experts live in a fixed number of slots, one expert each: a miss reads the
+expert's file straight into a free slot (`readinto`, no intermediate copy and no memory map that
+the kernel would count against the process), evicting one chosen by the policy. The slot holds
+the file's bytes exactly, so the products, and the logits, are bit for bit those of the resident
+model.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from localmix.errors import LocalmixError
+from localmix.model import Expert
+from localmix.store import QuantizedMatrix, TensorLayout
+
+MIB = 1 << 20
+RUNTIME_BYTES = 300 * MIB  # Python, numpy, Numba and their compiled kernels: measured ~260 MB
+UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
+         "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_memory(text: str | int) -> int:
+    """'12GB', '12 GiB', '800MB' or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m[2].upper() not in UNITS:
+        raise LocalmixError(f"--memory: cannot read {text!r}; write it as 12GB, 800MB or 16GiB")
+    return int(float(m[1]) * UNITS[m[2].upper()])
+
+
+class LRU:
+    """Evict the expert used longest ago."""
+
+    def __init__(self):
+        self.order: OrderedDict = OrderedDict()
+
+    def used(self, key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def removed(self, key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, keys):
+        keys = set(keys)
+        return next(key for key in self.order if key in keys)
+
+
+class LFU(LRU):
+    """Evict the expert used least often (since the start), the older one on ties."""
+
+    def __init__(self):
+        super().__init__()
+        self.uses: Counter = Counter()
+
+    def used(self, key) -> None:
+        super().used(key)
+        self.uses[key] += 1
+
+    def victim(self, keys):
+        keys = set(keys)
+        return min((key for key in self.order if key in keys), key=lambda k: self.uses[k])
+
+
+POLICIES = {"lru": LRU, "lfu": LFU}
+
+
+class ExpertCache:
+    """Slots for `slots` experts of a model folder, with counters."""
+
+    def __init__(self, folder: Path, manifest: dict, layers: int, experts: int, slots: int, policy: str = "lru"):
+        if policy not in POLICIES:
+            raise LocalmixError(f"unknown expert cache policy {policy!r}: use {' or '.join(POLICIES)}")
+        self.folder, self.policy = Path(folder), POLICIES[policy]()
+        self.layouts: dict[tuple[int, int], list[TensorLayout]] = {}
+        for name, t in manifest["tensors"].items():
+            m = re.match(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$", name)
+            if m:
+                layout = TensorLayout(name, t["file"], t["offset"], tuple(t["shape"]), t["dtype"], t["group_size"])
+                self.layouts.setdefault((int(m[1]), int(m[2])), []).append(layout)
+        if len(self.layouts) != layers * experts:
+            raise LocalmixError(f"{self.folder}: the manifest lists {len(self.layouts)} experts, "
+                                f"expected {layers * experts}; pull the model again")
+        self.file_bytes = {key: manifest["files"][ls[0].file]["size"] for key, ls in self.layouts.items()}
+        self.slot_bytes = max(self.file_bytes.values())
+        self.slots = slots
+        self.buffer = np.empty((slots, self.slot_bytes), np.uint8)  # pages are taken as slots fill
+        self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
+        self.free = list(range(slots - 1, -1, -1))
+        self.in_use: set = set()  # the experts of the batch being computed: never evicted
+        self.activations: Counter = Counter()
+        self.hits = self.misses = self.bytes_read = 0
+        self.stall_s = 0.0
+
+    def get(self, layer: int, expert: int) -> Expert:
+        key = (layer, expert)
+        self.activations[key] += 1
+        self.policy.used(key)
+        if key in self.resident:
+            self.hits += 1
+            return self.resident[key][1]
+        self.misses += 1
+        slot = self.free.pop() if self.free else self._evict()
+        start = time.perf_counter()
+        views = self._read(key, slot)
+        self.stall_s += time.perf_counter() - start
+        self.resident[key] = (slot, views)
+        return views
+
+    def batch(self, layer: int, experts) -> list[Expert]:
+        """Experts that must be resident together (at most `slots` of them)."""
+        self.in_use = {(layer, int(e)) for e in experts}
+        return [self.get(layer, int(e)) for e in experts]
+
+    def _evict(self) -> int:
+        victim = self.policy.victim([key for key in self.resident if key not in self.in_use])
+        self.policy.removed(victim)
+        slot, _ = self.resident.pop(victim)
+        return slot
+
+    def _read(self, key, slot: int) -> Expert:
+        layouts = self.layouts[key]
+        path = self.folder / layouts[0].file
+        size = self.file_bytes[key]
+        target = memoryview(self.buffer[slot])[:size]
+        try:
+            with open(path, "rb", buffering=0) as f:
+                got = f.readinto(target)
+        except OSError as e:
+            raise LocalmixError(f"{path}: cannot read ({e.strerror}); run `localmix verify` on this model") from None
+        if got != size:
+            raise LocalmixError(f"{path}: truncated ({got} bytes, expected {size}); run `localmix verify` on "
+                                f"this model")
+        self.bytes_read += size
+        data = self.buffer[slot]
+        matrices = {}
+        for layout in layouts:
+            views = {part: data[offset:offset + n] for part, offset, n in layout.parts}
+            rows = layout.shape[0]
+            matrices[layout.name.rsplit(".", 2)[-2]] = QuantizedMatrix(
+                views["words"].view(np.uint32).reshape(rows, -1), views["scales"].view(np.float16).reshape(rows, -1),
+                views["biases"].view(np.float16).reshape(rows, -1), layout.bits, layout.group_size, str(path))
+        return Expert(w1=matrices["w1"], w2=matrices["w2"], w3=matrices["w3"])
+
+    def stats(self) -> dict:
+        lookups = self.hits + self.misses
+        return {"expert_slots": self.slots, "expert_hits": self.hits, "expert_misses": self.misses,
+                "expert_hit_rate": self.hits / lookups if lookups else 1.0,
+                "expert_bytes_read": self.bytes_read, "stall_s": self.stall_s}
+
+
+class CachedExperts(Sequence):
+    """A layer's experts, looked up in the cache when the model asks for one."""
+
+    def __init__(self, cache: ExpertCache, layer: int, count: int, formats: tuple):
+        self.cache, self.layer, self.count = cache, layer, count
+        self.formats = formats  # ((bits, group) of w1 and w3, of w2), for the kernels' plans
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, expert: int) -> Expert:
+        if not 0 <= expert < self.count:
+            raise IndexError(expert)
+        return self.cache.get(self.layer, int(expert))
+
+    def batches(self, experts) -> list[tuple[list[int], list[Expert]]]:
+        """The experts in groups that fit the slots together, each loaded as it is reached."""
+        experts = [int(e) for e in experts]
+        size = self.cache.slots
+        for start in range(0, len(experts), size):
+            part = experts[start:start + size]
+            yield part, self.cache.batch(self.layer, part)
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def kv_bytes(args, context: int) -> int:
+    return 2 * 4 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * context
+
+
+def plan_memory(manifest: dict, args, memory: str | int | None, context: int = 4096) -> tuple[int | None, str | None]:
+    """How many expert slots a budget leaves: (slots, note). slots None: the whole model stays
+    resident. The budget covers the dense weights, a KV cache of `context` float32 tokens, the
+    runtime (RUNTIME_BYTES) and the slots. Without a budget, a model that does not fit the
+    memory available gets 90% of it, and the note says so."""
+    if not args.is_moe:
+        return None, None
+    files = manifest["files"]
+    dense = files["dense.bin"]["size"]
+    expert_sizes = [f["size"] for name, f in files.items() if name.startswith("experts/")]
+    fixed = dense + kv_bytes(args, context) + RUNTIME_BYTES
+    whole = fixed + sum(expert_sizes)
+    note = None
+    if memory is None:
+        available = available_memory()
+        if available is None or whole <= available:
+            return None, None
+        budget = int(available * 0.9)
+        note = (f"the model needs {whole / 1e9:.1f} GB and {available / 1e9:.1f} GB are available: "
+                f"running within {budget / 1e9:.1f} GB (set it with --memory)")
+    else:
+        budget = parse_memory(memory)
+    slots = (budget - fixed) // max(expert_sizes)
+    if slots < args.num_experts_per_tok:
+        minimum = fixed + args.num_experts_per_tok * max(expert_sizes)
+        raise LocalmixError(f"--memory {budget / 1e9:.2f} GB is too small for this model: it needs at least "
+                            f"{minimum / 1e9:.2f} GB (dense weights {dense / 1e9:.2f} GB, KV cache and runtime "
+                            f"{(fixed - dense) / 1e9:.2f} GB, {args.num_experts_per_tok} experts)")
+    if slots >= len(expert_sizes):
+        return None, note
+    return int(slots), note
