@@ -121,9 +121,11 @@ def _quantize_serial(x, bits, group_size, xq, dx, sums, sums_by_token):
         _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token)
 
 
-def _parallel_quantizer(bits: int, group_size: int):
-    # the format as constants: prompts quantize three times faster than with runtime values
-    @njit(cache=True, fastmath=True, parallel=True)
+def _quantizer(bits: int, group_size: int, parallel: bool):
+    # The format as constants: prompts quantize three times faster than with runtime values. The
+    # one-row and the many-row variants compile the same body, so a row comes out the same from
+    # both: an expert cache that splits a prompt's experts into batches changes no logit.
+    @njit(cache=True, fastmath=True, parallel=parallel)
     def quantize(x, xq, dx, sums, sums_by_token):
         for t in prange(x.shape[0]):
             _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token)
@@ -131,7 +133,8 @@ def _parallel_quantizer(bits: int, group_size: int):
     return quantize
 
 
-_QUANTIZE_PARALLEL = {(bits, group_size): _parallel_quantizer(bits, group_size) for bits, group_size in FORMATS}
+_QUANTIZERS = {(bits, group_size, parallel): _quantizer(bits, group_size, parallel)
+               for bits, group_size in FORMATS for parallel in (False, True)}
 
 
 @njit(cache=True)
@@ -164,14 +167,12 @@ def quantize_activations(x: np.ndarray, bits: int, group_size: int) -> Quantized
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     T, K = x.shape
-    if T == 1:
-        return QuantizedActivations(*_quantized(x, bits, group_size))
     per_chunk = 256 // bits
     xq = np.empty((T, -(-K // per_chunk) * per_chunk), np.int16)  # whole 32-byte chunks, zero-padded
     dx = np.empty((T, K // group_size), np.float32)
     sums = np.empty((K // group_size, 2, T), np.float32)
     sums_by_token = np.empty((T, 2, K // group_size), np.float32)
-    _QUANTIZE_PARALLEL[bits, group_size](x, xq, dx, sums, sums_by_token)
+    _QUANTIZERS[bits, group_size, T > 1](x, xq, dx, sums, sums_by_token)
     return QuantizedActivations(xq, dx, sums, sums_by_token)
 
 
@@ -596,8 +597,9 @@ def _swiglu(gate_up):
     return out
 
 
-_swiglu_serial = njit(cache=True, fastmath=True)(_swiglu)
-_swiglu_parallel = njit(cache=True, fastmath=True, parallel=True)(_swiglu)
+# Not fastmath: the one-row and many-row variants must round alike (see _quantizer).
+_swiglu_serial = njit(cache=True)(_swiglu)
+_swiglu_parallel = njit(cache=True, parallel=True)(_swiglu)
 
 
 def swiglu(gate_up: np.ndarray) -> np.ndarray:
