@@ -92,6 +92,17 @@ def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,
     layouts, sizes = plan_layout(table, bits_policy(bits, args), group_size)
     check_disk(out_dir.parent, sum(sizes.values()) + source.download_bytes())
 
+    source_info = {"repo": source.repo, "revision": source.revision}
+    quantization = {"bits": bits, "group_size": group_size, "method": "least-squares search"}
+    return write_model(out_dir, sizes, lambda tmp: write_tensors(source, tmp, layouts, on_progress),
+                       source.tokenizer_path, source.raw_config(), source_info, quantization)
+
+
+def write_model(out_dir: Path, sizes: dict[str, int], write, tokenizer: Path, raw_config: dict,
+                source_info: dict, quantization: dict) -> Path:
+    """Make a model folder: files preallocated at their sizes, filled by write(tmp) (which returns
+    the manifest's tensor entries), then the tokenizer, config and manifest, all in a hidden
+    folder renamed into place at the very end."""
     tmp = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted pull left: start it again
     (tmp / "experts").mkdir(parents=True)
@@ -99,19 +110,16 @@ def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,
         for file, size in sizes.items():
             with open(tmp / file, "wb") as f:
                 f.truncate(size)
-        tensors = write_tensors(source, tmp, layouts, on_progress)
+        tensors = write(tmp)
         files = {file: {"size": size, "sha256": sha256_of(tmp / file)} for file, size in sizes.items()}
-        shutil.copyfile(source.tokenizer_path, tmp / "tokenizer.model")
-        raw_config = source.raw_config()
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         (tmp / "config.json").write_text(json.dumps(raw_config, indent=2))
         files["tokenizer.model"] = {"size": (tmp / "tokenizer.model").stat().st_size,
                                     "sha256": sha256_of(tmp / "tokenizer.model")}
         manifest = {
-            "format": "localmix", "format_version": FORMAT_VERSION,
-            "source": {"repo": source.repo, "revision": source.revision},
+            "format": "localmix", "format_version": FORMAT_VERSION, "source": source_info,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "quantization": {"bits": bits, "group_size": group_size, "method": "least-squares search"},
-            "config": raw_config, "tokenizer": "tokenizer.model",
+            "quantization": quantization, "config": raw_config, "tokenizer": "tokenizer.model",
             "files": files, "tensors": tensors,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
