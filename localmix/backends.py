@@ -50,7 +50,6 @@ class NumbaOps(Ops):
             return kernels.experts_ffn(x, experts, counts)
         return Ops.experts_ffn(x, experts, counts)
 
-
     @staticmethod
     def decoder_layer(x, layer, args, cache, index, positions, inv_freq, ops):
         """One token's layer in three kernel calls (see kernels.decode_attention); prompts, dense

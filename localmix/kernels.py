@@ -3,15 +3,19 @@ hold it to and which `backend="numpy"` runs instead.
 
 How a quantized product works here (decode and prefill alike):
 - The activations are quantized once per product to int16, one scale per weight group
-  (`quantize_activations`). int16 and not llama.cpp's int8: int8 activations alone move the mini
-  model's logits by 9% of their range (KL 0.0035 from the exact product, more than 8-bit weights
-  cost), int16 by 5e-5, and the integer product is the same price per weight byte.
+  (`quantize_activations`). int16 and not llama.cpp's int8: on the mini model int8 activations
+  alone move the logits by 6-8% of their range (KL 0.0013-0.0016 from the exact product, half of
+  what 8-bit weights cost), int16 by 3.5e-5 (scripts/activation_precision.py), and the integer
+  product is the same price per weight byte.
 - The weights stay packed. A 32-byte chunk is read as 16 lanes of 16 bits; lane i holds values
   i*vpl .. i*vpl+vpl-1 of the chunk (vpl = 16 / bits values per lane), so `(lane >> bits*j) & mask`
   is value j of every lane at once. The activations are stored in that order (value j of every lane
   side by side), so the product of a chunk is vpl `pmaddwd`s on registers, with no unpacking to
   bytes and no shuffles.
-- Per group: scale * dx * (integer dot) + bias * sum(x), in float32.
+- Per group, in float32: s dx (q . v) + b sum(x) + s m (sum(x) - sum(x~)): the weights centred on
+  the middle m of their range (see quantize_activations).
+- One token (decoding) sums eight groups' dot products across lanes together and converts their
+  scales as one vector; a prompt multiplies tiles of TILE tokens per pass over a block of rows.
 
 On x86 with AVX2 the chunk product is emitted as LLVM vector code through `@intrinsic`
 (`vpmaddwd`, and in prompts `vpdpwssd` where the CPU has VNNI: 12% faster here), with float
