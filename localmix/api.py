@@ -90,6 +90,8 @@ class Model:
             self.expert_cache = ExpertCache(checkpoint.folder, checkpoint.manifest, self.config.num_hidden_layers,
                                             self.config.num_local_experts, slots, expert_policy)
             formats = expert_formats(checkpoint.manifest)
+            self.expert_cache.routers = [layer.router for layer in weights.layers]
+            self.expert_cache.experts_per_token = self.config.num_experts_per_tok
             for i, layer in enumerate(weights.layers):
                 layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts, formats)
         self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache])

@@ -69,6 +69,8 @@ class NumbaOps(Ops):
             x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT, plan.o, *plan.o_format,
             layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)
         (_, experts), = expert_batches(layer.experts, chosen)  # an expert cache has room for a token's
+        if hasattr(layer.experts, "speculate"):  # an expert cache: start reading the next layer's
+            layer.experts.speculate(h)
         up = np.array([kernels.matrix_row(e.w1) for e in experts] + [kernels.matrix_row(e.w3) for e in experts])
         down = np.array([kernels.matrix_row(e.w2) for e in experts])
         up[:, kernels.TOKENS] = down[:, kernels.TOKENS] = 1

@@ -11,8 +11,10 @@ model.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,6 +53,10 @@ class LRU:
     def removed(self, key) -> None:
         self.order.pop(key, None)
 
+    def loaded(self, key) -> None:
+        """Brought in ahead of time: as recent as a use, without counting as one."""
+        LRU.used(self, key)
+
     def victim(self, keys):
         keys = set(keys)
         return next(key for key in self.order if key in keys)
@@ -76,7 +82,9 @@ POLICIES = {"lru": LRU, "lfu": LFU}
 
 
 class ExpertCache:
-    """Slots for `slots` experts of a model folder, with counters."""
+    """Slots for `slots` experts of a model folder, with counters. Reads happen in the caller's
+    thread on a miss, or ahead of time in one background thread (`prefetch`); a lock guards the
+    bookkeeping, and a failed background read is raised in the caller's thread."""
 
     def __init__(self, folder: Path, manifest: dict, layers: int, experts: int, slots: int, policy: str = "lru"):
         if policy not in POLICIES:
@@ -98,33 +106,108 @@ class ExpertCache:
         self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
         self.free = list(range(slots - 1, -1, -1))
         self.in_use: set = set()  # the experts of the batch being computed: never evicted
+        self.loading: dict = {}   # key -> Future of a background read
+        self.prefetched: set = set()  # brought in ahead of time and not asked for yet
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="localmix-prefetch")
+        self.failure: BaseException | None = None
         self.activations: Counter = Counter()
-        self.hits = self.misses = self.bytes_read = 0
+        self.hits = self.misses = self.bytes_read = self.prefetches = self.prefetch_hits = 0
         self.stall_s = 0.0
+        self.routers: list = []   # set by the model: for guessing the next layer's experts
+        self.experts_per_token = 2
 
     def get(self, layer: int, expert: int) -> Expert:
         key = (layer, expert)
+        self._raise_failure()
         self.activations[key] += 1
-        self.policy.used(key)
-        if key in self.resident:
-            self.hits += 1
-            return self.resident[key][1]
-        self.misses += 1
-        slot = self.free.pop() if self.free else self._evict()
         start = time.perf_counter()
+        with self.lock:
+            self.policy.used(key)
+            loading = self.loading.get(key)
+        if loading is not None:
+            loading.exception()  # wait; a failure is raised below
+            self._raise_failure()
+        with self.lock:
+            if key in self.resident:
+                self.hits += 1
+                if key in self.prefetched:
+                    self.prefetch_hits += 1
+                    self.prefetched.discard(key)
+                self.stall_s += time.perf_counter() - start
+                return self.resident[key][1]
+            self.misses += 1
+            slot = self._take_slot()
+        while slot is None:  # every slot is being filled in the background: wait for one
+            next(iter(self.loading.values())).exception()
+            with self.lock:
+                slot = self._take_slot()
         views = self._read(key, slot)
+        with self.lock:
+            self.resident[key] = (slot, views)
         self.stall_s += time.perf_counter() - start
-        self.resident[key] = (slot, views)
         return views
 
     def batch(self, layer: int, experts) -> list[Expert]:
         """Experts that must be resident together (at most `slots` of them)."""
-        self.in_use = {(layer, int(e)) for e in experts}
+        with self.lock:
+            self.in_use = {(layer, int(e)) for e in experts}
         return [self.get(layer, int(e)) for e in experts]
 
-    def _evict(self) -> int:
-        victim = self.policy.victim([key for key in self.resident if key not in self.in_use])
+    def prefetch(self, layer: int, experts) -> None:
+        """Start reading these experts in the background thread, where not there already."""
+        with self.lock:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self.resident or key in self.loading:
+                    continue
+                slot = self._take_slot()
+                if slot is None:
+                    return
+                self.loading[key] = self.pool.submit(self._load, key, slot)
+                self.prefetches += 1
+
+    def speculate(self, layer: int, h: np.ndarray) -> None:
+        """Guess the next layer's experts from this layer's normed hidden state and the next
+        layer's router (as Eliseev and Mazur do), and prefetch them: a wrong guess costs reads,
+        never correctness."""
+        if layer + 1 < len(self.routers) and self.routers[layer + 1] is not None:
+            from localmix.kernels import route_tokens
+            chosen, _ = route_tokens(np.ascontiguousarray(h, np.float32), self.routers[layer + 1],
+                                     self.experts_per_token)
+            self.prefetch(layer + 1, chosen[0])
+
+    def _load(self, key, slot: int) -> None:  # in the background thread
+        try:
+            views = self._read(key, slot)
+        except BaseException as e:
+            with self.lock:
+                self.loading.pop(key, None)
+                self.free.append(slot)
+                self.failure = e
+            return
+        with self.lock:
+            self.loading.pop(key, None)
+            self.resident[key] = (slot, views)
+            self.prefetched.add(key)
+            self.policy.loaded(key)
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+
+    def _take_slot(self) -> int | None:
+        """A free slot, or the policy's victim's (never an expert of the batch being computed);
+        None if all are being filled. Called with the lock held."""
+        if self.free:
+            return self.free.pop()
+        candidates = [key for key in self.resident if key not in self.in_use]
+        if not candidates:
+            return None
+        victim = self.policy.victim(candidates)
         self.policy.removed(victim)
+        self.prefetched.discard(victim)
         slot, _ = self.resident.pop(victim)
         return slot
 
@@ -141,7 +224,8 @@ class ExpertCache:
         if got != size:
             raise LocalmixError(f"{path}: truncated ({got} bytes, expected {size}); run `localmix verify` on "
                                 f"this model")
-        self.bytes_read += size
+        with self.lock:
+            self.bytes_read += size
         data = self.buffer[slot]
         matrices = {}
         for layout in layouts:
@@ -156,6 +240,8 @@ class ExpertCache:
         lookups = self.hits + self.misses
         return {"expert_slots": self.slots, "expert_hits": self.hits, "expert_misses": self.misses,
                 "expert_hit_rate": self.hits / lookups if lookups else 1.0,
+                "prefetches": self.prefetches,
+                "prefetch_hit_rate": self.prefetch_hits / self.prefetches if self.prefetches else 0.0,
                 "expert_bytes_read": self.bytes_read, "stall_s": self.stall_s}
 
 
@@ -173,6 +259,9 @@ class CachedExperts(Sequence):
         if not 0 <= expert < self.count:
             raise IndexError(expert)
         return self.cache.get(self.layer, int(expert))
+
+    def speculate(self, h: np.ndarray) -> None:
+        self.cache.speculate(self.layer, h)
 
     def batches(self, experts) -> list[tuple[list[int], list[Expert]]]:
         """The experts in groups that fit the slots together, each loaded as it is reached."""

@@ -23,6 +23,8 @@ accumulators that stay in registers for the whole row; elsewhere, or with LOCALM
 the same integer math runs as plain Numba loops. LOCALMIX_KERNELS=avx2 leaves VNNI out. All read
 the same bytes and give the same integer sums, and the tests run all three.
 
+The kernels release the GIL (nogil), so an expert cache's background reads run beside them.
+
 float16 scales arrive as their uint16 bits (Numba has no float16 arrays): the vector path converts
 them in LLVM (`fpext half`), the plain path through a 65536-entry table.
 """
@@ -118,7 +120,7 @@ def _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token):
                 xq[t, base + slot * 16 + lane] = values[k] if k < K else 0
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _quantize_serial(x, bits, group_size, xq, dx, sums, sums_by_token):
     """One token (or the few rows of a decoded token's experts): starting threads costs more."""
     for t in range(x.shape[0]):
@@ -129,7 +131,7 @@ def _quantizer(bits: int, group_size: int, parallel: bool):
     # The format as constants: prompts quantize three times faster than with runtime values. The
     # one-row and the many-row variants compile the same body, so a row comes out the same from
     # both: an expert cache that splits a prompt's experts into batches changes no logit.
-    @njit(cache=True, fastmath=True, parallel=parallel)
+    @njit(cache=True, nogil=True, fastmath=True, parallel=parallel)
     def quantize(x, xq, dx, sums, sums_by_token):
         for t in prange(x.shape[0]):
             _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token)
@@ -141,7 +143,7 @@ _QUANTIZERS = {(bits, group_size, parallel): _quantizer(bits, group_size, parall
                for bits, group_size in FORMATS for parallel in (False, True)}
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _quantized(x, bits, group_size):
     """quantize_activations' arrays, for kernels that call it."""
     T, K = x.shape
@@ -468,7 +470,7 @@ def matrix_row(m) -> list[int]:
     return cached
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
     # Blocks of about 16 KiB of weight rows, and in each, tiles of tokens over the block's rows:
     # the block stays in L1 while each tile's activations are read once per block, not per row.
@@ -513,7 +515,7 @@ def _plain_matmul(bits: int, group_size: int):
     mask = np.uint16((1 << bits) - 1)
     lanes_per_group = group_size // per_lane
 
-    @njit(cache=True, parallel=True)
+    @njit(cache=True, nogil=True, parallel=True)
     def matmul(xq, dx, xsum, lanes, scales, biases, half, out):
         T, groups = xq.shape[0], scales.shape[1]
         for n in prange(lanes.shape[0]):
@@ -602,8 +604,8 @@ def _swiglu(gate_up):
 
 
 # Not fastmath: the one-row and many-row variants must round alike (see _quantizer).
-_swiglu_serial = njit(cache=True)(_swiglu)
-_swiglu_parallel = njit(cache=True, parallel=True)(_swiglu)
+_swiglu_serial = njit(cache=True, nogil=True)(_swiglu)
+_swiglu_parallel = njit(cache=True, nogil=True, parallel=True)(_swiglu)
 
 
 def swiglu(gate_up: np.ndarray) -> np.ndarray:
@@ -633,7 +635,7 @@ def experts_ffn(x: np.ndarray, experts: list, counts: list[int], vector: bool | 
 
 # --- routing --------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def route_tokens(x, router, k):
     """The model's route_tokens in one call: softmax over the router's logits, the k largest (the
     lower index first on ties, as a stable sort puts them), renormalized."""
@@ -665,7 +667,7 @@ def route_tokens(x, router, k):
 # --- norm, rotary embedding, attention -------------------------------------------------------
 # Their numpy twins are the reference functions of localmix.model.
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rms_norm(x, weight, eps):
     out = np.empty_like(x)
     T, D = x.shape
@@ -679,7 +681,7 @@ def rms_norm(x, weight, eps):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def apply_rope(x, positions, inv_freq):
     """Rotate [T, heads, head_dim] in place, in the rotate-half convention."""
     T, heads, dim = x.shape
@@ -706,7 +708,7 @@ def _as_float_overload(table, value):
     return lambda table, value: table[value]  # float16 bits
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def _attend(q, keys, values, positions, window, half, out):
     T, heads, dim = q.shape
     group = heads // keys.shape[1]
@@ -756,7 +758,7 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.nd
 # (from an expert cache, when the model runs within a memory budget). The math is the model's,
 # step by step.
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _products(x, table, bits, group_size, rows, width):
     """x (float) times the table's matrices, into [rows, width]."""
     xq, dx, sums, sums_by_token = _quantized(x, bits, group_size)
@@ -765,7 +767,7 @@ def _products(x, table, bits, group_size, rows, width):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decode_qkv(x, norm, eps, qkv, bits, group_size, heads, kv_heads, dim, positions, inv_freq):
     """RMSNorm, q k v, RoPE: the attention's inputs for one token."""
     out = _products(rms_norm(x, norm, eps), qkv, bits, group_size, 1, (heads + 2 * kv_heads) * dim)
@@ -774,7 +776,7 @@ def decode_qkv(x, norm, eps, qkv, bits, group_size, heads, kv_heads, dim, positi
     return q, k, out[:, (heads + kv_heads) * dim:].copy().reshape(1, kv_heads, dim)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decode_attention(x, q, keys, values, positions, window, half, o, o_bits, o_group, norm, eps, router, k):
     """Attention over the cache and its output projection added to x, then the experts' norm and
     routing, for one token: returns x, the normed h, and the chosen experts (in index order, as
@@ -789,7 +791,7 @@ def decode_attention(x, q, keys, values, positions, window, half, o, o_bits, o_g
     return x, h, chosen[0][order], weights[0][order]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decode_experts(x, h, weights, up, up_bits, up_group, down, down_bits, down_group):
     """x + the chosen experts' SwiGLU of h, weighted. up: the table rows of their w1 then their
     w3, down: of their w2, in the order of weights."""
@@ -812,7 +814,7 @@ def _dequantize_kernel(bits: int):
     per_word = 32 // bits
     mask = np.uint32((1 << bits) - 1)
 
-    @njit(cache=True, parallel=True)
+    @njit(cache=True, nogil=True, parallel=True)
     def dequantize(words, scales, biases, half, group_size, out):
         rows, groups = scales.shape
         words_per_group = group_size // per_word

@@ -46,7 +46,20 @@ def test_logits_within_a_budget_are_the_resident_ones_bit_for_bit(q4, slots, pol
     stats = model.expert_cache.stats()
     assert stats["expert_misses"] >= 16 and stats["expert_hits"] + stats["expert_misses"] == \
         sum(model.expert_cache.activations.values())
-    assert stats["expert_bytes_read"] == stats["expert_misses"] * model.expert_cache.slot_bytes
+    assert (stats["prefetches"] > 0) == (slots > 2)  # guesses of the next layer's experts, where slots allow
+    assert stats["expert_bytes_read"] == (stats["expert_misses"] + stats["prefetches"]) * model.expert_cache.slot_bytes
+
+
+def test_a_failed_background_read_surfaces_in_the_caller(q4, tmp_path):
+    model = localmix.load(q4, memory=budget(q4, 4))
+    cache = model.expert_cache
+    cache.layouts[(1, 7)][0] = cache.layouts[(1, 7)][0].__class__(
+        *[("experts/missing.bin" if f == "file" else getattr(cache.layouts[(1, 7)][0], f))
+          for f in ("name", "file", "offset", "shape", "dtype", "group_size")])
+    cache.prefetch(1, [7])
+    cache.loading.get((1, 7)) and cache.loading[(1, 7)].result()
+    with pytest.raises(LocalmixError, match="missing.bin: cannot read"):
+        cache.get(0, 0)
 
 
 def test_a_budget_that_holds_everything_keeps_the_model_resident(q4):
