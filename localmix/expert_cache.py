@@ -138,8 +138,12 @@ class ExpertCache:
                 return self.resident[key][1]
             self.misses += 1
             slot = self._take_slot()
-        while slot is None:  # every slot is being filled in the background: wait for one
-            next(iter(self.loading.values())).exception()
+        while slot is None:  # every other slot is being filled in the background: wait for one
+            with self.lock:
+                waiting = list(self.loading.values())
+            if not waiting:
+                raise LocalmixError("expert cache: no slot free for an expert (more experts at once than slots)")
+            waiting[0].exception()
             with self.lock:
                 slot = self._take_slot()
         views = self._read(key, slot)
