@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +267,7 @@ class CachedExperts(Sequence):
     def speculate(self, h: np.ndarray) -> None:
         self.cache.speculate(self.layer, h)
 
-    def batches(self, experts) -> list[tuple[list[int], list[Expert]]]:
+    def batches(self, experts) -> Iterator[tuple[list[int], list[Expert]]]:
         """The experts in groups that fit the slots together, each loaded as it is reached."""
         experts = [int(e) for e in experts]
         size = self.cache.slots

@@ -144,14 +144,20 @@ _QUANTIZERS = {(bits, group_size, parallel): _quantizer(bits, group_size, parall
 
 
 @njit(cache=True, nogil=True)
+def _activation_arrays(T, K, bits, group_size):
+    """The arrays of QuantizedActivations for T rows of K values: values in whole 32-byte chunks
+    of weights, zero-padded."""
+    per_chunk = 256 // bits
+    return (np.empty((T, (K + per_chunk - 1) // per_chunk * per_chunk), np.int16),
+            np.empty((T, K // group_size), np.float32),
+            np.empty((K // group_size, 2, T), np.float32),
+            np.empty((T, 2, K // group_size), np.float32))
+
+
+@njit(cache=True, nogil=True)
 def _quantized(x, bits, group_size):
     """quantize_activations' arrays, for kernels that call it."""
-    T, K = x.shape
-    per_chunk = 256 // bits
-    xq = np.empty((T, (K + per_chunk - 1) // per_chunk * per_chunk), np.int16)
-    dx = np.empty((T, K // group_size), np.float32)
-    sums = np.empty((K // group_size, 2, T), np.float32)
-    sums_by_token = np.empty((T, 2, K // group_size), np.float32)
+    xq, dx, sums, sums_by_token = _activation_arrays(x.shape[0], x.shape[1], bits, group_size)
     _quantize_serial(x, bits, group_size, xq, dx, sums, sums_by_token)
     return xq, dx, sums, sums_by_token
 
@@ -172,14 +178,9 @@ def quantize_activations(x: np.ndarray, bits: int, group_size: int) -> Quantized
     error is s |q - m| dx / 2 per value instead of s q dx / 2: weights are centred, not all positive.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    T, K = x.shape
-    per_chunk = 256 // bits
-    xq = np.empty((T, -(-K // per_chunk) * per_chunk), np.int16)  # whole 32-byte chunks, zero-padded
-    dx = np.empty((T, K // group_size), np.float32)
-    sums = np.empty((K // group_size, 2, T), np.float32)
-    sums_by_token = np.empty((T, 2, K // group_size), np.float32)
-    _QUANTIZERS[bits, group_size, T > 1](x, xq, dx, sums, sums_by_token)
-    return QuantizedActivations(xq, dx, sums, sums_by_token)
+    arrays = QuantizedActivations(*_activation_arrays(x.shape[0], x.shape[1], bits, group_size))
+    _QUANTIZERS[bits, group_size, x.shape[0] > 1](x, *arrays)
+    return arrays
 
 
 # --- the vector row product (LLVM IR) --------------------------------------------------------

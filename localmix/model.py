@@ -7,6 +7,7 @@ decoder layer, then the model. The math follows transformers' MixtralForCausalLM
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,7 +148,7 @@ def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray,
     return chosen, weights / np.sum(weights, axis=-1, keepdims=True)
 
 
-def expert_batches(experts, chosen) -> list[tuple[list[int], list[Expert]]]:
+def expert_batches(experts, chosen) -> Iterable[tuple[list[int], list[Expert]]]:
     """The chosen experts in batches that are in memory together: one batch, unless an expert
     cache (localmix.expert_cache) holds fewer experts than were chosen."""
     if hasattr(experts, "batches"):
