@@ -71,10 +71,18 @@ class NumbaOps(Ops):
         (_, experts), = expert_batches(layer.experts, chosen)  # an expert cache has room for a token's
         if hasattr(layer.experts, "speculate"):  # an expert cache: start reading the next layer's
             layer.experts.speculate(h)
-        up = np.array([kernels.matrix_row(e.w1) for e in experts] + [kernels.matrix_row(e.w3) for e in experts])
-        down = np.array([kernels.matrix_row(e.w2) for e in experts])
-        up[:, kernels.TOKENS] = down[:, kernels.TOKENS] = 1
+        up = one_token_rows([e.w1 for e in experts] + [e.w3 for e in experts])
+        down = one_token_rows([e.w2 for e in experts])
         return kernels.decode_experts(x, h, weights, up, *plan.up_format, down, *plan.down_format)
+
+
+def one_token_rows(matrices, cols=None) -> np.ndarray:
+    """The kernel's job table for one token through these matrices (output columns `cols`)."""
+    table = np.array([kernels.matrix_row(m) for m in matrices], np.int64)
+    table[:, kernels.TOKENS] = 1
+    if cols is not None:
+        table[:, kernels.OUT_COL] = cols
+    return table
 
 
 class FusedPlan(NamedTuple):
@@ -102,20 +110,14 @@ def fused_plan(layer) -> FusedPlan | None:
             formats = {(m.bits, m.group_size) for m in ms}
             return formats.pop() if len(formats) == 1 else None
 
-        def rows(ms, cols=None):
-            table = np.array([kernels.matrix_row(m) for m in ms], np.int64)
-            table[:, kernels.TOKENS] = 1
-            if cols is not None:
-                table[:, kernels.OUT_COL] = cols
-            return table
-
         qkv = [layer.wq, layer.wk, layer.wv]
         experts = layer.experts.formats if cached else (fmt(expert_matrices[0::3] + expert_matrices[1::3]),
                                                         fmt(expert_matrices[2::3]))
         formats = fmt(qkv), (layer.wo.bits, layer.wo.group_size), *experts
         if None not in formats:
             sizes = [m.words.shape[0] for m in qkv]
-            plan = FusedPlan(rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0], rows([layer.wo]), *formats[1:])
+            plan = FusedPlan(one_token_rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0],
+                             one_token_rows([layer.wo]), *formats[1:])
     layer.fused = plan
     return plan
 
