@@ -30,21 +30,10 @@ def quantized_shapes(weights) -> set[tuple[int, int]]:
     for layer in weights.layers:
         matrices += [layer.wq, layer.wk, layer.wv, layer.wo]
         if isinstance(layer.experts, CachedExperts):
-            shapes.update(layer.experts.formats)
+            shapes |= layer.experts.cache.shapes
         else:
             matrices += [m for e in layer.experts for m in (e.w1, e.w2, e.w3)]
     return shapes | {(m.bits, m.group_size) for m in matrices if hasattr(m, "bits")}
-
-
-def expert_formats(manifest: dict) -> tuple:
-    """((bits, group) of the experts' w1 and w3, of their w2), from the manifest."""
-    formats = {}
-    for name, t in manifest["tensors"].items():
-        if ".experts." in name and t["dtype"].startswith("q"):
-            formats.setdefault(name.rsplit(".", 2)[-2], set()).add((int(t["dtype"][1:]), t["group_size"]))
-    up = formats.get("w1", set()) | formats.get("w3", set())
-    down = formats.get("w2", set())
-    return (up.pop() if len(up) == 1 else None), (down.pop() if len(down) == 1 else None)
 
 
 class Model:
@@ -69,7 +58,9 @@ class Model:
             raise LocalmixError(f"unknown KV cache type {kv_cache!r}: use {' or '.join(KV_DTYPES)}")
         # Float checkpoints always run the reference: they are what the quantized paths are checked against.
         quantized = is_localmix_model(folder)
-        ops = backend_ops(backend) if quantized else backend_ops(backend) and Ops
+        ops = backend_ops(backend)  # checks the name, also for float checkpoints
+        if not quantized:
+            ops = Ops
         self.backend = backend if quantized else "numpy"
         self.threads = use_threads(threads, ops is not Ops)
         checkpoint = ModelFolder(folder) if quantized else Checkpoint(folder)
@@ -89,11 +80,10 @@ class Model:
         if slots is not None:
             self.expert_cache = ExpertCache(checkpoint.folder, checkpoint.manifest, self.config.num_hidden_layers,
                                             self.config.num_local_experts, slots, expert_policy)
-            formats = expert_formats(checkpoint.manifest)
             self.expert_cache.routers = [layer.router for layer in weights.layers]
             self.expert_cache.experts_per_token = self.config.num_experts_per_tok
             for i, layer in enumerate(weights.layers):
-                layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts, formats)
+                layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
         self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache])
         # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.
         self.compile_s = kernels.warm_up(quantized_shapes(self.transformer.weights)) if ops is not Ops else 0.0

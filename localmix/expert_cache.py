@@ -117,6 +117,20 @@ class ExpertCache:
         self.routers: list = []   # set by the model: for guessing the next layer's experts
         self.experts_per_token = 2
 
+    @property
+    def shapes(self) -> set[tuple[int, int]]:
+        """The (bits, group size) pairs of the experts' matrices."""
+        return {(t.bits, t.group_size) for layouts in self.layouts.values() for t in layouts}
+
+    @property
+    def formats(self) -> tuple:
+        """((bits, group) of the experts' w1 and w3, of their w2); None where they differ."""
+        def only(parts):
+            found = {(t.bits, t.group_size) for layouts in self.layouts.values() for t in layouts
+                     if t.name.rsplit(".", 2)[-2] in parts}
+            return found.pop() if len(found) == 1 else None
+        return only(("w1", "w3")), only(("w2",))
+
     def get(self, layer: int, expert: int) -> Expert:
         key = (layer, expert)
         self._raise_failure()
@@ -252,9 +266,9 @@ class ExpertCache:
 class CachedExperts(Sequence):
     """A layer's experts, looked up in the cache when the model asks for one."""
 
-    def __init__(self, cache: ExpertCache, layer: int, count: int, formats: tuple):
+    def __init__(self, cache: ExpertCache, layer: int, count: int):
         self.cache, self.layer, self.count = cache, layer, count
-        self.formats = formats  # ((bits, group) of w1 and w3, of w2), for the kernels' plans
+        self.formats = cache.formats  # for the kernels' plans, without bringing the experts in
 
     def __len__(self) -> int:
         return self.count
