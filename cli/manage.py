@@ -15,7 +15,9 @@ from localmix.errors import LocalmixError
 from localmix.home import list_models, models_dir, remove_model, resolve_model
 from localmix.quality import kl_divergence, perplexity as text_perplexity, top1_agreement
 from localmix.quant.pull import pull as pull_model
-from localmix.store import is_localmix_model, model_summary, verify as verify_model
+from localmix.config import ModelArgs
+from localmix.expert_cache import minimum_memory
+from localmix.store import is_localmix_model, model_summary, read_manifest, verify as verify_model
 from localmix.cli.output import PullProgress, err
 
 
@@ -73,6 +75,8 @@ def show(model: str = typer.Argument(..., help="Model name or folder."),
     if not is_localmix_model(folder):
         raise LocalmixError(f"{folder} is a Hugging Face folder; `localmix pull {folder}` makes a localmix model")
     s = model_summary(folder)
+    manifest = read_manifest(folder)
+    s["min_memory_bytes"] = minimum_memory(manifest, ModelArgs.from_hf_config(manifest["config"]))
     if as_json:
         print(json.dumps(s, indent=2))
         return
@@ -84,7 +88,8 @@ def show(model: str = typer.Argument(..., help="Model name or folder."),
           f"  quantization     {s['bits']}-bit, group size {s['group_size']}\n"
           f"  on disk          {gb(s['disk_bytes'])} (dense {gb(s['dense_bytes'])}, experts {gb(s['expert_bytes'])})\n"
           f"  memory needed    {gb(s['disk_bytes'])} fully resident; "
-          f"at least {gb(s['min_memory_bytes'])} (dense weights and one layer's active experts)\n"
+          f"at least {gb(s['min_memory_bytes'])} (`--memory`: dense weights, a 4096-token KV cache, the runtime "
+          f"and one token's experts)\n"
           f"  source           {s['source']['repo']} {s['source'].get('revision') or ''}")
 
 

@@ -306,6 +306,20 @@ def kv_bytes(args, context: int) -> int:
     return 2 * 4 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * context
 
 
+def fixed_memory(manifest: dict, args, context: int = 4096) -> int:
+    """What stays resident whatever the budget: dense weights, a KV cache of `context` float32
+    tokens and the runtime."""
+    return manifest["files"]["dense.bin"]["size"] + kv_bytes(args, context) + RUNTIME_BYTES
+
+
+def minimum_memory(manifest: dict, args, context: int = 4096) -> int:
+    """The smallest budget that runs the model: the fixed part and one token's experts (all of
+    a dense model's MLPs, which are not cached)."""
+    experts = [f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")]
+    return fixed_memory(manifest, args, context) + (
+        args.num_experts_per_tok * max(experts) if args.is_moe else sum(experts))
+
+
 def plan_memory(manifest: dict, args, memory: str | int | None, context: int = 4096) -> tuple[int | None, str | None]:
     """How many expert slots a budget leaves: (slots, note). slots None: the whole model stays
     resident. The budget covers the dense weights, a KV cache of `context` float32 tokens, the
@@ -313,10 +327,8 @@ def plan_memory(manifest: dict, args, memory: str | int | None, context: int = 4
     memory available gets 90% of it, and the note says so."""
     if not args.is_moe:
         return None, None
-    files = manifest["files"]
-    dense = files["dense.bin"]["size"]
-    expert_sizes = [f["size"] for name, f in files.items() if name.startswith("experts/")]
-    fixed = dense + kv_bytes(args, context) + RUNTIME_BYTES
+    expert_sizes = [f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")]
+    fixed = fixed_memory(manifest, args, context)
     whole = fixed + sum(expert_sizes)
     note = None
     if memory is None:
@@ -330,10 +342,11 @@ def plan_memory(manifest: dict, args, memory: str | int | None, context: int = 4
         budget = parse_memory(memory)
     slots = (budget - fixed) // max(expert_sizes)
     if slots < args.num_experts_per_tok:
-        minimum = fixed + args.num_experts_per_tok * max(expert_sizes)
+        dense = manifest["files"]["dense.bin"]["size"]
         raise LocalmixError(f"--memory {budget / 1e9:.2f} GB is too small for this model: it needs at least "
-                            f"{minimum / 1e9:.2f} GB (dense weights {dense / 1e9:.2f} GB, KV cache and runtime "
-                            f"{(fixed - dense) / 1e9:.2f} GB, {args.num_experts_per_tok} experts)")
+                            f"{minimum_memory(manifest, args, context) / 1e9:.2f} GB (dense weights "
+                            f"{dense / 1e9:.2f} GB, KV cache and runtime {(fixed - dense) / 1e9:.2f} GB, "
+                            f"{args.num_experts_per_tok} experts)")
     if slots >= len(expert_sizes):
         return None, note
     return int(slots), note

@@ -256,7 +256,5 @@ def model_summary(folder: str | Path) -> dict:
         "bits": manifest["quantization"]["bits"], "group_size": manifest["quantization"]["group_size"],
         "dense_bytes": dense_bytes, "expert_bytes": expert_bytes,
         "disk_bytes": sum(f["size"] for f in manifest["files"].values()),
-        # Smallest memory that runs it: the dense weights plus one layer's active experts.
-        "min_memory_bytes": dense_bytes + int(expert_bytes / max(layers, 1) * share),
         "source": manifest["source"], "created": manifest["created"],
     }
