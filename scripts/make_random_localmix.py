@@ -22,6 +22,7 @@ from localmix.checkpoint import tensor_table
 from localmix.config import ModelArgs
 from localmix.quant.convert import bits_policy, check_disk, write_model
 from localmix.store import plan_layout, sha256_of
+from make_random_checkpoint import tokenizer_file  # beside this script
 
 SPREAD = 0.035       # weights uniform in [-SPREAD, SPREAD)
 BLOCK = 64 << 20     # bytes drawn at a time
@@ -76,8 +77,7 @@ def main() -> None:
                           ("experts", 8), ("vocab", 32000), ("seed", 0)):
         parser.add_argument(f"--{name}", type=int, default=default)
     a = parser.parse_args()
-    from mistral_common import __file__ as mistral_common_path
-    tokenizer = Path(mistral_common_path).parent / "data" / "tokenizer.model.v1"
+    tokenizer = tokenizer_file(None)
     config = mixtral_config(a)
     args = ModelArgs.from_hf_config(config)
     layouts, sizes = plan_layout(tensor_table(args), bits_policy("4", args), 64)
