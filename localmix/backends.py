@@ -62,9 +62,7 @@ class NumbaOps(Ops):
         eps = np.float32(args.rms_norm_eps)
         q, k, v = kernels.decode_qkv(np.ascontiguousarray(x, np.float32), layer.attention_norm, eps, plan.qkv,
                                      *plan.qkv_format, heads, kv_heads, dim, positions, inv_freq)
-        keys, values = cache.update(index, k[0], v[0])
-        if keys.dtype == np.float16:
-            keys, values = keys.view(np.uint16), values.view(np.uint16)
+        keys, values = kernels.kernel_cache(*cache.update(index, k[0], v[0]))
         x, h, chosen, weights = kernels.decode_attention(
             x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT, plan.o, *plan.o_format,
             layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)

@@ -746,10 +746,15 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.nd
     Returns [T, heads * dim]."""
     T, heads, dim = q.shape
     out = np.empty((T, heads * dim), np.float32)
-    if keys.dtype == np.float16:
-        keys, values = keys.view(np.uint16), values.view(np.uint16)
-    _attend(q, keys, values, np.asarray(positions, np.int64), sliding_window or 0, HALF_TO_FLOAT, out)
+    _attend(q, *kernel_cache(keys, values), np.asarray(positions, np.int64), sliding_window or 0, HALF_TO_FLOAT, out)
     return out
+
+
+def kernel_cache(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A KV cache as the kernels take it: float16 as its uint16 bits (Numba has no float16)."""
+    if keys.dtype == np.float16:
+        return keys.view(np.uint16), values.view(np.uint16)
+    return keys, values
 
 
 # --- a decoded token's layer in three calls -----------------------------------------------------
