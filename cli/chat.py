@@ -8,7 +8,7 @@ import time
 from rich.console import Console
 
 from localmix.api import Model
-from localmix.cli.output import print_stats, stream_answer
+from localmix.cli.output import print_stats, stats_line, stream_answer, usage_snapshot
 from localmix.errors import LocalmixError
 from localmix.sampling import SamplingParams
 
@@ -17,6 +17,7 @@ HELP = """Available commands:
                               num_predict, repeat_penalty, repeat_last_n, stop (several words)
   /set system TEXT            set the system prompt
   /set verbose | quiet        show or hide timings after each answer
+  /set stats | nostats        show or hide the experts' figures after each answer
   /show [info|parameters|system]
   /clear                      forget the conversation
   /bye                        exit (or Ctrl-D)
@@ -31,9 +32,10 @@ PARAMETERS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float
 
 class ChatSession:
     def __init__(self, model: Model, name: str, params: SamplingParams, max_tokens: int,
-                 system: str | None, verbose: bool, load_s: float, console: Console):
+                 system: str | None, verbose: bool, load_s: float, console: Console, stats: bool = False):
         self.model, self.name, self.params, self.max_tokens = model, name, params, max_tokens
         self.system, self.verbose, self.load_s, self.console = system, verbose, load_s, console
+        self.stats = stats
         self.history: list[dict] = []
 
     def messages(self, user_text: str) -> list[dict]:
@@ -41,7 +43,7 @@ class ChatSession:
         return system + self.history + [{"role": "user", "content": user_text}]
 
     def answer(self, user_text: str) -> None:
-        start = time.perf_counter()
+        start, before = time.perf_counter(), usage_snapshot(self.model)
         try:
             text, last = stream_answer(self.model, self.messages(user_text), self.max_tokens, self.params)
         except KeyboardInterrupt:  # stop this answer, keep the chat; the turn is forgotten
@@ -53,6 +55,8 @@ class ChatSession:
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
         if self.verbose and last:
             print_stats(last, self.load_s, time.perf_counter() - start)
+        if self.stats:
+            self.console.print(stats_line(self.model, before), markup=False, soft_wrap=True)
 
     def command(self, line: str) -> bool:
         """Run a /command; False means quit."""
@@ -80,6 +84,9 @@ class ChatSession:
         elif what == "quiet":
             self.verbose = False
             print("Set 'quiet' mode.")
+        elif what in ("stats", "nostats"):
+            self.stats = what == "stats"
+            print(f"Set '{what}' mode.")
         elif what == "system":
             self.system = rest.strip().strip('"') or None
             print("Set system message.")
@@ -160,13 +167,13 @@ def read_message() -> str | None:
 
 
 def chat_loop(model: Model, name: str, params: SamplingParams, max_tokens: int, system: str | None,
-              verbose: bool, load_s: float) -> None:
+              verbose: bool, load_s: float, stats: bool = False) -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     console = Console(stderr=True, highlight=False)
-    session = ChatSession(model, name, params, max_tokens, system, verbose, load_s, console)
+    session = ChatSession(model, name, params, max_tokens, system, verbose, load_s, console, stats)
     print("Send a message (/? for help)")
     while True:
         try:

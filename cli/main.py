@@ -13,7 +13,7 @@ from localmix.errors import LocalmixError
 from localmix.sampling import SamplingParams
 from localmix.cli import manage
 from localmix.cli.chat import chat_loop
-from localmix.cli.output import err, print_stats, stream_answer
+from localmix.cli.output import err, print_stats, stats_line, stream_answer, usage_snapshot
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Mixtral-class mixture-of-experts models locally.")
@@ -34,6 +34,10 @@ Threads = typer.Option(None, "--threads", "-t", help="Threads for the kernels (d
 KvCache = typer.Option("f32", "--kv-cache", help="KV cache type: f32 (exact) or f16 (half the memory).")
 Memory = typer.Option(None, "--memory", help="Memory budget, e.g. 12GB: experts beyond it are read from disk "
                                              "into an expert cache.")
+Policy = typer.Option("lfu", "--policy", help="Expert cache policy: lfu, lru, or pinned (hot experts from "
+                                              "`localmix stats --save`).")
+Stats = typer.Option(False, "--stats", help="After each answer, one line on the experts: cache hits, reads, "
+                                            "waits, routing balance.")
 
 
 def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingParams:
@@ -45,11 +49,11 @@ def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty
 
 
 def load_model(name: str, experts_per_token: int | None, backend: str, threads: int | None,
-               kv_cache: str, memory: str | None = None) -> tuple[Model, float]:
+               kv_cache: str, memory: str | None = None, policy: str = "lfu") -> tuple[Model, float]:
     start = time.perf_counter()
     with err.status(f"loading {name} (the first start compiles the kernels: about a minute)"):
         model = load(name, experts_per_token=experts_per_token, backend=backend, threads=threads, kv_cache=kv_cache,
-                     memory=memory)
+                     memory=memory, expert_policy=policy)
     if model.memory_note:
         err.print(model.memory_note, style="dim", markup=False)
     if model.compile_s > 5:
@@ -65,7 +69,8 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         seed: Optional[int] = Seed, system: Optional[str] = System,
         raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template."),
         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
-        threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory):
+        threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory,
+        policy: str = Policy, stats: bool = Stats):
     """Answer one prompt, streaming the text to stdout."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     if prompt is None:
@@ -75,11 +80,14 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
     if raw and system:
         raise LocalmixError("--system needs the chat template; leave out --raw")
     start = time.perf_counter()
-    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory)
+    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    before = usage_snapshot(llm)
     _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params)
     if verbose and last:
         print_stats(last, load_s, time.perf_counter() - start)
+    if stats:
+        err.print(stats_line(llm, before), markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -88,11 +96,12 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
          top_k: int = TopK, min_p: float = MinP, repeat_penalty: float = RepeatPenalty,
          seed: Optional[int] = Seed, system: Optional[str] = System,
          experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
-         threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory):
+         threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory,
+         policy: str = Policy, stats: bool = Stats):
     """Chat in the terminal (/? for help)."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory)
-    chat_loop(llm, model, params, max_tokens, system, verbose, load_s)
+    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy)
+    chat_loop(llm, model, params, max_tokens, system, verbose, load_s, stats)
 
 
 app.command()(manage.pull)
@@ -102,6 +111,7 @@ app.command()(manage.rm)
 app.command()(manage.verify)
 app.command()(manage.perplexity)
 app.command()(manage.bench)
+app.command()(manage.stats)
 
 
 def main() -> None:

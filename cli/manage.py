@@ -64,7 +64,7 @@ def list_command():
         else:
             table.add_row(name, "float", "", "Hugging Face folder", "")
     console = Console(highlight=False)
-    console.width = max(console.width, 110)  # one line per row, also in a narrow pipe
+    console.width = max(console.width, 160)  # one line per row, also in a narrow pipe
     console.print(table)
 
 
@@ -139,6 +139,52 @@ def perplexity(model: str = typer.Argument(..., help="Model name or folder."),
               f"top-1 agreement {result['top1']:.3f}")
 
 
+def stats(model: str = typer.Argument(..., help="Model name or folder."),
+          file: Optional[Path] = typer.Option(None, "--file", help="A text file to run."),
+          prompt: Optional[str] = typer.Option(None, "--prompt", help="A text to run."),
+          max_tokens: int = typer.Option(4096, "--max-tokens", help="Use at most this many tokens."),
+          save: bool = typer.Option(False, "--save", help="Keep the counts in the model's folder, for the "
+                                                          "expert cache's pinned policy (--policy pinned)."),
+          memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget, e.g. 12GB (expert cache)."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Which experts a text is routed to, per layer, and how unevenly."""
+    from localmix import routing
+    from localmix.cli.output import prefill_progress
+    if (file is None) == (prompt is None):
+        raise LocalmixError("give the text with --file or --prompt (one of them)")
+    if file is not None:
+        try:
+            prompt = file.read_text()
+        except OSError as e:
+            raise LocalmixError(f"{file}: cannot read ({e.strerror})") from None
+    llm = localmix.load(model, memory=memory)
+    if not llm.config.is_moe:
+        raise LocalmixError(f"{model} has no experts: every token uses the one MLP")
+    ids = llm.tokenizer.encode(prompt, bos=True)[:max_tokens]
+    routed = routing.collect(llm, ids, on_progress=prefill_progress())
+    measures = routing.imbalance(routed)
+    if save:
+        path = routing.save(llm.path, routed, len(ids), str(file) if file else "--prompt")
+        err.print(f"saved the routing of {len(ids)} tokens to {path}", markup=False)
+    if as_json:
+        cache = llm.expert_cache  # with --memory: its counters per layer and expert too
+        per_expert = {"expert_hits": cache.hits, "expert_misses": cache.misses,
+                      "prefetch_hits": cache.prefetch_hits} if cache else {}
+        print(json.dumps({"tokens": len(ids), "routed": routed.tolist(),
+                          **{k: v.tolist() for k, v in {**measures, **per_expert}.items()}}))
+        return
+    experts = routed.shape[1]
+    table = Table("layer", *[f"E{e}" for e in range(experts)], "max/mean", "entropy",
+                  title=f"share of {len(ids)} tokens' routes, per layer (%)", box=None)
+    for layer, row in enumerate(routed):
+        share = 100 * row / max(1, row.sum())
+        cells = [f"[bold]{p:.0f}[/]" if p >= 200 / experts else f"[dim]{p:.0f}[/]" if p < 50 / experts else f"{p:.0f}"
+                 for p in share]
+        table.add_row(str(layer), *cells, f"{measures['max_over_mean'][layer]:.2f}",
+                      f"{measures['entropy'][layer]:.3f}")
+    Console(highlight=False).print(table)
+
+
 def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder."),
           prompt_tokens: int = typer.Option(128, "-p", help="Prompt tokens to process."),
           gen_tokens: int = typer.Option(64, "-n", help="Tokens to generate."),
@@ -149,6 +195,12 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
           threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads (default: the physical cores)."),
           kv_cache: str = typer.Option("f32", "--kv-cache", help="KV cache type: f32 or f16."),
           memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget, e.g. 12GB (expert cache)."),
+          policy: str = typer.Option("lfu", "--policy", help="Expert cache policy: lfu, lru or pinned."),
+          prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Read the experts the "
+                                                  "next layer will probably want ahead of time (default: where a "
+                                                  "core is free for it)."),
+          cold: bool = typer.Option(False, "--cold", help="Drop the model's files from the page cache before "
+                                                          "each run (reads then come from the disk)."),
           as_json: bool = typer.Option(False, "--json", help="End with the figures as one JSON line.")):
     """Prefill and decode speed (as llama.cpp is measured by ../shared/peers/llama_speed.py)."""
     from localmix import bench as benchmark
@@ -159,16 +211,23 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
     if model is None:
         raise LocalmixError("name a model to benchmark (or pass --membw)")
     llm = localmix.load(model, experts_per_token=experts_per_token, backend=backend, threads=threads,
-                        kv_cache=kv_cache, memory=memory)
+                        kv_cache=kv_cache, memory=memory, expert_policy=policy,
+                        prefetch=prefetch)
     if llm.memory_note:
         err.print(llm.memory_note, style="dim", markup=False)
     with err.status(f"prefill {prompt_tokens} tokens, generate {gen_tokens}, {repeat} time(s)"):
-        r = benchmark.run(llm, prompt_tokens, gen_tokens, repeat)
-    table = Table("model", "threads", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS MB", "TTFT s", box=None)
-    table.add_row(str(model), str(r["threads"]), f"{r['prefill_tok_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['decode_gb_s']:.2f}",
-                  f"{r['peak_rss_mb']:.0f}", f"{r['ttft_s']:.3f}")
+        r = benchmark.run(llm, prompt_tokens, gen_tokens, repeat, cold)
+    columns = ["model", "threads", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS MB", "TTFT s"]
+    cells = [str(model), str(r["threads"]), f"{r['prefill_tok_s']:.2f}", f"{r['decode_tok_s']:.2f}",
+             f"{r['decode_gb_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['ttft_s']:.3f}"]
+    if llm.expert_cache:  # its figures while decoding
+        columns += ["expert slots", "hit rate", "prefetch hits", "read GB", "stalled s"]
+        cells += [f"{r['expert_slots']} {r['expert_policy']}", f"{r['expert_hit_rate']:.2f}",
+                  f"{r['prefetch_hit_rate']:.2f}", f"{r['expert_bytes_read'] / 1e9:.2f}", f"{r['stall_s']:.2f}"]
+    table = Table(*columns, box=None)
+    table.add_row(*cells)
     console = Console(highlight=False)
-    console.width = max(console.width, 110)  # one line per row, also in a narrow pipe
+    console.width = max(console.width, 160)  # one line per row, also in a narrow pipe
     console.print(table)
     if as_json:
         print(json.dumps(r))

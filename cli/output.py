@@ -43,6 +43,32 @@ def print_stats(response, load_s: float, total_s: float) -> None:
               f"peak memory:          {response.peak_memory:.2f} GB")
 
 
+def usage_snapshot(model: Model) -> tuple:
+    """What `stats_line` compares with: the expert cache's counters and the routing counts."""
+    return (model.expert_cache.counters() if model.expert_cache else None), model.transformer.routed.copy()
+
+
+def stats_line(model: Model, before: tuple) -> str:
+    """One line on the experts since `before`: the cache's figures, and how evenly tokens were routed."""
+    from localmix.routing import imbalance
+    counters, routed = before
+    routed = model.transformer.routed - routed
+    parts = []
+    if model.expert_cache:
+        now = model.expert_cache.counters()
+        s = model.expert_cache.stats({key: value - counters[key] for key, value in now.items()})
+        guesses = f"prefetch hits {s['prefetch_hit_rate']:.2f}, " if s["expert_prefetch"] else ""
+        parts.append(f"experts: {s['expert_hits'] + s['expert_misses']} lookups, hit rate {s['expert_hit_rate']:.2f}, "
+                     f"{guesses}read {s['expert_bytes_read'] / 1e9:.2f} GB, waited {s['stall_s']:.2f} s "
+                     f"({s['expert_slots']} slots, {s['expert_policy']})")
+    else:
+        parts.append("experts: all resident")
+    if model.config.is_moe and routed.any():
+        busiest = imbalance(routed)["max_over_mean"]
+        parts.append(f"busiest expert {busiest.mean():.2f}x the mean load (layer average; worst {busiest.max():.2f}x)")
+    return "; ".join(parts)
+
+
 def stream_answer(model: Model, prompt, max_tokens: int, params: SamplingParams):
     """Print the answer as it comes; return its text and the last response."""
     parts, last = [], None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -11,7 +12,7 @@ from localmix import kernels
 from localmix.checkpoint import Checkpoint, read_weights
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
-from localmix.expert_cache import CachedExperts, ExpertCache, plan_memory
+from localmix.expert_cache import POLICIES, CachedExperts, ExpertCache, hot_experts, plan_memory, read_routing
 from localmix.generate import GenerationResponse, stream_generate
 from localmix.home import resolve_model
 from localmix.kv_cache import KV_DTYPES
@@ -47,15 +48,23 @@ class Model:
 
     def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
                  threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
-                 expert_policy: str = "lru"):
+                 expert_policy: str = "lfu", prefetch: bool | None = None):
         """Open a localmix model folder (quantized, from `localmix pull`) or a Hugging Face one.
         backend: "numba" (kernels) or "numpy" (the reference) for the quantized matrix products.
         threads: for the kernels (default: the physical cores). kv_cache: "f32" or "f16".
         memory: a budget such as "12GB" for a localmix model: the experts that do not fit stay on
-        disk and come in through an expert cache (policy "lru" or "lfu"); without one, a model
-        larger than the available memory gets a budget chosen for it (see memory_note)."""
+        disk and come in through an expert cache (policy "lfu", the default: the least often used
+        expert goes first; "lru"; or "pinned": the hottest experts of the model's saved routing
+        statistics stay, see `localmix stats --save`);
+        without one, a model larger than the available memory gets a budget chosen for it (see
+        memory_note). prefetch: read the experts that the next layer will probably want while
+        this one computes (a wrong guess costs reads, never correctness); by default only where
+        the CPU has a core beyond the kernels' threads for it (on 2 cores the reads took the
+        kernels' time and prefetch made decoding slower, see README)."""
         if kv_cache not in KV_DTYPES:
             raise LocalmixError(f"unknown KV cache type {kv_cache!r}: use {' or '.join(KV_DTYPES)}")
+        if expert_policy not in POLICIES:
+            raise LocalmixError(f"unknown expert cache policy {expert_policy!r}: use {', '.join(POLICIES)}")
         # Float checkpoints always run the reference: they are what the quantized paths are checked against.
         quantized = is_localmix_model(folder)
         ops = backend_ops(backend)  # checks the name, also for float checkpoints
@@ -78,15 +87,25 @@ class Model:
                                 f"tokens but the model only {self.config.vocab_size}")
         weights = read_weights(checkpoint, self.config, experts=slots is None)
         if slots is not None:
-            self.expert_cache = ExpertCache(checkpoint.folder, checkpoint.manifest, self.config.num_hidden_layers,
-                                            self.config.num_local_experts, slots, expert_policy)
+            shape = (self.config.num_hidden_layers, self.config.num_local_experts)
+            hot = hot_experts(read_routing(checkpoint.folder, shape), slots) if expert_policy == "pinned" else ()
+            if prefetch is None:
+                prefetch = (os.cpu_count() or 1) > self.threads
+            self.expert_cache = ExpertCache(checkpoint.folder, checkpoint.manifest, *shape, slots, expert_policy,
+                                            hot, self.config.num_experts_per_tok, prefetch)
             self.expert_cache.routers = [layer.router for layer in weights.layers]
-            self.expert_cache.experts_per_token = self.config.num_experts_per_tok
             for i, layer in enumerate(weights.layers):
                 layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
         self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache])
         # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.
-        self.compile_s = kernels.warm_up(quantized_shapes(self.transformer.weights)) if ops is not Ops else 0.0
+        self.compile_s = 0.0
+        if ops is not Ops:
+            start = time.perf_counter()
+            kernels.warm_up(quantized_shapes(self.transformer.weights))
+            if self.expert_cache is None:  # and a decoded token's fused kernels (with a cache it would read experts)
+                self.transformer([self.tokenizer.bos_id], self.transformer.new_cache(1))
+                self.transformer.routed[:] = 0
+            self.compile_s = time.perf_counter() - start
 
     def logits(self, ids) -> np.ndarray:
         """Float32 logits [len(ids), vocab] of one pass over the ids, from an empty context."""
@@ -119,6 +138,7 @@ class Model:
 
 def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
          threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
-         expert_policy: str = "lru") -> Model:
+         expert_policy: str = "lfu", prefetch: bool | None = None) -> Model:
     """Load a model by name from $LOCALMIX_HOME/models, or a localmix or Hugging Face folder."""
-    return Model(resolve_model(path_or_name), experts_per_token, backend, threads, kv_cache, memory, expert_policy)
+    return Model(resolve_model(path_or_name), experts_per_token, backend, threads, kv_cache, memory, expert_policy,
+                 prefetch)

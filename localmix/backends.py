@@ -66,6 +66,7 @@ class NumbaOps(Ops):
         x, h, chosen, weights = kernels.decode_attention(
             x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT, plan.o, *plan.o_format,
             layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)
+        layer.routed[chosen] += 1  # top-k indices are distinct
         (_, experts), = expert_batches(layer.experts, chosen)  # an expert cache has room for a token's
         if hasattr(layer.experts, "speculate"):  # an expert cache: start reading the next layer's
             layer.experts.speculate(h)

@@ -4,8 +4,11 @@ same synthetic prompt, one timed prefill, then greedy decoding one token at a ti
 
 from __future__ import annotations
 
+import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -37,28 +40,46 @@ def bytes_per_token(model) -> int:
     return total
 
 
-def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1) -> dict:
+def drop_page_cache(folder: Path) -> None:
+    """Ask the kernel to forget the cached pages of the model's files (posix_fadvise DONTNEED), so
+    that the next reads come from the disk. Pages the process has mapped stay."""
+    for path in Path(folder).rglob("*.bin"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, cold: bool = False) -> dict:
+    """Speeds, peak RSS, and with an expert cache its figures while decoding. cold: drop the model
+    files' pages from the page cache before each run."""
     if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
         raise LocalmixError("-p, -n and --repeat must be at least 1")
     if prompt_tokens + gen_tokens > model.config.max_position_embeddings:
         raise LocalmixError(f"-p plus -n exceed the model's context of {model.config.max_position_embeddings}")
     prompt = bench_prompt(prompt_tokens, model.config.vocab_size)
     prefill, decode = [], []
+    experts = model.expert_cache
+    decoding = Counter()  # the expert cache's counters while decoding, summed over the runs
     # Warm up as llama_speed.py does (8 prompt tokens, then start again): the first touch of each
     # memory-mapped weight page is paid here, not in the timed prefill.
     model.transformer(prompt[:8], model.transformer.new_cache(8), last_only=True)
     for _ in range(repeat):
+        if cold:
+            drop_page_cache(model.path)
         cache = model.transformer.new_cache(prompt_tokens + gen_tokens)
         start = time.perf_counter()
         logits = model.transformer(prompt, cache, last_only=True)
         prefill.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        before, start = experts.counters() if experts else {}, time.perf_counter()
         for _ in range(gen_tokens):
             logits = model.transformer([int(np.argmax(logits[-1]))], cache, last_only=True)
         decode.append(time.perf_counter() - start)
+        if experts:
+            decoding.update({key: value - before[key] for key, value in experts.counters().items()})
     decode_tok_s = gen_tokens / float(np.mean(decode))
-    experts = model.expert_cache.stats() if model.expert_cache else {}  # over the whole run
-    return {**experts,
+    return {**(experts.stats(dict(decoding)) if experts else {}), "cold": cold,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "threads": model.threads,
         "prefill_tok_s": prompt_tokens / float(np.mean(prefill)),
         "decode_tok_s": decode_tok_s,

@@ -2,7 +2,7 @@
 
 A localmix model keeps each expert in its own file (w1, w2, w3). Within a budget the dense weights
 stay resident, and the experts live in a fixed number of slots, one expert each: a miss reads the
-expert's file straight into a free slot (`readinto`, no intermediate copy and no memory map that
+expert's file straight into a free slot (`pread`, no intermediate copy and no memory map that
 the kernel would count against the process), evicting one chosen by the policy. The slot holds
 the file's bytes exactly, so the products, and the logits, are bit for bit those of the resident
 model.
@@ -10,6 +10,8 @@ model.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import threading
 import time
@@ -18,7 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numba
 import numpy as np
+from numba import prange, types
 
 from localmix.errors import LocalmixError
 from localmix.model import Expert
@@ -40,6 +44,27 @@ def parse_memory(text: str | int) -> int:
     return int(float(m[1]) * UNITS[m[2].upper()])
 
 
+_pread = types.ExternalFunction("pread", types.int64(types.int32, types.int64, types.uint64, types.int64))
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def read_parallel(fd: int, address: int, size: int, parts: int) -> int:
+    """Read a file's first `size` bytes to memory at `address` with `parts` threads, one piece each;
+    returns the bytes read. One thread copies from the page cache at about 4-6 GB/s here, two at
+    about 9-10: a miss, which the model waits for, is read by all the kernels' threads."""
+    step = ((size + parts - 1) // parts + 4095) // 4096 * 4096
+    got = np.zeros(parts, np.int64)
+    for i in prange(parts):
+        start, end = i * step, min(size, (i + 1) * step)
+        while start < end:
+            n = _pread(fd, address + start, end - start, start)
+            if n <= 0:
+                break
+            got[i] += n
+            start += n
+    return got.sum()
+
+
 class LRU:
     """Evict the expert used longest ago."""
 
@@ -58,8 +83,9 @@ class LRU:
         LRU.used(self, key)
 
     def victim(self, keys):
+        """The key to evict among these; None if none may go."""
         keys = set(keys)
-        return next(key for key in self.order if key in keys)
+        return next((key for key in self.order if key in keys), None)
 
 
 class LFU(LRU):
@@ -75,10 +101,45 @@ class LFU(LRU):
 
     def victim(self, keys):
         keys = set(keys)
-        return min((key for key in self.order if key in keys), key=lambda k: self.uses[k])
+        return min((key for key in self.order if key in keys), key=lambda k: self.uses[k], default=None)
 
 
-POLICIES = {"lru": LRU, "lfu": LFU}
+class Pinned(LRU):
+    """Keep a fixed set of hot experts (from the routing statistics of a calibration run, see
+    `hot_experts`) and share the other slots by LRU."""
+
+    def __init__(self, pinned=()):
+        super().__init__()
+        self.pinned = set(pinned)
+
+    def victim(self, keys):
+        return super().victim(set(keys) - self.pinned)
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "pinned": Pinned}
+ROUTING_FILE = "routing.json"  # routing statistics in a model's folder, written by `localmix stats --save`
+
+
+def hot_experts(routed: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """The `count` (layer, expert) pairs that most tokens were routed to."""
+    order = np.argsort(-routed, axis=None, kind="stable")[:count]
+    return [tuple(int(i) for i in np.unravel_index(k, routed.shape)) for k in order]
+
+
+def read_routing(folder: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The routed-token counts [layers, experts] saved in a model's folder."""
+    path = Path(folder) / ROUTING_FILE
+    try:
+        routed = np.array(json.loads(path.read_text())["routed"], np.int64)
+    except FileNotFoundError:
+        raise LocalmixError(f"the pinned policy needs routing statistics: run `localmix stats {Path(folder).name} "
+                            f"--file TEXT --save` first") from None
+    except (ValueError, KeyError, TypeError):
+        raise LocalmixError(f"{path}: cannot read the routing statistics; write them again with "
+                            f"`localmix stats --save`") from None
+    if routed.shape != shape:
+        raise LocalmixError(f"{path}: routing statistics for {routed.shape} experts, the model has {shape}")
+    return routed
 
 
 class ExpertCache:
@@ -86,10 +147,16 @@ class ExpertCache:
     thread on a miss, or ahead of time in one background thread (`prefetch`); a lock guards the
     bookkeeping, and a failed background read is raised in the caller's thread."""
 
-    def __init__(self, folder: Path, manifest: dict, layers: int, experts: int, slots: int, policy: str = "lru"):
+    def __init__(self, folder: Path, manifest: dict, layers: int, experts: int, slots: int, policy: str = "lfu",
+                 hot: list[tuple[int, int]] = (), experts_per_token: int = 2, prefetch: bool = True):
+        """hot: for the "pinned" policy, experts hottest first; as many as leave a quarter of the
+        slots (at least two tokens' experts) to the others are read in at the start and kept.
+        prefetch: guess the next layer's experts and read them in the background (`speculate`)."""
         if policy not in POLICIES:
             raise LocalmixError(f"unknown expert cache policy {policy!r}: use {' or '.join(POLICIES)}")
-        self.folder, self.policy = Path(folder), POLICIES[policy]()
+        pinned = list(hot)[:max(0, slots - max(2 * experts_per_token, slots // 4))] if policy == "pinned" else []
+        self.folder, self.policy = Path(folder), Pinned(pinned) if policy == "pinned" else POLICIES[policy]()
+        self.experts_per_token, self.policy_name, self.guess_ahead = experts_per_token, policy, prefetch
         self.layouts: dict[tuple[int, int], list[TensorLayout]] = {}
         for name, t in manifest["tensors"].items():
             m = re.match(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$", name)
@@ -111,11 +178,15 @@ class ExpertCache:
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="localmix-prefetch")
         self.failure: BaseException | None = None
-        self.activations: Counter = Counter()
-        self.hits = self.misses = self.bytes_read = self.prefetches = self.prefetch_hits = 0
-        self.stall_s = 0.0
+        # Counters per layer and expert: lookups that found the expert resident (hits), had to
+        # read it (misses), found it brought in by a guess (prefetch hits); and in all.
+        self.hits, self.misses, self.prefetch_hits = (np.zeros((layers, experts), np.int64) for _ in range(3))
+        self.bytes_read = self.prefetches = 0
+        self.stall_s = 0.0  # time the model waited for reads
         self.routers: list = []   # set by the model: for guessing the next layer's experts
-        self.experts_per_token = 2
+        with self.lock:
+            for key in pinned:
+                self._start_load(key, self._take_slot())
 
     @property
     def shapes(self) -> set[tuple[int, int]]:
@@ -134,7 +205,6 @@ class ExpertCache:
     def get(self, layer: int, expert: int) -> Expert:
         key = (layer, expert)
         self._raise_failure()
-        self.activations[key] += 1
         start = time.perf_counter()
         with self.lock:
             self.policy.used(key)
@@ -144,13 +214,13 @@ class ExpertCache:
             self._raise_failure()
         with self.lock:
             if key in self.resident:
-                self.hits += 1
+                self.hits[key] += 1
                 if key in self.prefetched:
-                    self.prefetch_hits += 1
+                    self.prefetch_hits[key] += 1
                     self.prefetched.discard(key)
                 self.stall_s += time.perf_counter() - start
                 return self.resident[key][1]
-            self.misses += 1
+            self.misses[key] += 1
             slot = self._take_slot()
         while slot is None:  # every other slot is being filled in the background: wait for one
             with self.lock:
@@ -160,7 +230,7 @@ class ExpertCache:
             waiting[0].exception()
             with self.lock:
                 slot = self._take_slot()
-        views = self._read(key, slot)
+        views = self._read(key, slot, parallel=True)
         with self.lock:
             self.resident[key] = (slot, views)
         self.stall_s += time.perf_counter() - start
@@ -182,20 +252,24 @@ class ExpertCache:
                 slot = self._take_slot()
                 if slot is None:
                     return
-                self.loading[key] = self.pool.submit(self._load, key, slot)
+                self._start_load(key, slot, guess=True)
                 self.prefetches += 1
 
     def speculate(self, layer: int, h: np.ndarray) -> None:
         """Guess the next layer's experts from this layer's normed hidden state and the next
         layer's router (as Eliseev and Mazur do), and prefetch them: a wrong guess costs reads,
         never correctness."""
-        if layer + 1 < len(self.routers) and self.routers[layer + 1] is not None:
+        if self.guess_ahead and layer + 1 < len(self.routers) and self.routers[layer + 1] is not None:
             from localmix.kernels import route_tokens
             chosen, _ = route_tokens(np.ascontiguousarray(h, np.float32), self.routers[layer + 1],
                                      self.experts_per_token)
             self.prefetch(layer + 1, chosen[0])
 
-    def _load(self, key, slot: int) -> None:  # in the background thread
+    def _start_load(self, key, slot: int, guess: bool = False) -> None:
+        """Read an expert into a slot in the background thread. Called with the lock held."""
+        self.loading[key] = self.pool.submit(self._load, key, slot, guess)
+
+    def _load(self, key, slot: int, guess: bool) -> None:  # in the background thread
         try:
             views = self._read(key, slot)
         except BaseException as e:
@@ -207,7 +281,8 @@ class ExpertCache:
         with self.lock:
             self.loading.pop(key, None)
             self.resident[key] = (slot, views)
-            self.prefetched.add(key)
+            if guess:
+                self.prefetched.add(key)
             self.policy.loaded(key)
 
     def _raise_failure(self) -> None:
@@ -220,23 +295,26 @@ class ExpertCache:
         None if all are being filled. Called with the lock held."""
         if self.free:
             return self.free.pop()
-        candidates = [key for key in self.resident if key not in self.in_use]
-        if not candidates:
+        victim = self.policy.victim([key for key in self.resident if key not in self.in_use])
+        if victim is None:
             return None
-        victim = self.policy.victim(candidates)
         self.policy.removed(victim)
         self.prefetched.discard(victim)
         slot, _ = self.resident.pop(victim)
         return slot
 
-    def _read(self, key, slot: int) -> Expert:
+    def _read(self, key, slot: int, parallel: bool = False) -> Expert:
+        """Read an expert's file into a slot: with the kernels' threads (`parallel`, for a miss the
+        model waits for) or in this thread alone (in the background, beside the kernels)."""
         layouts = self.layouts[key]
         path = self.folder / layouts[0].file
         size = self.file_bytes[key]
-        target = memoryview(self.buffer[slot])[:size]
         try:
             with open(path, "rb", buffering=0) as f:
-                got = f.readinto(target)
+                if parallel and hasattr(os, "pread"):
+                    got = read_parallel(f.fileno(), self.buffer[slot].ctypes.data, size, numba.get_num_threads())
+                else:
+                    got = f.readinto(memoryview(self.buffer[slot])[:size])
         except OSError as e:
             raise LocalmixError(f"{path}: cannot read ({e.strerror}); run `localmix verify` on this model") from None
         if got != size:
@@ -254,13 +332,22 @@ class ExpertCache:
                 views["biases"].view(np.float16).reshape(rows, -1), layout.bits, layout.group_size, str(path))
         return Expert(w1=matrices["w1"], w2=matrices["w2"], w3=matrices["w3"])
 
-    def stats(self) -> dict:
-        lookups = self.hits + self.misses
-        return {"expert_slots": self.slots, "expert_hits": self.hits, "expert_misses": self.misses,
-                "expert_hit_rate": self.hits / lookups if lookups else 1.0,
-                "prefetches": self.prefetches,
-                "prefetch_hit_rate": self.prefetch_hits / self.prefetches if self.prefetches else 0.0,
+    def counters(self) -> dict:
+        """Running totals: lookups that found the expert resident (hits) or read it (misses),
+        guesses read ahead (prefetches) and those used (prefetch hits), bytes read, seconds waited."""
+        return {"expert_hits": int(self.hits.sum()), "expert_misses": int(self.misses.sum()),
+                "prefetches": self.prefetches, "prefetch_hits": int(self.prefetch_hits.sum()),
                 "expert_bytes_read": self.bytes_read, "stall_s": self.stall_s}
+
+    def stats(self, counters: dict | None = None) -> dict:
+        """The counters (since the start, or the ones given, such as a difference of two) with
+        hit rates and the cache's settings."""
+        c = counters or self.counters()
+        lookups = c["expert_hits"] + c["expert_misses"]
+        return {"expert_policy": self.policy_name, "expert_prefetch": self.guess_ahead, "expert_slots": self.slots,
+                "expert_pinned": len(getattr(self.policy, "pinned", ())), **c,
+                "expert_hit_rate": c["expert_hits"] / lookups if lookups else 1.0,
+                "prefetch_hit_rate": c["prefetch_hits"] / c["prefetches"] if c["prefetches"] else 0.0}
 
 
 class CachedExperts(Sequence):
@@ -282,11 +369,18 @@ class CachedExperts(Sequence):
         self.cache.speculate(self.layer, h)
 
     def batches(self, experts) -> Iterator[tuple[list[int], list[Expert]]]:
-        """The experts in groups that fit the slots together, each loaded as it is reached."""
-        experts = [int(e) for e in experts]
-        size = self.cache.slots
-        for start in range(0, len(experts), size):
-            part = experts[start:start + size]
+        """The experts in groups that fit the slots together (pinned experts have their own), each
+        loaded as it is reached."""
+        pinned = getattr(self.cache.policy, "pinned", set())
+        room = self.cache.slots - len(pinned)
+        part, taking = [], 0
+        for e in map(int, experts):
+            part.append(e)
+            taking += (self.layer, e) not in pinned
+            if taking == room:
+                yield part, self.cache.batch(self.layer, part)
+                part, taking = [], 0
+        if part:
             yield part, self.cache.batch(self.layer, part)
 
 

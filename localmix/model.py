@@ -34,6 +34,7 @@ class Layer:
     ffn_norm: np.ndarray
     router: np.ndarray | None  # [experts, hidden]; None for a dense Mistral MLP
     experts: list[Expert]      # a dense MLP is a single expert that every token uses
+    routed: np.ndarray | None = None  # tokens sent to each expert so far (set by Transformer)
 
 
 @dataclass
@@ -164,6 +165,8 @@ def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray
     order = np.argsort(chosen.ravel(), kind="stable")
     rows, slots = np.divmod(order, k)
     counts = np.bincount(chosen.ravel(), minlength=len(layer.experts))
+    if layer.routed is not None:
+        layer.routed += counts
     used = np.flatnonzero(counts)
     y, start = [], 0
     for batch, experts in expert_batches(layer.experts, used):
@@ -210,6 +213,11 @@ class Transformer:
         self.ops = ops
         self.kv_dtype = kv_dtype
         self.inv_freq = rope_inverse_frequencies(args)
+        # Tokens routed to each expert of each layer since the start (layer.routed are its rows):
+        # the routing statistics that the expert cache's "pinned" policy and `localmix stats` use.
+        self.routed = np.zeros((args.num_hidden_layers, args.num_local_experts if args.is_moe else 1), np.int64)
+        for layer, row in zip(weights.layers, self.routed):
+            layer.routed = row
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.args, capacity, self.kv_dtype)

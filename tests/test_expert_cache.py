@@ -1,12 +1,16 @@
 """Running within a memory budget: experts in preallocated slots, read from their files on demand."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 import localmix
 from localmix.errors import LocalmixError
-from localmix.expert_cache import LFU, LRU, RUNTIME_BYTES, kv_bytes, parse_memory
+from localmix import routing
+from localmix.expert_cache import LFU, LRU, RUNTIME_BYTES, Pinned, hot_experts, kv_bytes, parse_memory
 from localmix.quant.convert import LocalSource, convert
 from localmix.store import read_manifest
 
@@ -35,23 +39,61 @@ def prompt_then_decode(model, ids):
                           [model.transformer(ids[i:i + 1], cache) for i in range(6, len(ids))])
 
 
-@pytest.mark.parametrize("slots", [2, 5])
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_logits_within_a_budget_are_the_resident_ones_bit_for_bit(q4, slots, policy):
+@pytest.fixture(scope="module")
+def q4_routing(q4):
+    """Routing statistics of a calibration text saved in the model's folder, as `localmix stats --save`
+    writes them (for the pinned policy)."""
+    model = localmix.load(q4)
+    ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4, bos=True)
+    routed = routing.collect(model, ids, step=16)
+    routing.save(q4, routed, len(ids), "test")
+    return routed
+
+
+@pytest.mark.parametrize("slots", [2, 5, 9])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "pinned"])
+def test_logits_within_a_budget_are_the_resident_ones_bit_for_bit(q4, q4_routing, slots, policy):
     ids = np.random.default_rng(1).integers(0, 32000, 16)
     resident = prompt_then_decode(localmix.load(q4), ids)
-    model = localmix.load(q4, memory=budget(q4, slots), expert_policy=policy)
-    assert model.expert_cache.slots == slots
+    model = localmix.load(q4, memory=budget(q4, slots), expert_policy=policy, prefetch=True)
+    cache = model.expert_cache
+    assert cache.slots == slots
     np.testing.assert_array_equal(prompt_then_decode(model, ids), resident)
-    stats = model.expert_cache.stats()
-    assert stats["expert_misses"] >= 16 and stats["expert_hits"] + stats["expert_misses"] == \
-        sum(model.expert_cache.activations.values())
+    stats = cache.stats()
+    assert stats["expert_misses"] >= 16 and stats["expert_policy"] == policy
+    # The cache is asked for exactly the experts that tokens were routed to, layer by layer.
+    np.testing.assert_array_equal(cache.hits + cache.misses > 0, model.transformer.routed > 0)
     assert (stats["prefetches"] > 0) == (slots > 2)  # guesses of the next layer's experts, where slots allow
-    assert stats["expert_bytes_read"] == (stats["expert_misses"] + stats["prefetches"]) * model.expert_cache.slot_bytes
+    reads = stats["expert_misses"] + stats["prefetches"] + stats["expert_pinned"]
+    assert stats["expert_bytes_read"] == reads * cache.slot_bytes
+    if policy == "pinned":  # the hottest experts of the saved statistics, kept whatever came after
+        pinned = hot_experts(q4_routing, max(0, slots - 4))
+        assert cache.policy.pinned == set(pinned) and all(key in cache.resident for key in pinned)
+        assert stats["expert_pinned"] == len(pinned) == {2: 0, 5: 1, 9: 5}[slots]
+
+
+def test_without_prefetch_only_misses_are_read(q4):
+    model = localmix.load(q4, memory=budget(q4, 5), prefetch=False)
+    prompt_then_decode(model, np.arange(100, 116))
+    stats = model.expert_cache.stats()
+    assert stats["prefetches"] == 0 and stats["expert_bytes_read"] == stats["expert_misses"] * model.expert_cache.slot_bytes
+
+
+def test_the_pinned_policy_needs_saved_routing_statistics(q4, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(q4, copy)
+    (copy / "routing.json").unlink(missing_ok=True)
+    with pytest.raises(LocalmixError, match="run `localmix stats copy --file TEXT --save` first"):
+        localmix.load(copy, memory=budget(q4, 5), expert_policy="pinned")
+    (copy / "routing.json").write_text('{"routed": [[1, 2]]}')
+    with pytest.raises(LocalmixError, match="routing statistics for"):
+        localmix.load(copy, memory=budget(q4, 5), expert_policy="pinned")
+    with pytest.raises(LocalmixError, match="unknown expert cache policy 'mru'"):
+        localmix.load(copy, expert_policy="mru")
 
 
 def test_a_failed_background_read_surfaces_in_the_caller(q4, tmp_path):
-    model = localmix.load(q4, memory=budget(q4, 4))
+    model = localmix.load(q4, memory=budget(q4, 4), prefetch=True)
     cache = model.expert_cache
     cache.layouts[(1, 7)][0] = cache.layouts[(1, 7)][0].__class__(
         *[("experts/missing.bin" if f == "file" else getattr(cache.layouts[(1, 7)][0], f))
@@ -78,6 +120,16 @@ def test_policies_choose_their_victims():
     assert lru.victim(["a", "b"]) == "a"  # the batch being computed (c here) is never a victim
     lfu.used("c"), lfu.used("c"), lfu.used("c")
     assert lfu.victim(keys) == "b"
+    pinned = Pinned(["c"])
+    for key in ["c", "a", "b"]:
+        pinned.used(key)
+    assert pinned.victim(keys) == "a"  # c was used longest ago, but it is pinned
+    assert pinned.victim(["c"]) is None
+
+
+def test_hot_experts_are_the_most_routed_to():
+    routed = np.array([[5, 0, 9], [1, 7, 2]])
+    assert hot_experts(routed, 3) == [(0, 2), (1, 1), (0, 0)]
 
 
 def test_memory_sizes():
@@ -101,3 +153,46 @@ def test_too_small_a_budget_and_a_missing_expert_file_are_one_line_errors(q4, tm
     result = localmix_cli("run", broken, "Hello there, how are you today?", "-n", "8", "--memory", str(budget(q4, 2)))
     assert_one_line_error(result, "L001-E003.bin: cannot read")
     assert "localmix verify" in result.stderr
+    shutil.copy(q4 / "experts" / "L001-E003.bin", broken / "experts" / "L001-E003.bin")
+    with open(broken / "experts" / "L000-E005.bin", "r+b") as f:
+        f.truncate(1000)
+    result = localmix_cli("run", broken, "Hello there, how are you today?", "-n", "8", "--memory", str(budget(q4, 2)))
+    assert_one_line_error(result, "L000-E005.bin: truncated (1000 bytes")
+    assert "localmix verify" in result.stderr
+
+
+def test_stats_run_and_bench_report_the_experts(q4, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(q4, copy)
+    (copy / "routing.json").unlink(missing_ok=True)
+    table = localmix_cli("stats", copy, "--prompt", "Hello there, how are you today?")
+    assert table.returncode == 0 and "max/mean" in table.stdout and "E7" in table.stdout, table.stderr
+    assert not (copy / "routing.json").exists()
+    result = localmix_cli("stats", copy, "--prompt", "Hello there, how are you today?", "--save", "--json")
+    figures = json.loads(result.stdout)
+    model = localmix.load(copy)
+    tokens = len(model.tokenizer.encode("Hello there, how are you today?", bos=True))
+    routed = np.array(figures["routed"])
+    assert figures["tokens"] == tokens and (routed.sum(axis=1) == 2 * tokens).all()
+    saved = json.loads((copy / "routing.json").read_text())
+    assert saved["routed"] == figures["routed"] and saved["tokens"] == tokens
+    assert all(1 <= m <= 4 for m in figures["max_over_mean"]) and all(0 < e <= 1 for e in figures["entropy"])
+
+    run = localmix_cli("run", copy, "Hi", "-n", "4", "--memory", str(budget(q4, 5)), "--policy", "pinned", "--stats")
+    assert run.returncode == 0, run.stderr
+    assert "hit rate" in run.stderr and "(5 slots, pinned)" in run.stderr and "busiest expert" in run.stderr
+    resident = localmix_cli("run", copy, "Hi", "-n", "4", "--stats")
+    assert "experts: all resident; busiest expert" in resident.stderr
+
+    bench = localmix_cli("bench", copy, "-p", "8", "-n", "4", "--memory", str(budget(q4, 5)), "--policy", "lfu",
+                         "--cold", "--no-prefetch", "--json")
+    figures = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert figures["expert_policy"] == "lfu" and figures["cold"] and figures["prefetches"] == 0
+    assert figures["expert_prefetch"] is False
+    assert figures["expert_hits"] + figures["expert_misses"] == 4 * 2 * 2  # 4 tokens, 2 layers, 2 experts each
+
+    for args, message in [(["--prompt", "x", "--file", "y"], "one of them"), ([], "one of them"),
+                          (["--file", tmp_path / "none.txt"], "none.txt: cannot read")]:
+        assert_one_line_error(localmix_cli("stats", copy, *args), message)
+    assert_one_line_error(localmix_cli("run", copy, "Hi", "--memory", str(budget(q4, 5)), "--policy", "mru"),
+                          "unknown expert cache policy 'mru'")
