@@ -10,6 +10,7 @@ import typer
 
 from localmix.api import Model, load
 from localmix.errors import LocalmixError
+from localmix.routing import Steering, TraceFile
 from localmix.sampling import SamplingParams
 from localmix.cli import manage
 from localmix.cli.chat import chat_loop
@@ -36,6 +37,12 @@ Memory = typer.Option(None, "--memory", help="Memory budget, e.g. 12GB: experts 
                                              "into an expert cache.")
 Policy = typer.Option("lfu", "--policy", help="Expert cache policy: lfu, lru, or pinned (hot experts from "
                                               "`localmix stats --save`).")
+MinWeight = typer.Option(0.0, "--min-expert-weight", help="Adaptive routing: drop an expert whose renormalized "
+                                                           "weight is below this (approximate; 0: exact).")
+Fallback = typer.Option(0.0, "--fallback-margin", help="Under --memory: use a resident expert whose router "
+                                                       "probability is within this of a chosen one not in the cache "
+                                                       "(approximate; 0: exact).")
+Trace = typer.Option(None, "--trace", help="Write each token's experts, weights and cache hits to this JSONL file.")
 Stats = typer.Option(False, "--stats", help="After each answer, one line on the experts: cache hits, reads, "
                                             "waits, routing balance.")
 
@@ -49,11 +56,16 @@ def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty
 
 
 def load_model(name: str, experts_per_token: int | None, backend: str, threads: int | None,
-               kv_cache: str, memory: str | None = None, policy: str = "lfu") -> tuple[Model, float]:
+               kv_cache: str, memory: str | None = None, policy: str = "lfu", min_expert_weight: float = 0.0,
+               fallback_margin: float = 0.0, trace: str | None = None) -> tuple[Model, float]:
     start = time.perf_counter()
+    Steering(min_expert_weight, fallback_margin).check()  # bad values before a long load
     with err.status(f"loading {name} (the first start compiles the kernels: about a minute)"):
         model = load(name, experts_per_token=experts_per_token, backend=backend, threads=threads, kv_cache=kv_cache,
-                     memory=memory, expert_policy=policy)
+                     memory=memory, expert_policy=policy, min_expert_weight=min_expert_weight,
+                     fallback_margin=fallback_margin)
+    if trace:
+        model.transformer.trace = TraceFile(trace)
     if model.memory_note:
         err.print(model.memory_note, style="dim", markup=False)
     if model.compile_s > 5:
@@ -70,7 +82,8 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, no chat template."),
         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
         threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory,
-        policy: str = Policy, stats: bool = Stats):
+        policy: str = Policy, stats: bool = Stats, min_expert_weight: float = MinWeight,
+        fallback_margin: float = Fallback, trace: Optional[str] = Trace):
     """Answer one prompt, streaming the text to stdout."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     if prompt is None:
@@ -80,7 +93,8 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
     if raw and system:
         raise LocalmixError("--system needs the chat template; leave out --raw")
     start = time.perf_counter()
-    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy)
+    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, min_expert_weight,
+                             fallback_margin, trace)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     before = usage_snapshot(llm)
     _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params)
@@ -97,10 +111,12 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
          seed: Optional[int] = Seed, system: Optional[str] = System,
          experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
          threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory,
-         policy: str = Policy, stats: bool = Stats):
+         policy: str = Policy, stats: bool = Stats, min_expert_weight: float = MinWeight,
+         fallback_margin: float = Fallback, trace: Optional[str] = Trace):
     """Chat in the terminal (/? for help)."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy)
+    llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, min_expert_weight,
+                             fallback_margin, trace)
     chat_loop(llm, model, params, max_tokens, system, verbose, load_s, stats)
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -145,9 +146,13 @@ def stats(model: str = typer.Argument(..., help="Model name or folder."),
           max_tokens: int = typer.Option(4096, "--max-tokens", help="Use at most this many tokens."),
           save: bool = typer.Option(False, "--save", help="Keep the counts in the model's folder, for the "
                                                           "expert cache's pinned policy (--policy pinned)."),
+          plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the heatmap to this PNG file "
+                                                                   "(needs matplotlib: localmix[plot])."),
           memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget, e.g. 12GB (expert cache)."),
+          experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token"),
+          min_expert_weight: float = typer.Option(0.0, "--min-expert-weight", help="Adaptive routing (see run)."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """Which experts a text is routed to, per layer, and how unevenly."""
+    """Which experts a text is routed to, per layer: a heatmap, imbalance and reuse."""
     from localmix import routing
     from localmix.cli.output import prefill_progress
     if (file is None) == (prompt is None):
@@ -157,32 +162,69 @@ def stats(model: str = typer.Argument(..., help="Model name or folder."),
             prompt = file.read_text()
         except OSError as e:
             raise LocalmixError(f"{file}: cannot read ({e.strerror})") from None
-    llm = localmix.load(model, memory=memory)
+    llm = localmix.load(model, experts_per_token=experts_per_token, memory=memory, min_expert_weight=min_expert_weight)
     if not llm.config.is_moe:
         raise LocalmixError(f"{model} has no experts: every token uses the one MLP")
     ids = llm.tokenizer.encode(prompt, bos=True)[:max_tokens]
-    routed = routing.collect(llm, ids, on_progress=prefill_progress())
-    measures = routing.imbalance(routed)
+    counts = routing.collect(llm, ids, on_progress=prefill_progress())
+    routed, measures = counts["routed"], routing.summary(counts)
     if save:
         path = routing.save(llm.path, routed, len(ids), str(file) if file else "--prompt")
         err.print(f"saved the routing of {len(ids)} tokens to {path}", markup=False)
+    if plot is not None:
+        draw_heatmap(routed, plot, f"{Path(str(model)).name}: share of {len(ids)} tokens' routes per layer")
     if as_json:
         cache = llm.expert_cache  # with --memory: its counters per layer and expert too
         per_expert = {"expert_hits": cache.hits, "expert_misses": cache.misses,
                       "prefetch_hits": cache.prefetch_hits} if cache else {}
-        print(json.dumps({"tokens": len(ids), "routed": routed.tolist(),
-                          **{k: v.tolist() for k, v in {**measures, **per_expert}.items()}}))
+        arrays = {**counts, **measures, **per_expert}
+        print(json.dumps({**{k: v.tolist() for k, v in arrays.items()}, "tokens": len(ids)}))
         return
+    console = Console(highlight=False)
+    console.width = max(console.width, 60 + 6 * routed.shape[1])  # one line per layer, also in a narrow pipe
+    console.print(heatmap_table(routed, measures, len(ids)))
+
+
+def heatmap_table(routed, measures: dict, tokens: int) -> Table:
+    """Layers x experts, each cell the expert's share of the layer's routes on a colour scale."""
     experts = routed.shape[1]
-    table = Table("layer", *[f"E{e}" for e in range(experts)], "max/mean", "entropy",
-                  title=f"share of {len(ids)} tokens' routes, per layer (%)", box=None)
-    for layer, row in enumerate(routed):
-        share = 100 * row / max(1, row.sum())
-        cells = [f"[bold]{p:.0f}[/]" if p >= 200 / experts else f"[dim]{p:.0f}[/]" if p < 50 / experts else f"{p:.0f}"
-                 for p in share]
-        table.add_row(str(layer), *cells, f"{measures['max_over_mean'][layer]:.2f}",
-                      f"{measures['entropy'][layer]:.3f}")
-    Console(highlight=False).print(table)
+    table = Table("layer", *[f"E{e}" for e in range(experts)], "max/mean", "CV", "entropy", "experts/token", "reuse",
+                  title=f"share of {tokens} tokens' routes per layer (%)", box=None,
+                  caption="reuse: the share of a token's experts that the next token uses again")
+    shares = 100 * routed / np.maximum(routed.sum(axis=1, keepdims=True), 1)
+    top = max(shares.max(), 1e-9)
+    for layer, row in enumerate(shares):
+        cells = []
+        for share in row:
+            heat = int(215 * share / top) + 40
+            cells.append(f"[{'black' if heat > 150 else 'white'} on rgb({heat},{heat // 3},{255 - heat})]"
+                         f"{share:4.0f}[/]")
+        table.add_row(str(layer), *cells, *(f"{measures[k][layer]:.2f}" for k in
+                                            ("max_over_mean", "cv", "entropy", "experts_per_token", "reuse")))
+    return table
+
+
+def draw_heatmap(routed, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LocalmixError("--plot needs matplotlib: pip install 'localmix[plot]'") from None
+    shares = 100 * routed / np.maximum(routed.sum(axis=1, keepdims=True), 1)
+    figure, axes = plt.subplots(figsize=(1.2 + 0.5 * routed.shape[1], 1.2 + 0.3 * routed.shape[0]))
+    image = axes.imshow(shares, cmap="magma", aspect="auto")
+    axes.set_xlabel("expert")
+    axes.set_ylabel("layer")
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(image, label="share of the layer's routes (%)")
+    try:
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as e:
+        raise LocalmixError(f"{path}: cannot write ({e.strerror})") from None
+    finally:
+        plt.close(figure)
+    err.print(f"wrote {path}", markup=False)
 
 
 def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder."),

@@ -44,15 +44,16 @@ def print_stats(response, load_s: float, total_s: float) -> None:
 
 
 def usage_snapshot(model: Model) -> tuple:
-    """What `stats_line` compares with: the expert cache's counters and the routing counts."""
-    return (model.expert_cache.counters() if model.expert_cache else None), model.transformer.routed.copy()
+    """What `stats_line` compares with: the expert cache's counters and the routing statistics."""
+    return (model.expert_cache.counters() if model.expert_cache else None), model.transformer.routing.snapshot()
 
 
 def stats_line(model: Model, before: tuple) -> str:
-    """One line on the experts since `before`: the cache's figures, and how evenly tokens were routed."""
-    from localmix.routing import imbalance
-    counters, routed = before
-    routed = model.transformer.routed - routed
+    """One line on the experts since `before`: the cache's figures, how evenly tokens were routed,
+    and how often a token reused its predecessor's experts."""
+    from localmix.routing import summary
+    counters, routing = before
+    routing = model.transformer.routing.since(routing)
     parts = []
     if model.expert_cache:
         now = model.expert_cache.counters()
@@ -63,9 +64,11 @@ def stats_line(model: Model, before: tuple) -> str:
                      f"({s['expert_slots']} slots, {s['expert_policy']})")
     else:
         parts.append("experts: all resident")
-    if model.config.is_moe and routed.any():
-        busiest = imbalance(routed)["max_over_mean"]
-        parts.append(f"busiest expert {busiest.mean():.2f}x the mean load (layer average; worst {busiest.max():.2f}x)")
+    if model.config.is_moe and routing["routed"].any():
+        m = summary(routing)
+        parts.append(f"busiest expert {m['max_over_mean'].mean():.2f}x the mean load (layer average; worst "
+                     f"{m['max_over_mean'].max():.2f}x), {m['experts_per_token'].mean():.2f} experts per token, "
+                     f"{m['reuse'].mean():.2f} of them used again by the next token")
     return "; ".join(parts)
 
 

@@ -12,7 +12,8 @@ from localmix import kernels
 from localmix.checkpoint import Checkpoint, read_weights
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
-from localmix.expert_cache import POLICIES, CachedExperts, ExpertCache, hot_experts, plan_memory, read_routing
+from localmix.expert_cache import POLICIES, CachedExperts, ExpertCache, plan_memory
+from localmix.routing import Steering, hot_experts, read_routing
 from localmix.generate import GenerationResponse, stream_generate
 from localmix.home import resolve_model
 from localmix.kv_cache import KV_DTYPES
@@ -48,7 +49,8 @@ class Model:
 
     def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
                  threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
-                 expert_policy: str = "lfu", prefetch: bool | None = None):
+                 expert_policy: str = "lfu", prefetch: bool | None = None, min_expert_weight: float = 0.0,
+                 fallback_margin: float = 0.0):
         """Open a localmix model folder (quantized, from `localmix pull`) or a Hugging Face one.
         backend: "numba" (kernels) or "numpy" (the reference) for the quantized matrix products.
         threads: for the kernels (default: the physical cores). kv_cache: "f32" or "f16".
@@ -60,7 +62,9 @@ class Model:
         memory_note). prefetch: read the experts that the next layer will probably want while
         this one computes (a wrong guess costs reads, never correctness); by default only where
         the CPU has a core beyond the kernels' threads for it (on 2 cores the reads took the
-        kernels' time and prefetch made decoding slower, see README)."""
+        kernels' time and prefetch made decoding slower, see README).
+        min_expert_weight, fallback_margin: approximate routing, off by default (localmix.routing);
+        these and experts_per_token can also be set per call of stream/generate/chat."""
         if kv_cache not in KV_DTYPES:
             raise LocalmixError(f"unknown KV cache type {kv_cache!r}: use {' or '.join(KV_DTYPES)}")
         if expert_policy not in POLICIES:
@@ -97,6 +101,7 @@ class Model:
             for i, layer in enumerate(weights.layers):
                 layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
         self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache])
+        self.transformer.routing.steering = Steering(min_expert_weight, fallback_margin).check()
         # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.
         self.compile_s = 0.0
         if ops is not Ops:
@@ -104,7 +109,7 @@ class Model:
             kernels.warm_up(quantized_shapes(self.transformer.weights))
             if self.expert_cache is None:  # and a decoded token's fused kernels (with a cache it would read experts)
                 self.transformer([self.tokenizer.bos_id], self.transformer.new_cache(1))
-                self.transformer.routed[:] = 0
+                self.transformer.routing.reset()
             self.compile_s = time.perf_counter() - start
 
     def logits(self, ids) -> np.ndarray:
@@ -121,10 +126,36 @@ class Model:
             return [int(t) for t in prompt], False
         return self.tokenizer.apply_chat_template(prompt), True
 
-    def stream(self, prompt, max_tokens: int = 256, on_prefill=None, **sampling) -> Iterator[GenerationResponse]:
+    def stream(self, prompt, max_tokens: int = 256, on_prefill=None, experts_per_token: int | None = None,
+               min_expert_weight: float | None = None, fallback_margin: float | None = None, trace=None,
+               **sampling) -> Iterator[GenerationResponse]:
+        """Generate, one response per token. experts_per_token, min_expert_weight, fallback_margin:
+        routing for this call only (default: the model's). trace: called with each model call's
+        routing records (see routing.trace_records), e.g. a routing.TraceFile (default: the
+        model's `transformer.trace`, if any)."""
         ids, new_text = self.encode_prompt(prompt)
-        return stream_generate(self.transformer, self.tokenizer, ids, max_tokens, SamplingParams(**sampling),
-                               strip_leading_space=new_text, on_prefill=on_prefill)
+        t = self.transformer
+        steering = t.routing.steering
+        steering = Steering(steering.min_weight if min_expert_weight is None else min_expert_weight,
+                            steering.fallback_margin if fallback_margin is None else fallback_margin).check()
+        args = self.config.with_experts_per_token(experts_per_token)
+        params = SamplingParams(**sampling)
+        return self._with_routing(args, steering, trace or t.trace, stream_generate(
+            t, self.tokenizer, ids, max_tokens, params, strip_leading_space=new_text, on_prefill=on_prefill))
+
+    def _with_routing(self, args, steering, trace, responses) -> Iterator[GenerationResponse]:
+        """The responses, generated with these routing settings, which are undone at the end."""
+        t = self.transformer
+        saved = t.args, t.routing.steering, t.trace
+        t.args, t.routing.steering, t.trace = args, steering, trace
+        if self.expert_cache:
+            self.expert_cache.experts_per_token = args.num_experts_per_tok
+        try:
+            yield from responses
+        finally:
+            t.args, t.routing.steering, t.trace = saved
+            if self.expert_cache:
+                self.expert_cache.experts_per_token = saved[0].num_experts_per_tok
 
     def generate(self, prompt, max_tokens: int = 256, **sampling) -> str:
         return "".join(r.text for r in self.stream(prompt, max_tokens, **sampling))
@@ -138,7 +169,8 @@ class Model:
 
 def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
          threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
-         expert_policy: str = "lfu", prefetch: bool | None = None) -> Model:
+         expert_policy: str = "lfu", prefetch: bool | None = None, min_expert_weight: float = 0.0,
+         fallback_margin: float = 0.0) -> Model:
     """Load a model by name from $LOCALMIX_HOME/models, or a localmix or Hugging Face folder."""
     return Model(resolve_model(path_or_name), experts_per_token, backend, threads, kv_cache, memory, expert_policy,
-                 prefetch)
+                 prefetch, min_expert_weight, fallback_margin)

@@ -66,7 +66,10 @@ class NumbaOps(Ops):
         x, h, chosen, weights = kernels.decode_attention(
             x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT, plan.o, *plan.o_format,
             layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)
-        layer.routed[chosen] += 1  # top-k indices are distinct
+        chosen, weights = layer.routing(h, chosen[None], weights[None], layer)  # counted; steered where asked
+        order = np.argsort(chosen[0])  # index order, as transformers sums; a dropped expert sorts last
+        kept = order[chosen[0][order] < len(layer.experts)]
+        chosen, weights = chosen[0][kept], np.ascontiguousarray(weights[0][kept])
         (_, experts), = expert_batches(layer.experts, chosen)  # an expert cache has room for a token's
         if hasattr(layer.experts, "speculate"):  # an expert cache: start reading the next layer's
             layer.experts.speculate(h)

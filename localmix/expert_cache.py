@@ -10,7 +10,6 @@ model.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -117,29 +116,6 @@ class Pinned(LRU):
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "pinned": Pinned}
-ROUTING_FILE = "routing.json"  # routing statistics in a model's folder, written by `localmix stats --save`
-
-
-def hot_experts(routed: np.ndarray, count: int) -> list[tuple[int, int]]:
-    """The `count` (layer, expert) pairs that most tokens were routed to."""
-    order = np.argsort(-routed, axis=None, kind="stable")[:count]
-    return [tuple(int(i) for i in np.unravel_index(k, routed.shape)) for k in order]
-
-
-def read_routing(folder: Path, shape: tuple[int, int]) -> np.ndarray:
-    """The routed-token counts [layers, experts] saved in a model's folder."""
-    path = Path(folder) / ROUTING_FILE
-    try:
-        routed = np.array(json.loads(path.read_text())["routed"], np.int64)
-    except FileNotFoundError:
-        raise LocalmixError(f"the pinned policy needs routing statistics: run `localmix stats {Path(folder).name} "
-                            f"--file TEXT --save` first") from None
-    except (ValueError, KeyError, TypeError):
-        raise LocalmixError(f"{path}: cannot read the routing statistics; write them again with "
-                            f"`localmix stats --save`") from None
-    if routed.shape != shape:
-        raise LocalmixError(f"{path}: routing statistics for {routed.shape} experts, the model has {shape}")
-    return routed
 
 
 class ExpertCache:

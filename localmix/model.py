@@ -7,13 +7,14 @@ decoder layer, then the model. The math follows transformers' MixtralForCausalLM
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from localmix.config import ModelArgs
 from localmix.kv_cache import KVCache
+from localmix.routing import Routing, trace_records
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Layer:
     ffn_norm: np.ndarray
     router: np.ndarray | None  # [experts, hidden]; None for a dense Mistral MLP
     experts: list[Expert]      # a dense MLP is a single expert that every token uses
-    routed: np.ndarray | None = None  # tokens sent to each expert so far (set by Transformer)
+    routing: object = None     # localmix.routing.LayerRouting: statistics and steering (set by Transformer)
 
 
 @dataclass
@@ -161,19 +162,19 @@ def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray
     if layer.router is None:
         return ops.experts_ffn(x, layer.experts, [len(x)])
     chosen, weights = ops.route_tokens(x, layer.router, k)
+    if layer.routing is not None:  # counted, and steered where asked: a dropped expert is len(experts)
+        chosen, weights = layer.routing(x, chosen, weights, layer)
     # (token, slot) pairs grouped by expert, so that every expert's weights are read once per call.
     order = np.argsort(chosen.ravel(), kind="stable")
     rows, slots = np.divmod(order, k)
-    counts = np.bincount(chosen.ravel(), minlength=len(layer.experts))
-    if layer.routed is not None:
-        layer.routed += counts
+    counts = np.bincount(chosen.ravel(), minlength=len(layer.experts))[:len(layer.experts)]
     used = np.flatnonzero(counts)
     y, start = [], 0
     for batch, experts in expert_batches(layer.experts, used):
         size = counts[batch].sum()
         y.append(ops.experts_ffn(x[rows[start:start + size]], experts, counts[batch].tolist()))
         start += size
-    y = np.concatenate(y) * weights[rows, slots, None]
+    y = np.concatenate(y) * weights[rows[:start], slots[:start], None]
     # Each token sums its experts in index order, as transformers does.
     out, start = np.zeros_like(x), 0
     for count in counts[used]:
@@ -213,11 +214,11 @@ class Transformer:
         self.ops = ops
         self.kv_dtype = kv_dtype
         self.inv_freq = rope_inverse_frequencies(args)
-        # Tokens routed to each expert of each layer since the start (layer.routed are its rows):
-        # the routing statistics that the expert cache's "pinned" policy and `localmix stats` use.
-        self.routed = np.zeros((args.num_hidden_layers, args.num_local_experts if args.is_moe else 1), np.int64)
-        for layer, row in zip(weights.layers, self.routed):
-            layer.routed = row
+        # What the routers chose, counted as the model runs (and steered, where asked).
+        self.routing = Routing(args.num_hidden_layers, args.num_local_experts if args.is_moe else 1)
+        for layer, routing in zip(weights.layers, self.routing.layers):
+            layer.routing = routing
+        self.trace: Callable[[list[dict]], None] | None = None  # gets each token's routing, where set
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.args, capacity, self.kv_dtype)
@@ -228,10 +229,15 @@ class Transformer:
         ids = np.asarray(ids, dtype=np.int64)
         positions = cache.length + np.arange(len(ids))
         cache.reserve(cache.length + len(ids))
+        if cache.length == 0:
+            self.routing.new_sequence()
+        self.routing.trace = [None] * len(w.layers) if self.trace else None
         x = embedding(ids, w.embed)
         for index, layer in enumerate(w.layers):
             x = ops.decoder_layer(x, layer, args, cache, index, positions, self.inv_freq, ops)
         cache.advance(len(ids))
+        if self.trace and args.is_moe:
+            self.trace(trace_records(ids, positions, self.routing.trace, len(w.layers[0].experts)))
         if last_only:
             x = x[-1:]
         return ops.linears(ops.rms_norm(x, w.norm, args.rms_norm_eps), [w.lm_head])[0]

@@ -1,8 +1,17 @@
-"""Routing statistics: how many tokens each layer sends to each expert, and how unevenly.
+"""Routing: what the routers chose, seen and steered.
 
-The model counts them as it runs (Transformer.routed, [layers, experts]); `localmix stats` runs a
-text and shows them, and `--save` keeps them in the model's folder, where the expert cache's
-"pinned" policy finds its hot experts.
+Seen: each layer counts, as the model runs, the tokens sent to each expert, the router weights
+they got, and how often a token reuses an expert of the token before it (`LayerRouting`, one per
+layer, collected in `Routing`); `localmix stats` runs a text and shows them, `--save` keeps the
+counts in the model's folder for the expert cache's "pinned" policy, and `--trace` writes every
+token's choice.
+
+Steered (`Steering`, all off by default, when routing is exact):
+- min_weight: drop an expert whose renormalized weight is below the threshold (the first one
+  always stays), so that tokens the router is sure of use one expert;
+- fallback_margin: under a memory budget, while decoding, replace a chosen expert that is not in
+  the cache by a resident one whose router probability is within the margin of it (the weights
+  are then the router's probabilities of the experts used, renormalized).
 """
 
 from __future__ import annotations
@@ -10,11 +19,152 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from localmix.expert_cache import ROUTING_FILE
+from localmix.errors import LocalmixError
+
+ROUTING_FILE = "routing.json"  # routing statistics in a model's folder, written by `localmix stats --save`
+
+
+@dataclass
+class Steering:
+    min_weight: float = 0.0
+    fallback_margin: float = 0.0
+
+    def check(self) -> "Steering":
+        if not 0 <= self.min_weight < 1:
+            raise LocalmixError(f"--min-expert-weight must be in [0, 1), got {self.min_weight}")
+        if not 0 <= self.fallback_margin <= 1:
+            raise LocalmixError(f"--fallback-margin must be in [0, 1], got {self.fallback_margin}")
+        return self
+
+
+class LayerRouting:
+    """One layer's routing statistics (rows of the model's arrays) and the steering it applies."""
+
+    def __init__(self, routing: "Routing", index: int):
+        self.routing, self.index = routing, index
+        self.previous: np.ndarray | None = None  # experts of the sequence's last token, as a mask
+
+    def __call__(self, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray, layer) -> tuple[np.ndarray, np.ndarray]:
+        """The router's choice ([T, k] experts, weights) after steering, counted. A dropped expert
+        is marked with the index len(experts), weight 0."""
+        r, experts = self.routing, len(layer.experts)
+        if r.steering.min_weight > 0:
+            chosen, weights = drop_light_experts(chosen, weights, r.steering.min_weight, experts)
+        if r.steering.fallback_margin > 0 and len(h) == 1 and hasattr(layer.experts, "cache"):
+            chosen, weights = fall_back_to_resident(h, chosen, layer, r.steering.fallback_margin)
+        used = np.zeros((len(chosen), experts + 1), bool)
+        np.put_along_axis(used, chosen, True, axis=1)
+        used = used[:, :experts]
+        r.routed[self.index] += used.sum(axis=0)
+        r.tokens[self.index] += len(used)
+        r.weight[self.index] += np.bincount(chosen.ravel(), weights.ravel(), minlength=experts + 1)[:experts]
+        transitions = used if self.previous is None else np.concatenate([self.previous[None], used])
+        r.reused[self.index] += np.count_nonzero(transitions[1:] & transitions[:-1])
+        r.followed[self.index] += np.count_nonzero(transitions[:-1])
+        self.previous = used[-1]
+        if r.trace is not None:
+            cache = getattr(layer.experts, "cache", None)
+            r.trace[self.index] = (chosen, weights, None if cache is None else
+                                   [[(self.index, int(e)) in cache.resident for e in row] for row in chosen])
+        return chosen, weights
+
+
+class Routing:
+    """The model's routing statistics since the start, [layers, experts] each: tokens routed to
+    each expert (`routed`), the sum of their router weights (`weight`), and per layer the tokens
+    (`tokens`) and the experts a token shared with the token before it (`reused`, out of the
+    `followed` experts of the tokens before)."""
+
+    def __init__(self, layers: int, experts: int, steering: Steering | None = None):
+        self.routed = np.zeros((layers, experts), np.int64)
+        self.weight = np.zeros((layers, experts), np.float64)
+        self.tokens, self.reused, self.followed = (np.zeros(layers, np.int64) for _ in range(3))
+        self.steering = steering or Steering()
+        self.trace: list | None = None  # per layer, this call's (chosen, weights, cached), while tracing
+        self.layers = [LayerRouting(self, i) for i in range(layers)]
+
+    def new_sequence(self) -> None:
+        for layer in self.layers:
+            layer.previous = None
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        return {"routed": self.routed.copy(), "weight": self.weight.copy(), "tokens": self.tokens.copy(),
+                "reused": self.reused.copy(), "followed": self.followed.copy()}
+
+    def since(self, before: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {key: value - before[key] for key, value in self.snapshot().items()}
+
+    def reset(self) -> None:
+        for value in (self.routed, self.weight, self.tokens, self.reused, self.followed):
+            value[...] = 0
+
+
+def drop_light_experts(chosen: np.ndarray, weights: np.ndarray, min_weight: float,
+                       experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mark experts whose weight is below min_weight as dropped (index `experts`, weight 0),
+    keeping each token's heaviest, and renormalize the rest."""
+    light = weights < min_weight
+    light[np.arange(len(weights)), np.argmax(weights, axis=1)] = False
+    weights = np.where(light, 0, weights).astype(weights.dtype)
+    weights /= weights.sum(axis=1, keepdims=True)
+    return np.where(light, experts, chosen), weights
+
+
+def fall_back_to_resident(h: np.ndarray, chosen: np.ndarray, layer, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """For one token: each chosen expert that the cache does not hold is replaced by the most
+    probable resident expert not chosen, if its router probability is within `margin` of it."""
+    cache, index = layer.experts.cache, layer.experts.layer
+    logits = (h.astype(np.float64) @ layer.router.T.astype(np.float64))[0]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    row = [int(e) for e in chosen[0]]
+    resident = [e for e in np.argsort(-probs, kind="stable") if (index, int(e)) in cache.resident]
+    for i, e in enumerate(row):
+        if e >= len(probs) or (index, e) in cache.resident:
+            continue
+        spare = next((int(r) for r in resident if int(r) not in row), None)
+        if spare is not None and probs[e] - probs[spare] <= margin:
+            row[i] = spare
+    kept = [e for e in row if e < len(probs)]
+    weights = np.array([[probs[e] / sum(probs[kept]) if e < len(probs) else 0.0 for e in row]], np.float32)
+    return np.array([row]), weights
+
+
+def trace_records(ids, positions, per_layer: list, experts: int) -> list[dict]:
+    """One record per token of a model call: its id and position, and per layer the experts used,
+    their weights, and (under a budget) whether each was in the cache when asked for."""
+    records = []
+    for t, (token, position) in enumerate(zip(ids, positions)):
+        layers = []
+        for chosen, weights, cached in per_layer:
+            kept = chosen[t] < experts
+            entry = {"experts": chosen[t][kept].tolist(), "weights": [round(float(w), 6) for w in weights[t][kept]]}
+            if cached is not None:
+                entry["cached"] = [c for c, k in zip(cached[t], kept) if k]
+            layers.append(entry)
+        records.append({"position": int(position), "token": int(token), "layers": layers})
+    return records
+
+
+class TraceFile:
+    """Writes routing records as JSON lines (`--trace FILE.jsonl`): an audit trail of every token's
+    experts, weights and cache hits."""
+
+    def __init__(self, path: Path):
+        try:
+            self.file = open(path, "w")
+        except OSError as e:
+            raise LocalmixError(f"{path}: cannot write the trace ({e.strerror})") from None
+
+    def __call__(self, records: list[dict]) -> None:
+        for record in records:
+            self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
 
 
 def imbalance(routed: np.ndarray) -> dict[str, np.ndarray]:
@@ -30,16 +180,25 @@ def imbalance(routed: np.ndarray) -> dict[str, np.ndarray]:
             "entropy": entropy / np.log(routed.shape[1]) if routed.shape[1] > 1 else np.ones(len(routed))}
 
 
+def summary(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per layer, from counts such as Routing.since() gives: imbalance, the mean router weight of
+    each expert, experts per token, and the share of a token's experts the next token uses again."""
+    routed = stats["routed"]
+    return {**imbalance(routed), "mean_weight": stats["weight"] / np.maximum(routed, 1),
+            "experts_per_token": routed.sum(axis=1) / np.maximum(stats["tokens"], 1),
+            "reuse": stats["reused"] / np.maximum(stats["followed"], 1)}
+
+
 def collect(model, ids: list[int], step: int = 256,
-            on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """The routed-token counts of one pass over the ids (in chunks of `step` tokens)."""
-    before = model.transformer.routed.copy()
+            on_progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """The routing counts of one pass over the ids (in chunks of `step` tokens)."""
+    before = model.transformer.routing.snapshot()
     cache = model.transformer.new_cache(len(ids))
     for start in range(0, len(ids), step):
         model.transformer(ids[start:start + step], cache, last_only=True)
         if on_progress:
             on_progress(min(start + step, len(ids)), len(ids))
-    return model.transformer.routed - before
+    return model.transformer.routing.since(before)
 
 
 def save(folder: Path, routed: np.ndarray, tokens: int, source: str) -> Path:
@@ -50,3 +209,25 @@ def save(folder: Path, routed: np.ndarray, tokens: int, source: str) -> Path:
     temporary.write_text(json.dumps({"source": source, "tokens": tokens, "routed": np.asarray(routed).tolist()}))
     os.replace(temporary, path)
     return path
+
+
+def read_routing(folder: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The routed-token counts [layers, experts] saved in a model's folder."""
+    path = Path(folder) / ROUTING_FILE
+    try:
+        routed = np.array(json.loads(path.read_text())["routed"], np.int64)
+    except FileNotFoundError:
+        raise LocalmixError(f"the pinned policy needs routing statistics: run `localmix stats {Path(folder).name} "
+                            f"--file TEXT --save` first") from None
+    except (ValueError, KeyError, TypeError):
+        raise LocalmixError(f"{path}: cannot read the routing statistics; write them again with "
+                            f"`localmix stats --save`") from None
+    if routed.shape != shape:
+        raise LocalmixError(f"{path}: routing statistics for {routed.shape} experts, the model has {shape}")
+    return routed
+
+
+def hot_experts(routed: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """The `count` (layer, expert) pairs that most tokens were routed to."""
+    order = np.argsort(-routed, axis=None, kind="stable")[:count]
+    return [tuple(int(i) for i in np.unravel_index(k, routed.shape)) for k in order]

@@ -95,7 +95,8 @@ def test_eos_stops_generation(model, monkeypatch):
         return logits
     monkeypatch.setattr(model, "transformer", type("T", (), {"__call__": staticmethod(forward),
                                                               "new_cache": model.transformer.new_cache,
-                                                              "args": model.config})())
+                                                              "args": model.config, "trace": None,
+                                                              "routing": model.transformer.routing})())
     responses = list(model.stream("Hi", max_tokens=50, **GREEDY))
     assert responses[-1].finish_reason == "stop" and responses[-1].token == model.tokenizer.eos_id
     assert len(responses) == 3

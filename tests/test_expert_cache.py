@@ -10,7 +10,8 @@ import torch
 import localmix
 from localmix.errors import LocalmixError
 from localmix import routing
-from localmix.expert_cache import LFU, LRU, RUNTIME_BYTES, Pinned, hot_experts, kv_bytes, parse_memory
+from localmix.expert_cache import LFU, LRU, RUNTIME_BYTES, Pinned, kv_bytes, parse_memory
+from localmix.routing import hot_experts
 from localmix.quant.convert import LocalSource, convert
 from localmix.store import read_manifest
 
@@ -45,7 +46,7 @@ def q4_routing(q4):
     writes them (for the pinned policy)."""
     model = localmix.load(q4)
     ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4, bos=True)
-    routed = routing.collect(model, ids, step=16)
+    routed = routing.collect(model, ids, step=16)["routed"]
     routing.save(q4, routed, len(ids), "test")
     return routed
 
@@ -62,7 +63,7 @@ def test_logits_within_a_budget_are_the_resident_ones_bit_for_bit(q4, q4_routing
     stats = cache.stats()
     assert stats["expert_misses"] >= 16 and stats["expert_policy"] == policy
     # The cache is asked for exactly the experts that tokens were routed to, layer by layer.
-    np.testing.assert_array_equal(cache.hits + cache.misses > 0, model.transformer.routed > 0)
+    np.testing.assert_array_equal(cache.hits + cache.misses > 0, model.transformer.routing.routed > 0)
     assert (stats["prefetches"] > 0) == (slots > 2)  # guesses of the next layer's experts, where slots allow
     reads = stats["expert_misses"] + stats["prefetches"] + stats["expert_pinned"]
     assert stats["expert_bytes_read"] == reads * cache.slot_bytes
