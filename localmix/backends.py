@@ -67,9 +67,11 @@ class NumbaOps(Ops):
             x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT, plan.o, *plan.o_format,
             layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)
         chosen, weights = layer.routing(h, chosen[None], weights[None], layer)  # counted; steered where asked
-        order = np.argsort(chosen[0])  # index order, as transformers sums; a dropped expert sorts last
-        kept = order[chosen[0][order] < len(layer.experts)]
-        chosen, weights = chosen[0][kept], np.ascontiguousarray(weights[0][kept])
+        chosen, weights = chosen[0], weights[0]
+        if layer.routing.steers:  # experts dropped (marked len(experts)) or swapped: back to index order
+            order = np.argsort(chosen)
+            kept = order[chosen[order] < len(layer.experts)]
+            chosen, weights = chosen[kept], np.ascontiguousarray(weights[kept])
         (_, experts), = expert_batches(layer.experts, chosen)  # an expert cache has room for a token's
         if hasattr(layer.experts, "speculate"):  # an expert cache: start reading the next layer's
             layer.experts.speculate(h)

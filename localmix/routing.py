@@ -47,7 +47,12 @@ class LayerRouting:
 
     def __init__(self, routing: "Routing", index: int):
         self.routing, self.index = routing, index
-        self.previous: np.ndarray | None = None  # experts of the sequence's last token, as a mask
+        self.previous: set[int] | None = None  # experts of the sequence's last token
+
+    @property
+    def steers(self) -> bool:
+        """Whether the choice may differ from the router's (else routing is exact)."""
+        return self.routing.steering.min_weight > 0 or self.routing.steering.fallback_margin > 0
 
     def __call__(self, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray, layer) -> tuple[np.ndarray, np.ndarray]:
         """The router's choice ([T, k] experts, weights) after steering, counted. A dropped expert
@@ -57,21 +62,46 @@ class LayerRouting:
             chosen, weights = drop_light_experts(chosen, weights, r.steering.min_weight, experts)
         if r.steering.fallback_margin > 0 and len(h) == 1 and hasattr(layer.experts, "cache"):
             chosen, weights = fall_back_to_resident(h, chosen, layer, r.steering.fallback_margin)
-        used = np.zeros((len(chosen), experts + 1), bool)
-        np.put_along_axis(used, chosen, True, axis=1)
-        used = used[:, :experts]
-        r.routed[self.index] += used.sum(axis=0)
-        r.tokens[self.index] += len(used)
-        r.weight[self.index] += np.bincount(chosen.ravel(), weights.ravel(), minlength=experts + 1)[:experts]
-        transitions = used if self.previous is None else np.concatenate([self.previous[None], used])
-        r.reused[self.index] += np.count_nonzero(transitions[1:] & transitions[:-1])
-        r.followed[self.index] += np.count_nonzero(transitions[:-1])
-        self.previous = used[-1]
+        if len(chosen) == 1:
+            self._count_one(chosen[0].tolist(), weights[0].tolist(), experts)
+        else:
+            self._count_many(chosen, weights, experts)
         if r.trace is not None:
             cache = getattr(layer.experts, "cache", None)
             r.trace[self.index] = (chosen, weights, None if cache is None else
                                    [[(self.index, int(e)) in cache.resident for e in row] for row in chosen])
         return chosen, weights
+
+
+    def _count_one(self, chosen: list[int], weights: list[float], experts: int) -> None:
+        """A decoded token's counts, in plain Python: numpy's per-call overhead on arrays of two
+        would cost a few percent of a token."""
+        r, i = self.routing, self.index
+        used = [(e, w) for e, w in zip(chosen, weights) if e < experts]
+        for e, w in used:
+            r.routed[i, e] += 1
+            r.weight[i, e] += w
+        r.tokens[i] += 1
+        now = {e for e, _ in used}
+        if self.previous is not None:
+            r.reused[i] += len(now & self.previous)
+            r.followed[i] += len(self.previous)
+        self.previous = now
+
+    def _count_many(self, chosen: np.ndarray, weights: np.ndarray, experts: int) -> None:
+        r, i = self.routing, self.index
+        used = np.zeros((len(chosen), experts + 1), bool)
+        np.put_along_axis(used, chosen, True, axis=1)
+        used = used[:, :experts]
+        r.routed[i] += used.sum(axis=0)
+        r.tokens[i] += len(used)
+        r.weight[i] += np.bincount(chosen.ravel(), weights.ravel(), minlength=experts + 1)[:experts]
+        if self.previous is not None:
+            r.reused[i] += len(self.previous & set(np.flatnonzero(used[0]).tolist()))
+            r.followed[i] += len(self.previous)
+        r.reused[i] += np.count_nonzero(used[1:] & used[:-1])
+        r.followed[i] += np.count_nonzero(used[:-1])
+        self.previous = set(np.flatnonzero(used[-1]).tolist())
 
 
 class Routing:
@@ -142,10 +172,11 @@ def trace_records(ids, positions, per_layer: list, experts: int) -> list[dict]:
     for t, (token, position) in enumerate(zip(ids, positions)):
         layers = []
         for chosen, weights, cached in per_layer:
-            kept = chosen[t] < experts
-            entry = {"experts": chosen[t][kept].tolist(), "weights": [round(float(w), 6) for w in weights[t][kept]]}
+            kept = [i for i in np.argsort(chosen[t], kind="stable") if chosen[t][i] < experts]  # in index order
+            entry = {"experts": [int(chosen[t][i]) for i in kept], "weights": [round(float(weights[t][i]), 6)
+                                                                               for i in kept]}
             if cached is not None:
-                entry["cached"] = [c for c, k in zip(cached[t], kept) if k]
+                entry["cached"] = [cached[t][i] for i in kept]
             layers.append(entry)
         records.append({"position": int(position), "token": int(token), "layers": layers})
     return records

@@ -1,0 +1,182 @@
+"""Routing seen and steered: statistics, the trace, adaptive top-k and cache-aware fallback."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import localmix
+from localmix import routing
+from localmix.quant.convert import LocalSource, convert
+
+from conftest import make_hf_model
+from test_cli import assert_one_line_error, localmix_cli
+from test_expert_cache import budget, prompt_then_decode
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    hf = tmp_path_factory.mktemp("hf")
+    make_hf_model(hf, dtype=torch.bfloat16, intermediate_size=128, num_local_experts=8, num_hidden_layers=3)
+    return convert(LocalSource(hf), tmp_path_factory.mktemp("models") / "tiny-q4", bits="4")
+
+
+IDS = np.random.default_rng(2).integers(0, 32000, 20)
+
+
+def traced(model, ids=IDS):
+    """Prompt (6 tokens) then one token at a time, recording every token's routing."""
+    records = []
+    model.transformer.trace = records.extend
+    logits = prompt_then_decode(model, ids)
+    model.transformer.trace = None
+    return logits, records
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_statistics_agree_with_the_trace(q4, backend):
+    model = localmix.load(q4, backend=backend)
+    before = model.transformer.routing.snapshot()
+    _, records = traced(model)
+    stats = model.transformer.routing.since(before)
+    assert [r["position"] for r in records] == list(range(len(IDS))) and [r["token"] for r in records] == list(IDS)
+    layers, experts = stats["routed"].shape
+    for layer in range(layers):
+        chosen = [r["layers"][layer]["experts"] for r in records]
+        weights = [r["layers"][layer]["weights"] for r in records]
+        assert all(len(c) == 2 and c == sorted(c) for c in chosen) and np.allclose([sum(w) for w in weights], 1)
+        assert list(stats["routed"][layer]) == [sum(e in c for c in chosen) for e in range(experts)]
+        expected_weight = [sum(w for c, ws in zip(chosen, weights) for x, w in zip(c, ws) if x == e)
+                           for e in range(experts)]
+        np.testing.assert_allclose(stats["weight"][layer], expected_weight, atol=1e-5)
+        assert stats["reused"][layer] == sum(len(set(a) & set(b)) for a, b in zip(chosen, chosen[1:]))
+        assert stats["followed"][layer] == 2 * (len(IDS) - 1) and stats["tokens"][layer] == len(IDS)
+    summary = routing.summary(stats)
+    assert np.allclose(summary["experts_per_token"], 2) and (summary["max_over_mean"] >= 1).all()
+    assert ((0 < summary["entropy"]) & (summary["entropy"] <= 1)).all()
+
+
+def test_the_two_backends_route_alike(q4):
+    counts = []
+    for backend in ("numba", "numpy"):
+        model = localmix.load(q4, backend=backend)
+        traced(model)
+        counts.append(model.transformer.routing.routed)
+    np.testing.assert_array_equal(*counts)
+
+
+def test_imbalance_measures():
+    m = routing.imbalance(np.array([[5, 5, 5, 5], [20, 0, 0, 0]]))
+    np.testing.assert_allclose(m["max_over_mean"], [1, 4])
+    np.testing.assert_allclose(m["cv"], [0, np.sqrt(3)])
+    np.testing.assert_allclose(m["entropy"], [1, 0], atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_a_min_weight_above_one_half_is_top_1_routing(q4, backend):
+    """The second of two renormalized weights is at most 1/2: a threshold above it always drops it."""
+    top1 = prompt_then_decode(localmix.load(q4, backend=backend, experts_per_token=1), IDS)
+    adaptive = localmix.load(q4, backend=backend, min_expert_weight=0.51)
+    np.testing.assert_allclose(prompt_then_decode(adaptive, IDS), top1, rtol=0, atol=1e-5 * np.abs(top1).max())
+    assert np.allclose(routing.summary(adaptive.transformer.routing.snapshot())["experts_per_token"], 1)
+
+
+def test_adaptive_routing_drops_only_light_experts(q4):
+    exact, records = traced(localmix.load(q4))
+    # A threshold between the lighter weights of the tokens: it drops about half of them.
+    threshold = float(np.median([min(layer["weights"]) for r in records for layer in r["layers"]]))
+    model = localmix.load(q4, min_expert_weight=threshold)
+    adaptive, steered = traced(model)
+    for r in steered:  # two experts both at least as heavy as the threshold, or one alone
+        for layer in r["layers"]:
+            assert (len(layer["experts"]) == 2 and min(layer["weights"]) >= threshold - 1e-6) or \
+                (len(layer["experts"]) == 1 and layer["weights"] == [1.0])
+    first, steered_first = records[0]["layers"][0], steered[0]["layers"][0]  # nothing before it changed
+    assert steered_first["experts"] == [e for e, w in zip(first["experts"], first["weights"])
+                                        if w >= threshold or w == max(first["weights"])]
+    per_token = routing.summary(model.transformer.routing.snapshot())["experts_per_token"]
+    assert ((1 < per_token) & (per_token < 2)).all()  # some tokens used one expert, some two
+    assert not np.array_equal(adaptive, exact)
+
+
+def test_per_call_routing_settings(q4):
+    model = localmix.load(q4)
+    kw = dict(max_tokens=6, temperature=0, repeat_penalty=1.0)
+    assert model.generate("Once upon", experts_per_token=1, **kw) == localmix.load(q4, experts_per_token=1).generate(
+        "Once upon", **kw)
+    assert model.transformer.args.num_experts_per_tok == 2  # and back to the model's afterwards
+    assert model.generate("Once upon", min_expert_weight=0.51, **kw) == model.generate("Once upon",
+                                                                                     experts_per_token=1, **kw)
+    with pytest.raises(localmix.LocalmixError, match="min-expert-weight"):
+        model.generate("Once upon", min_expert_weight=1.5)
+
+
+def test_fallback_uses_resident_experts_while_decoding(q4):
+    slots = 12
+    exact_model = localmix.load(q4, memory=budget(q4, slots), prefetch=False)
+    exact, exact_records = traced(exact_model)
+    zero = localmix.load(q4, memory=budget(q4, slots), prefetch=False, fallback_margin=0.0)
+    np.testing.assert_array_equal(prompt_then_decode(zero, IDS), exact)  # off: exact routing
+    model = localmix.load(q4, memory=budget(q4, slots), prefetch=False, fallback_margin=1.0)
+    logits, records = traced(model)
+
+    def decoded_misses(records):
+        return sum(not c for r in records[6:] for layer in r["layers"] for c in layer["cached"])
+
+    # A margin of 1 takes any resident expert that was not chosen: a decoded token waits for the
+    # disk only where its layer has too few experts in the cache.
+    assert decoded_misses(records) < decoded_misses(exact_records) / 2
+    assert all(np.isclose(sum(layer["weights"]), 1) for r in records for layer in r["layers"])
+    assert model.expert_cache.stats()["expert_misses"] < exact_model.expert_cache.stats()["expert_misses"]
+    assert np.isfinite(logits).all() and not np.array_equal(logits, exact)
+
+
+def test_fallback_keeps_a_chosen_expert_that_is_resident():
+    class Cache:
+        resident = {(0, 1): None, (0, 3): None}
+
+    class Experts:
+        cache, layer = Cache(), 0
+
+    class Layer:
+        experts, router = Experts(), np.diag([4.0, 3.0, 2.9, 1.0]).astype(np.float32)
+
+    h = np.array([[1.0, 1.0, 1.0, 1.0]], np.float32)  # logits 4, 3, 2.9, 1
+    chosen, weights = routing.fall_back_to_resident(h, np.array([[0, 1]]), Layer(), margin=0.2)
+    p = np.exp([4, 3, 2.9, 1]) / np.exp([4, 3, 2.9, 1]).sum()
+    assert chosen.tolist() == [[0, 1]]  # expert 0 is not resident, but 3's probability is far below it
+    chosen, weights = routing.fall_back_to_resident(h, np.array([[0, 1]]), Layer(), margin=0.9)
+    assert chosen.tolist() == [[3, 1]]
+    np.testing.assert_allclose(weights[0], [p[3] / (p[3] + p[1]), p[1] / (p[3] + p[1])], rtol=1e-6)
+
+
+def test_cli_trace_stats_and_plot(q4, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    result = localmix_cli("run", q4, "Hello there", "-n", "5", "--temperature", "0", "--trace", trace,
+                          "--memory", budget(q4, 5), "--stats", "--min-expert-weight", "0.2")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    prompt = localmix.load(q4).tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}])
+    assert [r["token"] for r in records[:len(prompt)]] == prompt and len(records) == len(prompt) + 4
+    assert all(len(layer["cached"]) == len(layer["experts"]) >= 1 for r in records for layer in r["layers"])
+    assert "experts per token" in result.stderr and "used again by the next token" in result.stderr
+
+    png = tmp_path / "heat.png"
+    stats = localmix_cli("stats", q4, "--prompt", "Hello there, how are you?", "--plot", png)
+    assert stats.returncode == 0, stats.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "reuse" in stats.stdout
+
+    for args, message in [(["--min-expert-weight", "1"], "--min-expert-weight must be in [0, 1)"),
+                          (["--fallback-margin", "-1"], "--fallback-margin must be in [0, 1]"),
+                          (["--trace", tmp_path / "no" / "t.jsonl"], "cannot write the trace")]:
+        assert_one_line_error(localmix_cli("run", q4, "Hi", *args), message)
+
+
+def test_stats_saves_what_pinning_reads(q4, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(q4, copy)
+    localmix_cli("stats", copy, "--prompt", "Hello there, how are you?", "--save")
+    saved = routing.read_routing(copy, (3, 8))
+    assert saved.sum() == 2 * 3 * len(localmix.load(copy).tokenizer.encode("Hello there, how are you?", bos=True))
