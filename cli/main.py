@@ -30,7 +30,8 @@ Seed = typer.Option(None, help="Random seed: the same seed gives the same answer
 System = typer.Option(None, help="System prompt.")
 Experts = typer.Option(None, "--experts-per-token", help="Active experts per token (default: the model's).")
 Verbose = typer.Option(False, "--verbose", help="Print timings after each answer.")
-Backend = typer.Option("numba", "--backend", help="Quantized products: numba (kernels) or numpy (reference).")
+Backend = typer.Option("auto", "--backend", help="auto (MLX on Apple Silicon where installed, else numba), numba, "
+                                                 "mlx, mlx-f32 or numpy (the reference).")
 Threads = typer.Option(None, "--threads", "-t", help="Threads for the kernels (default: the physical cores).")
 KvCache = typer.Option("f32", "--kv-cache", help="KV cache type: f32 (exact) or f16 (half the memory).")
 Memory = typer.Option(None, "--memory", help="Memory budget, e.g. 12GB: experts beyond it are read from disk "
@@ -128,6 +129,7 @@ app.command()(manage.verify)
 app.command()(manage.perplexity)
 app.command()(manage.bench)
 app.command()(manage.stats)
+app.command()(manage.export)
 
 
 def main() -> None:

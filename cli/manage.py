@@ -140,6 +140,21 @@ def perplexity(model: str = typer.Argument(..., help="Model name or folder."),
               f"top-1 agreement {result['top1']:.3f}")
 
 
+def export(model: str = typer.Argument(..., help="Model name or folder."),
+           out: Path = typer.Argument(..., help="The folder to write."),
+           format: str = typer.Option("mlx-lm", "--format", help="mlx-lm: a folder mlx_lm.load opens.")):
+    """Write a model in another runner's format, without quantizing it again."""
+    from localmix.quant.mlx_lm import export_mlx_lm
+    if format != "mlx-lm":
+        raise LocalmixError(f"unknown export format {format!r}: use mlx-lm")
+    folder = resolve_model(model)
+    if not is_localmix_model(folder):
+        raise LocalmixError(f"{model} is not a localmix model (from `localmix pull`)")
+    with err.status(f"writing {out}"):
+        export_mlx_lm(folder, out)
+    err.print(f"wrote {out} (mlx-lm format)", markup=False)
+
+
 def stats(model: str = typer.Argument(..., help="Model name or folder."),
           file: Optional[Path] = typer.Option(None, "--file", help="A text file to run."),
           prompt: Optional[str] = typer.Option(None, "--prompt", help="A text to run."),
@@ -233,7 +248,7 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
           repeat: int = typer.Option(1, "--repeat", help="Runs to average."),
           experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token"),
           membw: bool = typer.Option(False, "--membw", help="Measure the memory read bandwidth instead."),
-          backend: str = typer.Option("numba", "--backend", help="numba (kernels) or numpy (reference)."),
+          backend: str = typer.Option("auto", "--backend", help="auto, numba, mlx, mlx-f32 or numpy (reference)."),
           threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads (default: the physical cores)."),
           kv_cache: str = typer.Option("f32", "--kv-cache", help="KV cache type: f32 or f16."),
           memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget, e.g. 12GB (expert cache)."),

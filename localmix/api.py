@@ -17,7 +17,7 @@ from localmix.routing import Steering, hot_experts, read_routing
 from localmix.generate import GenerationResponse, stream_generate
 from localmix.home import resolve_model
 from localmix.kv_cache import KV_DTYPES
-from localmix.backends import backend_ops
+from localmix.backends import NumbaOps, backend_ops, resolve_backend
 from localmix.model import Ops, Transformer
 from localmix.sampling import SamplingParams
 from localmix.store import ModelFolder, is_localmix_model
@@ -47,12 +47,13 @@ class Model:
     temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop.
     """
 
-    def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
+    def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None, backend: str = "auto",
                  threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
                  expert_policy: str = "lfu", prefetch: bool | None = None, min_expert_weight: float = 0.0,
                  fallback_margin: float = 0.0):
         """Open a localmix model folder (quantized, from `localmix pull`) or a Hugging Face one.
-        backend: "numba" (kernels) or "numpy" (the reference) for the quantized matrix products.
+        backend: "auto" (MLX on Apple Silicon where installed, else Numba), "numba" (CPU kernels),
+        "mlx" (float16) or "mlx-f32", or "numpy" (the reference), for a localmix model.
         threads: for the kernels (default: the physical cores). kv_cache: "f32" or "f16".
         memory: a budget such as "12GB" for a localmix model: the experts that do not fit stay on
         disk and come in through an expert cache (policy "lfu", the default: the least often used
@@ -74,8 +75,8 @@ class Model:
         ops = backend_ops(backend)  # checks the name, also for float checkpoints
         if not quantized:
             ops = Ops
-        self.backend = backend if quantized else "numpy"
-        self.threads = use_threads(threads, ops is not Ops)
+        self.backend = resolve_backend(backend) if quantized else "numpy"
+        self.threads = use_threads(threads, ops is NumbaOps)
         checkpoint = ModelFolder(folder) if quantized else Checkpoint(folder)
         self.path = checkpoint.folder
         self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
@@ -96,7 +97,8 @@ class Model:
             if prefetch is None:
                 prefetch = (os.cpu_count() or 1) > self.threads
             self.expert_cache = ExpertCache(checkpoint.folder, checkpoint.manifest, *shape, slots, expert_policy,
-                                            hot, self.config.num_experts_per_tok, prefetch)
+                                            hot, self.config.num_experts_per_tok, prefetch,
+                                            getattr(ops, "allocate_slots", None))
             self.expert_cache.routers = [layer.router for layer in weights.layers]
             for i, layer in enumerate(weights.layers):
                 layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
@@ -104,7 +106,7 @@ class Model:
         self.transformer.routing.steering = Steering(min_expert_weight, fallback_margin).check()
         # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.
         self.compile_s = 0.0
-        if ops is not Ops:
+        if ops is NumbaOps:
             start = time.perf_counter()
             kernels.warm_up(quantized_shapes(self.transformer.weights))
             if self.expert_cache is None:  # and a decoded token's fused kernels (with a cache it would read experts)
@@ -167,7 +169,7 @@ class Model:
         return self.generate(list(messages), max_tokens, **sampling)
 
 
-def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "numba",
+def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "auto",
          threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
          expert_policy: str = "lfu", prefetch: bool | None = None, min_expert_weight: float = 0.0,
          fallback_margin: float = 0.0) -> Model:

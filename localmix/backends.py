@@ -4,10 +4,15 @@ model reads the same whatever runs it.
 - numpy: `model.Ops`, the float32 reference (quantized weights are dequantized, then BLAS).
 - numba: the CPU kernels of localmix.kernels on the packed weights; float matrices (routers, a
   float checkpoint's weights) still go through numpy.
+- mlx, mlx-f32: layers on MLX (Metal on Apple Silicon; mlx[cpu] elsewhere), float16 or float32
+  activations (localmix.backend_mlx).
+- auto: mlx on Apple Silicon where MLX is installed, numba elsewhere.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import platform
 from typing import NamedTuple
 
 import numpy as np
@@ -16,7 +21,7 @@ from localmix import kernels
 from localmix.errors import LocalmixError
 from localmix.model import Ops, expert_batches
 
-BACKENDS = ("numba", "numpy")
+BACKENDS = ("auto", "numba", "numpy", "mlx", "mlx-f32")
 
 
 def is_packed(w) -> bool:
@@ -126,7 +131,26 @@ def fused_plan(layer) -> FusedPlan | None:
     return plan
 
 
-def backend_ops(name: str) -> type[Ops]:
+def resolve_backend(name: str) -> str:
+    """A backend's name, with "auto" made MLX on Apple Silicon where it is installed, else Numba."""
     if name not in BACKENDS:
-        raise LocalmixError(f"unknown backend {name!r}: use {' or '.join(BACKENDS)}")
+        raise LocalmixError(f"unknown backend {name!r}: use {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "mlx" if apple_silicon() and importlib.util.find_spec("mlx") else "numba"
+    return name
+
+
+def backend_ops(name: str) -> type[Ops]:
+    name = resolve_backend(name)
+    if name.startswith("mlx"):
+        try:
+            from localmix.backend_mlx import MLXFloat32Ops, MLXOps
+        except ImportError:
+            raise LocalmixError("the mlx backend needs MLX: pip install 'localmix[mlx]' (on Linux: "
+                                "pip install 'mlx[cpu]')") from None
+        return MLXFloat32Ops if name == "mlx-f32" else MLXOps
     return NumbaOps if name == "numba" else Ops
+
+
+def apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"

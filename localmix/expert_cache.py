@@ -124,10 +124,12 @@ class ExpertCache:
     bookkeeping, and a failed background read is raised in the caller's thread."""
 
     def __init__(self, folder: Path, manifest: dict, layers: int, experts: int, slots: int, policy: str = "lfu",
-                 hot: list[tuple[int, int]] = (), experts_per_token: int = 2, prefetch: bool = True):
+                 hot: list[tuple[int, int]] = (), experts_per_token: int = 2, prefetch: bool = True,
+                 allocate=None):
         """hot: for the "pinned" policy, experts hottest first; as many as leave a quarter of the
         slots (at least two tokens' experts) to the others are read in at the start and kept.
-        prefetch: guess the next layer's experts and read them in the background (`speculate`)."""
+        prefetch: guess the next layer's experts and read them in the background (`speculate`).
+        allocate(shape): the slots' uint8 buffer (a backend's memory, such as MLX's; numpy's by default)."""
         if policy not in POLICIES:
             raise LocalmixError(f"unknown expert cache policy {policy!r}: use {' or '.join(POLICIES)}")
         pinned = list(hot)[:max(0, slots - max(2 * experts_per_token, slots // 4))] if policy == "pinned" else []
@@ -145,7 +147,8 @@ class ExpertCache:
         self.file_bytes = {key: manifest["files"][ls[0].file]["size"] for key, ls in self.layouts.items()}
         self.slot_bytes = max(self.file_bytes.values())
         self.slots = slots
-        self.buffer = np.empty((slots, self.slot_bytes), np.uint8)  # pages are taken as slots fill
+        # numpy's pages are taken as slots fill
+        self.buffer = allocate((slots, self.slot_bytes)) if allocate else np.empty((slots, self.slot_bytes), np.uint8)
         self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
         self.free = list(range(slots - 1, -1, -1))
         self.in_use: set = set()  # the experts of the batch being computed: never evicted
@@ -305,7 +308,8 @@ class ExpertCache:
             rows = layout.shape[0]
             matrices[layout.name.rsplit(".", 2)[-2]] = QuantizedMatrix(
                 views["words"].view(np.uint32).reshape(rows, -1), views["scales"].view(np.float16).reshape(rows, -1),
-                views["biases"].view(np.float16).reshape(rows, -1), layout.bits, layout.group_size, str(path))
+                views["biases"].view(np.float16).reshape(rows, -1), layout.bits, layout.group_size, str(path),
+                transient=True)
         return Expert(w1=matrices["w1"], w2=matrices["w2"], w3=matrices["w3"])
 
     def counters(self) -> dict:

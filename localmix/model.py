@@ -202,6 +202,7 @@ class Ops:
     linears = staticmethod(linears)
     experts_ffn = staticmethod(experts_ffn)
     decoder_layer = staticmethod(decoder_layer)
+    kv_cache = KVCache
 
 
 class Transformer:
@@ -221,7 +222,7 @@ class Transformer:
         self.trace: Callable[[list[dict]], None] | None = None  # gets each token's routing, where set
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.args, capacity, self.kv_dtype)
+        return self.ops.kv_cache(self.args, capacity, self.kv_dtype)
 
     def __call__(self, ids: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Logits ([T, vocab], or [1, vocab] with last_only) for tokens that follow the cache's."""

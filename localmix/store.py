@@ -119,6 +119,7 @@ class QuantizedMatrix:
     group_size: int
     source: str  # the file, named in errors
     addresses: list | None = None  # where words, scales and biases lie, once the kernels have asked
+    transient: bool = False  # in an expert cache's slot: backends must not keep copies of it
 
     def linear(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T for x [T, cols]."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from localmix.errors import LocalmixError
 from localmix.home import home, models_dir
+from localmix.quant.mlx_lm import import_mlx_lm, is_mlx_lm_folder
 from localmix.quant.convert import LocalSource, convert
 from localmix.quant.hub import HubSource, looks_like_repo_id
 
@@ -23,12 +24,17 @@ def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = 
     folder = Path(source).expanduser()
     if not folder.is_dir() and not looks_like_repo_id(source):
         raise LocalmixError(f"{source}: no such folder, and not a hub repository id (OWNER/NAME)")
-    name = name or default_name(source, bits)
+    mlx_lm = folder.is_dir() and is_mlx_lm_folder(folder)
+    name = name or (folder.resolve().name if mlx_lm else default_name(source, bits))
     if not MODEL_NAME.match(name):
         raise LocalmixError(f"invalid model name {name!r}: use letters, digits, '.', '-' and '_'")
     out = models_dir() / name
     if out.exists():
         raise LocalmixError(f"a model named {name} exists already; `localmix rm {name}` first or pick --name")
+    if mlx_lm:  # already quantized: copied, not quantized again
+        if revision or delete_source:
+            raise LocalmixError("--revision and --delete-source apply to Hugging Face checkpoints, not mlx-lm folders")
+        return import_mlx_lm(folder, out, on_progress)
     if folder.is_dir():
         if revision:
             raise LocalmixError("--revision applies to hub repositories, not local folders")

@@ -1,0 +1,204 @@
+"""Interop with mlx-lm's quantized Mixtral folders, as `mlx_lm.convert -q` writes them.
+
+Both use MLX's affine quantization, so nothing is quantized again either way: an mlx-lm folder
+keeps each layer's experts stacked ([experts, rows, ...] under `block_sparse_moe.switch_mlp.
+{gate_proj,up_proj,down_proj}`), localmix one file per expert (`experts.E.{w1,w3,w2}`); import
+slices the stacks, export stacks the files, bit for bit. The quantization settings live in
+config.json's "quantization" block: bits and group size, and per module where one differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from localmix.checkpoint import SafetensorsFile, tensor_table
+from localmix.config import ModelArgs
+from localmix.errors import LocalmixError
+from localmix.quant.convert import check_disk, write_model
+from localmix.quant.affine import dequantize
+from localmix.store import ModelFolder, plan_layout, sha256_of
+
+EXPERT = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.weight$")
+SWITCH = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+RAW_DTYPES = {"U32": np.dtype("<u4"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+def is_mlx_lm_folder(folder: Path) -> bool:
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "quantization" in config and any(Path(folder).glob("*.safetensors"))
+
+
+def mlx_module(name: str) -> tuple[str, int | None]:
+    """The mlx-lm module holding a localmix tensor, and the expert's index in its stack."""
+    m = EXPERT.match(name)
+    if m:
+        return f"{m[1]}.switch_mlp.{SWITCH[m[3]]}", int(m[2])
+    return name.removesuffix(".weight"), None
+
+
+class MLXFolder:
+    """The tensors of an mlx-lm folder, raw (no conversion), from any of its safetensors files."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.config = json.loads((self.folder / "config.json").read_text())
+        self.files = {}
+        for path in sorted(self.folder.glob("*.safetensors")):
+            f = SafetensorsFile(path)
+            for name in f.tensors:
+                self.files[name] = f
+
+    def raw(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise LocalmixError(f"{self.folder}: no tensor {name}; not an mlx-lm Mixtral folder?")
+        f = self.files[name]
+        info = f.tensors[name]
+        if info["dtype"] not in RAW_DTYPES:
+            raise LocalmixError(f"{f.path}: tensor {name} has dtype {info['dtype']}")
+        start, end = (f.data_start + o for o in info["data_offsets"])
+        if end > f.size:
+            raise LocalmixError(f"{f.path}: truncated file, tensor {name} ends at byte {end}")
+        data = np.memmap(f.path, np.uint8, mode="r", offset=start, shape=(end - start,))
+        return data.view(RAW_DTYPES[info["dtype"]]).reshape(info["shape"]), info["dtype"]
+
+    def quantization(self, module: str) -> dict | None:
+        """{bits, group_size} of a module, or None where it is stored in floats."""
+        if module + ".scales" not in self.files:
+            return None
+        q = self.config["quantization"]
+        own = q.get(module)
+        return own if isinstance(own, dict) else {"bits": q["bits"], "group_size": q["group_size"]}
+
+
+def half(raw: np.ndarray, dtype: str, what: str) -> np.ndarray:
+    """Scales or biases as float16; bfloat16 ones must convert exactly (they do within float16's range)."""
+    if dtype == "F16":
+        return raw
+    values = raw.astype(np.uint32) << 16 if dtype == "BF16" else raw
+    values = values.view(np.float32) if dtype == "BF16" else values.astype(np.float32)
+    converted = values.astype(np.float16)
+    if not np.array_equal(converted.astype(np.float32), values):
+        raise LocalmixError(f"{what}: {dtype} scales or biases that float16 cannot hold exactly")
+    return converted
+
+
+def floats(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
+    """A localmix model from an mlx-lm folder: every quantized tensor copied as it is stored."""
+    source = MLXFolder(folder)
+    raw_config = {k: v for k, v in source.config.items() if k not in ("quantization", "quantization_config")}
+    args = ModelArgs.from_hf_config(raw_config, str(Path(folder) / "config.json"))
+    table = tensor_table(args)
+    settings = {name: source.quantization(mlx_module(name)[0]) for name, _ in table}
+    groups = {s["group_size"] for s in settings.values() if s}
+    if len(groups) != 1:
+        raise LocalmixError(f"{folder}: group sizes {sorted(groups)} differ between tensors; localmix keeps one")
+    group_size = groups.pop()
+
+    def bits_for(name: str) -> int:
+        if settings[name] is None:
+            raise LocalmixError(f"{folder}: {name} is not quantized; localmix imports quantized mlx-lm models")
+        return settings[name]["bits"]
+
+    layouts, sizes = plan_layout(table, bits_for, group_size)
+    tokenizer = Path(folder) / "tokenizer.model"
+    if not tokenizer.is_file():
+        raise LocalmixError(f"{folder}: no tokenizer.model (the sentencepiece tokenizer localmix reads)")
+    check_disk(Path(out_dir).parent, sum(sizes.values()))
+
+    def write(tmp: Path) -> dict:
+        entries = {}
+        for i, layout in enumerate(layouts):
+            module, expert = mlx_module(layout.name)
+            if layout.bits is None:  # norms and routers, float32 here
+                if source.quantization(module):  # a quantized router: its values, dequantized
+                    parts = [source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases")]
+                    arrays = [dequantize(parts[0][0], half(*parts[1], module), half(*parts[2], module),
+                                         source.quantization(module)["bits"],
+                                         source.quantization(module)["group_size"]).astype(np.float32)]
+                else:
+                    arrays = [floats(*source.raw(layout.name))]
+            else:
+                parts = [source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases")]
+                if expert is not None:
+                    parts = [(array[expert], dtype) for array, dtype in parts]
+                arrays = [parts[0][0], half(*parts[1], module), half(*parts[2], module)]
+            with open(tmp / layout.file, "r+b") as f:
+                for (_, offset, size), array in zip(layout.parts, arrays):
+                    data = np.ascontiguousarray(array).tobytes()
+                    if len(data) != size:
+                        raise LocalmixError(f"{folder}: {layout.name} has {len(data)} bytes, expected {size} "
+                                            f"for shape {list(layout.shape)} at {layout.bits} bits")
+                    f.seek(offset)
+                    f.write(data)
+            entries[layout.name] = layout.to_json(sha256_of(tmp / layout.file, layout.offset, layout.nbytes))
+            if on_progress:
+                on_progress(i + 1, len(layouts))
+        return dict(sorted(entries.items()))
+
+    bits = sorted({layout.bits for layout in layouts if layout.bits})
+    return write_model(Path(out_dir), sizes, write, tokenizer, raw_config,
+                       {"repo": str(Path(folder).resolve()), "revision": None, "format": "mlx-lm"},
+                       {"bits": "/".join(map(str, bits)), "group_size": group_size, "method": "mlx-lm (imported)"})
+
+
+def export_mlx_lm(model_folder: Path, out: Path) -> Path:
+    """An mlx-lm folder from a localmix model: experts stacked per layer, nothing quantized again."""
+    from safetensors.numpy import save_file
+    model = ModelFolder(model_folder)
+    out = Path(out)
+    if out.exists():
+        raise LocalmixError(f"{out} exists already")
+    tensors, modules = {}, {}
+    stacks: dict[str, list] = {}
+    for name, entry in model.manifest["tensors"].items():
+        module, expert = mlx_module(name)
+        value = model.tensor(name, tuple(entry["shape"]))
+        if not hasattr(value, "bits"):  # norms and routers
+            tensors[name] = value
+            continue
+        arrays = {"weight": value.words, "scales": value.scales, "biases": value.biases}
+        modules[module] = {"bits": value.bits, "group_size": value.group_size}
+        if expert is None:
+            tensors.update({f"{module}.{p}": a for p, a in arrays.items()})
+        else:
+            stacks.setdefault(module, []).append((expert, arrays))
+    for module, experts in stacks.items():
+        experts.sort(key=lambda e: e[0])
+        for p in ("weight", "scales", "biases"):
+            tensors[f"{module}.{p}"] = np.stack([arrays[p] for _, arrays in experts])
+    common = max({(q["bits"], q["group_size"]) for q in modules.values()},
+                 key=lambda bq: sum((q["bits"], q["group_size"]) == bq for q in modules.values()))
+    quantization = {"group_size": common[1], "bits": common[0],
+                    **{m: q for m, q in sorted(modules.items()) if (q["bits"], q["group_size"]) != common}}
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}, tmp / "model.safetensors",
+                  metadata={"format": "mlx"})
+        config = {**model.manifest["config"], "quantization": quantization}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        shutil.copyfile(model.folder / "tokenizer.model", tmp / "tokenizer.model")
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": True}, indent=2))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

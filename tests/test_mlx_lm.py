@@ -1,0 +1,112 @@
+"""mlx-lm interop: import an mlx-lm quantized Mixtral folder, export one, both without quantizing again."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+mx = pytest.importorskip("mlx.core", reason="MLX is not installed (pip install 'mlx[cpu]' on Linux)")
+
+import localmix  # noqa: E402
+from localmix.checkpoint import Checkpoint  # noqa: E402
+from localmix.quant.convert import LocalSource, convert  # noqa: E402
+from localmix.quant.mlx_lm import SWITCH  # noqa: E402
+from localmix.store import read_manifest  # noqa: E402
+
+from conftest import TOKENIZER_V1, make_hf_model  # noqa: E402
+from test_cli import assert_one_line_error, localmix_cli  # noqa: E402
+
+IDS = [1, 415, 2936, 9060, 285, 1142, 754, 28705]
+
+
+def mlx_lm_folder(hf, out, bits=4, group_size=64, scale_dtype=mx.float16):
+    """What `mlx_lm.convert -q` writes, made here with mx.quantize: every linear layer and the
+    embedding quantized (the routers too), experts stacked under switch_mlp, the settings in
+    config.json, scales and biases in the model's dtype. Returns the quantized arrays by name."""
+    checkpoint = Checkpoint(hf)
+    config = json.loads((hf / "config.json").read_text())
+    weights, quantized = {}, {}
+    state = {name: checkpoint._file(shard).load(name) for name, shard in checkpoint.weight_map.items()}
+    stacks = {}
+    for name, value in state.items():
+        if value.ndim == 1:
+            weights[name] = mx.array(value).astype(scale_dtype)
+            continue
+        q = [np.array(a) for a in mx.quantize(mx.array(value), group_size=group_size, bits=bits)]
+        q[1], q[2] = (np.array(mx.array(a).astype(scale_dtype).astype(mx.float32)) for a in q[1:])  # as stored
+        quantized[name] = q
+        parts = name.split(".")
+        if "experts" in parts:
+            i = parts.index("experts")
+            module = ".".join(parts[:i]) + ".switch_mlp." + SWITCH[parts[i + 2]]
+            stacks.setdefault(module, {})[int(parts[i + 1])] = q
+        else:
+            module = name.removesuffix(".weight")
+            for part, array in zip(("weight", "scales", "biases"), q):
+                weights[f"{module}.{part}"] = mx.array(array).astype(scale_dtype) if part != "weight" else mx.array(array)
+    for module, experts in stacks.items():
+        for k, part in enumerate(("weight", "scales", "biases")):
+            stacked = mx.stack([mx.array(experts[e][k]) for e in sorted(experts)])
+            weights[f"{module}.{part}"] = stacked if part == "weight" else stacked.astype(scale_dtype)
+    out.mkdir()
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": group_size, "bits": bits}}))
+    (out / "tokenizer.model").write_bytes(TOKENIZER_V1.read_bytes())
+    return quantized
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    make_hf_model(folder, dtype=torch.bfloat16, intermediate_size=128, num_local_experts=4)
+    return folder
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_import_copies_the_quantized_tensors_bit_for_bit(hf, tmp_path, scale_dtype):
+    source = tmp_path / "mixtral-4bit-mlx"
+    quantized = mlx_lm_folder(hf, source, scale_dtype=getattr(mx, scale_dtype))
+    result = localmix_cli("pull", source, env={"LOCALMIX_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "home" / "models" / "mixtral-4bit-mlx"
+    model = localmix.load(folder, backend="numpy")
+    layer = model.transformer.weights.layers[1]
+    for name, matrix in [("model.layers.1.self_attn.q_proj.weight", layer.wq),
+                         ("model.layers.1.block_sparse_moe.experts.3.w2.weight", layer.experts[3].w2),
+                         ("model.layers.1.block_sparse_moe.experts.0.w1.weight", layer.experts[0].w1),
+                         ("lm_head.weight", model.transformer.weights.lm_head)]:
+        words, scales, biases = quantized[name]
+        np.testing.assert_array_equal(matrix.words, words)
+        np.testing.assert_array_equal(matrix.scales.astype(np.float32), scales)
+        np.testing.assert_array_equal(matrix.biases.astype(np.float32), biases)
+    assert read_manifest(folder)["source"]["format"] == "mlx-lm"
+    assert localmix_cli("verify", folder).returncode == 0
+
+
+def test_export_then_import_is_lossless_and_mlx_lm_agrees(hf, tmp_path):
+    original = convert(LocalSource(hf), tmp_path / "tiny-q4", bits="4")
+    exported = tmp_path / "tiny-mlx"
+    result = localmix_cli("export", original, exported, "--format", "mlx-lm")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((exported / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["lm_head"] == {"bits": 8, "group_size": 64}
+    again = tmp_path / "home" / "models" / "back"
+    assert localmix_cli("pull", exported, "--name", "back", env={"LOCALMIX_HOME": str(tmp_path / "home")}).returncode == 0
+    a, b = read_manifest(original), read_manifest(again)
+    assert {n: t["sha256"] for n, t in a["tensors"].items()} == {n: t["sha256"] for n, t in b["tensors"].items()}
+    assert {f: e["sha256"] for f, e in a["files"].items()} == {f: e["sha256"] for f, e in b["files"].items()}
+
+    mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
+    model, _ = mlx_lm.load(str(exported))
+    model.set_dtype(mx.float32)
+    theirs = np.array(model(mx.array([IDS]))[0].astype(mx.float32))
+    ours = localmix.load(original, backend="numpy").logits(IDS)
+    assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-4
+
+
+def test_bad_exports(hf, tmp_path):
+    original = convert(LocalSource(hf), tmp_path / "tiny-q4", bits="4")
+    assert_one_line_error(localmix_cli("export", original, tmp_path / "x", "--format", "gguf"), "unknown export format")
+    assert_one_line_error(localmix_cli("export", hf, tmp_path / "x"), "is not a localmix model")
+    assert_one_line_error(localmix_cli("export", original, original), "exists already")
