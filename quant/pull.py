@@ -20,7 +20,8 @@ def default_name(source: str, bits: str) -> str:
 
 def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = None, revision: str | None = None,
          delete_source: bool = False, on_progress=None, on_download=None) -> Path:
-    """Quantize a local Hugging Face folder or a hub repository into $LOCALMIX_HOME/models/NAME."""
+    """Quantize a local Hugging Face folder or a hub repository into $LOCALMIX_HOME/models/NAME; an
+    mlx-lm folder or repository (already quantized) is imported as it is."""
     folder = Path(source).expanduser()
     if not folder.is_dir() and not looks_like_repo_id(source):
         raise LocalmixError(f"{source}: no such folder, and not a hub repository id (OWNER/NAME)")
@@ -41,6 +42,12 @@ def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = 
         origin = LocalSource(folder, delete_source)
     else:
         origin = HubSource(source, revision, home() / "downloads", delete_source, on_download)
+        if "quantization" in origin.raw_config():  # an mlx-lm repository: download it whole, then import
+            for shard in sorted(set(origin.weight_map.values())):
+                origin.shard(shard)
+            import_mlx_lm(origin.folder, out, on_progress)
+            origin.cleanup()
+            return out
     convert(origin, out, bits, group_size, on_progress)
     origin.cleanup()
     return out

@@ -110,3 +110,22 @@ def test_bad_exports(hf, tmp_path):
     assert_one_line_error(localmix_cli("export", original, tmp_path / "x", "--format", "gguf"), "unknown export format")
     assert_one_line_error(localmix_cli("export", hf, tmp_path / "x"), "is not a localmix model")
     assert_one_line_error(localmix_cli("export", original, original), "exists already")
+
+
+def test_pull_an_mlx_lm_repository_from_the_hub(hf, tmp_path):
+    from fake_hub import FakeHub
+    source = tmp_path / "mixtral-4bit-mlx"
+    quantized = mlx_lm_folder(hf, source, bits=8, group_size=32)
+    hub = FakeHub()
+    hub.add_folder("mlx-community/tiny-mixtral-8bit", source)
+    try:
+        env = {"LOCALMIX_HOME": str(tmp_path / "home"), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+        result = localmix_cli("pull", "mlx-community/tiny-mixtral-8bit", "--name", "tiny", env=env)
+    finally:
+        hub.close()
+    assert result.returncode == 0, result.stderr
+    model = localmix.load(tmp_path / "home" / "models" / "tiny", backend="numpy")
+    np.testing.assert_array_equal(model.transformer.weights.layers[0].experts[2].w3.words,
+                                  quantized["model.layers.0.block_sparse_moe.experts.2.w3.weight"][0])
+    assert model.transformer.weights.layers[0].wq.bits == 8 and model.transformer.weights.layers[0].wq.group_size == 32
