@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -119,6 +120,29 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
     llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, min_expert_weight,
                              fallback_margin, trace)
     chat_loop(llm, model, params, max_tokens, system, verbose, load_s, stats)
+
+
+@app.command()
+def serve(model: str = typer.Argument(..., help="Model name or folder."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+          port: int = typer.Option(8080, "--port", help="Port to listen on."),
+          name: Optional[str] = typer.Option(None, "--name", help="The model's name in the API (default: its own)."),
+          experts_per_token: Optional[int] = Experts, backend: str = Backend, threads: Optional[int] = Threads,
+          kv_cache: str = KvCache, memory: Optional[str] = Memory, policy: str = Policy,
+          trace: Optional[str] = Trace):
+    """Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Ollama
+    (/api/chat, /api/generate, /api/tags) routes."""
+    import uvicorn
+    from localmix.server import create_app
+    if not 0 < port < 65536:
+        raise LocalmixError(f"--port must be between 1 and 65535, got {port}")
+    llm, _ = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, trace=trace)
+    served = name or Path(str(llm.path)).name
+    err.print(f"serving {served} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)", markup=False)
+    try:
+        uvicorn.run(create_app(llm, served), host=host, port=port, log_level="warning")
+    except OSError as e:
+        raise LocalmixError(f"cannot listen on {host}:{port} ({e.strerror})") from None
 
 
 app.command()(manage.pull)

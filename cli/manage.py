@@ -258,6 +258,8 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
                                                   "core is free for it)."),
           cold: bool = typer.Option(False, "--cold", help="Drop the model's files from the page cache before "
                                                           "each run (reads then come from the disk)."),
+          concurrency: int = typer.Option(1, "--concurrency", help="Decode this many sequences together (as "
+                                                                    "`serve` batches concurrent answers)."),
           as_json: bool = typer.Option(False, "--json", help="End with the figures as one JSON line.")):
     """Prefill and decode speed (as llama.cpp is measured by ../shared/peers/llama_speed.py)."""
     from localmix import bench as benchmark
@@ -273,7 +275,7 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
     if llm.memory_note:
         err.print(llm.memory_note, style="dim", markup=False)
     with err.status(f"prefill {prompt_tokens} tokens, generate {gen_tokens}, {repeat} time(s)"):
-        r = benchmark.run(llm, prompt_tokens, gen_tokens, repeat, cold)
+        r = benchmark.run(llm, prompt_tokens, gen_tokens, repeat, cold, concurrency)
     columns = ["model", "threads", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS MB", "TTFT s"]
     cells = [str(model), str(r["threads"]), f"{r['prefill_tok_s']:.2f}", f"{r['decode_tok_s']:.2f}",
              f"{r['decode_gb_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['ttft_s']:.3f}"]

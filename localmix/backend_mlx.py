@@ -163,6 +163,7 @@ class MLXOps(Ops):
     """float16 activations."""
     dtype = mx.float16
     kv_cache = MLXKVCache
+    batched_decoding = False  # concurrent answers take turns (its KV cache is one sequence's)
     allocate_slots = staticmethod(allocate_slots)
 
     @classmethod

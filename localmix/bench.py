@@ -51,11 +51,13 @@ def drop_page_cache(folder: Path) -> None:
             os.close(fd)
 
 
-def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, cold: bool = False) -> dict:
+def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, cold: bool = False,
+        concurrency: int = 1) -> dict:
     """Speeds, peak RSS, and with an expert cache its figures while decoding. cold: drop the model
-    files' pages from the page cache before each run."""
-    if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
-        raise LocalmixError("-p, -n and --repeat must be at least 1")
+    files' pages from the page cache before each run. concurrency: decode that many sequences
+    together (as the server batches concurrent answers); decode_tok_s is then their sum."""
+    if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1 or concurrency < 1:
+        raise LocalmixError("-p, -n, --repeat and --concurrency must be at least 1")
     if prompt_tokens + gen_tokens > model.config.max_position_embeddings:
         raise LocalmixError(f"-p plus -n exceed the model's context of {model.config.max_position_embeddings}")
     prompt = bench_prompt(prompt_tokens, model.config.vocab_size)
@@ -68,22 +70,23 @@ def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, 
     for _ in range(repeat):
         if cold:
             drop_page_cache(model.path)
-        cache = model.transformer.new_cache(prompt_tokens + gen_tokens)
+        caches = [model.transformer.new_cache(prompt_tokens + gen_tokens) for _ in range(concurrency)]
         start = time.perf_counter()
-        logits = model.transformer(prompt, cache, last_only=True)
-        prefill.append(time.perf_counter() - start)
+        logits = np.concatenate([model.transformer(prompt, cache, last_only=True) for cache in caches])
+        prefill.append((time.perf_counter() - start) / concurrency)
         before, start = experts.counters() if experts else {}, time.perf_counter()
         for _ in range(gen_tokens):
-            logits = model.transformer([int(np.argmax(logits[-1]))], cache, last_only=True)
+            logits = model.transformer.step([int(t) for t in np.argmax(logits, axis=1)], caches)
         decode.append(time.perf_counter() - start)
         if experts:
             decoding.update({key: value - before[key] for key, value in experts.counters().items()})
-    decode_tok_s = gen_tokens / float(np.mean(decode))
+    decode_tok_s = concurrency * gen_tokens / float(np.mean(decode))
     return {**(experts.stats(dict(decoding)) if experts else {}), "cold": cold,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "threads": model.threads,
+        "concurrency": concurrency,
         "prefill_tok_s": prompt_tokens / float(np.mean(prefill)),
         "decode_tok_s": decode_tok_s,
-        "decode_gb_s": bytes_per_token(model) * decode_tok_s / 1e9,
+        "decode_gb_s": bytes_per_token(model) * decode_tok_s / concurrency / 1e9,  # weights read per step
         "peak_rss_mb": peak_memory_gb() * 1e3,
         "ttft_s": float(np.mean(prefill)),
     }

@@ -59,58 +59,79 @@ class StopStrings:
         return held
 
 
+class Generation:
+    """One answer being generated: the prompt's prefill, then one sampled token at a time, with
+    stop strings and streamed text. `next()` samples from `logits` and says what came; the caller
+    then runs the model on that token (alone, or batched with other answers' tokens, as the
+    server does) and sets `logits` again."""
+
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer, prompt: list[int], max_tokens: int = 256,
+                 params: SamplingParams | None = None, strip_leading_space: bool = True):
+        args = transformer.args
+        if max_tokens < 0:
+            raise LocalmixError(f"max_tokens must be >= 0, got {max_tokens}")
+        if not prompt:
+            raise LocalmixError("the prompt is empty")
+        if len(prompt) >= args.max_position_embeddings:
+            raise LocalmixError(f"the prompt has {len(prompt)} tokens, more than the model's context of "
+                                f"{args.max_position_embeddings} leaves room for")
+        if max(prompt) >= args.vocab_size or min(prompt) < 0:
+            raise LocalmixError(f"token ids must be in [0, {args.vocab_size})")
+        self.transformer, self.tokenizer, self.prompt, self.max_tokens = transformer, tokenizer, prompt, max_tokens
+        self.sampler = Sampler(params or SamplingParams())
+        self.stops = StopStrings(self.sampler.params.stop)
+        self.decoder = tokenizer.stream_decoder(strip_leading_space)
+        self.cache = transformer.new_cache(min(len(prompt) + max_tokens, args.max_position_embeddings))
+        self.history = list(prompt)
+        self.logits: np.ndarray | None = None
+        self.generated, self.prompt_tps, self.started = 0, 0.0, 0.0
+
+    def prefill(self, step: int = 256, on_prefill: Callable[[int, int], None] | None = None) -> None:
+        """The prompt, in chunks of `step` tokens (bounding the attention scores' memory)."""
+        start = time.perf_counter()
+        for i in range(0, len(self.prompt), step):
+            self.logits = self.transformer(self.prompt[i:i + step], self.cache, last_only=True)[-1]
+            if on_prefill:
+                on_prefill(min(i + step, len(self.prompt)), len(self.prompt))
+        self.prompt_tps = len(self.prompt) / max(time.perf_counter() - start, 1e-9)
+        self.started = time.perf_counter()
+
+    def next(self) -> GenerationResponse:
+        """The next token and its text; finish_reason is set on the last one."""
+        if self.max_tokens == 0:
+            return GenerationResponse("", None, len(self.prompt), self.prompt_tps, 0, 0.0, peak_memory_gb(), "length")
+        token = self.sampler(self.logits, self.history)
+        self.history.append(token)
+        self.generated += 1
+        finish = None
+        if token == self.tokenizer.eos_id:
+            finish, new_text = "stop", self.decoder.flush()
+        else:
+            new_text = self.decoder.add(token)
+            if self.generated == self.max_tokens or self.cache.length == self.transformer.args.max_position_embeddings:
+                finish, new_text = "length", new_text + self.decoder.flush()
+        text, stopped = self.stops.feed(new_text)
+        if stopped:
+            finish = "stop"
+        elif finish:
+            text += self.stops.flush()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return GenerationResponse(text, token, len(self.prompt), self.prompt_tps, self.generated,
+                                  self.generated / elapsed, peak_memory_gb(), finish)
+
+
 def stream_generate(transformer: Transformer, tokenizer: Tokenizer, prompt: list[int], max_tokens: int = 256,
                     params: SamplingParams | None = None, strip_leading_space: bool = True,
                     prefill_step: int = 256,
                     on_prefill: Callable[[int, int], None] | None = None) -> Iterator[GenerationResponse]:
     """Yield one response per generated token; the last one carries the finish reason.
-    The prompt is processed in chunks of prefill_step tokens (bounding the attention scores'
-    memory), calling on_prefill(done, total) after each."""
-    args = transformer.args
-    if max_tokens < 0:
-        raise LocalmixError(f"max_tokens must be >= 0, got {max_tokens}")
-    if not prompt:
-        raise LocalmixError("the prompt is empty")
-    if len(prompt) >= args.max_position_embeddings:
-        raise LocalmixError(f"the prompt has {len(prompt)} tokens, more than the model's context of "
-                            f"{args.max_position_embeddings} leaves room for")
-    if max(prompt) >= args.vocab_size or min(prompt) < 0:
-        raise LocalmixError(f"token ids must be in [0, {args.vocab_size})")
-    sampler = Sampler(params or SamplingParams())
-    stops = StopStrings(sampler.params.stop)
-    decoder = tokenizer.stream_decoder(strip_leading_space)
-    cache = transformer.new_cache(min(len(prompt) + max_tokens, args.max_position_embeddings))
-
-    start = time.perf_counter()
-    for i in range(0, len(prompt), prefill_step):
-        logits = transformer(prompt[i:i + prefill_step], cache, last_only=True)[-1]
-        if on_prefill:
-            on_prefill(min(i + prefill_step, len(prompt)), len(prompt))
-    prompt_tps = len(prompt) / max(time.perf_counter() - start, 1e-9)
-
-    history = list(prompt)
-    start = time.perf_counter()
-    if max_tokens == 0:
-        yield GenerationResponse("", None, len(prompt), prompt_tps, 0, 0.0, peak_memory_gb(), "length")
-        return
-    for generated in range(1, max_tokens + 1):
-        token = sampler(logits, history)
-        history.append(token)
-        finish = None
-        if token == tokenizer.eos_id:
-            finish, new_text = "stop", decoder.flush()
-        else:
-            new_text = decoder.add(token)
-            if generated == max_tokens or cache.length == args.max_position_embeddings:
-                finish, new_text = "length", new_text + decoder.flush()
-        text, stopped = stops.feed(new_text)
-        if stopped:
-            finish = "stop"
-        elif finish:
-            text += stops.flush()
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        yield GenerationResponse(text, token, len(prompt), prompt_tps, generated, generated / elapsed,
-                                 peak_memory_gb(), finish)
-        if finish:
+    The prompt is processed in chunks of prefill_step tokens, calling on_prefill(done, total)
+    after each."""
+    generation = Generation(transformer, tokenizer, prompt, max_tokens, params, strip_leading_space)
+    generation.prefill(prefill_step, on_prefill)
+    while True:
+        response = generation.next()
+        yield response
+        if response.finish_reason:
             return
-        logits = transformer(np.array([token]), cache, last_only=True)[-1]
+        generation.logits = transformer(np.array([response.token]), generation.cache, last_only=True)[-1]

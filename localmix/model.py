@@ -127,8 +127,14 @@ def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, inde
     q, k, v = ops.linears(x, [layer.wq, layer.wk, layer.wv])
     q = ops.apply_rope(q.reshape(T, heads, dim), positions, inv_freq)
     k = ops.apply_rope(k.reshape(T, kv_heads, dim), positions, inv_freq)
-    keys, values = cache.update(index, k, v.reshape(T, kv_heads, dim))
-    return ops.linears(ops.attend(q, keys, values, positions, args.sliding_window), [layer.wo])[0]
+    v = v.reshape(T, kv_heads, dim)
+    if isinstance(cache, SequenceBatch):  # a token of each sequence, each attending to its own cache
+        out = np.concatenate([ops.attend(q[i:i + 1], *c.update(index, k[i:i + 1], v[i:i + 1]), positions[i:i + 1],
+                                         args.sliding_window) for i, c in enumerate(cache.caches)])
+    else:
+        keys, values = cache.update(index, k, v)
+        out = ops.attend(q, keys, values, positions, args.sliding_window)
+    return ops.linears(out, [layer.wo])[0]
 
 
 def expert_ffn(x: np.ndarray, expert: Expert) -> np.ndarray:
@@ -203,6 +209,16 @@ class Ops:
     experts_ffn = staticmethod(experts_ffn)
     decoder_layer = staticmethod(decoder_layer)
     kv_cache = KVCache
+    batched_decoding = True  # decoder_layer takes a SequenceBatch (Transformer.step)
+
+
+class SequenceBatch:
+    """Several sequences decoded together: row i of the hidden states is the next token of the
+    sequence whose KV cache is caches[i]. The products read each weight once for all of them;
+    attention stays each sequence's own."""
+
+    def __init__(self, caches: list[KVCache]):
+        self.caches = caches
 
 
 class Transformer:
@@ -226,19 +242,39 @@ class Transformer:
 
     def __call__(self, ids: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Logits ([T, vocab], or [1, vocab] with last_only) for tokens that follow the cache's."""
-        args, w, ops = self.args, self.weights, self.ops
+        w = self.weights
         ids = np.asarray(ids, dtype=np.int64)
         positions = cache.length + np.arange(len(ids))
         cache.reserve(cache.length + len(ids))
         if cache.length == 0:
             self.routing.new_sequence()
         self.routing.trace = [None] * len(w.layers) if self.trace else None
-        x = embedding(ids, w.embed)
-        for index, layer in enumerate(w.layers):
-            x = ops.decoder_layer(x, layer, args, cache, index, positions, self.inv_freq, ops)
+        x = self.layers(embedding(ids, w.embed), ids, cache, positions)
         cache.advance(len(ids))
-        if self.trace and args.is_moe:
-            self.trace(trace_records(ids, positions, self.routing.trace, len(w.layers[0].experts)))
-        if last_only:
-            x = x[-1:]
-        return ops.linears(ops.rms_norm(x, w.norm, args.rms_norm_eps), [w.lm_head])[0]
+        return self.head(x[-1:] if last_only else x)
+
+    def step(self, ids: list[int], caches: list[KVCache]) -> np.ndarray:
+        """Logits [len(ids), vocab] for the next token of each of several sequences at once (a
+        server's concurrent answers): each weight is read once for all of them."""
+        if len(caches) == 1 or not self.ops.batched_decoding:
+            return np.concatenate([self([token], cache, last_only=True) for token, cache in zip(ids, caches)])
+        ids = np.asarray(ids, dtype=np.int64)
+        positions = np.array([cache.length for cache in caches])
+        for cache in caches:
+            cache.reserve(cache.length + 1)
+        self.routing.trace = None
+        x = self.layers(embedding(ids, self.weights.embed), ids, SequenceBatch(caches), positions)
+        for cache in caches:
+            cache.advance(1)
+        return self.head(x)
+
+    def layers(self, x: np.ndarray, ids: np.ndarray, cache, positions: np.ndarray) -> np.ndarray:
+        for index, layer in enumerate(self.weights.layers):
+            x = self.ops.decoder_layer(x, layer, self.args, cache, index, positions, self.inv_freq, self.ops)
+        if self.routing.trace and self.args.is_moe:
+            self.trace(trace_records(ids, positions, self.routing.trace, len(self.weights.layers[0].experts)))
+        return x
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        return self.ops.linears(self.ops.rms_norm(x, self.weights.norm, self.args.rms_norm_eps),
+                                [self.weights.lm_head])[0]

@@ -1,0 +1,159 @@
+"""`localmix serve`: the OpenAI routes through the official client, the Ollama ones as plain HTTP."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
+uvicorn = pytest.importorskip("uvicorn")
+
+import localmix  # noqa: E402
+from localmix.quant.convert import LocalSource, convert  # noqa: E402
+from localmix.server import create_app  # noqa: E402
+
+from conftest import make_hf_model  # noqa: E402
+
+GREEDY = dict(temperature=0, repeat_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    hf = tmp_path_factory.mktemp("hf")
+    make_hf_model(hf, dtype=torch.bfloat16, intermediate_size=128)
+    return convert(LocalSource(hf), tmp_path_factory.mktemp("models") / "tiny-q4", bits="4")
+
+
+@pytest.fixture(scope="module")
+def server(q4):
+    model = localmix.load(q4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(model, "tiny")
+    model.server_engine = app.state.server.engine
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    while not instance.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model
+    instance.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0)
+
+
+def post(url, body, raw: bytes | None = None):
+    request = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    with urllib.request.urlopen(server[0] + "/health") as response:
+        assert json.loads(response.read())["status"] == "ok"
+
+
+def test_chat_completion_is_the_api_answer(server, client):
+    model = server[1]
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    expected = model.chat(messages, max_tokens=8, **GREEDY)
+    answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content == expected and answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 8 and answer.usage.prompt_tokens > 5
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_completion_with_seed_and_stop(server, client):
+    model = server[1]
+    expected = model.generate("Once upon a time", max_tokens=10, temperature=0.9, seed=5, top_p=1.0, top_k=0,
+                              repeat_penalty=1.0)
+    answer = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0.9,
+                                       seed=5)
+    assert answer.choices[0].text == expected
+
+
+def test_ollama_routes(server):
+    url, model = server
+    status, text = post(url + "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                                            "options": {"temperature": 0, "num_predict": 6, "repeat_penalty": 1}})
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert status == 200 and lines[-1]["done"] and not any(line["done"] for line in lines[:-1])
+    assert "".join(line["message"]["content"] for line in lines) == model.chat("Hi", max_tokens=6, **GREEDY)
+    assert lines[-1]["eval_count"] == 6 and lines[-1]["total_duration"] > 0 and lines[-1]["done_reason"] == "length"
+    status, text = post(url + "/api/generate", {"model": "tiny:latest", "prompt": "Once upon", "stream": False,
+                                                "options": {"temperature": 0, "num_predict": 5, "repeat_penalty": 1}})
+    reply = json.loads(text)
+    assert status == 200 and reply["done"] and reply["response"] == model.generate("Once upon", max_tokens=5, **GREEDY)
+    with urllib.request.urlopen(url + "/api/tags") as response:
+        assert [m["name"] for m in json.loads(response.read())["models"]] == ["tiny"]
+
+
+def test_bad_requests_are_openai_errors(server, client):
+    url, model = server
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=-1)
+    long = "word " * (model.config.max_position_embeddings + 10)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt=long, max_tokens=4)
+    status, text = post(url + "/v1/chat/completions", None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in json.loads(text)["error"]["message"]
+    status, text = post(url + "/api/chat", {"model": "tiny", "messages": "Hi"})
+    assert status == 400 and "messages" in json.loads(text)["error"]["message"]
+    assert post(url + "/v1/nothing", {})[0] == 404
+    assert client.models.list().data  # and the server is still there
+
+
+def test_a_client_that_leaves_stops_its_answer(server, client):
+    url, model = server
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Go on"}],
+                                            max_tokens=100000, temperature=0.8, stream=True)
+    next(iter(stream))
+    stream.close()
+    engine = model.server_engine
+    for _ in range(200):  # the engine drops the answer at its next step
+        if not engine.active and not engine.waiting:
+            break
+        time.sleep(0.05)
+    assert not engine.active and not engine.waiting
+    answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_load_forty_requests_four_at_a_time(server, client):
+    model = server[1]
+    prompts = [f"Tell me about the number {i}" for i in range(40)]
+
+    def ask(prompt):
+        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=6, temperature=0)
+        return answer.choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, prompts))
+    expected = [model.chat(p, max_tokens=6, **GREEDY) for p in prompts]
+    assert len(answers) == 40 and all(isinstance(a, str) for a in answers)
+    same = sum(a == e for a, e in zip(answers, expected))
+    print(f"{same}/40 answers equal to the API's; up to {model.server_engine.widest} decoded together")
+    assert same == 40 and model.server_engine.widest >= 2  # concurrent answers were batched
