@@ -262,8 +262,12 @@ class Transformer:
         positions = np.array([cache.length for cache in caches])
         for cache in caches:
             cache.reserve(cache.length + 1)
-        self.routing.trace = None
-        x = self.layers(embedding(ids, self.weights.embed), ids, SequenceBatch(caches), positions)
+        self.routing.trace = [None] * len(self.weights.layers) if self.trace else None
+        self.routing.batched = True  # rows are not consecutive tokens: no reuse counted
+        try:
+            x = self.layers(embedding(ids, self.weights.embed), ids, SequenceBatch(caches), positions)
+        finally:
+            self.routing.batched = False
         for cache in caches:
             cache.advance(1)
         return self.head(x)

@@ -65,7 +65,7 @@ class LayerRouting:
         if len(chosen) == 1:
             self._count_one(chosen[0].tolist(), weights[0].tolist(), experts)
         else:
-            self._count_many(chosen, weights, experts)
+            self._count_many(chosen, weights, experts, consecutive=not r.batched)
         if r.trace is not None:
             cache = getattr(layer.experts, "cache", None)
             r.trace[self.index] = (chosen, weights, None if cache is None else
@@ -88,7 +88,8 @@ class LayerRouting:
             r.followed[i] += len(self.previous)
         self.previous = now
 
-    def _count_many(self, chosen: np.ndarray, weights: np.ndarray, experts: int) -> None:
+    def _count_many(self, chosen: np.ndarray, weights: np.ndarray, experts: int, consecutive: bool = True) -> None:
+        """A prompt's counts; or, not consecutive, one token of each of several sequences."""
         r, i = self.routing, self.index
         used = np.zeros((len(chosen), experts + 1), bool)
         np.put_along_axis(used, chosen, True, axis=1)
@@ -96,6 +97,8 @@ class LayerRouting:
         r.routed[i] += used.sum(axis=0)
         r.tokens[i] += len(used)
         r.weight[i] += np.bincount(chosen.ravel(), weights.ravel(), minlength=experts + 1)[:experts]
+        if not consecutive:
+            return
         if self.previous is not None:
             r.reused[i] += len(self.previous & set(np.flatnonzero(used[0]).tolist()))
             r.followed[i] += len(self.previous)
@@ -116,6 +119,7 @@ class Routing:
         self.tokens, self.reused, self.followed = (np.zeros(layers, np.int64) for _ in range(3))
         self.steering = steering or Steering()
         self.trace: list | None = None  # per layer, this call's (chosen, weights, cached), while tracing
+        self.batched = False  # set while rows are several sequences' tokens (Transformer.step)
         self.layers = [LayerRouting(self, i) for i in range(layers)]
 
     def new_sequence(self) -> None:

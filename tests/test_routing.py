@@ -180,3 +180,20 @@ def test_stats_saves_what_pinning_reads(q4, tmp_path):
     localmix_cli("stats", copy, "--prompt", "Hello there, how are you?", "--save")
     saved = routing.read_routing(copy, (3, 8))
     assert saved.sum() == 2 * 3 * len(localmix.load(copy).tokenizer.encode("Hello there, how are you?", bos=True))
+
+
+def test_batched_decoding_counts_routes_but_no_reuse(q4):
+    model = localmix.load(q4)
+    t = model.transformer
+    caches = [t.new_cache(16) for _ in range(3)]
+    for cache, start in zip(caches, (100, 200, 300)):
+        t(list(range(start, start + 4)), cache)
+    before = t.routing.snapshot()
+    records = []
+    t.trace = records.extend
+    t.step([7, 8, 9], caches)
+    t.trace = None
+    stats = t.routing.since(before)
+    assert (stats["tokens"] == 3).all() and (stats["routed"].sum(axis=1) == 6).all()
+    assert (stats["reused"] == 0).all() and (stats["followed"] == 0).all()
+    assert [r["position"] for r in records] == [4, 4, 4] and [r["token"] for r in records] == [7, 8, 9]
