@@ -170,6 +170,26 @@ def write_tensors(source, tmp: Path, layouts: list[TensorLayout], on_progress) -
     return dict(sorted(entries.items()))
 
 
+def write_arrays(tmp: Path, layouts: list[TensorLayout], arrays_of, on_progress=None) -> dict:
+    """Write each tensor's arrays (as the layout's parts: the float values, or words, scales and
+    biases) from arrays_of(layout), already in their final form; returns the manifest's entries.
+    For importers of formats that are quantized already (mlx-lm, GGUF)."""
+    entries = {}
+    for i, layout in enumerate(layouts):
+        with open(tmp / layout.file, "r+b") as f:
+            for (part, offset, size), array in zip(layout.parts, arrays_of(layout)):
+                data = np.ascontiguousarray(array).tobytes()
+                if len(data) != size:
+                    raise LocalmixError(f"{layout.name}: {part} has {len(data)} bytes, expected {size} for shape "
+                                        f"{list(layout.shape)} at {layout.bits or 32} bits")
+                f.seek(offset)
+                f.write(data)
+        entries[layout.name] = layout.to_json(sha256_of(tmp / layout.file, layout.offset, layout.nbytes))
+        if on_progress:
+            on_progress(i + 1, len(layouts))
+    return dict(sorted(entries.items()))
+
+
 def write_tensor(shard: SafetensorsFile, tmp: Path, layout: TensorLayout):
     """Write one tensor a block of rows at a time; yields the rows written each time."""
     rows = layout.shape[0]

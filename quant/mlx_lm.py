@@ -20,9 +20,9 @@ import numpy as np
 from localmix.checkpoint import SafetensorsFile, tensor_table
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
-from localmix.quant.convert import check_disk, write_model
+from localmix.quant.convert import check_disk, write_arrays, write_model
 from localmix.quant.affine import dequantize
-from localmix.store import ModelFolder, plan_layout, sha256_of
+from localmix.store import ModelFolder, plan_layout
 
 EXPERT = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.weight$")
 SWITCH = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -120,38 +120,23 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
         raise LocalmixError(f"{folder}: no tokenizer.model (the sentencepiece tokenizer localmix reads)")
     check_disk(Path(out_dir).parent, sum(sizes.values()))
 
-    def write(tmp: Path) -> dict:
-        entries = {}
-        for i, layout in enumerate(layouts):
-            module, expert = mlx_module(layout.name)
-            if layout.bits is None:  # norms and routers, float32 here
-                if source.quantization(module):  # a quantized router: its values, dequantized
-                    parts = [source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases")]
-                    arrays = [dequantize(parts[0][0], half(*parts[1], module), half(*parts[2], module),
-                                         source.quantization(module)["bits"],
-                                         source.quantization(module)["group_size"]).astype(np.float32)]
-                else:
-                    arrays = [floats(*source.raw(layout.name))]
-            else:
-                parts = [source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases")]
-                if expert is not None:
-                    parts = [(array[expert], dtype) for array, dtype in parts]
-                arrays = [parts[0][0], half(*parts[1], module), half(*parts[2], module)]
-            with open(tmp / layout.file, "r+b") as f:
-                for (_, offset, size), array in zip(layout.parts, arrays):
-                    data = np.ascontiguousarray(array).tobytes()
-                    if len(data) != size:
-                        raise LocalmixError(f"{folder}: {layout.name} has {len(data)} bytes, expected {size} "
-                                            f"for shape {list(layout.shape)} at {layout.bits} bits")
-                    f.seek(offset)
-                    f.write(data)
-            entries[layout.name] = layout.to_json(sha256_of(tmp / layout.file, layout.offset, layout.nbytes))
-            if on_progress:
-                on_progress(i + 1, len(layouts))
-        return dict(sorted(entries.items()))
+    def arrays_of(layout) -> list:
+        module, expert = mlx_module(layout.name)
+        if layout.bits is None:  # norms and routers, float32 here
+            q = source.quantization(module)
+            if q:  # a quantized router: its values, dequantized
+                words, scales, biases = (source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases"))
+                return [dequantize(words[0], half(*scales, module), half(*biases, module), q["bits"],
+                                   q["group_size"]).astype(np.float32)]
+            return [floats(*source.raw(layout.name))]
+        parts = [source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases")]
+        if expert is not None:
+            parts = [(array[expert], dtype) for array, dtype in parts]
+        return [parts[0][0], half(*parts[1], module), half(*parts[2], module)]
 
     bits = sorted({layout.bits for layout in layouts if layout.bits})
-    return write_model(Path(out_dir), sizes, write, tokenizer, raw_config,
+    return write_model(Path(out_dir), sizes, lambda tmp: write_arrays(tmp, layouts, arrays_of, on_progress),
+                       tokenizer, raw_config,
                        {"repo": str(Path(folder).resolve()), "revision": None, "format": "mlx-lm"},
                        {"bits": "/".join(map(str, bits)), "group_size": group_size, "method": "mlx-lm (imported)"})
 

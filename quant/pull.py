@@ -7,6 +7,7 @@ from pathlib import Path
 
 from localmix.errors import LocalmixError
 from localmix.home import home, models_dir
+from localmix.quant.gguf_import import import_gguf
 from localmix.quant.mlx_lm import import_mlx_lm, is_mlx_lm_folder
 from localmix.quant.convert import LocalSource, convert
 from localmix.quant.hub import HubSource, looks_like_repo_id
@@ -19,10 +20,15 @@ def default_name(source: str, bits: str) -> str:
 
 
 def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = None, revision: str | None = None,
-         delete_source: bool = False, on_progress=None, on_download=None) -> Path:
+         delete_source: bool = False, on_progress=None, on_download=None, say=print) -> Path:
     """Quantize a local Hugging Face folder or a hub repository into $LOCALMIX_HOME/models/NAME; an
     mlx-lm folder or repository (already quantized) is imported as it is."""
     folder = Path(source).expanduser()
+    if folder.is_file() and folder.suffix == ".gguf":
+        out = models_dir() / (name or folder.stem)
+        if out.exists():
+            raise LocalmixError(f"a model named {out.name} exists already; `localmix rm {out.name}` first or pick --name")
+        return import_gguf(folder, out, on_progress, say=say)
     if not folder.is_dir() and not looks_like_repo_id(source):
         raise LocalmixError(f"{source}: no such folder, and not a hub repository id (OWNER/NAME)")
     mlx_lm = folder.is_dir() and is_mlx_lm_folder(folder)

@@ -1,0 +1,185 @@
+"""GGUF import: llama.cpp's affine types copied exactly, others quantized again, the tokenizer rebuilt.
+
+The GGUF files are made here with the gguf package's writer and quantizers, from a small random
+Mixtral, with llama.cpp's q/k row order (as its converter writes them); Q4_K blocks, which the
+gguf package cannot make, are drawn at random."""
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is in the test extra")
+
+import localmix  # noqa: E402
+from localmix.checkpoint import Checkpoint  # noqa: E402
+from localmix.quality import kl_divergence, top1_agreement  # noqa: E402
+from localmix.tokenizer import Tokenizer  # noqa: E402
+
+from conftest import TOKENIZER_V1, make_hf_model  # noqa: E402
+from test_cli import assert_one_line_error, localmix_cli  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+IDS = [1, 415, 2936, 9060, 285, 1142, 754, 28705, 12, 99]
+
+
+def permute(w, heads):
+    """llama.cpp's converter: each head's two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def q4_k_blocks(rows: int, cols: int, rng) -> np.ndarray:
+    """Random Q4_K super-blocks: d, dmin, 8 six-bit scales and mins packed as llama.cpp packs them, 4-bit values."""
+    n = rows * cols // 256
+    d = (rng.random(n) * 0.002 + 0.001).astype(np.float16).view(np.uint8).reshape(n, 2)
+    dmin = (rng.random(n) * 0.002).astype(np.float16).view(np.uint8).reshape(n, 2)
+    sc, m = rng.integers(0, 64, (n, 8)), rng.integers(0, 64, (n, 8))
+    packed = np.zeros((n, 12), np.uint8)
+    packed[:, 0:4] = (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6)
+    packed[:, 4:8] = (m[:, :4] & 0x3F) | ((m[:, 4:] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    qs = rng.integers(0, 256, (n, 128), dtype=np.uint8)
+    return np.concatenate([d, dmin, packed, qs], axis=1).reshape(rows, -1)
+
+
+def write_gguf(hf, path, embed=T.Q4_0, attention=T.Q8_0, experts=T.Q4_0, output=T.F16, q4_k=False, seed=0):
+    """A Mixtral GGUF of the HF folder's weights, as llama.cpp's converter lays it out."""
+    checkpoint = Checkpoint(hf)
+    c = checkpoint.config
+    state = {name: checkpoint._file(shard).load(name) for name, shard in checkpoint.weight_map.items()}
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_expert_count(c.num_local_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    model = pb.ModelProto()
+    model.ParseFromString(TOKENIZER_V1.read_bytes())
+    w.add_tokenizer_model("llama")
+    w.add_token_list([p.piece for p in model.pieces])
+    w.add_token_scores([p.score for p in model.pieces])
+    w.add_token_types([int(p.type) for p in model.pieces])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def add(name, value, kind):
+        if kind in (T.F32, T.F16):
+            w.add_tensor(name, value.astype(np.float32 if kind == T.F32 else np.float16))
+        elif kind == T.Q4_K:
+            w.add_tensor(name, q4_k_blocks(int(np.prod(value.shape[:-1])), value.shape[-1], rng).reshape(
+                *value.shape[:-1], -1), raw_dtype=T.Q4_K)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
+
+    add("token_embd.weight", state["model.embed_tokens.weight"], embed)
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"], T.F32)
+        add(f"blk.{i}.attn_q.weight", permute(state[p + "self_attn.q_proj.weight"], c.num_attention_heads), attention)
+        add(f"blk.{i}.attn_k.weight", permute(state[p + "self_attn.k_proj.weight"], c.num_key_value_heads), attention)
+        add(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"], attention)
+        add(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"], attention)
+        add(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"], T.F32)
+        add(f"blk.{i}.ffn_gate_inp.weight", state[p + "block_sparse_moe.gate.weight"], T.F32)
+        for kind, part in (("gate", "w1"), ("down", "w2"), ("up", "w3")):
+            stacked = np.stack([state[f"{p}block_sparse_moe.experts.{e}.{part}.weight"]
+                                for e in range(c.num_local_experts)])
+            add(f"blk.{i}.ffn_{kind}_exps.weight", stacked, T.Q4_K if q4_k else experts)
+    add("output_norm.weight", state["model.norm.weight"], T.F32)
+    add("output.weight", state["lm_head.weight"], output)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    make_hf_model(folder, dtype=torch.bfloat16, intermediate_size=256, hidden_size=256, num_key_value_heads=2)
+    return folder
+
+
+def pull(path, tmp_path, *args):
+    result = localmix_cli("pull", path, *args, env={"LOCALMIX_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    return result, tmp_path / "home" / "models" / path.stem
+
+
+def gguf_matrix(reader, name, expert=None):
+    t = next(t for t in reader.tensors if t.name == name)
+    data = t.data[expert] if expert is not None else t.data
+    return gguf.quants.dequantize(np.asarray(data), t.tensor_type)
+
+
+@pytest.mark.parametrize("experts", [T.Q4_0, T.Q4_1])
+def test_affine_types_are_copied_exactly(hf, tmp_path, experts):
+    path = write_gguf(hf, tmp_path / "tiny.gguf", experts=experts)
+    result, folder = pull(path, tmp_path)
+    assert "F16 tensors are dequantized and quantized again at 8 bits" in result.stdout + result.stderr
+    model = localmix.load(folder, backend="numpy")
+    reader = gguf.GGUFReader(str(path))
+    layer = model.transformer.weights.layers[1]
+    heads = model.config.num_attention_heads
+    np.testing.assert_array_equal(layer.experts[3].w2.dequantize(), gguf_matrix(reader, "blk.1.ffn_down_exps.weight", 3))
+    np.testing.assert_array_equal(layer.experts[0].w1.dequantize(), gguf_matrix(reader, "blk.1.ffn_gate_exps.weight", 0))
+    np.testing.assert_array_equal(layer.wv.dequantize(), gguf_matrix(reader, "blk.1.attn_v.weight"))  # Q8_0
+    np.testing.assert_array_equal(layer.wq.dequantize(), permute_back(gguf_matrix(reader, "blk.1.attn_q.weight"), heads))
+    np.testing.assert_array_equal(model.transformer.weights.embed.dequantize(np.arange(50)),
+                                  gguf_matrix(reader, "token_embd.weight")[:50])
+    # The whole model: close to the float original (only quantization apart), so q and k rows are in place.
+    exact = localmix.load(hf).logits(IDS)
+    ours = model.logits(IDS)
+    assert kl_divergence(exact, ours) < 0.05 and top1_agreement(exact, ours) >= 0.8
+    assert localmix_cli("verify", folder).returncode == 0
+
+
+def permute_back(w, heads):
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_q4_k_sub_blocks_become_groups_of_32(hf, tmp_path):
+    path = write_gguf(hf, tmp_path / "tiny-k.gguf", q4_k=True)
+    _, folder = pull(path, tmp_path)
+    model = localmix.load(folder, backend="numpy")
+    reader = gguf.GGUFReader(str(path))
+    for e in (0, 2):
+        got = model.transformer.weights.layers[0].experts[e].w3.dequantize()
+        expected = gguf_matrix(reader, "blk.0.ffn_up_exps.weight", e)
+        # Only the folded scale d*sc and bias dmin*m are rounded to float16: 2^-11 of each.
+        bound = (np.abs(expected) + 0.0021 * 64) * 2.0 ** -10
+        assert (np.abs(got - expected) <= bound).all()
+        assert model.transformer.weights.layers[0].experts[e].w3.group_size == 32
+
+
+def test_the_tokenizer_comes_from_the_gguf_vocabulary(hf, tmp_path):
+    _, folder = pull(write_gguf(hf, tmp_path / "tok.gguf"), tmp_path)
+    rebuilt, original = Tokenizer(folder / "tokenizer.model"), Tokenizer(TOKENIZER_V1)
+    for text in ["Hello world", "  Two spaces,\ttabs\nand newlines", "日本語 and emoji 🙂", "[INST] not control [/INST]"]:
+        assert rebuilt.encode(text, bos=True) == original.encode(text, bos=True)
+        assert rebuilt.decode(original.encode(text)) == text
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Why?"}]
+    assert rebuilt.apply_chat_template(messages) == original.apply_chat_template(messages)
+
+
+def test_bad_gguf_files(hf, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 20)
+    assert_one_line_error(localmix_cli("pull", broken, env={"LOCALMIX_HOME": str(tmp_path / "home")}),
+                          "not a readable GGUF file")
+    w = gguf.GGUFWriter(str(tmp_path / "dense.gguf"), "llama")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(localmix_cli("pull", tmp_path / "dense.gguf", env={"LOCALMIX_HOME": str(tmp_path / "home")}),
+                          "not a Mixtral GGUF")
