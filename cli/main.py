@@ -99,7 +99,7 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
                              fallback_margin, trace)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     before = usage_snapshot(llm)
-    _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params)
+    _, last = stream_answer(llm, prompt if raw or llm.base_model else messages, max_tokens, params)
     if verbose and last:
         print_stats(last, load_s, time.perf_counter() - start)
     if stats:

@@ -26,18 +26,21 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME) or Hugging Face folder."),
+def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME), Hugging Face or mlx-lm folder, "
+                                                "or FILE.gguf."),
          bits: str = typer.Option("4", help="4, 8 or mixed (experts at 4 bits, attention and embeddings at 8)."),
          group_size: int = typer.Option(64, "--group-size", help="Values per scale and bias: 32, 64 or 128."),
          name: Optional[str] = typer.Option(None, help="Model name (default: the repo's name and bits)."),
          revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub repository."),
          delete_source: bool = typer.Option(False, "--delete-source",
-                                            help="Delete each source shard once converted.")):
+                                            help="Delete each source shard once converted."),
+         file: Optional[str] = typer.Option(None, "--file", help="A .gguf file of the hub repository to import.")):
     """Download (or read) a checkpoint and quantize it per expert into $LOCALMIX_HOME/models."""
     progress = PullProgress()
     try:
         out = pull_model(source, bits, group_size, name, revision, delete_source,
-                         on_progress=progress.quantize, on_download=progress.download)
+                         on_progress=progress.quantize, on_download=progress.download,
+                         say=lambda text: err.print(text, markup=False), file=file)
     finally:
         progress.stop()
     summary = model_summary(out)

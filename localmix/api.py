@@ -79,6 +79,8 @@ class Model:
         self.threads = use_threads(threads, ops is NumbaOps)
         checkpoint = ModelFolder(folder) if quantized else Checkpoint(folder)
         self.path = checkpoint.folder
+        # A base model (trained on plain text, such as the demo) continues a prompt rather than answering a chat.
+        self.base_model = bool(quantized and checkpoint.manifest["config"].get("localmix_base_model"))
         self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
         self.expert_cache, self.memory_note = None, None
         slots = None

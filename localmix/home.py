@@ -33,13 +33,19 @@ def remove_model(name: str) -> Path:
     return folder
 
 
+DEMO = Path(__file__).parent / "demo"  # the offline demo model, shipped in the package (scripts/train_demo.py)
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A folder path as given, else a model name under $LOCALMIX_HOME/models."""
+    """A folder path as given, else a model name under $LOCALMIX_HOME/models, else "demo": the
+    small model that comes with localmix."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     named = models_dir() / str(name_or_path)
     if str(name_or_path) and named.is_dir():
         return named
+    if str(name_or_path) == "demo" and DEMO.is_dir():
+        return DEMO
     raise LocalmixError(f"unknown model {str(name_or_path)!r}: no such folder, and no model of that name "
                         f"in {models_dir()}")

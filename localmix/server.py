@@ -132,7 +132,7 @@ class BadRequest(Exception):
 
 def sampling(body: dict, ollama: bool) -> tuple[SamplingParams, int]:
     """Sampling settings and the answer's length as each API names them."""
-    o = body.get("options") or {} if ollama else body
+    o = (body.get("options") or {}) if ollama else body
     if not isinstance(o, dict):
         raise BadRequest(400, "options must be an object")
     stop = o.get("stop") or []

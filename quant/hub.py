@@ -38,7 +38,8 @@ class HubSource:
     """A hub repository at one commit, fetched file by file as the converter asks."""
 
     def __init__(self, repo: str, revision: str | None, downloads: Path, delete_shards: bool = False,
-                 on_download: Callable[[str, int, int], None] | None = None):
+                 on_download: Callable[[str, int, int], None] | None = None, file: str | None = None):
+        """file: only this file of the repository (a GGUF), not a Hugging Face checkpoint."""
         import huggingface_hub
         import huggingface_hub.errors
         import huggingface_hub.utils
@@ -49,9 +50,14 @@ class HubSource:
         self.delete_shards = delete_shards
         self.offline = huggingface_hub.is_offline_mode()
         requested = revision or "main"
-        self.revision = requested if self.offline else self._metadata("config.json", requested).commit_hash
+        try:
+            self.revision = requested if self.offline else self._metadata(file or "config.json", requested).commit_hash
+        except FileNotFoundError:
+            raise LocalmixError(f"{repo}: no {file or 'config.json'} in the repository") from None
         self.folder = downloads / repo.replace("/", "--") / (self.revision or requested)
         self.folder.mkdir(parents=True, exist_ok=True)
+        if file:
+            return
         self.config = ModelArgs.from_file(self._download("config.json"))
         self.tokenizer_path = self._download("tokenizer.model")
         try:

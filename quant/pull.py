@@ -20,10 +20,23 @@ def default_name(source: str, bits: str) -> str:
 
 
 def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = None, revision: str | None = None,
-         delete_source: bool = False, on_progress=None, on_download=None, say=print) -> Path:
+         delete_source: bool = False, on_progress=None, on_download=None, say=print, file: str | None = None) -> Path:
     """Quantize a local Hugging Face folder or a hub repository into $LOCALMIX_HOME/models/NAME; an
     mlx-lm folder or repository (already quantized) is imported as it is."""
     folder = Path(source).expanduser()
+    if file:  # one GGUF file of a hub repository
+        if not looks_like_repo_id(source) or not file.endswith(".gguf"):
+            raise LocalmixError("--file takes a .gguf file of a hub repository (OWNER/NAME)")
+        hub = HubSource(source, revision, home() / "downloads", delete_source, on_download, file=file)
+        out = models_dir() / (name or Path(file).stem)
+        if out.exists():
+            raise LocalmixError(f"a model named {out.name} exists already; `localmix rm {out.name}` first or pick --name")
+        path = hub._download(file)
+        import_gguf(path, out, on_progress, say=say)
+        hub.cleanup()
+        if delete_source:
+            path.unlink(missing_ok=True)
+        return out
     if folder.is_file() and folder.suffix == ".gguf":
         out = models_dir() / (name or folder.stem)
         if out.exists():

@@ -183,3 +183,23 @@ def test_bad_gguf_files(hf, tmp_path):
     w.close()
     assert_one_line_error(localmix_cli("pull", tmp_path / "dense.gguf", env={"LOCALMIX_HOME": str(tmp_path / "home")}),
                           "not a Mixtral GGUF")
+
+
+def test_pull_a_gguf_file_of_a_hub_repository(hf, tmp_path):
+    from fake_hub import FakeHub
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    write_gguf(hf, folder / "tiny-Q8_0.gguf", embed=T.Q8_0, experts=T.Q8_0, output=T.Q8_0)
+    hub = FakeHub()
+    hub.add_folder("someone/tiny-GGUF", folder)
+    env = {"LOCALMIX_HOME": str(tmp_path / "home"), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+    try:
+        result = localmix_cli("pull", "someone/tiny-GGUF", "--file", "tiny-Q8_0.gguf", env=env)
+        missing = localmix_cli("pull", "someone/tiny-GGUF", "--file", "other.gguf", env=env)
+    finally:
+        hub.close()
+    assert result.returncode == 0, result.stderr
+    model = localmix.load(tmp_path / "home" / "models" / "tiny-Q8_0", backend="numpy")
+    assert model.transformer.weights.lm_head.bits == 8 and "quantized again" not in result.stderr
+    assert_one_line_error(missing, "no other.gguf in the repository")
