@@ -38,3 +38,14 @@ def test_run_demo_offline(tmp_path):
     assert result.returncode == 0, result.stderr
     words = re.findall(r"[A-Za-z]+", result.stdout)
     assert len(words) >= 10
+
+
+def test_the_demo_routers_have_patterns():
+    """Trained routers prefer some experts and keep them from token to token; random ones (the
+    tests' other models) spread tokens almost evenly and reuse about a quarter (2 of 8 at random)."""
+    from localmix import routing
+    model = localmix.load("demo")
+    text = " ".join([UNSEEN] * 6)
+    stats = routing.summary(routing.collect(model, model.tokenizer.encode(text, bos=True)))
+    print({k: np.round(v, 2).tolist() for k, v in stats.items() if k in ("max_over_mean", "reuse", "entropy")})
+    assert stats["max_over_mean"].mean() > 1.8 and stats["reuse"].mean() > 0.35
