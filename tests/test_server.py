@@ -90,6 +90,10 @@ def test_completion_with_seed_and_stop(server, client):
     answer = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0.9,
                                        seed=5)
     assert answer.choices[0].text == expected
+    stop = expected[len(expected) // 2:len(expected) // 2 + 3]
+    cut = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0.9,
+                                    seed=5, stop=[stop])
+    assert cut.choices[0].text == expected[:expected.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
 def test_ollama_routes(server):
