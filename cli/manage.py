@@ -51,7 +51,8 @@ def list_command():
     """List the models in $LOCALMIX_HOME/models."""
     names = list_models()
     if not names:
-        err.print(f"no models in {models_dir()}")
+        err.print(f"no models in {models_dir()} (the built-in one: `localmix run demo \"Once upon a time\"`)",
+                  markup=False, soft_wrap=True)
         return
     table = Table("name", "bits", "size", "source", "created", box=None)
     for name in names:
