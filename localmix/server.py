@@ -100,7 +100,11 @@ class Engine:
         for job in self.active:
             if job.cancelled:
                 continue
-            response = job.generation.next()
+            try:
+                response = job.generation.next()
+            except Exception as e:  # noqa: BLE001 (a request must never stop the engine)
+                job.send(LocalmixError(f"internal error: {e}"))
+                continue
             job.send(response)
             if response.finish_reason is None:
                 going.append((job, response.token))
