@@ -19,6 +19,7 @@ from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+RAW_DTYPES = {**_DTYPES, "U32": np.dtype("<u4")}  # also packed words (mlx-lm's quantized tensors)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -47,30 +48,33 @@ class SafetensorsFile:
         self.size = size
         self._map = None
 
-    def locate(self, name: str) -> tuple[str, tuple[int, ...], int]:
+    def locate(self, name: str, dtypes: dict = _DTYPES) -> tuple[str, tuple[int, ...], int]:
         """(dtype, shape, byte offset in the file) of a tensor, checked against the file's size."""
         info = self.tensors[name]
         dtype, shape = info["dtype"], tuple(info["shape"])
-        if dtype not in _DTYPES:
+        if dtype not in dtypes:
             raise LocalmixError(f"{self.path}: tensor {name} has dtype {dtype}; "
-                                f"localmix reads F32, F16 and BF16")
+                                f"localmix reads {', '.join(dtypes)}")
         start, end = (self.data_start + o for o in info["data_offsets"])
         if end > self.size:
             raise LocalmixError(f"{self.path}: truncated file, tensor {name} ends at byte {end} "
                                 f"but the file has {self.size} bytes")
         count = int(np.prod(shape, dtype=np.int64))
-        if end - start != count * _DTYPES[dtype].itemsize:
+        if end - start != count * dtypes[dtype].itemsize:
             raise LocalmixError(f"{self.path}: tensor {name} has {end - start} bytes for shape {list(shape)}")
         return dtype, shape, start
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor as float32: a view of the file for F32, a converted copy for F16/BF16."""
-        dtype, shape, start = self.locate(name)
+    def raw(self, name: str, dtypes: dict = _DTYPES) -> tuple[np.ndarray, str]:
+        """The tensor as stored (a view of the file; BF16 as uint16) and its dtype."""
+        dtype, shape, start = self.locate(name, dtypes)
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         count = int(np.prod(shape, dtype=np.int64))
-        raw = self._map[start:start + count * _DTYPES[dtype].itemsize].view(_DTYPES[dtype]).reshape(shape)
-        return to_float32(raw, dtype)
+        return self._map[start:start + count * dtypes[dtype].itemsize].view(dtypes[dtype]).reshape(shape), dtype
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor as float32: a view of the file for F32, a converted copy for F16/BF16."""
+        return to_float32(*self.raw(name))
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tensor as float32, read with pread rather than mapped: a converter

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from localmix.checkpoint import SafetensorsFile, tensor_table
+from localmix.checkpoint import RAW_DTYPES, SafetensorsFile, tensor_table, to_float32
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.convert import check_disk, write_arrays, write_model
@@ -26,7 +26,6 @@ from localmix.store import ModelFolder, plan_layout
 
 EXPERT = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.weight$")
 SWITCH = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-RAW_DTYPES = {"U32": np.dtype("<u4"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
 def is_mlx_lm_folder(folder: Path) -> bool:
@@ -57,18 +56,10 @@ class MLXFolder:
             for name in f.tensors:
                 self.files[name] = f
 
-    def raw(self, name: str) -> np.ndarray:
+    def raw(self, name: str) -> tuple[np.ndarray, str]:
         if name not in self.files:
             raise LocalmixError(f"{self.folder}: no tensor {name}; not an mlx-lm Mixtral folder?")
-        f = self.files[name]
-        info = f.tensors[name]
-        if info["dtype"] not in RAW_DTYPES:
-            raise LocalmixError(f"{f.path}: tensor {name} has dtype {info['dtype']}")
-        start, end = (f.data_start + o for o in info["data_offsets"])
-        if end > f.size:
-            raise LocalmixError(f"{f.path}: truncated file, tensor {name} ends at byte {end}")
-        data = np.memmap(f.path, np.uint8, mode="r", offset=start, shape=(end - start,))
-        return data.view(RAW_DTYPES[info["dtype"]]).reshape(info["shape"]), info["dtype"]
+        return self.files[name].raw(name, RAW_DTYPES)
 
     def quantization(self, module: str) -> dict | None:
         """{bits, group_size} of a module, or None where it is stored in floats."""
@@ -83,18 +74,11 @@ def half(raw: np.ndarray, dtype: str, what: str) -> np.ndarray:
     """Scales or biases as float16; bfloat16 ones must convert exactly (they do within float16's range)."""
     if dtype == "F16":
         return raw
-    values = raw.astype(np.uint32) << 16 if dtype == "BF16" else raw
-    values = values.view(np.float32) if dtype == "BF16" else values.astype(np.float32)
+    values = to_float32(raw, dtype)
     converted = values.astype(np.float16)
     if not np.array_equal(converted.astype(np.float32), values):
         raise LocalmixError(f"{what}: {dtype} scales or biases that float16 cannot hold exactly")
     return converted
-
-
-def floats(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
 
 
 def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
@@ -128,7 +112,7 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
                 words, scales, biases = (source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases"))
                 return [dequantize(words[0], half(*scales, module), half(*biases, module), q["bits"],
                                    q["group_size"]).astype(np.float32)]
-            return [floats(*source.raw(layout.name))]
+            return [to_float32(*source.raw(layout.name))]
         parts = [source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases")]
         if expert is not None:
             parts = [(array[expert], dtype) for array, dtype in parts]
