@@ -25,7 +25,7 @@ from numba import prange, types
 
 from localmix.errors import LocalmixError
 from localmix.model import Expert
-from localmix.store import QuantizedMatrix, TensorLayout
+from localmix.store import QuantizedMatrix, TensorLayout, expert_matrix
 
 MIB = 1 << 20
 RUNTIME_BYTES = 300 * MIB  # Python, numpy, Numba and their compiled kernels: measured ~260 MB
@@ -137,10 +137,10 @@ class ExpertCache:
         self.experts_per_token, self.policy_name, self.guess_ahead = experts_per_token, policy, prefetch
         self.layouts: dict[tuple[int, int], list[TensorLayout]] = {}
         for name, t in manifest["tensors"].items():
-            m = re.match(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$", name)
-            if m:
+            matrix = expert_matrix(name)
+            if matrix:
                 layout = TensorLayout(name, t["file"], t["offset"], tuple(t["shape"]), t["dtype"], t["group_size"])
-                self.layouts.setdefault((int(m[1]), int(m[2])), []).append(layout)
+                self.layouts.setdefault(matrix[:2], []).append(layout)
         if len(self.layouts) != layers * experts:
             raise LocalmixError(f"{self.folder}: the manifest lists {len(self.layouts)} experts, "
                                 f"expected {layers * experts}; pull the model again")

@@ -41,6 +41,15 @@ def expert_file(name: str) -> str:
     return f"experts/L{int(m[1]):03d}-E{int(m[2] or 0):03d}.bin" if m else DENSE_FILE
 
 
+_EXPERT_MATRIX = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+def expert_matrix(name: str) -> tuple[int, int, str] | None:
+    """(layer, expert, "w1", "w2" or "w3") of a mixture-of-experts expert's matrix; None otherwise."""
+    m = _EXPERT_MATRIX.match(name)
+    return (int(m[1]), int(m[2]), m[3]) if m else None
+
+
 def stays_float(name: str) -> bool:
     """Norms and routers are small and sensitive: they are kept in float32."""
     return name.endswith("norm.weight") or name.endswith("block_sparse_moe.gate.weight")

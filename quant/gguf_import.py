@@ -24,7 +24,7 @@ from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.affine import pack, quantize
 from localmix.quant.convert import check_disk, write_arrays, write_model
-from localmix.store import plan_layout
+from localmix.store import expert_matrix, plan_layout
 
 GROUP = 32
 COPIED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}
@@ -68,12 +68,12 @@ def gguf_name(name: str) -> tuple[str, int | None]:
              "lm_head.weight": "output.weight"}
     if name in fixed:
         return fixed[name], None
+    matrix = expert_matrix(name)
+    if matrix:
+        layer, expert, part = matrix
+        return f"blk.{layer}.{ {v: k for k, v in EXPERT_NAMES.items()}[part] }_exps.weight", expert
     parts = name.split(".")
-    layer = int(parts[2])
-    if parts[3] == "block_sparse_moe" and parts[4] == "experts":
-        kind = {v: k for k, v in EXPERT_NAMES.items()}[parts[6]]
-        return f"blk.{layer}.{kind}_exps.weight", int(parts[5])
-    module = ".".join(parts[3:-1])
+    layer, module = int(parts[2]), ".".join(parts[3:-1])
     return f"blk.{layer}.{ {v: k for k, v in LAYER_NAMES.items()}[module] }.weight", None
 
 

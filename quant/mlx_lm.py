@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -22,9 +21,8 @@ from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.convert import check_disk, write_arrays, write_model
 from localmix.quant.affine import dequantize
-from localmix.store import ModelFolder, plan_layout
+from localmix.store import ModelFolder, expert_matrix, plan_layout
 
-EXPERT = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.weight$")
 SWITCH = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
@@ -38,9 +36,10 @@ def is_mlx_lm_folder(folder: Path) -> bool:
 
 def mlx_module(name: str) -> tuple[str, int | None]:
     """The mlx-lm module holding a localmix tensor, and the expert's index in its stack."""
-    m = EXPERT.match(name)
-    if m:
-        return f"{m[1]}.switch_mlp.{SWITCH[m[3]]}", int(m[2])
+    matrix = expert_matrix(name)
+    if matrix:
+        layer, expert, part = matrix
+        return f"model.layers.{layer}.block_sparse_moe.switch_mlp.{SWITCH[part]}", expert
     return name.removesuffix(".weight"), None
 
 
