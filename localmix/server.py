@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -205,7 +206,7 @@ class Server:
                                   f"{self.context} leaves room for", "context_length_exceeded")
         return ids
 
-    async def responses(self, ids: list[int], params: SamplingParams, length: int, chat: bool, request: Request):
+    async def responses(self, ids: list[int], params: SamplingParams, length: int, chat: bool):
         """The engine's responses for this request; leaving early (a client gone) cancels it."""
         job = Job(ids, length, params, chat, asyncio.get_running_loop(), asyncio.Queue())
         self.engine.submit(job)
@@ -225,12 +226,6 @@ class Server:
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
                                                           "owned_by": "localmix"}]})
-
-    async def chat_completions(self, request: Request) -> Response:
-        return await self.openai(request, chat=True)
-
-    async def completions(self, request: Request) -> Response:
-        return await self.openai(request, chat=False)
 
     async def openai(self, request: Request, chat: bool) -> Response:
         try:
@@ -256,7 +251,7 @@ class Server:
             return {"id": answer_id, "object": kind + (".chunk" if chunk and chat else ""), "created": int(time.time()),
                     "model": self.name, "choices": choices, **(extra or {})}
 
-        answer = self.responses(ids, params, length, chat, request)
+        answer = self.responses(ids, params, length, chat)
         if not body.get("stream"):
             try:
                 parts = [r async for r in answer]
@@ -287,12 +282,6 @@ class Server:
         return JSONResponse({"models": [{"name": self.name, "model": self.name, "modified_at": now(), "size": size,
                                          "digest": "", "details": details}]})
 
-    async def ollama_chat(self, request: Request) -> Response:
-        return await self.ollama(request, chat=True)
-
-    async def ollama_generate(self, request: Request) -> Response:
-        return await self.ollama(request, chat=False)
-
     async def ollama(self, request: Request, chat: bool) -> Response:
         try:
             body = await self.body(request)
@@ -317,7 +306,7 @@ class Server:
                            eval_duration=max(0, total - prompt_ns))
             return out
 
-        answer = self.responses(ids, params, length, chat, request)
+        answer = self.responses(ids, params, length, chat)
         if body.get("stream") is False:
             try:
                 parts = [r async for r in answer]
@@ -371,11 +360,11 @@ def create_app(model, name: str) -> Starlette:
     app = Starlette(routes=[
         Route("/health", server.health),
         Route("/v1/models", server.models),
-        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
-        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/chat/completions", partial(server.openai, chat=True), methods=["POST"]),
+        Route("/v1/completions", partial(server.openai, chat=False), methods=["POST"]),
         Route("/api/tags", server.tags),
-        Route("/api/chat", server.ollama_chat, methods=["POST"]),
-        Route("/api/generate", server.ollama_generate, methods=["POST"]),
+        Route("/api/chat", partial(server.ollama, chat=True), methods=["POST"]),
+        Route("/api/generate", partial(server.ollama, chat=False), methods=["POST"]),
     ], exception_handlers={404: not_found, 405: not_found, 500: failed}, lifespan=lifespan)
     app.state.server = server
     return app
