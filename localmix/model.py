@@ -248,7 +248,6 @@ class Transformer:
         cache.reserve(cache.length + len(ids))
         if cache.length == 0:
             self.routing.new_sequence()
-        self.routing.trace = [None] * len(w.layers) if self.trace else None
         x = self.layers(embedding(ids, w.embed), ids, cache, positions)
         cache.advance(len(ids))
         return self.head(x[-1:] if last_only else x)
@@ -262,17 +261,14 @@ class Transformer:
         positions = np.array([cache.length for cache in caches])
         for cache in caches:
             cache.reserve(cache.length + 1)
-        self.routing.trace = [None] * len(self.weights.layers) if self.trace else None
-        self.routing.batched = True  # rows are not consecutive tokens: no reuse counted
-        try:
-            x = self.layers(embedding(ids, self.weights.embed), ids, SequenceBatch(caches), positions)
-        finally:
-            self.routing.batched = False
+        x = self.layers(embedding(ids, self.weights.embed), ids, SequenceBatch(caches), positions)
         for cache in caches:
             cache.advance(1)
         return self.head(x)
 
     def layers(self, x: np.ndarray, ids: np.ndarray, cache, positions: np.ndarray) -> np.ndarray:
+        self.routing.trace = [None] * len(self.weights.layers) if self.trace else None
+        self.routing.batched = isinstance(cache, SequenceBatch)  # rows of several sequences: no reuse counted
         for index, layer in enumerate(self.weights.layers):
             x = self.ops.decoder_layer(x, layer, self.args, cache, index, positions, self.inv_freq, self.ops)
         if self.routing.trace and self.args.is_moe:

@@ -72,7 +72,6 @@ class LayerRouting:
                                    [[(self.index, int(e)) in cache.resident for e in row] for row in chosen])
         return chosen, weights
 
-
     def _count_one(self, chosen: list[int], weights: list[float], experts: int) -> None:
         """A decoded token's counts, in plain Python: numpy's per-call overhead on arrays of two
         would cost a few percent of a token."""
@@ -113,13 +112,15 @@ class Routing:
     (`tokens`) and the experts a token shared with the token before it (`reused`, out of the
     `followed` experts of the tokens before)."""
 
+    COUNTS = ("routed", "weight", "tokens", "reused", "followed")
+
     def __init__(self, layers: int, experts: int, steering: Steering | None = None):
         self.routed = np.zeros((layers, experts), np.int64)
         self.weight = np.zeros((layers, experts), np.float64)
         self.tokens, self.reused, self.followed = (np.zeros(layers, np.int64) for _ in range(3))
         self.steering = steering or Steering()
         self.trace: list | None = None  # per layer, this call's (chosen, weights, cached), while tracing
-        self.batched = False  # set while rows are several sequences' tokens (Transformer.step)
+        self.batched = False  # whether the call's rows are several sequences' tokens (Transformer.step)
         self.layers = [LayerRouting(self, i) for i in range(layers)]
 
     def new_sequence(self) -> None:
@@ -127,15 +128,14 @@ class Routing:
             layer.previous = None
 
     def snapshot(self) -> dict[str, np.ndarray]:
-        return {"routed": self.routed.copy(), "weight": self.weight.copy(), "tokens": self.tokens.copy(),
-                "reused": self.reused.copy(), "followed": self.followed.copy()}
+        return {name: getattr(self, name).copy() for name in self.COUNTS}
 
     def since(self, before: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {key: value - before[key] for key, value in self.snapshot().items()}
 
     def reset(self) -> None:
-        for value in (self.routed, self.weight, self.tokens, self.reused, self.followed):
-            value[...] = 0
+        for name in self.COUNTS:
+            getattr(self, name)[...] = 0
 
 
 def drop_light_experts(chosen: np.ndarray, weights: np.ndarray, min_weight: float,
