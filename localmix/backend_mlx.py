@@ -58,6 +58,17 @@ def mlx_vector(v: np.ndarray, dtype) -> mx.array:
     return mx.array(np.asarray(v, np.float32)).astype(dtype)
 
 
+def layer_floats(layer, dtype) -> tuple:
+    """A layer's norms (in the activations' dtype) and router (float32) as MLX arrays, made once
+    rather than at every token."""
+    made = getattr(layer, "mlx_floats", None)
+    if made is None or made[0].dtype != dtype:
+        made = (mlx_vector(layer.attention_norm, dtype), mlx_vector(layer.ffn_norm, dtype),
+                None if layer.router is None else mlx_vector(layer.router, mx.float32))
+        layer.mlx_floats = made
+    return made
+
+
 def linear(x: mx.array, m) -> mx.array:
     """x @ W.T for a quantized matrix (or a float one)."""
     if not hasattr(m, "bits"):
@@ -138,7 +149,7 @@ def moe_block(h: mx.array, layer, k: int) -> mx.array:
     each chosen expert over its tokens."""
     if layer.router is None:
         return expert_ffn(h, layer.experts[0])
-    gates = h.astype(mx.float32) @ mlx_vector(layer.router, mx.float32).T
+    gates = h.astype(mx.float32) @ layer_floats(layer, h.dtype)[2].T
     chosen = mx.argsort(-gates, axis=-1)[:, :k]
     top = mx.take_along_axis(gates, chosen, axis=-1)
     weights = mx.softmax(top, axis=-1)  # = the full softmax's top k, renormalized
@@ -170,9 +181,10 @@ class MLXOps(Ops):
     def decoder_layer(cls, x, layer, args, cache, index, positions, inv_freq, ops):
         x = x if isinstance(x, mx.array) else mx.array(np.asarray(x, np.float32)).astype(ops.dtype)
         eps = args.rms_norm_eps
-        h = mx.fast.rms_norm(x, mlx_vector(layer.attention_norm, ops.dtype), eps)
+        attention_norm, ffn_norm, _ = layer_floats(layer, ops.dtype)
+        h = mx.fast.rms_norm(x, attention_norm, eps)
         x = x + attention(h, layer, args, cache, index, np.asarray(positions))
-        h = mx.fast.rms_norm(x, mlx_vector(layer.ffn_norm, ops.dtype), eps)
+        h = mx.fast.rms_norm(x, ffn_norm, eps)
         return x + moe_block(h, layer, args.num_experts_per_tok)
 
     @staticmethod
