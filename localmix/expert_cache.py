@@ -314,7 +314,12 @@ class ExpertCache:
 
     def counters(self) -> dict:
         """Running totals: lookups that found the expert resident (hits) or read it (misses),
-        guesses read ahead (prefetches) and those used (prefetch hits), bytes read, seconds waited."""
+        guesses read ahead (prefetches) and those used (prefetch hits), bytes read, seconds waited.
+        Reads still in flight are waited for first, so that bytes read match the reads counted."""
+        with self.lock:
+            in_flight = list(self.loading.values())
+        for future in in_flight:
+            future.exception()
         return {"expert_hits": int(self.hits.sum()), "expert_misses": int(self.misses.sum()),
                 "prefetches": self.prefetches, "prefetch_hits": int(self.prefetch_hits.sum()),
                 "expert_bytes_read": self.bytes_read, "stall_s": self.stall_s}
