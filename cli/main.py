@@ -44,6 +44,8 @@ MinWeight = typer.Option(0.0, "--min-expert-weight", help="Adaptive routing: dro
 Fallback = typer.Option(0.0, "--fallback-margin", help="Under --memory: use a resident expert whose router "
                                                        "probability is within this of a chosen one not in the cache "
                                                        "(approximate; 0: exact).")
+Shadows = typer.Option(0, "--shadow-bits", help="Under --memory: also keep every expert at 2 bits and decode with "
+                                                 "that copy while the full one is read from disk (approximate; 0: off).")
 Trace = typer.Option(None, "--trace", help="Write each token's experts, weights and cache hits to this JSONL file.")
 Stats = typer.Option(False, "--stats", help="After each answer, one line on the experts: cache hits, reads, "
                                             "waits, routing balance.")
@@ -59,13 +61,16 @@ def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty
 
 def load_model(name: str, experts_per_token: int | None, backend: str, threads: int | None,
                kv_cache: str, memory: str | None = None, policy: str = "lfu", min_expert_weight: float = 0.0,
-               fallback_margin: float = 0.0, trace: str | None = None) -> tuple[Model, float]:
+               fallback_margin: float = 0.0, trace: str | None = None, shadow_bits: int = 0) -> tuple[Model, float]:
     start = time.perf_counter()
     Steering(min_expert_weight, fallback_margin).check()  # bad values before a long load
-    with err.status(f"loading {name} (the first start compiles the kernels: about a minute)"):
+    with err.status(f"loading {name} (the first start compiles the kernels: about a minute)") as status:
+        def progress(done, total):
+            status.update(f"loading {name}: {shadow_bits}-bit shadow copies of the experts, {done}/{total}")
+
         model = load(name, experts_per_token=experts_per_token, backend=backend, threads=threads, kv_cache=kv_cache,
                      memory=memory, expert_policy=policy, min_expert_weight=min_expert_weight,
-                     fallback_margin=fallback_margin)
+                     fallback_margin=fallback_margin, shadow_bits=shadow_bits, on_progress=progress)
     if trace:
         model.transformer.trace = TraceFile(trace)
     if model.memory_note:
@@ -85,7 +90,7 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
         threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory,
         policy: str = Policy, stats: bool = Stats, min_expert_weight: float = MinWeight,
-        fallback_margin: float = Fallback, trace: Optional[str] = Trace):
+        fallback_margin: float = Fallback, trace: Optional[str] = Trace, shadow_bits: int = Shadows):
     """Answer one prompt, streaming the text to stdout."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     if prompt is None:
@@ -96,7 +101,7 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         raise LocalmixError("--system needs the chat template; leave out --raw")
     start = time.perf_counter()
     llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, min_expert_weight,
-                             fallback_margin, trace)
+                             fallback_margin, trace, shadow_bits)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     before = usage_snapshot(llm)
     _, last = stream_answer(llm, prompt if raw or llm.base_model else messages, max_tokens, params)
@@ -114,11 +119,11 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
          experts_per_token: Optional[int] = Experts, verbose: bool = Verbose, backend: str = Backend,
          threads: Optional[int] = Threads, kv_cache: str = KvCache, memory: Optional[str] = Memory,
          policy: str = Policy, stats: bool = Stats, min_expert_weight: float = MinWeight,
-         fallback_margin: float = Fallback, trace: Optional[str] = Trace):
+         fallback_margin: float = Fallback, trace: Optional[str] = Trace, shadow_bits: int = Shadows):
     """Chat in the terminal (/? for help)."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, min_expert_weight,
-                             fallback_margin, trace)
+                             fallback_margin, trace, shadow_bits)
     chat_loop(llm, model, params, max_tokens, system, verbose, load_s, stats)
 
 

@@ -260,6 +260,8 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
           prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Read the experts the "
                                                   "next layer will probably want ahead of time (default: where a "
                                                   "core is free for it)."),
+          shadow_bits: int = typer.Option(0, "--shadow-bits", help="Under --memory: decode with 2-bit copies of "
+                                                                   "the experts not in the cache (approximate)."),
           cold: bool = typer.Option(False, "--cold", help="Drop the model's files from the page cache before "
                                                           "each run (reads then come from the disk)."),
           concurrency: int = typer.Option(1, "--concurrency", help="Decode this many sequences together (as "
@@ -275,7 +277,7 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
         raise LocalmixError("name a model to benchmark (or pass --membw)")
     llm = localmix.load(model, experts_per_token=experts_per_token, backend=backend, threads=threads,
                         kv_cache=kv_cache, memory=memory, expert_policy=policy,
-                        prefetch=prefetch)
+                        prefetch=prefetch, shadow_bits=shadow_bits)
     if llm.memory_note:
         err.print(llm.memory_note, style="dim", markup=False)
     with err.status(f"prefill {prompt_tokens} tokens, generate {gen_tokens}, {repeat} time(s)"):
@@ -284,9 +286,10 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
     cells = [str(model), str(r["threads"]), f"{r['prefill_tok_s']:.2f}", f"{r['decode_tok_s']:.2f}",
              f"{r['decode_gb_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['ttft_s']:.3f}"]
     if llm.expert_cache:  # its figures while decoding
-        columns += ["expert slots", "hit rate", "prefetch hits", "read GB", "stalled s"]
+        columns += ["expert slots", "hit rate", "prefetch hits", "shadow uses", "read GB", "stalled s"]
         cells += [f"{r['expert_slots']} {r['expert_policy']}", f"{r['expert_hit_rate']:.2f}",
-                  f"{r['prefetch_hit_rate']:.2f}", f"{r['expert_bytes_read'] / 1e9:.2f}", f"{r['stall_s']:.2f}"]
+                  f"{r['prefetch_hit_rate']:.2f}", str(r["shadow_uses"]), f"{r['expert_bytes_read'] / 1e9:.2f}",
+                  f"{r['stall_s']:.2f}"]
     table = Table(*columns, box=None)
     table.add_row(*cells)
     console = Console(highlight=False)

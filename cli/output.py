@@ -59,6 +59,7 @@ def stats_line(model: Model, before: tuple) -> str:
         now = model.expert_cache.counters()
         s = model.expert_cache.stats({key: value - counters[key] for key, value in now.items()})
         guesses = f"prefetch hits {s['prefetch_hit_rate']:.2f}, " if s["expert_prefetch"] else ""
+        guesses += f"{s['shadow_uses']} shadow uses, " if s["expert_shadow_bits"] else ""
         parts.append(f"experts: {s['expert_hits'] + s['expert_misses']} lookups, hit rate {s['expert_hit_rate']:.2f}, "
                      f"{guesses}read {s['expert_bytes_read'] / 1e9:.2f} GB, waited {s['stall_s']:.2f} s "
                      f"({s['expert_slots']} slots, {s['expert_policy']})")

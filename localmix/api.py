@@ -12,7 +12,7 @@ from localmix import kernels
 from localmix.checkpoint import Checkpoint, read_weights
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
-from localmix.expert_cache import POLICIES, CachedExperts, ExpertCache, plan_memory
+from localmix.expert_cache import POLICIES, CachedExperts, ExpertCache, check_shadow_bits, plan_memory
 from localmix.routing import Steering, hot_experts, read_routing
 from localmix.generate import GenerationResponse, stream_generate
 from localmix.home import resolve_model
@@ -50,7 +50,7 @@ class Model:
     def __init__(self, folder: str | os.PathLike, experts_per_token: int | None = None, backend: str = "auto",
                  threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
                  expert_policy: str = "lfu", prefetch: bool | None = None, min_expert_weight: float = 0.0,
-                 fallback_margin: float = 0.0):
+                 fallback_margin: float = 0.0, shadow_bits: int = 0, on_progress=None):
         """Open a localmix model folder (quantized, from `localmix pull`) or a Hugging Face one.
         backend: "auto" (MLX on Apple Silicon where installed, else Numba), "numba" (CPU kernels),
         "mlx" (float16) or "mlx-f32", or "numpy" (the reference), for a localmix model.
@@ -65,7 +65,11 @@ class Model:
         the CPU has a core beyond the kernels' threads for it (on 2 cores the reads took the
         kernels' time and prefetch made decoding slower, see README).
         min_expert_weight, fallback_margin: approximate routing, off by default (localmix.routing);
-        these and experts_per_token can also be set per call of stream/generate/chat."""
+        these and experts_per_token can also be set per call of stream/generate/chat.
+        shadow_bits: under a budget, also keep every expert at 2 bits (within the budget) and decode
+        with that copy where the expert is not in the cache, while the full one is read for later
+        tokens (approximate, Numba backend; 0: exact). on_progress(done, total): while the
+        copies are made at load."""
         if kv_cache not in KV_DTYPES:
             raise LocalmixError(f"unknown KV cache type {kv_cache!r}: use {' or '.join(KV_DTYPES)}")
         if expert_policy not in POLICIES:
@@ -84,8 +88,10 @@ class Model:
         self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
         self.expert_cache, self.memory_note = None, None
         slots = None
+        if check_shadow_bits(shadow_bits) and ops is not NumbaOps:
+            raise LocalmixError("shadow copies of experts run on the numba backend (--backend numba)")
         if quantized:
-            slots, self.memory_note = plan_memory(checkpoint.manifest, self.config, memory)
+            slots, self.memory_note = plan_memory(checkpoint.manifest, self.config, memory, shadow_bits=shadow_bits)
         elif memory is not None:
             raise LocalmixError("--memory applies to localmix models (from `localmix pull`), not to float checkpoints")
         self.tokenizer = Tokenizer(checkpoint.tokenizer_path)
@@ -100,7 +106,7 @@ class Model:
                 prefetch = (os.cpu_count() or 1) > self.threads
             self.expert_cache = ExpertCache(checkpoint.folder, checkpoint.manifest, *shape, slots, expert_policy,
                                             hot, self.config.num_experts_per_tok, prefetch,
-                                            getattr(ops, "allocate_slots", None))
+                                            getattr(ops, "allocate_slots", None), shadow_bits, on_progress)
             self.expert_cache.routers = [layer.router for layer in weights.layers]
             for i, layer in enumerate(weights.layers):
                 layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
@@ -174,7 +180,7 @@ class Model:
 def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "auto",
          threads: int | None = None, kv_cache: str = "f32", memory: str | int | None = None,
          expert_policy: str = "lfu", prefetch: bool | None = None, min_expert_weight: float = 0.0,
-         fallback_margin: float = 0.0) -> Model:
+         fallback_margin: float = 0.0, shadow_bits: int = 0, on_progress=None) -> Model:
     """Load a model by name from $LOCALMIX_HOME/models, or a localmix or Hugging Face folder."""
     return Model(resolve_model(path_or_name), experts_per_token, backend, threads, kv_cache, memory, expert_policy,
-                 prefetch, min_expert_weight, fallback_margin)
+                 prefetch, min_expert_weight, fallback_margin, shadow_bits, on_progress)

@@ -19,7 +19,7 @@ import numpy as np
 
 from localmix import kernels
 from localmix.errors import LocalmixError
-from localmix.model import Ops, expert_batches
+from localmix.model import Ops
 
 BACKENDS = ("auto", "numba", "numpy", "mlx", "mlx-f32")
 
@@ -77,12 +77,20 @@ class NumbaOps(Ops):
             order = np.argsort(chosen)
             kept = order[chosen[order] < len(layer.experts)]
             chosen, weights = chosen[kept], np.ascontiguousarray(weights[kept])
-        (_, experts), = expert_batches(layer.experts, chosen)  # an expert cache has room for a token's
-        if hasattr(layer.experts, "speculate"):  # an expert cache: start reading the next layer's
+        cache = hasattr(layer.experts, "for_token")  # an expert cache has room for a token's
+        experts = layer.experts.for_token(chosen) if cache else [layer.experts[e] for e in chosen]
+        if cache:  # start reading the next layer's
             layer.experts.speculate(h)
-        up = one_token_rows([e.w1 for e in experts] + [e.w3 for e in experts])
-        down = one_token_rows([e.w2 for e in experts])
-        return kernels.decode_experts(x, h, weights, up, *plan.up_format, down, *plan.down_format)
+        # One call for the experts of each format: all of them, unless some are shadow copies.
+        formats: dict = {}
+        for i, e in enumerate(experts):
+            formats.setdefault((e.w1.bits, e.w1.group_size, e.w2.bits, e.w2.group_size), []).append(i)
+        for (up_bits, up_group, down_bits, down_group), part in formats.items():
+            some = [experts[i] for i in part]
+            up = one_token_rows([e.w1 for e in some] + [e.w3 for e in some])
+            down = one_token_rows([e.w2 for e in some])
+            x = kernels.decode_experts(x, h, weights[part], up, up_bits, up_group, down, down_bits, down_group)
+        return x
 
 
 def one_token_rows(matrices, cols=None) -> np.ndarray:
@@ -99,14 +107,12 @@ class FusedPlan(NamedTuple):
     qkv_format: tuple    # (bits, group size)
     o: np.ndarray
     o_format: tuple
-    up_format: tuple     # of the experts' w1 and w3
-    down_format: tuple   # of their w2
 
 
 def fused_plan(layer) -> FusedPlan | None:
     """The kernel tables of a layer's attention matrices and its formats, made once; None where
-    the layer cannot be fused (a dense MLP, float weights, or q, k and v, or w1 and w3, in
-    different formats)."""
+    the layer cannot be fused (a dense MLP, float weights, q, k and v, or w1 and w3, in
+    different formats, or widths the vector kernels do not take)."""
     plan = getattr(layer, "fused", False)
     if plan is not False:
         return plan
@@ -115,18 +121,19 @@ def fused_plan(layer) -> FusedPlan | None:
     expert_matrices = [] if cached else [m for e in layer.experts for m in (e.w1, e.w3, e.w2)]
     matrices = [layer.wq, layer.wk, layer.wv, layer.wo] + expert_matrices
     if layer.router is not None and all(is_packed(m) for m in matrices) and kernels.has_vector_kernels():
-        def fmt(ms):
+        def fmt(ms):  # the one format of these matrices, if the vector kernels run it on their widths
             formats = {(m.bits, m.group_size) for m in ms}
-            return formats.pop() if len(formats) == 1 else None
+            runs = all(kernels.runs_vector(m.bits, m.group_size, m.shape[1]) for m in ms)
+            return formats.pop() if len(formats) == 1 and runs else None
 
         qkv = [layer.wq, layer.wk, layer.wv]
         experts = layer.experts.formats if cached else (fmt(expert_matrices[0::3] + expert_matrices[1::3]),
                                                         fmt(expert_matrices[2::3]))
-        formats = fmt(qkv), (layer.wo.bits, layer.wo.group_size), *experts
+        formats = fmt(qkv), fmt([layer.wo]), *experts
         if None not in formats:
             sizes = [m.words.shape[0] for m in qkv]
             plan = FusedPlan(one_token_rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0],
-                             one_token_rows([layer.wo]), *formats[1:])
+                             one_token_rows([layer.wo]), formats[1])
     layer.fused = plan
     return plan
 

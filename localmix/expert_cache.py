@@ -24,10 +24,14 @@ import numpy as np
 from numba import prange, types
 
 from localmix.errors import LocalmixError
+from localmix.quant.affine import quantize
 from localmix.model import Expert
 from localmix.store import QuantizedMatrix, TensorLayout, expert_matrix
 
 MIB = 1 << 20
+SHADOW_BITS = (2,)  # what the kernels run besides the stored 4 and 8 bits (3 bits do not divide their 16-bit lanes)
+SHADOW_SEARCH_STEPS = 4  # of quantize()'s scale search: most of its gain at 2 bits (rel. error 0.347 vs 0.345 with 20
+                         # on Gaussian weights, 0.395 with none), at a fifth of the time
 RUNTIME_BYTES = 300 * MIB  # Python, numpy, Numba and their compiled kernels: measured ~260 MB
 UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
@@ -125,11 +129,15 @@ class ExpertCache:
 
     def __init__(self, folder: Path, manifest: dict, layers: int, experts: int, slots: int, policy: str = "lfu",
                  hot: list[tuple[int, int]] = (), experts_per_token: int = 2, prefetch: bool = True,
-                 allocate=None):
+                 allocate=None, shadow_bits: int = 0, on_progress=None):
         """hot: for the "pinned" policy, experts hottest first; as many as leave a quarter of the
         slots (at least two tokens' experts) to the others are read in at the start and kept.
         prefetch: guess the next layer's experts and read them in the background (`speculate`).
-        allocate(shape): the slots' uint8 buffer (a backend's memory, such as MLX's; numpy's by default)."""
+        allocate(shape): the slots' uint8 buffer (a backend's memory, such as MLX's; numpy's by default).
+        shadow_bits: keep a copy of every expert at this many bits (2) beside the slots: a decoded
+        token whose expert is not in a slot uses the copy at once, and the full expert is read in
+        the background for the tokens after (see token_experts). on_progress(done, total): while
+        the copies are made."""
         if policy not in POLICIES:
             raise LocalmixError(f"unknown expert cache policy {policy!r}: use {' or '.join(POLICIES)}")
         pinned = list(hot)[:max(0, slots - max(2 * experts_per_token, slots // 4))] if policy == "pinned" else []
@@ -163,6 +171,10 @@ class ExpertCache:
         self.bytes_read = self.prefetches = 0
         self.stall_s = 0.0  # time the model waited for reads
         self.routers: list = []   # set by the model: for guessing the next layer's experts
+        self.shadow_bits, self.shadows = shadow_bits, {}
+        self.shadow_uses = np.zeros((layers, experts), np.int64)  # misses answered by a shadow copy
+        if shadow_bits:
+            self._make_shadows(shadow_bits, on_progress)
         with self.lock:
             for key in pinned:
                 self._start_load(key, self._take_slot())
@@ -174,11 +186,15 @@ class ExpertCache:
 
     @property
     def formats(self) -> tuple:
-        """((bits, group) of the experts' w1 and w3, of their w2); None where they differ."""
+        """((bits, group) of the experts' w1 and w3, of their w2); None where they differ or where
+        the vector kernels do not take their widths."""
+        from localmix.kernels import runs_vector
+
         def only(parts):
-            found = {(t.bits, t.group_size) for layouts in self.layouts.values() for t in layouts
-                     if t.name.rsplit(".", 2)[-2] in parts}
-            return found.pop() if len(found) == 1 else None
+            layouts = [t for ts in self.layouts.values() for t in ts if t.name.rsplit(".", 2)[-2] in parts]
+            found = {(t.bits, t.group_size) for t in layouts}
+            runs = all(runs_vector(t.bits, t.group_size, t.shape[1]) for t in layouts)
+            return found.pop() if len(found) == 1 and runs else None
         return only(("w1", "w3")), only(("w2",))
 
     def get(self, layer: int, expert: int) -> Expert:
@@ -214,6 +230,45 @@ class ExpertCache:
             self.resident[key] = (slot, views)
         self.stall_s += time.perf_counter() - start
         return views
+
+    def token_experts(self, layer: int, experts) -> list[Expert]:
+        """One decoded token's experts: those in slots, and for the others their shadow copies,
+        whose full experts start reading in the background for the tokens that follow (as HOBBIT
+        does): the token does not wait for the disk. Without shadows, batch()."""
+        if not self.shadows:
+            return self.batch(layer, experts)
+        self._raise_failure()
+        keys = [(layer, int(e)) for e in experts]
+        with self.lock:
+            self.in_use = set(keys)
+            missing = [key for key in keys if key not in self.resident]
+            for key in missing:
+                self.policy.used(key)
+                self.misses[key] += 1
+                self.shadow_uses[key] += 1
+                if key not in self.loading:
+                    slot = self._take_slot()
+                    if slot is not None:
+                        self._start_load(key, slot)
+        return [self.shadows[key] if key in missing else self.get(*key) for key in keys]
+
+    def _make_shadows(self, bits: int, on_progress=None) -> None:
+        """Every expert read through the last slot (empty yet) and quantized again at `bits`."""
+        from localmix.kernels import has_vector_kernels
+        if not has_vector_kernels() or None in self.formats or any(t.shape[1] % 128 for ts in self.layouts.values() for t in ts):
+            raise LocalmixError("shadow copies need the experts' widths to be multiples of 128 (the 2-bit "
+                                "kernels' unit) on a CPU with AVX2")
+        for i, key in enumerate(sorted(self.layouts)):
+            full = self._read(key, self.free[0])
+            self.shadows[key] = Expert(*(shadow_matrix(m, bits) for m in (full.w1, full.w2, full.w3)))
+            if on_progress:
+                on_progress(i + 1, len(self.layouts))
+        self.bytes_read = 0
+
+    @property
+    def shadow_bytes(self) -> int:
+        return sum(m.words.nbytes + m.scales.nbytes + m.biases.nbytes
+                   for e in self.shadows.values() for m in (e.w1, e.w2, e.w3))
 
     def batch(self, layer: int, experts) -> list[Expert]:
         """Experts that must be resident together (at most `slots` of them)."""
@@ -321,6 +376,7 @@ class ExpertCache:
         for future in in_flight:
             future.exception()
         return {"expert_hits": int(self.hits.sum()), "expert_misses": int(self.misses.sum()),
+                "shadow_uses": int(self.shadow_uses.sum()),
                 "prefetches": self.prefetches, "prefetch_hits": int(self.prefetch_hits.sum()),
                 "expert_bytes_read": self.bytes_read, "stall_s": self.stall_s}
 
@@ -330,9 +386,35 @@ class ExpertCache:
         c = counters or self.counters()
         lookups = c["expert_hits"] + c["expert_misses"]
         return {"expert_policy": self.policy_name, "expert_prefetch": self.guess_ahead, "expert_slots": self.slots,
-                "expert_pinned": len(getattr(self.policy, "pinned", ())), **c,
+                "expert_pinned": len(getattr(self.policy, "pinned", ())), "expert_shadow_bits": self.shadow_bits, **c,
                 "expert_hit_rate": c["expert_hits"] / lookups if lookups else 1.0,
                 "prefetch_hit_rate": c["prefetch_hits"] / c["prefetches"] if c["prefetches"] else 0.0}
+
+
+def check_shadow_bits(bits: int) -> int:
+    if bits and bits not in SHADOW_BITS:
+        raise LocalmixError(f"shadow copies are {' or '.join(map(str, SHADOW_BITS))}-bit, not {bits} (0: none)")
+    return bits
+
+
+def shadow_matrix(m: QuantizedMatrix, bits: int) -> QuantizedMatrix:
+    """A low-bit copy of a stored matrix: dequantized and quantized again at `bits`, in groups of
+    64 (or the matrix's own where larger: the kernels run 2-bit groups of 64 and 128)."""
+    from localmix.kernels import dequantize
+    group_size = max(64, m.group_size)
+    w = dequantize(m.words, m.scales, m.biases, m.bits, m.group_size)
+    words, scales, biases = quantize(w, bits, group_size, steps=SHADOW_SEARCH_STEPS)
+    return QuantizedMatrix(words, scales, biases, bits, group_size, f"{m.source} ({bits}-bit shadow)")
+
+
+def shadow_bytes(manifest: dict, bits: int) -> int:
+    """The memory that `bits`-bit shadow copies of all the experts take (see shadow_matrix)."""
+    total = 0
+    for name, t in manifest["tensors"].items():
+        if expert_matrix(name):
+            rows, cols = t["shape"]
+            total += rows * cols * bits // 8 + rows * (cols // max(64, t["group_size"])) * 4
+    return total
 
 
 class CachedExperts(Sequence):
@@ -352,6 +434,10 @@ class CachedExperts(Sequence):
 
     def speculate(self, h: np.ndarray) -> None:
         self.cache.speculate(self.layer, h)
+
+    def for_token(self, experts) -> list[Expert]:
+        """A decoded token's experts (shadow copies for those not in the cache, where kept)."""
+        return self.cache.token_experts(self.layer, experts)
 
     def batches(self, experts) -> Iterator[tuple[list[int], list[Expert]]]:
         """The experts in groups that fit the slots together (pinned experts have their own), each
@@ -385,30 +471,31 @@ def kv_bytes(args, context: int) -> int:
     return 2 * 4 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * context
 
 
-def fixed_memory(manifest: dict, args, context: int = 4096) -> int:
+def fixed_memory(manifest: dict, args, context: int = 4096, shadow_bits: int = 0) -> int:
     """What stays resident whatever the budget: dense weights, a KV cache of `context` float32
-    tokens and the runtime."""
-    return manifest["files"]["dense.bin"]["size"] + kv_bytes(args, context) + RUNTIME_BYTES
+    tokens, the runtime and the experts' shadow copies, if kept."""
+    shadows = shadow_bytes(manifest, shadow_bits) if shadow_bits else 0
+    return manifest["files"]["dense.bin"]["size"] + kv_bytes(args, context) + RUNTIME_BYTES + shadows
 
 
-def minimum_memory(manifest: dict, args, context: int = 4096) -> int:
+def minimum_memory(manifest: dict, args, context: int = 4096, shadow_bits: int = 0) -> int:
     """The smallest budget that runs the model: the fixed part and one token's experts (all of
     a dense model's MLPs, which are not cached)."""
     experts = [f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")]
-    return fixed_memory(manifest, args, context) + (
+    return fixed_memory(manifest, args, context, shadow_bits) + (
         args.num_experts_per_tok * max(experts) if args.is_moe else sum(experts))
 
 
-def plan_memory(manifest: dict, args, memory: str | int | None, context: int = 4096) -> tuple[int | None, str | None]:
+def plan_memory(manifest: dict, args, memory: str | int | None, context: int = 4096,
+                shadow_bits: int = 0) -> tuple[int | None, str | None]:
     """How many expert slots a budget leaves: (slots, note). slots None: the whole model stays
     resident. The budget covers the dense weights, a KV cache of `context` float32 tokens, the
-    runtime (RUNTIME_BYTES) and the slots. Without a budget, a model that does not fit the
-    memory available gets 90% of it, and the note says so."""
+    runtime (RUNTIME_BYTES), the experts' shadow copies where asked for, and the slots. Without a
+    budget, a model that does not fit the memory available gets 90% of it, and the note says so."""
     if not args.is_moe:
         return None, None
     expert_sizes = [f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")]
-    fixed = fixed_memory(manifest, args, context)
-    whole = fixed + sum(expert_sizes)
+    whole = fixed_memory(manifest, args, context) + sum(expert_sizes)
     note = None
     if memory is None:
         available = available_memory()
@@ -419,13 +506,15 @@ def plan_memory(manifest: dict, args, memory: str | int | None, context: int = 4
                 f"running within {budget / 1e9:.1f} GB (set it with --memory)")
     else:
         budget = parse_memory(memory)
+    if budget >= whole:  # everything fits: no cache, and no shadow copies needed
+        return None, note
+    fixed = fixed_memory(manifest, args, context, shadow_bits)
     slots = (budget - fixed) // max(expert_sizes)
     if slots < args.num_experts_per_tok:
         dense = manifest["files"]["dense.bin"]["size"]
+        shadows = f", {shadow_bits}-bit shadow copies {shadow_bytes(manifest, shadow_bits) / 1e9:.2f} GB" * bool(shadow_bits)
         raise LocalmixError(f"--memory {budget / 1e9:.2f} GB is too small for this model: it needs at least "
-                            f"{minimum_memory(manifest, args, context) / 1e9:.2f} GB (dense weights "
-                            f"{dense / 1e9:.2f} GB, KV cache and runtime {(fixed - dense) / 1e9:.2f} GB, "
-                            f"{args.num_experts_per_tok} experts)")
-    if slots >= len(expert_sizes):
-        return None, note
-    return int(slots), note
+                            f"{minimum_memory(manifest, args, context, shadow_bits) / 1e9:.2f} GB (dense weights "
+                            f"{dense / 1e9:.2f} GB, KV cache and runtime {(fixed_memory(manifest, args, context) - dense) / 1e9:.2f} GB"
+                            f"{shadows}, {args.num_experts_per_tok} experts)")
+    return int(min(slots, len(expert_sizes) - 1)), note

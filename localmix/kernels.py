@@ -49,7 +49,9 @@ from localmix.quant.affine import dequantize as dequantize_reference
 llvm.initialize_native_asmparser()
 
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-FORMATS = [(bits, group_size) for bits in (4, 8) for group_size in (32, 64, 128)]  # what the kernels run
+# What the vector kernels run: the stored formats, and 2 bits for the expert cache's shadow copies
+# (2-bit groups of 32 are a quarter of a 32-byte chunk, which the kernels do not split: plain path).
+FORMATS = [(bits, group_size) for bits in (4, 8) for group_size in (32, 64, 128)] + [(2, 64), (2, 128)]
 TILE = 4              # tokens multiplied per pass over a weight row in prefill: unpack once, use 4 times
 PREFETCH = 8192       # bytes ahead of the row being read: with the hardware prefetcher alone a row
                       # streams at a third of the memory bandwidth here, 8 KiB ahead at 3/4 of it
@@ -140,7 +142,7 @@ def _quantizer(bits: int, group_size: int, parallel: bool):
 
 
 _QUANTIZERS = {(bits, group_size, parallel): _quantizer(bits, group_size, parallel)
-               for bits, group_size in FORMATS for parallel in (False, True)}
+               for bits in (2, 4, 8) for group_size in (32, 64, 128) for parallel in (False, True)}
 
 
 @njit(cache=True, nogil=True)
@@ -502,6 +504,13 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
             t += width
 
 
+def runs_vector(bits: int, group_size: int, cols: int) -> bool:
+    """Whether the vector kernels take a matrix of this format and width: they work in units of
+    max(group, 32 bytes), so 4-bit rows of 32 values more than a multiple of 64 (no real model has
+    them) take the plain kernel, and so do 2-bit groups of 32."""
+    return (bits, group_size) in FORMATS and cols % max(group_size, 256 // bits) == 0
+
+
 def _vector_runner(bits: int, group_size: int):
     def run(x: QuantizedActivations, jobs: list[Job], out: np.ndarray) -> None:
         table = np.array([matrix_row(job.matrix) for job in jobs], np.int64)
@@ -552,9 +561,7 @@ def matmul_batch(x: QuantizedActivations, jobs: list[Job], out: np.ndarray, vect
     parallel pass. The matrices share the bits and group size that x was quantized for."""
     m = jobs[0].matrix
     vector = has_vector_kernels() if vector is None else vector
-    # the vector kernel works in units of max(group, 32 bytes): 4-bit rows of 32 values more than
-    # a multiple of 64 (no real model has them) take the plain kernel
-    vector = vector and (m.words.shape[1] * 32 // m.bits) % max(m.group_size, 256 // m.bits) == 0
+    vector = vector and runs_vector(m.bits, m.group_size, m.words.shape[1] * 32 // m.bits)
     key = (m.bits, m.group_size, vector)
     if any((j.matrix.bits, j.matrix.group_size) != key[:2] for j in jobs):
         raise ValueError("matmul_batch: the matrices differ in bits or group size")
@@ -836,7 +843,7 @@ def _dequantize_kernel(bits: int):
     return dequantize
 
 
-_DEQUANTIZE = {4: _dequantize_kernel(4), 8: _dequantize_kernel(8)}
+_DEQUANTIZE = {bits: _dequantize_kernel(bits) for bits in (2, 4, 8)}
 
 
 def dequantize(words, scales, biases, bits: int, group_size: int) -> np.ndarray:

@@ -2,13 +2,14 @@
 speed, on the same text, in one run.
 
     python scripts/steering_bench.py NAME [--memory 12GB] [--file scripts/data/prose.txt]
-        [--prompt 16] [--tokens 64] [--thresholds 0.25,0.4] [--margins 0.05,0.15]
+        [--prompt 16] [--tokens 64] [--thresholds 0.25,0.4] [--margins 0.05,0.15] [--shadow-bits 2]
 
 Each configuration loads the model afresh (an empty expert cache), processes the first --prompt
 tokens of the text as a prompt, then feeds the next --tokens tokens of the text one at a time
 (teacher forcing: every configuration sees the same tokens, so their next-token distributions
 can be compared position by position). Decode tok/s is over those one-token steps. Fallback
-margins apply under --memory only. The first line also measures what collecting the routing
+margins and shadow copies apply under --memory only; shadow copies take their memory from the
+same budget (fewer slots). The first line also measures what collecting the routing
 statistics costs: the share of the exact run's decoding spent in LayerRouting.__call__.
 """
 
@@ -40,7 +41,8 @@ def run(name: str, memory, ids: list[int], prompt: int, **steering) -> dict:
               "experts_per_token": float(stats["experts_per_token"].mean())}
     if counters:
         s = model.expert_cache.stats({k: v - counters[k] for k, v in model.expert_cache.counters().items()})
-        result.update(hit_rate=s["expert_hit_rate"], read_gb=s["expert_bytes_read"] / 1e9, stall_s=s["stall_s"])
+        result.update(hit_rate=s["expert_hit_rate"], read_gb=s["expert_bytes_read"] / 1e9, stall_s=s["stall_s"],
+                      slots=s["expert_slots"], shadow_uses=s["shadow_uses"])
     return result
 
 
@@ -79,22 +81,30 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--thresholds", default="0.25,0.4")
     parser.add_argument("--margins", default="0.05,0.15")
+    parser.add_argument("--shadow-bits", type=int, default=2, help="0: leave the shadow copies' row out")
     a = parser.parse_args()
     tokenizer = localmix.load(a.name, memory=a.memory).tokenizer
     ids = tokenizer.encode(open(a.file).read(), bos=True)[:a.prompt + a.tokens + 1]
     share = routing_share(a.name, a.memory, ids, a.prompt)
     print(f"routing statistics: {100 * share:.2f}% of decoding time (LayerRouting.__call__, exact routing)")
     configs = [("exact", {})]
-    configs += [(f"adaptive, min weight {t}", {"min_expert_weight": float(t)}) for t in a.thresholds.split(",")]
+    configs += [(f"adaptive, min weight {t}", {"min_expert_weight": float(t)}) for t in a.thresholds.split(",") if t]
     if a.memory:
-        configs += [(f"fallback, margin {m}", {"fallback_margin": float(m)}) for m in a.margins.split(",")]
+        configs += [(f"fallback, margin {m}", {"fallback_margin": float(m)}) for m in a.margins.split(",") if m]
+        if a.shadow_bits:
+            configs.append((f"{a.shadow_bits}-bit shadow copies", {"shadow_bits": a.shadow_bits}))
     exact = None
     print(f"{'':28} {'decode tok/s':>12} {'KL vs exact':>11} {'top-1 agree':>11} {'experts/token':>13} "
-          f"{'hit rate':>8} {'read GB':>8} {'stalled s':>9}")
+          f"{'hit rate':>8} {'read GB':>8} {'stalled s':>9} {'slots':>5} {'shadow uses':>11}")
     for label, steering in configs:
-        r = run(a.name, a.memory, ids, a.prompt, **steering)
+        try:
+            r = run(a.name, a.memory, ids, a.prompt, **steering)
+        except localmix.LocalmixError as e:  # shadow copies that do not fit the budget
+            print(f"{label:28} {e}")
+            continue
         exact = exact or r
-        cache = (f"{r['hit_rate']:8.2f} {r['read_gb']:8.2f} {r['stall_s']:9.2f}" if "hit_rate" in r else "")
+        cache = (f"{r['hit_rate']:8.2f} {r['read_gb']:8.2f} {r['stall_s']:9.2f} {r['slots']:5} {r['shadow_uses']:11}"
+                 if "hit_rate" in r else "")
         print(f"{label:28} {r['tok_s']:12.2f} {kl_divergence(exact['logits'], r['logits']):11.5f} "
               f"{top1_agreement(exact['logits'], r['logits']):11.3f} {r['experts_per_token']:13.2f} {cache}", flush=True)
 

@@ -10,9 +10,10 @@ import torch
 import localmix
 from localmix.errors import LocalmixError
 from localmix import routing
-from localmix.expert_cache import LFU, LRU, RUNTIME_BYTES, Pinned, kv_bytes, parse_memory
+from localmix.expert_cache import LFU, LRU, RUNTIME_BYTES, Pinned, kv_bytes, parse_memory, plan_memory, shadow_bytes
 from localmix.routing import hot_experts
 from localmix.quant.convert import LocalSource, convert
+from localmix.quality import kl_divergence
 from localmix.store import read_manifest
 
 from conftest import make_hf_model
@@ -197,3 +198,97 @@ def test_stats_run_and_bench_report_the_experts(q4, tmp_path):
         assert_one_line_error(localmix_cli("stats", copy, *args), message)
     assert_one_line_error(localmix_cli("run", copy, "Hi", "--memory", str(budget(q4, 5)), "--policy", "mru"),
                           "unknown expert cache policy 'mru'")
+
+
+# --- shadow copies: 2-bit experts used while the full ones are read ------------------------------
+
+@pytest.fixture(scope="module")
+def q4_wide(tmp_path_factory):
+    """Widths that are multiples of 128, the 2-bit kernels' unit (as in every real Mixtral)."""
+    hf = tmp_path_factory.mktemp("hf-wide")
+    make_hf_model(hf, dtype=torch.bfloat16, hidden_size=128, intermediate_size=128, num_local_experts=8)
+    return convert(LocalSource(hf), tmp_path_factory.mktemp("models") / "wide-q4", bits="4")
+
+
+def shadow_budget(folder, slots: int) -> int:
+    return budget(folder, slots) + shadow_bytes(read_manifest(folder), 2)
+
+
+def test_shadow_copies_are_2_bit_copies_of_the_experts(q4_wide):
+    model = localmix.load(q4_wide, memory=shadow_budget(q4_wide, 3), shadow_bits=2)
+    cache = model.expert_cache
+    assert cache.slots == 3 and len(cache.shadows) == 2 * 8
+    assert cache.shadow_bytes == shadow_bytes(read_manifest(q4_wide), 2)
+    full = localmix.load(q4_wide).transformer.weights.layers[1].experts[5]
+    shadow = cache.shadows[1, 5]
+    for name in ("w1", "w2", "w3"):
+        s, f = getattr(shadow, name), getattr(full, name).dequantize()
+        assert (s.bits, s.group_size) == (2, 64)
+        # 2 bits with the error-minimizing scale search: ~0.35 of the weights' norm on Gaussian
+        # weights (min/max rounding gives 0.40); 0.4 allows for these 4-bit weights' outliers
+        assert np.linalg.norm(s.dequantize() - f) / np.linalg.norm(f) < 0.4
+
+
+def test_decoding_with_shadow_copies_only_is_the_model_with_2_bit_experts(q4_wide):
+    """With the full reads switched off, every expert a token is routed to comes from its shadow:
+    the logits are those of the numpy reference with the shadows in place of the experts (within
+    the kernels' 1e-3 of the largest logit, see test_store)."""
+    model = localmix.load(q4_wide, memory=shadow_budget(q4_wide, 3), shadow_bits=2, prefetch=False)
+    cache = model.expert_cache
+    cache._start_load = lambda *args, **kwargs: None
+    reference = localmix.load(q4_wide, backend="numpy")
+    for i, layer in enumerate(reference.transformer.weights.layers):
+        layer.experts = [cache.shadows[i, e] for e in range(8)]
+    ids = np.random.default_rng(4).integers(0, 32000, 8)
+
+    def one_by_one(m):
+        kv = m.transformer.new_cache(len(ids))
+        return np.concatenate([m.transformer(ids[i:i + 1], kv) for i in range(len(ids))])
+
+    ours, expected = one_by_one(model), one_by_one(reference)
+    assert np.abs(ours - expected).max() <= 1e-3 * np.abs(expected).max()
+    stats = cache.stats()
+    assert stats["shadow_uses"] == stats["expert_misses"] == 8 * 2 * 2 and stats["expert_bytes_read"] == 0
+
+
+def test_shadow_copies_answer_misses_while_the_full_experts_are_read(q4_wide):
+    ids = np.random.default_rng(1).integers(0, 32000, 16)
+    resident = prompt_then_decode(localmix.load(q4_wide), ids)
+    model = localmix.load(q4_wide, memory=shadow_budget(q4_wide, 4), shadow_bits=2, prefetch=False)
+    ours = prompt_then_decode(model, ids)
+    cache = model.expert_cache
+    stats = cache.stats()
+    np.testing.assert_array_equal(ours[:6], resident[:6])  # prompts wait for the full experts
+    assert stats["shadow_uses"] > 0 and stats["expert_hits"] > 0 and stats["expert_shadow_bits"] == 2
+    # every miss reads its full expert once: the prompt's in the caller, the decoded ones' in the
+    # background while the shadow answers (unless all slots were being filled)
+    assert stats["expert_bytes_read"] <= stats["expert_misses"] * cache.slot_bytes
+    assert stats["expert_bytes_read"] > (stats["expert_misses"] - stats["shadow_uses"]) * cache.slot_bytes
+    # an approximation: close to the exact model, not equal (for scale, KL 0 is exact)
+    kl = kl_divergence(resident[6:], ours[6:])
+    assert 0 < kl < 0.5, kl
+
+
+def test_shadow_copies_take_their_memory_from_the_budget(q4, q4_wide):
+    manifest = read_manifest(q4_wide)
+    config = localmix.load(q4_wide).config
+    memory = budget(q4_wide, 14)
+    slots, _ = plan_memory(manifest, config, memory)
+    with_shadows, _ = plan_memory(manifest, config, memory, shadow_bits=2)
+    assert slots == 14 and with_shadows == 14 - -(-shadow_bytes(manifest, 2) // max(
+        f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")))
+    with pytest.raises(LocalmixError, match="2-bit shadow copies"):
+        plan_memory(manifest, config, budget(q4_wide, 2), shadow_bits=2)
+    with pytest.raises(LocalmixError, match="shadow copies are 2-bit, not 3"):
+        localmix.load(q4_wide, memory=shadow_budget(q4_wide, 3), shadow_bits=3)
+    with pytest.raises(LocalmixError, match="numba backend"):
+        localmix.load(q4_wide, memory=shadow_budget(q4_wide, 3), shadow_bits=2, backend="numpy")
+    with pytest.raises(LocalmixError, match="multiples of 128"):
+        localmix.load(q4, memory=shadow_budget(q4, 3), shadow_bits=2)
+    bench = localmix_cli("bench", q4_wide, "-p", "4", "-n", "4", "--memory", str(shadow_budget(q4_wide, 3)),
+                         "--shadow-bits", "2", "--no-prefetch", "--json")
+    figures = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert figures["expert_shadow_bits"] == 2 and figures["shadow_uses"] > 0, bench.stderr
+    run = localmix_cli("run", q4_wide, "Hi", "-n", "4", "--memory", str(shadow_budget(q4_wide, 3)), "--shadow-bits",
+                       "2", "--stats")
+    assert run.returncode == 0 and "shadow uses" in run.stderr, run.stderr
