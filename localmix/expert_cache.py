@@ -233,8 +233,8 @@ class ExpertCache:
 
     def token_experts(self, layer: int, experts) -> list[Expert]:
         """One decoded token's experts: those in slots, and for the others their shadow copies,
-        whose full experts start reading in the background for the tokens that follow (as HOBBIT
-        does): the token does not wait for the disk. Without shadows, batch()."""
+        whose full experts are read in the background for the tokens that follow (as HOBBIT
+        does), one at a time: the token does not wait for the disk. Without shadows, batch()."""
         if not self.shadows:
             return self.batch(layer, experts)
         self._raise_failure()
@@ -246,7 +246,7 @@ class ExpertCache:
                 self.policy.used(key)
                 self.misses[key] += 1
                 self.shadow_uses[key] += 1
-                if key not in self.loading:
+                if not self.loading:  # one read at a time: queued, they took the kernels' time
                     slot = self._take_slot()
                     if slot is not None:
                         self._start_load(key, slot)

@@ -25,8 +25,8 @@ from localmix import routing
 from localmix.quality import kl_divergence, top1_agreement
 
 
-def run(name: str, memory, ids: list[int], prompt: int, **steering) -> dict:
-    model = localmix.load(name, memory=memory, **steering)
+def run(name: str, ids: list[int], prompt: int, **settings) -> dict:
+    model = localmix.load(name, **settings)
     t = model.transformer
     cache = t.new_cache(len(ids))
     t(ids[:prompt], cache, last_only=True)
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.25,0.4")
     parser.add_argument("--margins", default="0.05,0.15")
     parser.add_argument("--shadow-bits", type=int, default=2, help="0: leave the shadow copies' row out")
+    parser.add_argument("--shadow-memory", help="the shadow copies' row's budget (default --memory); exact "
+                                                "routing is measured at it too, for the same memory")
     a = parser.parse_args()
     tokenizer = localmix.load(a.name, memory=a.memory).tokenizer
     ids = tokenizer.encode(open(a.file).read(), bos=True)[:a.prompt + a.tokens + 1]
@@ -92,20 +94,24 @@ def main() -> None:
     if a.memory:
         configs += [(f"fallback, margin {m}", {"fallback_margin": float(m)}) for m in a.margins.split(",") if m]
         if a.shadow_bits:
-            configs.append((f"{a.shadow_bits}-bit shadow copies", {"shadow_bits": a.shadow_bits}))
+            memory = a.shadow_memory or a.memory
+            if memory != a.memory:
+                configs.append((f"exact, --memory {memory}", {"memory": memory}))
+            configs.append((f"{a.shadow_bits}-bit shadows, --memory {memory}",
+                            {"shadow_bits": a.shadow_bits, "memory": memory}))
     exact = None
-    print(f"{'':28} {'decode tok/s':>12} {'KL vs exact':>11} {'top-1 agree':>11} {'experts/token':>13} "
+    print(f"{'':36} {'decode tok/s':>12} {'KL vs exact':>11} {'top-1 agree':>11} {'experts/token':>13} "
           f"{'hit rate':>8} {'read GB':>8} {'stalled s':>9} {'slots':>5} {'shadow uses':>11}")
     for label, steering in configs:
         try:
-            r = run(a.name, a.memory, ids, a.prompt, **steering)
+            r = run(a.name, ids, a.prompt, **{"memory": a.memory, **steering})
         except localmix.LocalmixError as e:  # shadow copies that do not fit the budget
-            print(f"{label:28} {e}")
+            print(f"{label:36} {e}")
             continue
         exact = exact or r
         cache = (f"{r['hit_rate']:8.2f} {r['read_gb']:8.2f} {r['stall_s']:9.2f} {r['slots']:5} {r['shadow_uses']:11}"
                  if "hit_rate" in r else "")
-        print(f"{label:28} {r['tok_s']:12.2f} {kl_divergence(exact['logits'], r['logits']):11.5f} "
+        print(f"{label:36} {r['tok_s']:12.2f} {kl_divergence(exact['logits'], r['logits']):11.5f} "
               f"{top1_agreement(exact['logits'], r['logits']):11.3f} {r['experts_per_token']:13.2f} {cache}", flush=True)
 
 

@@ -260,8 +260,8 @@ def test_shadow_copies_answer_misses_while_the_full_experts_are_read(q4_wide):
     stats = cache.stats()
     np.testing.assert_array_equal(ours[:6], resident[:6])  # prompts wait for the full experts
     assert stats["shadow_uses"] > 0 and stats["expert_hits"] > 0 and stats["expert_shadow_bits"] == 2
-    # every miss reads its full expert once: the prompt's in the caller, the decoded ones' in the
-    # background while the shadow answers (unless all slots were being filled)
+    # the prompt's misses read their experts in the caller; a decoded one's shadow answers while
+    # the full expert is read in the background, where the reader is free
     assert stats["expert_bytes_read"] <= stats["expert_misses"] * cache.slot_bytes
     assert stats["expert_bytes_read"] > (stats["expert_misses"] - stats["shadow_uses"]) * cache.slot_bytes
     # an approximation: close to the exact model, not equal (for scale, KL 0 is exact)
