@@ -71,7 +71,7 @@ class NumbaOps(Ops):
         x, h, chosen, weights = kernels.decode_attention(
             x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT, plan.o, *plan.o_format,
             layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)
-        chosen, weights = layer.routing(h, chosen[None], weights[None], layer)  # counted; steered where asked
+        chosen, weights = layer.routing(h, chosen, weights, layer)  # counted; steered where asked
         chosen, weights = chosen[0], weights[0]
         if layer.routing.steers:  # experts dropped (marked len(experts)) or swapped: back to index order
             order = np.argsort(chosen)

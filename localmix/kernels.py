@@ -792,8 +792,8 @@ def decode_qkv(x, norm, eps, qkv, bits, group_size, heads, kv_heads, dim, positi
 @njit(cache=True, nogil=True)
 def decode_attention(x, q, keys, values, positions, window, half, o, o_bits, o_group, norm, eps, router, k):
     """Attention over the cache and its output projection added to x, then the experts' norm and
-    routing, for one token: returns x, the normed h, and the chosen experts (in index order, as
-    the model sums them) with their weights."""
+    routing, for one token: returns x, the normed h, and the chosen experts [1, k] (in index
+    order, as the model sums them) with their weights [1, k]."""
     heads, dim = q.shape[1], q.shape[2]
     attended = np.empty((1, heads * dim), np.float32)
     _attend(q, keys, values, positions, window, half, attended)
@@ -801,7 +801,7 @@ def decode_attention(x, q, keys, values, positions, window, half, o, o_bits, o_g
     h = rms_norm(x, norm, eps)
     chosen, weights = route_tokens(h, router, k)
     order = np.argsort(chosen[0])
-    return x, h, chosen[0][order], weights[0][order]
+    return x, h, chosen[:, order], weights[:, order]
 
 
 @njit(cache=True, nogil=True)

@@ -10,7 +10,8 @@ tokens of the text as a prompt, then feeds the next --tokens tokens of the text 
 can be compared position by position). Decode tok/s is over those one-token steps. Fallback
 margins and shadow copies apply under --memory only; shadow copies take their memory from the
 same budget (fewer slots). The first line also measures what collecting the routing
-statistics costs: the share of the exact run's decoding spent in LayerRouting.__call__.
+statistics costs: the share of the exact run's decoding spent in LayerRouting.__call__ and in
+counting the decoded tokens' choices when the statistics are read.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def routing_share(name: str, memory, ids: list[int], prompt: int) -> float:
         start = time.perf_counter()
         for token in ids[prompt:-1]:
             model.transformer([token], cache, last_only=True)
+        counted = time.perf_counter()
+        model.transformer.routing.snapshot()  # decoded tokens are counted when the statistics are read
+        spent[0] += time.perf_counter() - counted
         return spent[0] / (time.perf_counter() - start)
     finally:
         routing.LayerRouting.__call__ = original
