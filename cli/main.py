@@ -44,8 +44,9 @@ MinWeight = typer.Option(0.0, "--min-expert-weight", help="Adaptive routing: dro
 Fallback = typer.Option(0.0, "--fallback-margin", help="Under --memory: use a resident expert whose router "
                                                        "probability is within this of a chosen one not in the cache "
                                                        "(approximate; 0: exact).")
-Shadows = typer.Option(0, "--shadow-bits", help="Under --memory: also keep every expert at 2 bits and decode with "
-                                                 "that copy while the full one is read from disk (approximate; 0: off).")
+Shadows = typer.Option(0, "--shadow-bits", help="Under --memory: also keep every expert at 2 bits and decode "
+                                                 "with that copy while the full one is read from disk "
+                                                 "(approximate; 0: off).")
 Trace = typer.Option(None, "--trace", help="Write each token's experts, weights and cache hits to this JSONL file.")
 Stats = typer.Option(False, "--stats", help="After each answer, one line on the experts: cache hits, reads, "
                                             "waits, routing balance.")

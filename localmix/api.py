@@ -92,6 +92,8 @@ class Model:
             raise LocalmixError("shadow copies of experts run on the numba backend (--backend numba)")
         if quantized:
             slots, self.memory_note = plan_memory(checkpoint.manifest, self.config, memory, shadow_bits=shadow_bits)
+            if shadow_bits and slots is None:
+                self.memory_note = "the whole model is resident: no shadow copies needed"
         elif memory is not None:
             raise LocalmixError("--memory applies to localmix models (from `localmix pull`), not to float checkpoints")
         self.tokenizer = Tokenizer(checkpoint.tokenizer_path)

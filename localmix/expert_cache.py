@@ -255,7 +255,8 @@ class ExpertCache:
     def _make_shadows(self, bits: int, on_progress=None) -> None:
         """Every expert read through the last slot (empty yet) and quantized again at `bits`."""
         from localmix.kernels import has_vector_kernels
-        if not has_vector_kernels() or None in self.formats or any(t.shape[1] % 128 for ts in self.layouts.values() for t in ts):
+        widths = {t.shape[1] for layouts in self.layouts.values() for t in layouts}
+        if not has_vector_kernels() or None in self.formats or any(width % 128 for width in widths):
             raise LocalmixError("shadow copies need the experts' widths to be multiples of 128 (the 2-bit "
                                 "kernels' unit) on a CPU with AVX2")
         for i, key in enumerate(sorted(self.layouts)):
@@ -512,9 +513,11 @@ def plan_memory(manifest: dict, args, memory: str | int | None, context: int = 4
     slots = (budget - fixed) // max(expert_sizes)
     if slots < args.num_experts_per_tok:
         dense = manifest["files"]["dense.bin"]["size"]
-        shadows = f", {shadow_bits}-bit shadow copies {shadow_bytes(manifest, shadow_bits) / 1e9:.2f} GB" * bool(shadow_bits)
+        kv_and_runtime = fixed_memory(manifest, args, context) - dense
+        shadows = (f", {shadow_bits}-bit shadow copies {shadow_bytes(manifest, shadow_bits) / 1e9:.2f} GB"
+                   if shadow_bits else "")
         raise LocalmixError(f"--memory {budget / 1e9:.2f} GB is too small for this model: it needs at least "
                             f"{minimum_memory(manifest, args, context, shadow_bits) / 1e9:.2f} GB (dense weights "
-                            f"{dense / 1e9:.2f} GB, KV cache and runtime {(fixed_memory(manifest, args, context) - dense) / 1e9:.2f} GB"
+                            f"{dense / 1e9:.2f} GB, KV cache and runtime {kv_and_runtime / 1e9:.2f} GB"
                             f"{shadows}, {args.num_experts_per_tok} experts)")
     return int(min(slots, len(expert_sizes) - 1)), note

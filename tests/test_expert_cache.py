@@ -279,6 +279,8 @@ def test_shadow_copies_take_their_memory_from_the_budget(q4, q4_wide):
         f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")))
     with pytest.raises(LocalmixError, match="2-bit shadow copies"):
         plan_memory(manifest, config, budget(q4_wide, 2), shadow_bits=2)
+    resident = localmix.load(q4_wide, memory=budget(q4_wide, 16), shadow_bits=2)
+    assert resident.expert_cache is None and "no shadow copies needed" in resident.memory_note
     with pytest.raises(LocalmixError, match="shadow copies are 2-bit, not 3"):
         localmix.load(q4_wide, memory=shadow_budget(q4_wide, 3), shadow_bits=3)
     with pytest.raises(LocalmixError, match="numba backend"):
