@@ -17,10 +17,12 @@ from localmix.generate import peak_memory_gb
 from localmix.threads import physical_cores
 
 
-def bench_prompt(length: int, vocab_size: int) -> list[int]:
-    """llama_speed.py's prompt: BOS, then a fixed spread of ordinary token ids."""
+def bench_prompt(length: int, vocab_size: int, sequence: int = 0) -> list[int]:
+    """llama_speed.py's prompt: BOS, then a fixed spread of ordinary token ids; for concurrent
+    sequences after the first, other ids (the same prompt would send every sequence to the same
+    experts, so that batching them would read no more weights than one)."""
     span = min(31000, vocab_size - 501)
-    return [1] + [(i * 7919) % span + 500 for i in range(length - 1)]
+    return [1] + [((i + 104729 * sequence) * 7919) % span + 500 for i in range(length - 1)]
 
 
 def nbytes(w) -> int:
@@ -60,19 +62,20 @@ def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, 
         raise LocalmixError("-p, -n, --repeat and --concurrency must be at least 1")
     if prompt_tokens + gen_tokens > model.config.max_position_embeddings:
         raise LocalmixError(f"-p plus -n exceed the model's context of {model.config.max_position_embeddings}")
-    prompt = bench_prompt(prompt_tokens, model.config.vocab_size)
+    prompts = [bench_prompt(prompt_tokens, model.config.vocab_size, i) for i in range(concurrency)]
     prefill, decode = [], []
     experts = model.expert_cache
     decoding = Counter()  # the expert cache's counters while decoding, summed over the runs
     # Warm up as llama_speed.py does (8 prompt tokens, then start again): the first touch of each
     # memory-mapped weight page is paid here, not in the timed prefill.
-    model.transformer(prompt[:8], model.transformer.new_cache(8), last_only=True)
+    model.transformer(prompts[0][:8], model.transformer.new_cache(8), last_only=True)
     for _ in range(repeat):
         if cold:
             drop_page_cache(model.path)
         caches = [model.transformer.new_cache(prompt_tokens + gen_tokens) for _ in range(concurrency)]
         start = time.perf_counter()
-        logits = np.concatenate([model.transformer(prompt, cache, last_only=True) for cache in caches])
+        logits = np.concatenate([model.transformer(prompt, cache, last_only=True)
+                                 for prompt, cache in zip(prompts, caches)])
         prefill.append((time.perf_counter() - start) / concurrency)
         before, start = experts.counters() if experts else {}, time.perf_counter()
         for _ in range(gen_tokens):

@@ -426,7 +426,7 @@ def row_products(typingctx, bits, group_size, tokens, w_addr, s_addr, b_addr, x_
         unsupported = builder.append_basic_block("unsupported")
         switch = builder.switch(key, unsupported)
         for bits, group_size in FORMATS:
-            for tokens in (1, TILE):
+            for tokens in range(1, TILE + 1):
                 block = builder.append_basic_block(f"q{bits}_g{group_size}_t{tokens}")
                 switch.add_case(ir.Constant(_i64, bits * 4096 + group_size * 16 + tokens), block)
                 builder.position_at_end(block)
@@ -491,7 +491,7 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
         job = table[blocks[i, 0]]
         t = 0
         while t < job[TOKENS]:
-            width = TILE if t + TILE <= job[TOKENS] else 1
+            width = min(TILE, job[TOKENS] - t)
             row = job[X_ROW] + t
             x, d = xv.ctypes.data + row * x_stride, xd.ctypes.data + row * d_stride
             # a tile reads the token-minor sums, one token the token-major ones
