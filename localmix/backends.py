@@ -19,7 +19,7 @@ import numpy as np
 
 from localmix import kernels
 from localmix.errors import LocalmixError
-from localmix.model import Ops
+from localmix.model import Ops, SequenceBatch, expert_batches
 
 BACKENDS = ("auto", "numba", "numpy", "mlx", "mlx-f32")
 
@@ -57,39 +57,51 @@ class NumbaOps(Ops):
 
     @staticmethod
     def decoder_layer(x, layer, args, cache, index, positions, inv_freq, ops):
-        """One token's layer in three kernel calls (see kernels.decode_attention); prompts, dense
+        """A decoded token's layer in a few kernel calls (see kernels.decode_qkv): one token, or
+        one token of each of several sequences decoded together (a SequenceBatch: the products
+        read each weight once for all of them, attention is each sequence's own). Prompts, dense
         layers and mixed formats go operation by operation."""
         plan = fused_plan(layer)
-        if x.shape[0] != 1 or plan is None:
+        caches = cache.caches if isinstance(cache, SequenceBatch) else [cache]
+        if x.shape[0] != len(caches) or plan is None:
             return Ops.decoder_layer(x, layer, args, cache, index, positions, inv_freq, ops)
         heads, kv_heads, dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         positions = np.asarray(positions, np.int64)
-        eps = np.float32(args.rms_norm_eps)
-        q, k, v = kernels.decode_qkv(np.ascontiguousarray(x, np.float32), layer.attention_norm, eps, plan.qkv,
-                                     *plan.qkv_format, heads, kv_heads, dim, positions, inv_freq)
-        keys, values = kernels.kernel_cache(*cache.update(index, k[0], v[0]))
-        x, h, chosen, weights = kernels.decode_attention(
-            x, q, keys, values, positions, args.sliding_window or 0, kernels.HALF_TO_FLOAT, plan.o, *plan.o_format,
-            layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)
+        eps, window = np.float32(args.rms_norm_eps), args.sliding_window or 0
+        x = np.ascontiguousarray(x, np.float32)
+        q, k, v = kernels.decode_qkv(x, layer.attention_norm, eps, plan.qkv, *plan.qkv_format, heads, kv_heads, dim,
+                                     positions, inv_freq)
+        rest = (plan.o, *plan.o_format, layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)
+        if len(caches) == 1:
+            keys, values = kernels.kernel_cache(*cache.update(index, k[0], v[0]))
+            x, h, chosen, weights = kernels.decode_attention(x, q, keys, values, positions, window,
+                                                             kernels.HALF_TO_FLOAT, *rest)
+        else:
+            attended = np.concatenate([kernels.attend(q[i:i + 1], *c.update(index, k[i:i + 1], v[i:i + 1]),
+                                                      positions[i:i + 1], window) for i, c in enumerate(caches)])
+            x, h, chosen, weights = kernels.attention_out(x, attended, *rest)
         chosen, weights = layer.routing(h, chosen, weights, layer)  # counted; steered where asked
-        chosen, weights = chosen[0], weights[0]
-        if layer.routing.steers:  # experts dropped (marked len(experts)) or swapped: back to index order
-            order = np.argsort(chosen)
-            kept = order[chosen[order] < len(layer.experts)]
-            chosen, weights = chosen[kept], np.ascontiguousarray(weights[kept])
-        cache = hasattr(layer.experts, "for_token")  # an expert cache has room for a token's
-        experts = layer.experts.for_token(chosen) if cache else [layer.experts[e] for e in chosen]
-        if cache:  # start reading the next layer's
+        chosen, weights = np.ascontiguousarray(chosen, np.int64), np.ascontiguousarray(weights, np.float32)
+        used = np.unique(chosen)
+        used = used[used < len(layer.experts)]  # a dropped expert is marked len(experts)
+        cached = hasattr(layer.experts, "for_token")
+        if cached and len(caches) == 1:  # shadow copies, where kept, stand in for experts not in the cache
+            groups = [(used, layer.experts.for_token(used))]
+        else:  # experts that are in memory together (an expert cache may hold fewer than were chosen)
+            groups = expert_batches(layer.experts, used)
+        if cached:  # start reading the next layer's
             layer.experts.speculate(h)
-        # One call for the experts of each format: all of them, unless some are shadow copies.
-        formats: dict = {}
-        for i, e in enumerate(experts):
-            formats.setdefault((e.w1.bits, e.w1.group_size, e.w2.bits, e.w2.group_size), []).append(i)
-        for (up_bits, up_group, down_bits, down_group), part in formats.items():
-            some = [experts[i] for i in part]
-            up = one_token_rows([e.w1 for e in some] + [e.w3 for e in some])
-            down = one_token_rows([e.w2 for e in some])
-            x = kernels.decode_experts(x, h, weights[part], up, up_bits, up_group, down, down_bits, down_group)
+        for ids, experts in groups:
+            formats: dict = {}  # one call for the experts of each format (shadow copies have their own)
+            for e, expert in zip(ids, experts):
+                w1, w2 = expert.w1, expert.w2
+                formats.setdefault((w1.bits, w1.group_size, w2.bits, w2.group_size), []).append((e, expert))
+            for (up_bits, up_group, down_bits, down_group), members in formats.items():
+                some = [expert for _, expert in members]
+                up = one_token_rows([e.w1 for e in some] + [e.w3 for e in some])
+                down = one_token_rows([e.w2 for e in some])
+                x = kernels.decode_experts(x, h, chosen, weights, np.array([e for e, _ in members], np.int64),
+                                           up, up_bits, up_group, down, down_bits, down_group)
         return x
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import localmix
+from localmix import kernels
 from localmix.errors import LocalmixError
 from localmix import routing
 from localmix.expert_cache import LFU, LRU, RUNTIME_BYTES, Pinned, kv_bytes, parse_memory, plan_memory, shadow_bytes
@@ -294,3 +295,26 @@ def test_shadow_copies_take_their_memory_from_the_budget(q4, q4_wide):
     run = localmix_cli("run", q4_wide, "Hi", "-n", "4", "--memory", str(shadow_budget(q4_wide, 3)), "--shadow-bits",
                        "2", "--stats")
     assert run.returncode == 0 and "shadow uses" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("setting", ["resident", "budget", "adaptive"])
+def test_sequences_decoded_together_match_each_decoded_alone(q4, setting):
+    """Transformer.step (a server's answers, one token each per step) runs the fused kernels over
+    all the sequences' rows, the experts once for all: within the kernels' rounding (their tiles
+    of 2-4 rows add in another order than one row) of each sequence decoded alone, also when an
+    expert cache of 3 slots splits a step's experts into batches, and with experts dropped."""
+    options = {"resident": {}, "budget": {"memory": budget(q4, 3)}, "adaptive": {"min_expert_weight": 0.45}}[setting]
+    model = localmix.load(q4, **options)
+    t = model.transformer
+    prompts = [np.random.default_rng(i).integers(0, 32000, 5) for i in range(4)]
+    tokens = [[int(x) for x in np.random.default_rng(10 + i).integers(0, 32000, 3)] for i in range(4)]
+    caches = [t.new_cache(8) for _ in prompts]
+    for prompt, cache in zip(prompts, caches):
+        t(prompt, cache)
+    together = np.stack([t.step([row[i] for row in tokens], caches) for i in range(3)], axis=1)
+    assert (t.weights.layers[0].fused is not None) == kernels.has_vector_kernels()
+    for prompt, row, expected in zip(prompts, tokens, together):
+        cache = t.new_cache(8)
+        t(prompt, cache)
+        alone = np.concatenate([t([token], cache) for token in row])
+        assert np.abs(alone - expected).max() <= 1e-4 * np.abs(alone).max()
