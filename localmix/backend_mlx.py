@@ -17,7 +17,7 @@ import numpy as np
 
 from localmix.errors import LocalmixError
 from localmix.kv_cache import KVCache
-from localmix.model import Ops, expert_batches
+from localmix.model import Ops, expert_batches, used_experts
 
 
 def allocate_slots(shape) -> np.ndarray:
@@ -159,7 +159,7 @@ def moe_block(h: mx.array, layer, k: int) -> mx.array:
         steer_input = np.array(h.astype(mx.float32)) if layer.routing.steers else None
         chosen, weights = layer.routing(steer_input, chosen, weights, layer)
     out = mx.zeros(h.shape, h.dtype)
-    for batch, experts in expert_batches(layer.experts, np.unique(chosen[chosen < len(layer.experts)])):
+    for batch, experts in expert_batches(layer.experts, used_experts(chosen, len(layer.experts))):
         for e, expert in zip(batch, experts):
             rows, slots = np.nonzero(chosen == e)
             scale = mx.array(weights[rows, slots].astype(np.float32)).astype(h.dtype)[:, None]

@@ -19,7 +19,7 @@ import numpy as np
 
 from localmix import kernels
 from localmix.errors import LocalmixError
-from localmix.model import Ops, SequenceBatch, expert_batches
+from localmix.model import Ops, SequenceBatch, expert_batches, used_experts
 
 BACKENDS = ("auto", "numba", "numpy", "mlx", "mlx-f32")
 
@@ -82,8 +82,7 @@ class NumbaOps(Ops):
             x, h, chosen, weights = kernels.attention_out(x, attended, *rest)
         chosen, weights = layer.routing(h, chosen, weights, layer)  # counted; steered where asked
         chosen, weights = np.ascontiguousarray(chosen, np.int64), np.ascontiguousarray(weights, np.float32)
-        used = np.unique(chosen)
-        used = used[used < len(layer.experts)]  # a dropped expert is marked len(experts)
+        used = used_experts(chosen, len(layer.experts))
         cached = hasattr(layer.experts, "for_token")
         if cached and len(caches) == 1:  # shadow copies, where kept, stand in for experts not in the cache
             groups = [(used, layer.experts.for_token(used))]

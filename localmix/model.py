@@ -156,6 +156,12 @@ def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray,
     return chosen, weights / np.sum(weights, axis=-1, keepdims=True)
 
 
+def used_experts(chosen: np.ndarray, experts: int) -> np.ndarray:
+    """The experts that any row chose, in index order (a dropped one is marked `experts`)."""
+    used = np.unique(chosen)
+    return used[used < experts]
+
+
 def expert_batches(experts, chosen) -> Iterable[tuple[list[int], list[Expert]]]:
     """The chosen experts in batches that are in memory together: one batch, unless an expert
     cache (localmix.expert_cache) holds fewer experts than were chosen."""

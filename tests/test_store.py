@@ -105,7 +105,7 @@ def test_numba_backend_matches_the_numpy_reference(q4, vector, kv_cache, monkeyp
 
 @pytest.mark.parametrize("bits", ["8", "mixed"])
 def test_decoding_kernels_with_a_sliding_window_and_other_formats(tmp_path, bits):
-    """The fused decoding layer (kernels.decode_qkv/decode_rest) on 8-bit and mixed models (q, k,
+    """The fused decoding layer (kernels.decode_qkv, decode_attention, decode_experts) on 8-bit and mixed models (q, k,
     v at 8 bits, experts at 4), top-3 routing, a window shorter than the text, f16 cache."""
     make_hf_model(tmp_path / "hf", dtype=torch.bfloat16, sliding_window=4, num_experts_per_tok=3, **SHAPE)
     folder = convert(LocalSource(tmp_path / "hf"), tmp_path / "model", bits=bits)
