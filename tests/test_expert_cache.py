@@ -215,6 +215,11 @@ def shadow_budget(folder, slots: int) -> int:
     return budget(folder, slots) + shadow_bytes(read_manifest(folder), 2)
 
 
+needs_vector_kernels = pytest.mark.skipif(not kernels.has_vector_kernels(),
+                                          reason="shadow copies run on the AVX2 kernels, which this CPU lacks")
+
+
+@needs_vector_kernels
 def test_shadow_copies_are_2_bit_copies_of_the_experts(q4_wide):
     model = localmix.load(q4_wide, memory=shadow_budget(q4_wide, 3), shadow_bits=2)
     cache = model.expert_cache
@@ -230,6 +235,7 @@ def test_shadow_copies_are_2_bit_copies_of_the_experts(q4_wide):
         assert np.linalg.norm(s.dequantize() - f) / np.linalg.norm(f) < 0.4
 
 
+@needs_vector_kernels
 def test_decoding_with_shadow_copies_only_is_the_model_with_2_bit_experts(q4_wide):
     """With the full reads switched off, every expert a token is routed to comes from its shadow:
     the logits are those of the numpy reference with the shadows in place of the experts (within
@@ -252,6 +258,7 @@ def test_decoding_with_shadow_copies_only_is_the_model_with_2_bit_experts(q4_wid
     assert stats["shadow_uses"] == stats["expert_misses"] == 8 * 2 * 2 and stats["expert_bytes_read"] == 0
 
 
+@needs_vector_kernels
 def test_shadow_copies_answer_misses_while_the_full_experts_are_read(q4_wide):
     ids = np.random.default_rng(1).integers(0, 32000, 16)
     resident = prompt_then_decode(localmix.load(q4_wide), ids)
@@ -270,6 +277,7 @@ def test_shadow_copies_answer_misses_while_the_full_experts_are_read(q4_wide):
     assert 0 < kl < 0.5, kl
 
 
+@needs_vector_kernels
 def test_shadow_copies_take_their_memory_from_the_budget(q4, q4_wide):
     manifest = read_manifest(q4_wide)
     config = localmix.load(q4_wide).config
