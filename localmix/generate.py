@@ -26,7 +26,7 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float      # generated tokens per second since the first one
     peak_memory: float         # peak resident memory of the process, GB
-    finish_reason: str | None  # None while generating, then "stop" or "length"
+    finish_reason: str | None  # None while generating, then "stop", "length" or "cancelled"
 
 
 def peak_memory_gb() -> float:
@@ -63,10 +63,16 @@ class Generation:
     """One answer being generated: the prompt's prefill, then one sampled token at a time, with
     stop strings and streamed text. `next()` samples from `logits` and says what came; the caller
     then runs the model on that token (alone, or batched with other answers' tokens, as the
-    server does) and sets `logits` again."""
+    server does) and sets `logits` again.
+
+    cancelled: asked between prefill chunks and before each token (never inside a model call, so
+    compiled code is never interrupted); once it answers True the generation ends with one last
+    response whose finish_reason is "cancelled" (no token; its text is what was held back, such as
+    a possible start of a stop string). Ctrl-C in the CLI and a client gone from the server use it."""
 
     def __init__(self, transformer: Transformer, tokenizer: Tokenizer, prompt: list[int], max_tokens: int = 256,
-                 params: SamplingParams | None = None, strip_leading_space: bool = True):
+                 params: SamplingParams | None = None, strip_leading_space: bool = True,
+                 cancelled: Callable[[], bool] | None = None):
         args = transformer.args
         if max_tokens < 0:
             raise LocalmixError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -85,11 +91,16 @@ class Generation:
         self.history = list(prompt)
         self.logits: np.ndarray | None = None
         self.generated, self.prompt_tps, self.started = 0, 0.0, 0.0
+        self.is_cancelled = cancelled or (lambda: False)
+        self.cancelled = False  # sticky: once asked to stop, stopped
 
     def prefill(self, step: int = 256, on_prefill: Callable[[int, int], None] | None = None) -> None:
         """The prompt, in chunks of `step` tokens (bounding the attention scores' memory)."""
         start = time.perf_counter()
         for i in range(0, len(self.prompt), step):
+            if self.is_cancelled():
+                self.cancelled = True
+                break  # next() reports it
             self.logits = self.transformer(self.prompt[i:i + step], self.cache, last_only=True)[-1]
             if on_prefill:
                 on_prefill(min(i + step, len(self.prompt)), len(self.prompt))
@@ -98,6 +109,12 @@ class Generation:
 
     def next(self) -> GenerationResponse:
         """The next token and its text; finish_reason is set on the last one."""
+        self.cancelled = self.cancelled or self.is_cancelled()
+        if self.cancelled:
+            text = self.stops.feed(self.decoder.flush())[0] + self.stops.flush()
+            return GenerationResponse(text, None, len(self.prompt), self.prompt_tps, self.generated,
+                                      self.generated / max(time.perf_counter() - self.started, 1e-9),
+                                      peak_memory_gb(), "cancelled")
         if self.max_tokens == 0:
             return GenerationResponse("", None, len(self.prompt), self.prompt_tps, 0, 0.0, peak_memory_gb(), "length")
         token = self.sampler(self.logits, self.history)
@@ -123,11 +140,13 @@ class Generation:
 def stream_generate(transformer: Transformer, tokenizer: Tokenizer, prompt: list[int], max_tokens: int = 256,
                     params: SamplingParams | None = None, strip_leading_space: bool = True,
                     prefill_step: int = 256,
-                    on_prefill: Callable[[int, int], None] | None = None) -> Iterator[GenerationResponse]:
+                    on_prefill: Callable[[int, int], None] | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> Iterator[GenerationResponse]:
     """Yield one response per generated token; the last one carries the finish reason.
     The prompt is processed in chunks of prefill_step tokens, calling on_prefill(done, total)
-    after each."""
-    generation = Generation(transformer, tokenizer, prompt, max_tokens, params, strip_leading_space)
+    after each. cancelled(): asked between prefill chunks and between tokens; when it returns
+    True the last response has finish_reason "cancelled" (see Generation)."""
+    generation = Generation(transformer, tokenizer, prompt, max_tokens, params, strip_leading_space, cancelled)
     generation.prefill(prefill_step, on_prefill)
     while True:
         response = generation.next()

@@ -77,3 +77,28 @@ def test_stop_strings_hold_back_possible_starts():
     assert StopStrings([]).feed("anything</answer>") == ("anything</answer>", False)
     tail = StopStrings(["xyz"])
     assert tail.feed("abx") == ("ab", False) and tail.flush() == "x"
+
+
+def test_cancelled_ends_generation_between_tokens_and_prefill_chunks(tiny_model_dir):
+    import localmix
+    from localmix.generate import stream_generate
+
+    model = localmix.load(tiny_model_dir)
+    ids = model.tokenizer.encode("Once upon a time there was", bos=True)
+    params = SamplingParams(temperature=0, repeat_penalty=1.0)
+    asked = []
+
+    def cancelled():  # True from the 5th question on: prefill (1 chunk) + 3 tokens, then stop
+        asked.append(1)
+        return len(asked) >= 5
+
+    responses = list(stream_generate(model.transformer, model.tokenizer, ids, 50, params, cancelled=cancelled))
+    assert [r.finish_reason for r in responses] == [None, None, None, "cancelled"]
+    assert responses[-1].token is None and responses[-1].generation_tokens == 3
+    # Between prefill chunks: 2-token chunks, cancelled after the first one; no token is sampled.
+    chunks = []
+    responses = list(stream_generate(model.transformer, model.tokenizer, ids, 50, params, prefill_step=2,
+                                     on_prefill=lambda done, total: chunks.append(done),
+                                     cancelled=lambda: len(chunks) >= 1))
+    assert chunks == [2] and [r.finish_reason for r in responses] == ["cancelled"]
+    assert responses[0].generation_tokens == 0
