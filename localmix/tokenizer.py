@@ -30,14 +30,52 @@ class Message:
     content: str
 
 
+# A real sentencepiece model is 0.5-2 MB; anything far larger is not one (sentencepiece reads it whole).
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024
+
+
+def check_tokenizer(path: str | Path, vocab_size: int, source: str | None = None) -> "Tokenizer":
+    """Load a tokenizer.model and check it fits a model of vocab_size tokens: every id it can produce
+    (its vocabulary, BOS and EOS) must index the embeddings. Returns the Tokenizer; anything wrong is
+    one LocalmixError naming source (the file, or what it came from, such as a hub repository).
+    `pull` calls this before it lists a model, and loading calls it again."""
+    tokenizer = Tokenizer(path, source)
+    source = source or str(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise LocalmixError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
+    return tokenizer
+
+
 class Tokenizer:
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, source: str | None = None):
+        source = source or str(model_path)
+        # Untrusted bytes: bound the size, and turn whatever sentencepiece or a crafted piece raises into
+        # one error (a byte piece whose name is not <0xNN>, a BOS or EOS id outside the vocabulary).
+        try:
+            size = Path(model_path).stat().st_size
+        except OSError as e:
+            raise LocalmixError(f"{source}: cannot read the tokenizer ({e.strerror or e})") from None
+        if size > MAX_TOKENIZER_BYTES:
+            raise LocalmixError(f"{source}: tokenizer.model is {size} bytes, not a sentencepiece model")
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
-        except (OSError, RuntimeError) as e:
-            raise LocalmixError(f"{model_path}: not a sentencepiece model ({e})") from None
+        except (OSError, RuntimeError, ValueError, TypeError) as e:
+            raise LocalmixError(f"{source}: not a sentencepiece model ({str(e)[:200]})") from None
+        try:
+            self._load(source)
+        except (ValueError, IndexError, RuntimeError, UnicodeError) as e:
+            raise LocalmixError(f"{source}: unusable sentencepiece model ({str(e)[:200]})") from None
+
+    def _load(self, source: str) -> None:
         self.vocab_size = self.sp.vocab_size()
+        if self.vocab_size <= 0:
+            raise LocalmixError(f"{source}: the tokenizer has no tokens")
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # A prompt starts with BOS and an answer ends at EOS: an id of -1 (undefined) would index the
+        # embeddings from the end, silently.
+        for what, i in (("BOS", self.bos_id), ("EOS", self.eos_id)):
+            if not 0 <= i < self.vocab_size:
+                raise LocalmixError(f"{source}: the tokenizer has no {what} token (id {i})")
         self.begin_inst, self.end_inst = self._control_id("[INST]"), self._control_id("[/INST]")
         # "v1": [INST] is text; "v3": [INST] and [/INST] are control tokens (v2's encoding of
         # plain conversations is the same as v3's).
@@ -54,6 +92,8 @@ class Tokenizer:
             return b"" if self.sp.is_control(i) else " \u2047 ".encode()
         piece = self.sp.id_to_piece(i)
         if self.sp.is_byte(i):
+            if len(piece) != 6 or not piece.startswith("<0x") or not piece.endswith(">"):
+                raise ValueError(f"byte piece {piece!r:.40} is not <0xNN>")
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode()
 
