@@ -9,12 +9,13 @@ becomes fp32 with one 16-bit shift.
 
 from __future__ import annotations
 
-import json
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 
+from localmix import validate
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 
@@ -23,8 +24,20 @@ RAW_DTYPES = {**_DTYPES, "U32": np.dtype("<u4")}  # also packed words (mlx-lm's 
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+# Item sizes of every safetensors dtype whose elements are whole bytes: a tensor's byte range must
+# hold exactly its shape's elements. localmix reads only _DTYPES (and RAW_DTYPES); the others may sit
+# in a file beside them and are checked but never read.
+_ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
 class SafetensorsFile:
-    """One .safetensors file: its table of tensors, and views into a read-only memory map."""
+    """One .safetensors file: its table of tensors, and views into a read-only memory map.
+
+    The header is untrusted and checked whole when the file is opened, so nothing later can be
+    sized or placed by a lie: a JSON object whose entries each have a dtype, a shape of
+    non-negative ints and a byte range [begin, end] inside the data section, exactly as long as the
+    shape needs (Python ints: no overflow), with no two tensors overlapping."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -37,32 +50,57 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > min(size - 8, _MAX_HEADER):
                     raise LocalmixError(f"{path}: truncated or corrupt safetensors header")
-                table = json.loads(f.read(n))
+                header = f.read(n)
         except OSError as e:
             raise LocalmixError(f"{path}: cannot read ({e.strerror})") from None
-        except (ValueError, UnicodeDecodeError):
-            raise LocalmixError(f"{path}: corrupt safetensors header") from None
-        table.pop("__metadata__", None)
-        self.tensors = table
+        try:
+            table = validate.parse_json(header, str(path), "JSON")
+        except LocalmixError as e:
+            raise LocalmixError(f"{path}: corrupt safetensors header ({str(e).removeprefix(f'{path}: ')})") from None
+        if not isinstance(table, dict):
+            raise LocalmixError(f"{path}: corrupt safetensors header (not a JSON object)")
+        metadata = table.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise LocalmixError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
         self.data_start = 8 + n
         self.size = size
+        self.tensors = {name: self._entry(name, info) for name, info in table.items()}
+        last_end, last = 0, None
+        for (begin, end), name in sorted((info["data_offsets"], name) for name, info in self.tensors.items()):
+            if begin < last_end and end > begin:  # an empty tensor takes no bytes from anyone
+                raise LocalmixError(f"{path}: corrupt safetensors header (tensors {last} and {name} overlap)")
+            if end > last_end:
+                last_end, last = end, name
         self._map = None
 
+    def _entry(self, name: str, info) -> dict:
+        where = f"{self.path}: tensor {name!r:.80}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise LocalmixError(f"{where}: corrupt safetensors header (needs dtype, shape and data_offsets)")
+        dtype = validate.string(info["dtype"], "dtype", where, 32)
+        shape = validate.shape(info["shape"], "shape", where)
+        offsets = info["data_offsets"]
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise LocalmixError(f"{where}: data_offsets must be [begin, end]")
+        data_bytes = self.size - self.data_start
+        begin = validate.integer(offsets[0], "data_offsets", where, 0)
+        end = validate.integer(offsets[1], "data_offsets", where, begin)
+        if end > data_bytes:
+            raise LocalmixError(f"{where}: truncated file, the tensor ends at byte {self.data_start + end} "
+                                f"but the file has {self.size} bytes")
+        if dtype in _ITEM_SIZES and end - begin != math.prod(shape) * _ITEM_SIZES[dtype]:
+            raise LocalmixError(f"{where}: {end - begin} bytes for shape {list(shape)} of {dtype}")
+        return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
     def locate(self, name: str, dtypes: dict = _DTYPES) -> tuple[str, tuple[int, ...], int]:
-        """(dtype, shape, byte offset in the file) of a tensor, checked against the file's size."""
+        """(dtype, shape, byte offset in the file) of a tensor (its range was checked at open)."""
         info = self.tensors[name]
         dtype, shape = info["dtype"], tuple(info["shape"])
         if dtype not in dtypes:
             raise LocalmixError(f"{self.path}: tensor {name} has dtype {dtype}; "
                                 f"localmix reads {', '.join(dtypes)}")
-        start, end = (self.data_start + o for o in info["data_offsets"])
-        if end > self.size:
-            raise LocalmixError(f"{self.path}: truncated file, tensor {name} ends at byte {end} "
-                                f"but the file has {self.size} bytes")
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - start != count * dtypes[dtype].itemsize:
-            raise LocalmixError(f"{self.path}: tensor {name} has {end - start} bytes for shape {list(shape)}")
-        return dtype, shape, start
+        return dtype, shape, self.data_start + info["data_offsets"][0]
 
     def raw(self, name: str, dtypes: dict = _DTYPES) -> tuple[np.ndarray, str]:
         """The tensor as stored (a view of the file; BF16 as uint16) and its dtype."""
@@ -128,7 +166,7 @@ class Checkpoint:
 
     def _file(self, name: str) -> SafetensorsFile:
         if name not in self._files:
-            path = self.folder / name
+            path = validate.confined(self.folder, name, str(self.folder))
             if not path.is_file():
                 raise LocalmixError(f"{path}: missing weights file")
             self._files[name] = SafetensorsFile(path)
@@ -137,12 +175,10 @@ class Checkpoint:
     def _find_tensors(self) -> dict[str, str]:
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise LocalmixError(f"{index}: not a valid safetensors index") from None
-            return dict(weight_map)
+            return read_index(index)
         names = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        for name in names:
+            validate.confined(self.folder, name, str(self.folder))  # no symlink out of the folder
         if not names:
             raise LocalmixError(f"{self.folder}: no .safetensors weights found")
         return {tensor: name for name in names for tensor in self._file(name).tensors}
@@ -158,6 +194,20 @@ class Checkpoint:
     def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The named tensor as float32, checked against the shape the config implies."""
         return self.file_of(name, shape).load(name)
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> file name), every file name a
+    .safetensors file inside the index's folder (no `..`, no absolute path, no symlink out)."""
+    index = validate.read_json(path, "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise LocalmixError(f"{path}: not a valid safetensors index (no weight_map object)")
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str) or not file.endswith(".safetensors"):
+            raise LocalmixError(f"{path}: weight_map maps {tensor!r:.80} to {file!r:.80}, not a .safetensors file")
+        validate.confined(path.parent, file, str(path))
+    return dict(weight_map)
 
 
 def check_tensor(file: SafetensorsFile, name: str, shape: tuple[int, ...]) -> None:
