@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -14,6 +15,9 @@ from localmix.errors import LocalmixError
 from localmix.model import Transformer
 from localmix.sampling import Sampler, SamplingParams
 from localmix.tokenizer import Tokenizer
+
+
+FIRST_KV_ROOM = 256  # positions an answer's KV cache holds beyond its prompt before it first grows
 
 
 @dataclass
@@ -35,28 +39,65 @@ def peak_memory_gb() -> float:
 
 
 class StopStrings:
-    """Holds back text that might be the start of a stop string, and cuts at the first one seen."""
+    """Holds back text that might be the start of a stop string, and cuts at the first one seen.
+
+    Linear time: each stop string keeps its own Knuth-Morris-Pratt state (how many of its first
+    characters the text ends with), so a character costs O(1) per stop string, amortized, however
+    long the stop strings are; only the longest partial match is held back (fewer than
+    max(len(stop)) characters). Re-searching the held text plus each token for every stop string
+    cost O(len(stop)^2) per token: a 2M-character stop string took minutes for two tokens in the
+    one engine thread. The cut is at the first stop string to end in the text (at the longest of
+    those ending at the same character)."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
-        self.held = ""
+        self.fail = [_failure(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # characters of each stop string the text ends with
+        self.held: deque[str] = deque()  # characters not shown yet (a deque: shown from the left in O(1) each)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to show, whether a stop string was reached)."""
         if not self.stops:
             return text, False
-        text = self.held + text
-        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            self.held = ""
-            return text[: min(cuts)], True
-        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[: len(text) - keep], False
+        for c in text:
+            self.held.append(c)
+            found = 0
+            for i, (stop, fail) in enumerate(zip(self.stops, self.fail)):
+                m = self.matched[i]
+                while m and stop[m] != c:
+                    m = fail[m - 1]
+                if stop[m] == c:
+                    m += 1
+                if m == len(stop):
+                    found = max(found, m)
+                    m = fail[m - 1]
+                self.matched[i] = m
+            if found:
+                shown = self.take(len(self.held) - found)
+                self.flush()
+                return shown, True
+        return self.take(len(self.held) - max(self.matched)), False
+
+    def take(self, count: int) -> str:
+        return "".join(self.held.popleft() for _ in range(count))
 
     def flush(self) -> str:
-        held, self.held = self.held, ""
+        held = "".join(self.held)
+        self.held.clear()
+        self.matched = [0] * len(self.stops)
         return held
+
+
+def _failure(s: str) -> list[int]:
+    """KMP's table: fail[i] is the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 class Generation:
@@ -87,7 +128,11 @@ class Generation:
         self.sampler = Sampler(params or SamplingParams())
         self.stops = StopStrings(self.sampler.params.stop)
         self.decoder = tokenizer.stream_decoder(strip_leading_space)
-        self.cache = transformer.new_cache(min(len(prompt) + max_tokens, args.max_position_embeddings))
+        # The KV cache starts with room for the prompt and a few hundred tokens and doubles as the answer
+        # grows (KVCache.reserve): reserving prompt + max_tokens up front held a whole context's cache for
+        # every answer asked for "as long as it takes", however short it turned out.
+        self.cache = transformer.new_cache(min(len(prompt) + max_tokens, len(prompt) + FIRST_KV_ROOM,
+                                               args.max_position_embeddings))
         self.history = list(prompt)
         self.logits: np.ndarray | None = None
         self.generated, self.prompt_tps, self.started = 0, 0.0, 0.0

@@ -16,8 +16,11 @@ class KVCache:
     (half the memory: 32 layers x 8 heads x 128 x 2 x 2 bytes = 128 KiB per token of Mixtral 8x7B
     context instead of 256 KiB).
 
-    Generation knows its final length (prompt plus max tokens) and asks for exactly that, so the
-    buffers are allocated once; `reserve` grows them (doubling) for callers that do not know.
+    `reserve` grows the buffers, doubling up to the context, as the tokens come: an answer starts
+    with room for its prompt and a few hundred tokens (generate.FIRST_KV_ROOM) rather than for
+    prompt + max_tokens, so a long max_tokens costs memory only as far as the answer really goes.
+    Growing copies the stored tokens into the larger buffers; views handed out by `update` are of
+    the current buffers only, so readers (attention, the Numba kernels) always see the copied ones.
     """
 
     def __init__(self, args: ModelArgs, capacity: int = 256, dtype=np.float32):

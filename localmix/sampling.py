@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,19 +24,34 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
     def check(self) -> "SamplingParams":
-        if self.temperature < 0:
-            raise LocalmixError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise LocalmixError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise LocalmixError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise LocalmixError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repeat_penalty <= 0:
-            raise LocalmixError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
-        if self.repeat_last_n < 0:
-            raise LocalmixError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+        """Refuse what would sample nonsense: NaN or infinite numbers (NaN passes every `<`
+        test and sampled nothing at all), bools and strings where numbers belong, out-of-range
+        values. Numbers come from users and HTTP requests."""
+        number(self.temperature, "temperature", 0.0, 1e6)
+        integer(self.top_k, "top_k", 0, 1 << 31)
+        number(self.top_p, "top_p", 0.0, 1.0, low_open=True)
+        number(self.min_p, "min_p", 0.0, 1.0)
+        number(self.repeat_penalty, "repeat_penalty", 0.0, 1e6, low_open=True)
+        integer(self.repeat_last_n, "repeat_last_n", 0, 1 << 31)
+        if self.seed is not None:
+            integer(self.seed, "seed", 0, (1 << 64) - 1)  # numpy's generators take 0 .. 2^64 - 1 (and more, slowly)
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            raise LocalmixError("stop must be a list of strings")
         return self
+
+
+def number(value, key: str, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LocalmixError(f"{key} must be a finite number, got {value!r:.60}")
+    if value < low or value > high or (low_open and value == low):
+        raise LocalmixError(f"{key} must be {'>' if low_open else '>='} {low:g} and <= {high:g}, got {value}")
+
+
+def integer(value, key: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise LocalmixError(f"{key} must be an integer, got {value!r:.60}")
+    if not low <= value <= high:
+        raise LocalmixError(f"{key} must be >= {low} and <= {high}, got {value}")
 
 
 class Sampler:

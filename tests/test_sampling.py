@@ -62,7 +62,12 @@ def test_same_seed_same_samples_and_frequencies_follow_probabilities():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(min_p=2), dict(repeat_penalty=0), dict(repeat_last_n=-1)])
+                                 dict(min_p=2), dict(repeat_penalty=0), dict(repeat_last_n=-1),
+                                 # NaN passed every `<` test and sampled nothing; inf, bools and strings
+                                 dict(repeat_penalty=float("nan")), dict(temperature=float("nan")),
+                                 dict(top_p=float("nan")), dict(min_p=float("nan")), dict(temperature=float("inf")),
+                                 dict(top_k=True), dict(top_k=2.5), dict(temperature="1"), dict(seed=-1),
+                                 dict(seed="7"), dict(stop="a"), dict(stop=[1])])
 def test_bad_parameters(bad):
     with pytest.raises(LocalmixError):
         SamplingParams(**bad).check()
@@ -77,6 +82,49 @@ def test_stop_strings_hold_back_possible_starts():
     assert StopStrings([]).feed("anything</answer>") == ("anything</answer>", False)
     tail = StopStrings(["xyz"])
     assert tail.feed("abx") == ("ab", False) and tail.flush() == "x"
+    overlap = StopStrings(["aab"])  # after "aa" a third "a" must keep the last two as a possible start
+    assert overlap.feed("aaa") == ("a", False) and overlap.feed("b!") == ("", True)
+
+
+def cut_reference(text: str, stops: list[str]) -> tuple[str, bool]:
+    """By brute force: the text before the stop string that ends first (the longest at a tie)."""
+    for end in range(1, len(text) + 1):
+        ending = [s for s in stops if s and text[:end].endswith(s)]
+        if ending:
+            return text[:end - max(map(len, ending))], True
+    return text, False
+
+
+def test_stop_strings_match_brute_force_on_random_text_in_random_pieces():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        text = "".join(rng.choice(list("ab"), rng.integers(0, 30)))
+        stops = ["".join(rng.choice(list("ab"), rng.integers(1, 6))) for _ in range(rng.integers(1, 4))]
+        cuts = sorted(rng.integers(0, len(text) + 1, rng.integers(0, 6)))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        stream, shown, stopped = StopStrings(stops), "", False
+        for piece in pieces:
+            out, stopped = stream.feed(piece)
+            shown += out
+            if stopped:
+                break
+        if not stopped:
+            shown += stream.flush()
+        assert (shown, stopped) == cut_reference(text, stops), (text, stops, pieces)
+
+
+def test_stop_strings_take_linear_time():
+    """A 200k-character stop string against 400k characters of text that keep matching its start:
+    re-searching the held text at each token took O(len(stop)^2) per token (a 2M-character stop
+    string took minutes for two tokens); character by character it is well under a second."""
+    import time
+    stop = "a" * 200_000 + "b"
+    stream = StopStrings([stop, "never"])
+    start = time.perf_counter()
+    shown = "".join(stream.feed("a" * 500)[0] for _ in range(800))
+    assert len(shown) == 400_000 - 200_000 and len(stream.held) == 200_000
+    assert stream.feed("b") == ("", True)
+    assert time.perf_counter() - start < 10  # about 0.5 s; the old matcher: hours
 
 
 def test_cancelled_ends_generation_between_tokens_and_prefill_chunks(tiny_model_dir):
