@@ -1,4 +1,4 @@
-"""Import a Mixtral GGUF file (llama.cpp's format), read with the `gguf` package llama.cpp maintains.
+"""Import a Mixtral GGUF file (llama.cpp's format).
 
 llama.cpp's common 4- and 8-bit types are affine in groups of 32, as localmix's format is, so
 they are copied, not quantized again:
@@ -8,23 +8,37 @@ they are copied, not quantized again:
 - Q4_K: super-blocks of 256 whose sub-blocks of 32 are x = (d sc) q - (dmin m): scale d*sc and bias
   -dmin*m, rounded to float16 (the only change).
 The multiplications by 8 and 128 are exact in float16. Other types (Q6_K, Q5_*, F16, ...) are
-dequantized and quantized again at 8 bits, and the import says so. llama.cpp stores q and k
-rows in its own rotary order; they are put back in transformers' (rows move, values do not).
-The tokenizer is rebuilt from the GGUF vocabulary as a sentencepiece model.
+dequantized (by the `gguf` package llama.cpp maintains) and quantized again at 8 bits, and the
+import says so. llama.cpp stores q and k rows in its own rotary order; they are put back in
+transformers' (rows move, values do not). The tokenizer is rebuilt from the GGUF vocabulary as a
+sentencepiece model.
+
+A GGUF file is untrusted input, and `gguf.GGUFReader` trusts it: it reads every array eagerly, one
+numpy object per element, sized by counts the file states (a patched count grows it to gigabytes),
+and takes tensor types and offsets as they come. So the header is parsed here (GGUFFile), every
+count bounded by the bytes left in the file, only the metadata the import uses kept, and the tensor
+table checked as a whole (known types, sizes computed in Python ints, offsets aligned, tensors
+packed one after the other as llama.cpp writes them, nothing past the end) before any data is read.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from localmix import validate
 from localmix.checkpoint import tensor_table
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.affine import pack, quantize
 from localmix.quant.convert import check_disk, write_arrays, write_model
 from localmix.store import expert_matrix, plan_layout
+from localmix.tokenizer import check_tokenizer
 
 GROUP = 32
 COPIED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}
@@ -33,33 +47,326 @@ LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "at
                "ffn_gate_inp": "block_sparse_moe.gate"}
 EXPERT_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
 
+# Far above any real file (a Mixtral GGUF has ~40 keys and ~300 tensors), low enough that a lying
+# count is refused before a loop runs for it.
+MAX_KEYS = 1 << 16
+MAX_TENSORS = 1 << 16
+MAX_NAME = 1024          # a key or tensor name, in bytes (llama.cpp's tensor names are under 64)
+MAX_STRING = 1 << 20     # a string value kept (chat templates are a few KB)
+MAX_ALIGNMENT = 1 << 16
+# Array values kept; every other array is bounds-checked and skipped, never materialized.
+KEPT_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"}
 
-def field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    value = f.contents() if hasattr(f, "contents") else f.parts[f.data[0]][0]
-    return value
+# GGUF's value types (gguf.GGUFValueType): struct format of each scalar.
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
+INTEGERS = {0, 1, 2, 3, 4, 5, 10, 11}
+FLOATS = {6, 12}
+BOOL, STRING, ARRAY = 7, 8, 9
+TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",
+              8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
+# Token types as llama.cpp writes them, which are sentencepiece's (normal, unknown, control,
+# user-defined, unused, byte).
+TOKEN_TYPES = range(1, 7)
+REQUIRED = object()  # no default: a missing key is an error
 
 
-def hf_config(reader) -> dict:
-    arch = field(reader, "general.architecture")
-    if arch != "llama" or field(reader, f"{arch}.expert_count") in (None, 0):
-        raise LocalmixError(f"not a Mixtral GGUF (architecture {arch!r}, expert count "
-                            f"{field(reader, f'{arch}.expert_count')}); localmix imports Mixtral")
-    get = lambda key, default=None: field(reader, f"{arch}.{key}", default)  # noqa: E731
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": int(get("embedding_length")),
-            "intermediate_size": int(get("feed_forward_length")), "num_hidden_layers": int(get("block_count")),
-            "num_attention_heads": int(get("attention.head_count")),
-            "num_key_value_heads": int(get("attention.head_count_kv", get("attention.head_count"))),
-            "num_local_experts": int(get("expert_count")), "num_experts_per_tok": int(get("expert_used_count")),
-            "vocab_size": len(tokens), "max_position_embeddings": int(get("context_length", 32768)),
-            "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            "rope_theta": float(get("rope.freq_base", 1e6)), "sliding_window": None,
-            "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-            "bos_token_id": int(field(reader, "tokenizer.ggml.bos_token_id", 1)),
-            "eos_token_id": int(field(reader, "tokenizer.ggml.eos_token_id", 2)), "torch_dtype": "float16"}
+def _gguf():
+    try:
+        import gguf
+        import gguf.quants
+    except ImportError:
+        raise LocalmixError("importing GGUF needs the gguf package: pip install 'localmix[gguf]'") from None
+    return gguf
+
+
+class Tensor(NamedTuple):
+    name: str
+    kind: str                 # the GGML type's name: "Q4_0", "F16", ...
+    dims: tuple[int, ...]     # GGUF order: columns first
+    start: int                # absolute byte offset in the file
+    nbytes: int
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensor table, checked; tensors' data read only on demand.
+
+    Every failure is one LocalmixError naming the file: a count larger than the bytes left could
+    hold, an unknown value or tensor type, a string that is not UTF-8, duplicate names, a tensor
+    whose size (from its type and shape) is not the space it has in the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metadata: dict[str, tuple[int, object]] = {}  # key -> (value type, value; None if skipped)
+        self.tensors: dict[str, Tensor] = {}
+        self._map = None
+        try:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                if self.size < 24:
+                    self._fail(f"not a readable GGUF file ({self.size} bytes, too short for a header)")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise LocalmixError(f"{self.path}: not a readable GGUF file ({e.strerror or e})") from None
+        try:
+            self._parse()
+        finally:
+            self._mm.close()
+
+    def _fail(self, message: str):
+        raise LocalmixError(f"{self.path}: {message}")
+
+    # -- the header, read with a cursor that never passes the end of the file --
+
+    def _take(self, n: int, what: str) -> int:
+        at = self.pos
+        if n > self.size - at:
+            self._fail(f"truncated or corrupt GGUF header: {what} at byte {at} needs {n} bytes, "
+                       f"{self.size - at} are left")
+        self.pos += n
+        return at
+
+    def _scalar(self, kind: int, what: str):
+        fmt = SCALARS[kind]
+        (value,) = struct.unpack_from(fmt, self._mm, self._take(struct.calcsize(fmt), what))
+        if kind == BOOL:
+            if value > 1:
+                self._fail(f"{what}: bool value {value}")
+            return bool(value)
+        return value
+
+    def _string(self, what: str, limit: int | None = None, keep: int = MAX_STRING) -> str | None:
+        """A string; None (skipped, only bounds-checked) when it is longer than `keep` bytes."""
+        n = self._scalar(10, f"length of {what}")
+        if limit is not None and n > limit:
+            self._fail(f"{what} is {n} bytes long (at most {limit})")
+        at = self._take(n, what)
+        if n > keep:
+            return None
+        try:
+            return self._mm[at:at + n].decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(f"{what} is not UTF-8")
+
+    def _value_type(self, what: str) -> int:
+        kind = self._scalar(4, f"type of {what}")
+        if kind not in TYPE_NAMES:
+            self._fail(f"{what} has unknown value type {kind}")
+        return kind
+
+    def _value(self, key: str, kind: int):
+        if kind == STRING:
+            return self._string(key)
+        if kind != ARRAY:
+            return self._scalar(kind, key)
+        item = self._value_type(f"{key}'s items")
+        count = self._scalar(10, f"{key}'s length")
+        keep = key in KEPT_ARRAYS
+        if item == ARRAY:
+            self._fail(f"{key}: arrays of arrays are not supported")
+        if item == STRING:
+            if count > (self.size - self.pos) // 8:  # each string takes its 8-byte length at least
+                self._fail(f"{key}: {count} strings cannot fit in the {self.size - self.pos} bytes left")
+            if keep and count > validate.MAX_DIM:
+                self._fail(f"{key}: {count} strings, more than {validate.MAX_DIM}")
+            values = [self._string(f"{key}[{i}]", keep=MAX_STRING if keep else -1) for i in range(count)]
+            if keep and any(v is None for v in values):
+                self._fail(f"{key}: a string longer than {MAX_STRING} bytes")
+            return values if keep else None
+        itemsize = struct.calcsize(SCALARS[item])
+        if count > (self.size - self.pos) // itemsize:
+            self._fail(f"{key}: {count} {TYPE_NAMES[item]} values cannot fit in the {self.size - self.pos} bytes left")
+        at = self._take(count * itemsize, key)
+        if not keep:
+            return None
+        return item, np.frombuffer(self._mm, np.dtype(SCALARS[item]), count, at).copy()
+
+    def _parse(self) -> None:
+        self.pos = 0
+        if self._mm[:4] != b"GGUF":
+            self._fail("not a readable GGUF file (no GGUF magic)")
+        self.pos = 4
+        version = self._scalar(4, "version")
+        if version & 0xFFFF == 0 and version:
+            self._fail("a big-endian GGUF file; localmix reads little-endian ones (as llama.cpp writes them)")
+        if version not in (2, 3):
+            self._fail(f"not a readable GGUF file (version {version}; localmix reads versions 2 and 3)")
+        n_tensors, n_keys = self._scalar(10, "tensor count"), self._scalar(10, "key count")
+        # A key takes 13 bytes at least (length, type, a byte of value), a tensor 24 (length, dims, type, offset).
+        for count, what, most, least in ((n_keys, "keys", MAX_KEYS, 13), (n_tensors, "tensors", MAX_TENSORS, 24)):
+            if count > most or count * least > self.size - self.pos:
+                self._fail(f"not a readable GGUF file ({count} {what} stated; the file cannot hold them)")
+        for _ in range(n_keys):
+            key = self._string("a metadata key", MAX_NAME)
+            kind = self._value_type(key)
+            if key in self.metadata:
+                self._fail(f"metadata key {key} appears twice")
+            self.metadata[key] = (kind, self._value(key, kind))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string("a tensor name", MAX_NAME)
+            n_dims = self._scalar(4, f"{name}'s dimension count")
+            if not 1 <= n_dims <= 4:
+                self._fail(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to 4)")
+            dims = tuple(self._scalar(10, f"{name}'s dimensions") for _ in range(n_dims))
+            kind = self._scalar(4, f"{name}'s type")
+            offset = self._scalar(10, f"{name}'s offset")
+            infos.append((name, dims, kind, offset))
+        alignment = self.metadata.get("general.alignment", (4, 32))
+        if alignment[0] != 4 or not 0 < alignment[1] <= MAX_ALIGNMENT or alignment[1] & (alignment[1] - 1):
+            self._fail(f"general.alignment must be a uint32 power of two up to {MAX_ALIGNMENT}, got {alignment[1]!r}")
+        self.alignment = alignment[1]
+        self.data_start = -(-self.pos // self.alignment) * self.alignment
+        self._check_tensors(infos)
+
+    def _check_tensors(self, infos) -> None:
+        sizes = _gguf().GGML_QUANT_SIZES
+        types = _gguf().GGMLQuantizationType
+        for name, dims, kind, offset in infos:
+            if name in self.tensors:
+                self._fail(f"tensor {name} appears twice")
+            try:
+                ggml_type = types(kind)
+                block, type_size = sizes[ggml_type]
+            except (ValueError, KeyError):
+                self._fail(f"tensor {name} has unknown type {kind}")
+            if any(d == 0 for d in dims) or dims[0] % block:
+                self._fail(f"tensor {name} has dimensions {list(dims)}, impossible for {ggml_type.name} "
+                           f"(blocks of {block})")
+            n = 1
+            for d in dims:  # Python ints: a product of four 64-bit dimensions does not wrap
+                n *= d
+            nbytes = n // block * type_size
+            if offset % self.alignment:
+                self._fail(f"tensor {name}'s offset {offset} is not a multiple of the alignment {self.alignment}")
+            start = self.data_start + offset
+            if start + nbytes > self.size:
+                self._fail(f"tensor {name} ({ggml_type.name}, {list(dims)}) needs bytes {start} to {start + nbytes}, "
+                           f"past the end of the file ({self.size} bytes): truncated or corrupt")
+            self.tensors[name] = Tensor(name, ggml_type.name, dims, start, nbytes)
+        # llama.cpp writes tensors one after the other, each padded to the alignment. A tensor whose
+        # size does not fill exactly its space up to the next one (or the end) has a type or shape
+        # that is not what its data holds: relabelled, or tensors that overlap.
+        at = self.data_start
+        for t in sorted(self.tensors.values(), key=lambda t: t.start):
+            if t.start != at:
+                self._fail(f"tensor {t.name} starts at byte {t.start}, but the tensor before it ends at byte {at}: "
+                           f"a type or shape that does not match the data, or overlapping tensors")
+            at = t.start + -(-t.nbytes // self.alignment) * self.alignment
+        if self.tensors and not at - self.alignment < self.size <= at:
+            self._fail(f"the file has {self.size} bytes, but its tensors end at byte {at}: a type or shape that "
+                       f"does not match the data, or a truncated file")
+
+    # -- typed metadata --
+
+    def get(self, key: str, kinds: set[int], what: str, default=REQUIRED):
+        if key not in self.metadata:
+            if default is REQUIRED:
+                self._fail(f"missing metadata {key}")
+            return default
+        kind, value = self.metadata[key]
+        if kind not in kinds:
+            self._fail(f"metadata {key} must be {what}, got a {TYPE_NAMES[kind]}")
+        return value
+
+    def integer(self, key: str, low: int, high: int, default=REQUIRED) -> int:
+        return validate.integer(self.get(key, INTEGERS, "an integer", default), key, str(self.path), low, high)
+
+    def number(self, key: str, low: float, high: float, default=REQUIRED) -> float:
+        return validate.number(self.get(key, FLOATS | INTEGERS, "a number", default), key, str(self.path),
+                               low, high, low_open=True)
+
+    def string(self, key: str, default=REQUIRED) -> str:
+        value = self.get(key, {STRING}, "a string", default)
+        if value is None and key in self.metadata:
+            self._fail(f"metadata {key} is longer than {MAX_STRING} bytes")
+        return value
+
+    def array(self, key: str, items: set[int], what: str, count: int | None = None, default=REQUIRED):
+        """A kept array's values: a list of str, or a numpy array of numbers of the given item types."""
+        value = self.get(key, {ARRAY}, f"an array of {what}", default)
+        if value is default:
+            return value
+        if isinstance(value, list):
+            kind = STRING
+        else:
+            kind, value = value
+        if kind not in items:
+            self._fail(f"metadata {key} must be an array of {what}, got {TYPE_NAMES[kind]} items")
+        if count is not None and len(value) != count:
+            self._fail(f"metadata {key} has {len(value)} values, expected {count} (one per token)")
+        return value
+
+    # -- tensor data --
+
+    def data(self, t: Tensor) -> np.ndarray:
+        """A read-only view of a tensor's data, shaped as GGUFReader shapes it (numpy order; the
+        quantized types as rows of block bytes). Its bounds were checked with the table."""
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._map[t.start:t.start + t.nbytes]
+        shape = tuple(reversed(t.dims))
+        if t.kind in ("F32", "F16"):
+            return raw.view(np.float32 if t.kind == "F32" else np.float16).reshape(shape)
+        block, type_size = _gguf().GGML_QUANT_SIZES[_gguf().GGMLQuantizationType[t.kind]]
+        return raw.reshape(*shape[:-1], shape[-1] // block * type_size)
+
+
+def hf_config(g: GGUFFile) -> dict:
+    """A transformers config.json of the GGUF's metadata, every value typed and bounded; it then goes
+    through ModelArgs.from_hf_config like any other config."""
+    arch = g.string("general.architecture", None)
+    experts = g.metadata.get(f"{arch}.expert_count", (None, None))[1]
+    if arch != "llama" or not experts:
+        raise LocalmixError(f"{g.path}: not a Mixtral GGUF (architecture {arch!r}, expert count {experts!r}); "
+                            f"localmix imports Mixtral")
+    p = "llama."
+    heads = g.integer(p + "attention.head_count", 1, validate.MAX_HEADS)
+    hidden = g.integer(p + "embedding_length", 1, validate.MAX_DIM)
+    n_experts = g.integer(p + "expert_count", 1, validate.MAX_EXPERTS)
+    rope_dims = g.integer(p + "rope.dimension_count", 1, validate.MAX_DIM, hidden // heads)
+    if rope_dims != hidden // heads:  # partial rotary: other math than Mixtral's
+        raise LocalmixError(f"{g.path}: {p}rope.dimension_count is {rope_dims}, not the head size {hidden // heads}")
+    if g.string(p + "rope.scaling.type", "none") not in ("none", ""):
+        raise LocalmixError(f"{g.path}: scaled RoPE ({g.string(p + 'rope.scaling.type')}) is not supported")
+    model = g.string("tokenizer.ggml.model", None)
+    if model != "llama":
+        raise LocalmixError(f"{g.path}: tokenizer.ggml.model is {model!r}; localmix rebuilds only sentencepiece "
+                            f"('llama') vocabularies")
+    vocab = len(g.array("tokenizer.ggml.tokens", {STRING}, "strings"))
+    if vocab == 0:
+        raise LocalmixError(f"{g.path}: tokenizer.ggml.tokens is empty")
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": hidden,
+            "intermediate_size": g.integer(p + "feed_forward_length", 1, validate.MAX_DIM),
+            "num_hidden_layers": g.integer(p + "block_count", 1, validate.MAX_LAYERS),
+            "num_attention_heads": heads,
+            "num_key_value_heads": g.integer(p + "attention.head_count_kv", 1, validate.MAX_HEADS, heads),
+            "num_local_experts": n_experts,
+            "num_experts_per_tok": g.integer(p + "expert_used_count", 1, n_experts),
+            "vocab_size": vocab,
+            "max_position_embeddings": g.integer(p + "context_length", 1, validate.MAX_CONTEXT, 32768),
+            "rms_norm_eps": g.number(p + "attention.layer_norm_rms_epsilon", 0, 1, 1e-5),
+            "rope_theta": g.number(p + "rope.freq_base", 0, 1e12, 1e6), "sliding_window": None,
+            "tie_word_embeddings": "output.weight" not in g.tensors,
+            "bos_token_id": g.integer("tokenizer.ggml.bos_token_id", 0, vocab - 1, 1),
+            "eos_token_id": g.integer("tokenizer.ggml.eos_token_id", 0, vocab - 1, 2), "torch_dtype": "float16"}
+
+
+def gguf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every GGUF tensor a Mixtral of these args has, with its dimensions (GGUF order, columns
+    first; experts stacked). Checked before tensor_table is built, whose length grows with the
+    config's expert count: the file's stacks must hold the experts the config counts."""
+    H, F, E = args.hidden_size, args.intermediate_size, args.num_local_experts
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    shapes = {"token_embd.weight": (H, args.vocab_size), "output_norm.weight": (H,)}
+    if not args.tie_word_embeddings:
+        shapes["output.weight"] = (H, args.vocab_size)
+    for i in range(args.num_hidden_layers):
+        shapes.update({f"blk.{i}.attn_norm.weight": (H,), f"blk.{i}.ffn_norm.weight": (H,),
+                       f"blk.{i}.attn_q.weight": (H, q), f"blk.{i}.attn_k.weight": (H, kv),
+                       f"blk.{i}.attn_v.weight": (H, kv), f"blk.{i}.attn_output.weight": (q, H),
+                       f"blk.{i}.ffn_gate_inp.weight": (H, E), f"blk.{i}.ffn_gate_exps.weight": (H, F, E),
+                       f"blk.{i}.ffn_up_exps.weight": (H, F, E), f"blk.{i}.ffn_down_exps.weight": (F, H, E)})
+    return shapes
 
 
 def gguf_name(name: str) -> tuple[str, int | None]:
@@ -75,6 +382,24 @@ def gguf_name(name: str) -> tuple[str, int | None]:
     parts = name.split(".")
     layer, module = int(parts[2]), ".".join(parts[3:-1])
     return f"blk.{layer}.{ {v: k for k, v in LAYER_NAMES.items()}[module] }.weight", None
+
+
+_readable: dict[str, bool] = {}
+
+
+def readable(kind: str) -> bool:
+    """Whether the gguf package can dequantize this type (asked once, on one zero block)."""
+    if kind not in _readable:
+        gguf = _gguf()
+        t = gguf.GGMLQuantizationType[kind]
+        block, size = gguf.GGML_QUANT_SIZES[t]
+        try:
+            gguf.quants.dequantize(np.zeros((1, block if kind in ("F32", "F16") else size),
+                                            np.float32 if kind == "F32" else np.float16 if kind == "F16" else np.uint8), t)
+            _readable[kind] = True
+        except Exception:  # NotImplementedError for types it does not know; anything else: not usable either
+            _readable[kind] = False
+    return _readable[kind]
 
 
 def affine_blocks(kind: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,56 +435,60 @@ def unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, per_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def sentencepiece_model(reader) -> bytes:
+def sentencepiece_model(g: GGUFFile, vocab: int) -> bytes:
     """A sentencepiece BPE model with the GGUF's pieces, scores and types (Mistral's settings:
     byte fallback, a dummy prefix, whitespace kept)."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError:
         raise LocalmixError("importing a GGUF's tokenizer needs protobuf: pip install 'localmix[gguf]'") from None
+    tokens = g.array("tokenizer.ggml.tokens", {STRING}, "strings")
+    scores = g.array("tokenizer.ggml.scores", FLOATS, "floats", vocab, None)
+    types = g.array("tokenizer.ggml.token_type", INTEGERS, "integers", vocab, None)
+    scores = np.zeros(vocab, np.float32) if scores is None else scores.astype(np.float64)
+    types = np.ones(vocab, np.int64) if types is None else types.astype(np.int64)
+    if not np.isfinite(scores).all():
+        raise LocalmixError(f"{g.path}: tokenizer.ggml.scores holds values that are not finite")
+    if not np.isin(types, TOKEN_TYPES).all():
+        raise LocalmixError(f"{g.path}: tokenizer.ggml.token_type holds types outside 1-6 "
+                            f"(normal, unknown, control, user-defined, unused, byte)")
     model = pb.ModelProto()
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    scores = field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens))
-    types = field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-    for token, score, kind in zip(tokens, scores, types):
+    for token, score, kind in zip(tokens, scores.tolist(), types.tolist()):
         piece = model.pieces.add()
-        piece.piece, piece.score, piece.type = token, float(score), int(kind)
+        piece.piece, piece.score, piece.type = token, score, kind
     model.trainer_spec.model_type = pb.TrainerSpec.BPE
-    model.trainer_spec.vocab_size = len(tokens)
+    model.trainer_spec.vocab_size = vocab
     model.trainer_spec.byte_fallback = True
-    model.trainer_spec.unk_id = int(field(reader, "tokenizer.ggml.unknown_token_id", 0))
-    model.trainer_spec.bos_id = int(field(reader, "tokenizer.ggml.bos_token_id", 1))
-    model.trainer_spec.eos_id = int(field(reader, "tokenizer.ggml.eos_token_id", 2))
+    model.trainer_spec.unk_id = g.integer("tokenizer.ggml.unknown_token_id", 0, vocab - 1, 0)
+    model.trainer_spec.bos_id = g.integer("tokenizer.ggml.bos_token_id", 0, vocab - 1, 1)
+    model.trainer_spec.eos_id = g.integer("tokenizer.ggml.eos_token_id", 0, vocab - 1, 2)
     model.trainer_spec.pad_id = -1
     model.normalizer_spec.name = "identity"
     model.normalizer_spec.add_dummy_prefix = True
     model.normalizer_spec.remove_extra_whitespaces = False
     model.normalizer_spec.escape_whitespaces = True
-    return model.SerializeToString()
+    try:
+        return model.SerializeToString()
+    except Exception as e:  # protobuf's EncodeError: a piece it cannot encode
+        raise LocalmixError(f"{g.path}: the vocabulary does not make a sentencepiece model ({str(e)[:200]})") from None
 
 
 def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
-    try:
-        from gguf import GGUFReader
-        from gguf.quants import dequantize
-    except ImportError:
-        raise LocalmixError("importing GGUF needs the gguf package: pip install 'localmix[gguf]'") from None
-    try:
-        reader = GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise LocalmixError(f"{path}: not a readable GGUF file ({e})") from None
-    raw_config = hf_config(reader)
+    gguf = _gguf()
+    g = GGUFFile(path)
+    raw_config = hf_config(g)
     args = ModelArgs.from_hf_config(raw_config, str(path))
-    tensors = {t.name: t for t in reader.tensors}
+    for source, dims in gguf_shapes(args).items():
+        if source not in g.tensors:
+            raise LocalmixError(f"{path}: no tensor {source}")
+        t = g.tensors[source]
+        if t.dims != dims:
+            raise LocalmixError(f"{path}: tensor {source} has dimensions {list(t.dims)}, expected {list(dims)} "
+                                f"from the file's metadata")
+        if not readable(t.kind):
+            raise LocalmixError(f"{path}: tensor {source} has type {t.kind}, which localmix cannot read")
     table = tensor_table(args)
-
-    def tensor(name: str):
-        source, _ = gguf_name(name)
-        if source not in tensors:
-            raise LocalmixError(f"{path}: no tensor {source} (for {name})")
-        return tensors[source]
-
-    kinds = {name: tensor(name).tensor_type.name for name, _ in table}
+    kinds = {name: g.tensors[gguf_name(name)[0]].kind for name, _ in table}
     again = sorted({kind for name, kind in kinds.items() if kind not in COPIED and len(dict(table)[name]) == 2
                     and not name.endswith("block_sparse_moe.gate.weight")})
     if again:
@@ -168,27 +497,40 @@ def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
     layouts, sizes = plan_layout(table, lambda name: COPIED.get(kinds[name], 8), GROUP)
     check_disk(Path(out_dir).parent, sum(sizes.values()))
 
+    def finite(arrays: list, name: str) -> list:
+        # Values read as they are stored: a NaN or infinite weight (or scale) would poison every answer.
+        if not all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"):
+            raise LocalmixError(f"{path}: tensor {name} holds values that are not finite")
+        return arrays
+
     def arrays_of(layout) -> list:
-        t = tensor(layout.name)
-        _, expert = gguf_name(layout.name)
-        kind = t.tensor_type.name
-        data = t.data[expert] if expert is not None else t.data
-        if layout.bits is None:  # norms and routers: float32
-            values = data if kind in ("F32", "F16") else dequantize(data, t.tensor_type)
-            return [np.asarray(values, np.float32).reshape(layout.shape)]
-        heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads}.get(
-            layout.name.split(".")[-2])
-        if kind in COPIED:
-            arrays = affine_blocks(kind, np.asarray(data))
-            q, scales, biases = (unpermute(a, heads) for a in arrays) if heads else arrays
-            return [pack(q, layout.bits), scales, biases]
-        values = (np.asarray(data) if kind in ("F32", "F16") else dequantize(data, t.tensor_type))
-        values = values.astype(np.float32).reshape(layout.shape)
-        return list(quantize(unpermute(values, heads) if heads else values, 8, GROUP))
+        source, expert = gguf_name(layout.name)
+        t = g.tensors[source]
+        data = g.data(t)
+        data = data[expert] if expert is not None else data
+        ggml_type = gguf.GGMLQuantizationType[t.kind]
+        try:
+            if layout.bits is None:  # norms and routers: float32
+                values = data if t.kind in ("F32", "F16") else gguf.quants.dequantize(data, ggml_type)
+                return finite([np.asarray(values, np.float32).reshape(layout.shape)], source)
+            heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads}.get(
+                layout.name.split(".")[-2])
+            if t.kind in COPIED:
+                arrays = affine_blocks(t.kind, np.asarray(data))
+                q, scales, biases = (unpermute(a, heads) for a in arrays) if heads else arrays
+                return [pack(q, layout.bits)] + finite([scales, biases], source)
+            values = (np.asarray(data) if t.kind in ("F32", "F16") else gguf.quants.dequantize(data, ggml_type))
+            values = finite([values.astype(np.float32).reshape(layout.shape)], source)[0]
+            return list(quantize(unpermute(values, heads) if heads else values, 8, GROUP))
+        except LocalmixError:
+            raise
+        except Exception as e:  # the gguf package's decoders on data they did not expect: one error, not a traceback
+            raise LocalmixError(f"{path}: cannot decode tensor {source} ({t.kind}): {str(e)[:200]}") from None
 
     tokenizer = Path(out_dir).parent / f".{Path(out_dir).name}.tokenizer.model"
-    tokenizer.write_bytes(sentencepiece_model(reader))
     try:
+        tokenizer.write_bytes(sentencepiece_model(g, args.vocab_size))
+        check_tokenizer(tokenizer, args.vocab_size, f"{path} (its vocabulary)")
         return write_model(Path(out_dir), sizes, lambda tmp: write_arrays(tmp, layouts, arrays_of, on_progress),
                            tokenizer, raw_config, {"repo": str(Path(path).resolve()), "revision": None,
                                                    "format": "gguf"},
