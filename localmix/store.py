@@ -14,17 +14,19 @@ multiple of 4 KiB, so one aligned read brings a whole expert in. Norms and route
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from localmix.checkpoint import tokenizer_file
+from localmix import validate
+from localmix.checkpoint import tensor_table, tokenizer_file
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
-from localmix.quant.affine import dequantize
+from localmix.quant.affine import GROUP_SIZES, dequantize
+from localmix.tokenizer import MAX_TOKENIZER_BYTES, check_tokenizer
+from localmix.validate import MAX_DIM
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -100,16 +102,24 @@ class TensorLayout:
 def plan_layout(table: list[tuple[str, tuple[int, ...]]], bits_for, group_size: int) -> tuple[list[TensorLayout], dict[str, int]]:
     """Place every tensor of the table in its file. bits_for(name) gives 4 or 8 for a quantized
     tensor. Returns the layouts and each file's (4 KiB-padded) size."""
+    def format_of(name, shape):
+        if stays_float(name):
+            return "f32", None
+        if shape[1] % group_size:
+            raise LocalmixError(f"tensor {name} has {shape[1]} columns, not a multiple of the group "
+                                f"size {group_size}; try --group-size 32")
+        return f"q{bits_for(name)}", group_size
+    return place(table, format_of)
+
+
+def place(table: list[tuple[str, tuple[int, ...]]], format_of) -> tuple[list[TensorLayout], dict[str, int]]:
+    """The layout rule: each tensor in its file (expert_file), in table order, on the 64-byte boundary
+    after the one before; format_of(name, shape) gives its (dtype, group size). Writers place tensors
+    with it and readers check a manifest's offsets against it, so an offset that was moved is caught."""
     layouts, ends = [], {}
     for name, shape in table:
         file = expert_file(name)
-        if stays_float(name):
-            dtype, gs = "f32", None
-        else:
-            if shape[1] % group_size:
-                raise LocalmixError(f"tensor {name} has {shape[1]} columns, not a multiple of the group "
-                                    f"size {group_size}; try --group-size 32")
-            dtype, gs = f"q{bits_for(name)}", group_size
+        dtype, gs = format_of(name, shape)
         layout = TensorLayout(name, file, ends.get(file, 0), shape, dtype, gs)
         layouts.append(layout)
         ends[file] = align(layout.offset + layout.nbytes, PART_ALIGN)
@@ -164,17 +174,118 @@ def is_localmix_model(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
-def read_manifest(folder: Path) -> dict:
+def read_manifest(folder: Path, source: str | None = None) -> dict:
+    """manifest.json, checked whole (check_manifest) before anything reads a tensor by it."""
+    path = Path(folder) / MANIFEST
+    manifest, _, _ = open_manifest(folder, source or str(path))
+    return manifest
+
+
+def open_manifest(folder: Path, source: str) -> tuple[dict, ModelArgs, dict[str, TensorLayout]]:
+    """(manifest, config, tensor layouts by name), the manifest read with a size bound and checked."""
     path = Path(folder) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
-        version = manifest["format_version"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise LocalmixError(f"{path}: unreadable manifest; run `localmix verify` or pull the model again") from None
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise LocalmixError(f"{path}: format version {version} is newer than this localmix reads "
+        manifest = validate.read_json(path, "manifest")
+    except LocalmixError as e:
+        raise LocalmixError(f"{source}: unreadable manifest ({str(e).removeprefix(f'{path}: ')}); "
+                            f"run `localmix verify` or pull the model again") from None
+    args, layouts = check_manifest(manifest, Path(folder), source)
+    return manifest, args, layouts
+
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+TENSOR_DTYPES = {"f32": None, "q4": 4, "q8": 8}  # what the backends read (quant.affine.BITS)
+MAX_FILE_BYTES = 1 << 50
+
+
+def check_manifest(manifest, folder: Path, source: str) -> tuple[ModelArgs, dict[str, TensorLayout]]:
+    """A manifest is untrusted: it sizes the kernels' buffers, the expert cache's slots and every view
+    of the files. Checked here, once, before any of them: the config typed and bounded (ModelArgs),
+    the tensors exactly those the config implies with the shapes it implies, each in the file, at the
+    offset and with the byte count the layout rule (`place`) gives for its dtype and group size, the
+    files exactly those the tensors fill (plus the tokenizer) with the sizes the rule gives, every name
+    confined to the folder. All arithmetic is on Python ints. Returns (config, layouts by name)."""
+    validate.json_object(manifest, source, "manifest")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise LocalmixError(f"{source}: format version {version} is newer than this localmix reads "
                             f"({FORMAT_VERSION}); upgrade localmix")
-    return manifest
+    validate.integer(version, "format_version", source, 1, FORMAT_VERSION)
+    if manifest.get("format", "localmix") != "localmix":
+        raise LocalmixError(f"{source}: format must be 'localmix', got {manifest['format']!r:.60}")
+    if "config" not in manifest:
+        raise LocalmixError(f"{source}: no config")
+    args = ModelArgs.from_hf_config(manifest["config"], source)
+    for key, kind in (("quantization", dict), ("source", dict), ("created", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise LocalmixError(f"{source}: {key} must be a JSON {'object' if kind is dict else 'string'}")
+    quantization = manifest["quantization"]
+    if not isinstance(quantization.get("bits"), (str, int)) or isinstance(quantization.get("bits"), bool):
+        raise LocalmixError(f"{source}: quantization.bits must be a string or an integer")
+    validate.integer(quantization.get("group_size"), "quantization.group_size", source, 1, MAX_DIM)
+    if manifest.get("tokenizer", "tokenizer.model") != "tokenizer.model":
+        raise LocalmixError(f"{source}: tokenizer must be 'tokenizer.model', got {manifest['tokenizer']!r:.60}")
+
+    files = validate.json_object(manifest.get("files"), source, "files")
+    tensors = validate.json_object(manifest.get("tensors"), source, "tensors")
+    table = tensor_table(args)
+    expected = {name for name, _ in table}
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        what = (f"tensor {missing[0]} is missing" if missing else
+                f"lists {len(extra)} tensor(s) the config does not have, such as {extra[0]!r:.100}")
+        raise LocalmixError(f"{source}: {what}")
+    shapes = dict(table)
+
+    def format_of(name: str, shape: tuple[int, ...]) -> tuple[str, int | None]:
+        where = f"{source}: tensor {name}"
+        entry = validate.json_object(tensors[name], where, "entry")
+        if validate.shape(entry.get("shape"), "shape", where) != shape:
+            raise LocalmixError(f"{where} has shape {entry.get('shape')!r:.60}, expected {list(shape)} from the config")
+        dtype, group_size = entry.get("dtype"), entry.get("group_size")
+        if stays_float(name):
+            if dtype != "f32" or group_size is not None:
+                raise LocalmixError(f"{where}: dtype must be f32 with no group size, got {dtype!r:.20}, "
+                                    f"group size {group_size!r:.20}")
+        else:
+            if not isinstance(dtype, str) or TENSOR_DTYPES.get(dtype) is None:
+                raise LocalmixError(f"{where}: dtype must be one of q4, q8, got {dtype!r:.20}")
+            if isinstance(group_size, bool) or group_size not in GROUP_SIZES or shape[1] % group_size:
+                raise LocalmixError(f"{where}: group size {group_size!r:.20} does not divide its {shape[1]} "
+                                    f"columns or is not one of {', '.join(map(str, GROUP_SIZES))}")
+        return dtype, group_size
+
+    placed, sizes = place([(name, shapes[name]) for name, _ in table], format_of)
+    layouts = {}
+    for layout in placed:
+        where = f"{source}: tensor {layout.name}"
+        entry = tensors[layout.name]
+        for key, want in (("file", layout.file), ("offset", layout.offset), ("nbytes", layout.nbytes)):
+            value = entry.get(key)
+            if value != want or isinstance(value, bool) or type(value) is not type(want):
+                raise LocalmixError(f"{where}: {key} is {value!r:.60}, but the layout puts it at {want!r}")
+        if not isinstance(entry.get("sha256"), str) or not SHA256.fullmatch(entry["sha256"]):
+            raise LocalmixError(f"{where}: sha256 must be 64 hexadecimal digits")
+        layouts[layout.name] = layout
+
+    wanted = set(sizes) | {"tokenizer.model"}
+    if set(files) != wanted:
+        extra, missing = sorted(set(files) - wanted), sorted(wanted - set(files))
+        what = (f"file {missing[0]} is not listed" if missing else
+                f"lists {len(extra)} file(s) no tensor is in, such as {extra[0]!r:.100}")
+        raise LocalmixError(f"{source}: {what}")
+    for file, entry in files.items():
+        where = f"{source}: file {file}"
+        validate.confined(folder, file, source)
+        entry = validate.json_object(entry, where, "entry")
+        size = validate.integer(entry.get("size"), "size", where, 1, MAX_FILE_BYTES)
+        if file in sizes and size != sizes[file]:
+            raise LocalmixError(f"{where}: size {size}, but its tensors fill {sizes[file]} bytes")
+        if file == "tokenizer.model" and size > MAX_TOKENIZER_BYTES:
+            raise LocalmixError(f"{where}: size {size}, larger than a tokenizer can be ({MAX_TOKENIZER_BYTES})")
+        if not isinstance(entry.get("sha256"), str) or not SHA256.fullmatch(entry["sha256"]):
+            raise LocalmixError(f"{where}: sha256 must be 64 hexadecimal digits")
+    return args, layouts
 
 
 class ModelFolder:
@@ -183,35 +294,33 @@ class ModelFolder:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        self.config = ModelArgs.from_hf_config(self.manifest["config"], source=str(self.folder / MANIFEST))
+        self.manifest, self.config, self.layouts = open_manifest(self.folder, str(self.folder / MANIFEST))
         self._maps: dict[str, np.memmap] = {}
 
     @property
     def tokenizer_path(self) -> Path:
         return tokenizer_file(self.folder, "run `localmix verify`")
 
-    def _map(self, file: str, end: int) -> np.memmap:
+    def _map(self, file: str) -> np.memmap:
+        """The file, mapped once its size on disk is the manifest's (which the layout was checked against)."""
         if file not in self._maps:
             path = self.folder / file
-            expected = self.manifest["files"].get(file, {}).get("size")
+            expected = self.manifest["files"][file]["size"]
             size = path.stat().st_size if path.is_file() else None
-            if size is None or (expected is not None and size != expected) or size < end:
+            if size != expected:
                 state = "missing" if size is None else f"truncated or corrupt ({size} bytes, expected {expected})"
                 raise LocalmixError(f"{path}: {state}; run `localmix verify` or pull the model again")
             self._maps[file] = np.memmap(path, dtype=np.uint8, mode="r")
         return self._maps[file]
 
     def tensor(self, name: str, shape: tuple[int, ...]):
-        entry = self.manifest["tensors"].get(name)
-        if entry is None:
+        layout = self.layouts.get(name)
+        if layout is None:
             raise LocalmixError(f"{self.folder / MANIFEST}: tensor {name} is missing")
-        layout = TensorLayout(name, entry["file"], entry["offset"], tuple(entry["shape"]), entry["dtype"],
-                              entry["group_size"])
-        if layout.shape != tuple(shape):
+        if layout.shape != tuple(shape):  # the manifest was checked against self.config; another config asks
             raise LocalmixError(f"{self.folder / MANIFEST}: tensor {name} has shape {list(layout.shape)}, "
                                 f"expected {list(shape)}")
-        data = self._map(layout.file, layout.offset + layout.nbytes)
+        data = self._map(layout.file)
         views = {part: data[offset:offset + size] for part, offset, size in layout.parts}
         if layout.bits is None:
             return views["data"].view(np.float32).reshape(shape)
@@ -223,9 +332,15 @@ class ModelFolder:
 
 
 def verify(folder: str | Path) -> list[str]:
-    """Re-hash every file and tensor against the manifest; the problems found (none: intact)."""
+    """The problems found (none: intact): the manifest's own consistency and its config (check_manifest),
+    every file and tensor re-hashed against it, and the tokenizer loaded and checked against the config."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    if not is_localmix_model(folder):
+        raise LocalmixError(f"{folder}: not a localmix model (no {MANIFEST})")
+    try:
+        manifest, args, layouts = open_manifest(folder, MANIFEST)
+    except LocalmixError as e:  # nothing else can be trusted: its file names and sizes are what lied
+        return [str(e)]
     problems = []
     for file, entry in manifest["files"].items():
         path = folder / file
@@ -234,17 +349,21 @@ def verify(folder: str | Path) -> list[str]:
         elif path.stat().st_size != entry["size"]:
             problems.append(f"{file}: {path.stat().st_size} bytes, expected {entry['size']}")
         elif sha256_of(path) != entry["sha256"]:
-            bad = [name for name, t in manifest["tensors"].items()
-                   if t["file"] == file and sha256_of(path, t["offset"], t["nbytes"]) != t["sha256"]]
+            bad = [name for name, t in layouts.items()
+                   if t.file == file and sha256_of(path, t.offset, t.nbytes) != manifest["tensors"][name]["sha256"]]
             problems.append(f"{file}: checksum mismatch" + (f" (tensors {', '.join(bad)})" if bad else ""))
+    if not any(p.startswith("tokenizer.model:") for p in problems):
+        try:
+            check_tokenizer(folder / "tokenizer.model", args.vocab_size, "tokenizer.model")
+        except LocalmixError as e:
+            problems.append(str(e))
     return problems
 
 
 def model_summary(folder: str | Path) -> dict:
     """What `localmix show` and `list` print: architecture, parameters, quantization, bytes."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    args = ModelArgs.from_hf_config(manifest["config"])
+    manifest, args, _ = open_manifest(folder, str(folder / MANIFEST))
     tensors = manifest["tensors"]
     params = {name: int(np.prod(t["shape"])) for name, t in tensors.items()}
     is_expert = {name: t["file"] != DENSE_FILE for name, t in tensors.items()}
