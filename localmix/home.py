@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,59 @@ def list_models() -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class FileLock:
+    """An exclusive flock on a file, taken at once or refused with `busy` (a LocalmixError): pulls
+    refuse rather than wait, because a pull can run for an hour and a silent wait looks like a hang.
+    The lock file is left in place (hidden): unlinking it would let a later pull lock a new file
+    while an earlier one still holds the old. The lock ends with the process, however it ends."""
+
+    def __init__(self, path: Path, busy: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock(self.fd)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise LocalmixError(busy) from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def model_lock(name: str) -> FileLock:
+    """Held by a pull from before it checks that models/NAME is free until NAME is in place."""
+    return FileLock(models_dir() / f".{name}.lock",
+                    f"another pull of {name} is running; wait for it to finish, or pick another --name")
+
+
+def temporary_folders(name: str) -> list[Path]:
+    """The hidden folders that pulls of NAME write into (.NAME.RANDOM.partial, see write_model).
+    Under model_lock(name) no pull of NAME runs, so any that exist were left by one that was
+    killed: they are never resumed, only deleted."""
+    folder = models_dir()
+    pattern = re.compile(rf"^\.{re.escape(name)}\.[^.]+\.partial$")  # RANDOM has no dot: no other name matches
+    return [p for p in folder.iterdir() if pattern.match(p.name)] if folder.is_dir() else []
 
 
 def remove_model(name: str) -> Path:

@@ -2,8 +2,9 @@
 
 Tensors are read a block of rows at a time (pread, no memory map), quantized and written straight
 to their place in the preallocated output files, so memory stays bounded by one block whatever the
-model's size. Everything is written into a hidden temporary folder that is renamed into place at
-the very end: an interrupted conversion never leaves something that looks like a model.
+model's size. Everything is written into a hidden temporary folder of its own (two pulls never
+share one) that is renamed into place at the very end, once the tokenizer has been loaded and
+checked: an interrupted or refused conversion never leaves something that looks like a model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import datetime
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +21,10 @@ import numpy as np
 
 from localmix.checkpoint import Checkpoint, SafetensorsFile, check_tensor, tensor_table
 from localmix.config import ModelArgs
+from localmix import validate
 from localmix.errors import LocalmixError
 from localmix.quant.affine import GROUP_SIZES, quantize
+from localmix.tokenizer import check_tokenizer
 from localmix.store import DENSE_FILE, FORMAT_VERSION, MANIFEST, TensorLayout, expert_file, plan_layout, sha256_of
 
 BLOCK_VALUES = 1 << 22  # values converted at a time: 16 MB of float32, ~150 MB with temporaries
@@ -59,11 +63,18 @@ class LocalSource:
         self.delete_shards = delete_shards
         self.repo, self.revision = str(self.folder.resolve()), None
         self.tokenizer_path = self.checkpoint.tokenizer_path
+        check_tokenizer(self.tokenizer_path, self.config.vocab_size)
+        # A config that describes more tensors than the checkpoint lists is refused before its
+        # table (one entry per tensor: millions for a lying config) is built.
+        needed = self.config.num_hidden_layers * 3 * max(self.config.num_local_experts, 1)
+        if needed > len(self.weight_map):
+            raise LocalmixError(f"{self.folder / 'config.json'}: describes at least {needed} tensors, but the "
+                                f"checkpoint has {len(self.weight_map)}")
         for name, shape in tensor_table(self.config):  # every tensor present and well shaped, up front
             self.checkpoint.file_of(name, shape)
 
     def raw_config(self) -> dict:
-        return json.loads((self.folder / "config.json").read_text())
+        return validate.read_json(self.folder / "config.json", "config")
 
     def download_bytes(self) -> int:
         return 0
@@ -103,10 +114,13 @@ def write_model(out_dir: Path, sizes: dict[str, int], write, tokenizer: Path, ra
     """Make a model folder: files preallocated at their sizes, filled by write(tmp) (which returns
     the manifest's tensor entries), then the tokenizer, config and manifest, all in a hidden
     folder renamed into place at the very end."""
-    tmp = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted pull left: start it again
-    (tmp / "experts").mkdir(parents=True)
+    vocab_size = raw_config.get("vocab_size")
+    check_tokenizer(tokenizer, vocab_size if isinstance(vocab_size, int) else 0,
+                    f"tokenizer.model of {source_info.get('repo')}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
+        (tmp / "experts").mkdir()
         for file, size in sizes.items():
             with open(tmp / file, "wb") as f:
                 f.truncate(size)
@@ -123,8 +137,13 @@ def write_model(out_dir: Path, sizes: dict[str, int], write, tokenizer: Path, ra
             "files": files, "tensors": tensors,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a model folder is as readable as any other
         sync_folder(tmp)  # everything on disk before the rename makes it a model
-        os.replace(tmp, out_dir)
+        # rename, not replace: it fails rather than take the place of a model that is there (an
+        # empty folder aside, which rename also replaces, so that is checked first).
+        if out_dir.exists():
+            raise LocalmixError(f"a model named {out_dir.name} exists already; `localmix rm {out_dir.name}` first")
+        os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,31 +7,66 @@ already there with an HTTP range request. A finished file is checked against its
 large files, the SHA-256 the hub publishes as its ETag. Files land under
 $LOCALMIX_HOME/downloads/OWNER--NAME/COMMIT. Weight shards are fetched one at a time, just before
 they are converted, so that with delete_shards the disk holds the output plus one shard.
+
+The server is untrusted. Its commit id must be 40 hex digits (it names a folder); every file name
+(the index's weight_map, --file) is confined to the download folder before anything is created;
+every download is bounded (small files by a fixed limit whatever Content-Length says or omits,
+shards by what the config justifies and the hub announced) and must keep moving (a read that
+waits longer than LOCALMIX_HUB_TIMEOUT seconds, default 60, or a window of that length with
+less than 64 KiB, ends it). The config is checked against the index and the shards' sizes before
+anything is sized by it, and the tokenizer is loaded before the first shard is fetched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
-import json
+import math
+import os
 import re
-import shutil
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from localmix.checkpoint import SafetensorsFile
+from localmix import validate
+from localmix.checkpoint import SafetensorsFile, _MAX_HEADER
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
+from localmix.home import FileLock
+from localmix.tokenizer import MAX_TOKENIZER_BYTES, check_tokenizer
 
-REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+REPO_ID = re.compile(r"^[\w][\w.\-]*/[\w][\w.\-]*$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 RETRIES = 3
+CHUNK = 1 << 20
+MIN_PROGRESS = 64 * 1024  # bytes a download must gain in each window of LOCALMIX_HUB_TIMEOUT seconds
+MAX_SHARDS = 4096         # distinct weight files an index may name (the largest real models have a few hundred)
+# Small files are read with a hard limit whatever the server announces.
+SMALL_LIMITS = {"config.json": 1 << 20, "model.safetensors.index.json": validate.MAX_JSON_BYTES,
+                "tokenizer.model": MAX_TOKENIZER_BYTES}
 
 
 def looks_like_repo_id(text: str) -> bool:
-    return bool(REPO_ID.match(text))
+    return bool(REPO_ID.match(text)) and ".." not in text
+
+
+def timeout() -> float:
+    """Seconds a download may wait for data (LOCALMIX_HUB_TIMEOUT, default 60)."""
+    try:
+        value = float(os.environ.get("LOCALMIX_HUB_TIMEOUT") or 60)
+    except ValueError:
+        raise LocalmixError("LOCALMIX_HUB_TIMEOUT must be a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise LocalmixError("LOCALMIX_HUB_TIMEOUT must be a positive number of seconds")
+    return value
+
+
+class Stalled(TimeoutError):
+    """The server stopped sending, or sends too slowly to ever finish (retried, then reported)."""
 
 
 class HubSource:
@@ -44,72 +79,182 @@ class HubSource:
         import huggingface_hub.errors
         import huggingface_hub.utils
 
+        if not looks_like_repo_id(repo):
+            raise LocalmixError(f"{repo!r} is not a hub repository id (OWNER/NAME)")
         self.hub = huggingface_hub
         self.repo = repo
         self.on_download = on_download
         self.delete_shards = delete_shards
         self.offline = huggingface_hub.is_offline_mode()
+        self.fetched: list[Path] = []  # what this pull downloaded or used: all --delete-source may delete
+        self.sizes: dict[str, int | None] = {}
         requested = revision or "main"
-        try:
-            self.revision = requested if self.offline else self._metadata(file or "config.json", requested).commit_hash
-        except FileNotFoundError:
-            raise LocalmixError(f"{repo}: no {file or 'config.json'} in the repository") from None
-        self.folder = downloads / repo.replace("/", "--") / (self.revision or requested)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if file:
-            return
-        self.config = ModelArgs.from_file(self._download("config.json"))
-        self.tokenizer_path = self._download("tokenizer.model")
-        try:
-            index = json.loads(self._download("model.safetensors.index.json").read_text())
-            self.weight_map = dict(index["weight_map"])
-        except FileNotFoundError:
+        if self.offline:
+            if not COMMIT.match(requested):
+                raise LocalmixError(f"cannot reach the hub for {repo}: HF_HUB_OFFLINE is set (offline, pass "
+                                    f"--revision with the full 40-digit commit of an earlier download)")
+            self.revision = requested
+        else:
             try:
-                path = self._download("model.safetensors")
+                self.revision = self._metadata(file or "config.json", requested).commit_hash
             except FileNotFoundError:
-                raise LocalmixError(f"{repo}: no safetensors weights in the repository") from None
-            self.weight_map = {name: "model.safetensors" for name in SafetensorsFile(path).tensors}
-        except (ValueError, KeyError, TypeError):
-            raise LocalmixError(f"{repo}: model.safetensors.index.json is not a valid index") from None
+                raise LocalmixError(f"{repo}: no {file or 'config.json'} in the repository") from None
+            # The commit names a folder: anything but a commit id (a `../..` header) is refused here,
+            # before a folder is made or (with --delete-source) removed.
+            if not isinstance(self.revision, str) or not COMMIT.match(self.revision):
+                raise LocalmixError(f"{repo}: the hub answered with {self.revision!r:.80} as the commit id, "
+                                    f"not 40 hex digits; refusing it")
+        repo_folder = validate.confined(downloads, repo.replace("/", "--"), f"{repo}: repository id")
+        self.folder = validate.confined(repo_folder, self.revision, f"{repo}: commit")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # One pull at a time downloads into a commit's folder: two would write the same .part files.
+        self._lock = FileLock(repo_folder.parent / f".{repo_folder.name}.lock",
+                              f"another pull is downloading {repo}; run this one when it has finished")
+        try:
+            self._open(file)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, file: str | None) -> None:
+        if file:
+            self.file = self._path(file, "--file")
+            return
+        config = self._download("config.json")
+        self.config = ModelArgs.from_file(config)
+        tokenizer = self._small("tokenizer.model", "the sentencepiece tokenizer localmix reads")
+        check_tokenizer(tokenizer, self.config.vocab_size, f"{self.repo}/tokenizer.model")
+        self.tokenizer_path = tokenizer
+        try:
+            index = validate.read_json(self._download("model.safetensors.index.json"), "safetensors index")
+        except FileNotFoundError:
+            self.weight_map = None  # one model.safetensors: its tensors are known once it is here
+            self._shard_names(["model.safetensors"])
+        else:
+            self.weight_map = weight_map_of(index, f"{self.repo}/model.safetensors.index.json")
+            self._shard_names(self.weight_map.values())
+        self._check_sizes()
+        if self.weight_map is None:
+            self.weight_map = {name: "model.safetensors" for name in self.shard("model.safetensors").tensors}
+
+    def _small(self, filename: str, what: str) -> Path:
+        try:
+            return self._download(filename)
+        except FileNotFoundError:
+            raise LocalmixError(f"{self.repo}: no {filename} in the repository ({what})") from None
+
+    def _shard_names(self, names) -> None:
+        """Validate the weight files' names and fetch their sizes, before anything is downloaded."""
+        source = f"{self.repo}/model.safetensors.index.json"
+        shards = sorted(set(names))
+        if len(shards) > MAX_SHARDS:
+            raise LocalmixError(f"{source}: names {len(shards)} weight files, more than {MAX_SHARDS}")
+        for shard in shards:
+            if not shard.endswith(".safetensors"):
+                raise LocalmixError(f"{source}: weight file {shard!r:.80} is not a .safetensors file")
+            self._path(shard, source)
+        for shard in shards:
+            if self.offline:
+                self.sizes[shard] = None
+                continue
+            try:
+                self.sizes[shard] = self._metadata(shard, self.revision).size
+            except FileNotFoundError:
+                if shards == ["model.safetensors"]:
+                    raise LocalmixError(f"{self.repo}: no safetensors weights in the repository") from None
+                raise LocalmixError(f"{self.repo}: the index names {shard}, which the repository lacks") from None
+
+    def _check_sizes(self) -> None:
+        """The config against the files it describes, before it sizes anything: as many tensors as
+        it needs in the index, and weight files that can hold its parameters (at least 2 bytes each:
+        bf16) and no more than they justify (4 bytes each, plus a header)."""
+        args = self.config
+        params = parameter_count(args)
+        source = f"{self.repo}/config.json"
+        if "quantization" not in self.raw_config():  # mlx-lm repositories stack and pack their tensors
+            if self.weight_map is not None:
+                needed = args.num_hidden_layers * 3 * max(args.num_local_experts, 1)
+                if needed > len(self.weight_map):
+                    raise LocalmixError(f"{source}: describes at least {needed} tensors, but the index lists "
+                                        f"{len(self.weight_map)}")
+            known = [size for size in self.sizes.values() if size is not None]
+            if len(known) == len(self.sizes) and sum(known) < 2 * params:
+                raise LocalmixError(f"{source}: describes {params} parameters (at least {2 * params} bytes), "
+                                    f"but the repository's weight files hold {sum(known)} bytes")
+        self.shard_limit = 8 + _MAX_HEADER + 4 * params
+        for shard, size in self.sizes.items():
+            if size is not None and size > self.shard_limit:
+                raise LocalmixError(f"{self.repo}/{shard}: the hub announces {size} bytes, more than a model of "
+                                    f"this config can hold ({self.shard_limit})")
 
     def raw_config(self) -> dict:
-        return json.loads((self.folder / "config.json").read_text())
+        return validate.json_object(validate.read_json(self.folder / "config.json", "config", SMALL_LIMITS["config.json"]),
+                                    f"{self.repo}/config.json", "config")
+
+    def _path(self, filename: str, source: str) -> Path:
+        return validate.confined(self.folder, filename, source)
 
     def _metadata(self, filename: str, revision: str):
         url = self.hub.hf_hub_url(self.repo, filename, revision=revision)
         try:
-            return self.hub.get_hf_file_metadata(url)
+            return self.hub.get_hf_file_metadata(url, timeout=timeout())
         except Exception as e:  # noqa: BLE001 (every failure becomes one clear line)
             if isinstance(e, self.hub.errors.RemoteEntryNotFoundError):
                 raise FileNotFoundError(filename) from None
             raise self._error(filename, e, revision) from None
 
-    def _download(self, filename: str) -> Path:
-        """The file, fetched or continued; FileNotFoundError when the repository lacks it."""
-        dest = self.folder / filename
-        if dest.is_file():
-            return dest
+    def _download(self, filename: str, limit: int | None = None) -> Path:
+        """The file, fetched or continued, at most `limit` bytes (small files: their own limit);
+        FileNotFoundError when the repository lacks it. A file already here is checked again
+        against the hub's size and checksum before it is used."""
+        dest = self._path(filename, f"{self.repo}: file name")
+        limit = SMALL_LIMITS.get(filename, limit)
         if self.offline:
+            if dest.is_file():
+                self._used(dest)
+                return dest
             raise LocalmixError(f"cannot reach the hub for {self.repo} ({filename} is not downloaded yet); "
                                 f"HF_HUB_OFFLINE is set")
         meta = self._metadata(filename, self.revision)
-        headers = self.hub.utils.build_hf_headers()
+        if meta.size is not None and limit is not None and meta.size > limit:
+            raise LocalmixError(f"{self.repo}/{filename}: the hub announces {meta.size} bytes, more than the "
+                                f"{limit} it may have")
+        if dest.is_file():
+            if dest.stat().st_size == meta.size and self._checksum_ok(dest, meta.etag):
+                self._used(dest)
+                return dest
+            dest.unlink()  # not what the hub has now: fetched again
+        dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
+        self._used(part)
+        headers = self.hub.utils.build_hf_headers()
+        url = self.hub.hf_hub_url(self.repo, filename, revision=self.revision)
+        if urllib.parse.urlsplit(meta.location).netloc != urllib.parse.urlsplit(url).netloc:
+            headers.pop("authorization", None)  # a signed address elsewhere (a CDN): the token stays home
         for attempt in range(RETRIES):
             try:
-                fetch(meta.location, part, headers, meta.size,
+                fetch(meta.location, part, headers, meta.size, limit, f"{self.repo}/{filename}",
                       lambda done: self.on_download and self.on_download(filename, done, meta.size or 0))
                 break
             except (OSError, http.client.HTTPException) as e:
                 if attempt == RETRIES - 1 or isinstance(e, urllib.error.HTTPError):
                     raise LocalmixError(f"download of {self.repo}/{filename} broke off ({describe(e)}); "
                                         f"run the pull again to resume") from None
-        if meta.etag and SHA256.match(meta.etag) and sha256_file(part) != meta.etag:
+        if not self._checksum_ok(part, meta.etag):
             part.unlink()
             raise LocalmixError(f"download of {self.repo}/{filename} is corrupt (checksum mismatch); "
                                 f"run the pull again")
         part.rename(dest)
+        self._used(dest)
         return dest
+
+    @staticmethod
+    def _checksum_ok(path: Path, etag: str | None) -> bool:
+        return not (etag and SHA256.match(etag)) or sha256_file(path) == etag
+
+    def _used(self, path: Path) -> None:
+        if path not in self.fetched:
+            self.fetched.append(path)
 
     def _error(self, filename: str, e: Exception, revision: str | None) -> LocalmixError:
         errors = self.hub.errors
@@ -126,44 +271,133 @@ class HubSource:
         """Bytes still to download: all missing shards, or only the largest with delete_shards."""
         if self.offline:
             return 0
-        sizes = [self._metadata(shard, self.revision).size or 0
-                 for shard in sorted(set(self.weight_map.values())) if not (self.folder / shard).is_file()]
+        sizes = [self.sizes.get(shard) or 0 for shard in sorted(set(self.weight_map.values()))
+                 if not self._path(shard, self.repo).is_file()]
         return max(sizes, default=0) if self.delete_shards else sum(sizes)
 
     def shard(self, name: str) -> SafetensorsFile:
+        if name not in self.sizes:  # only the files the index named (and were checked) are fetched
+            raise LocalmixError(f"{self.repo}: {name!r:.80} is not a weight file of the index")
         try:
-            return SafetensorsFile(self._download(name))
+            return SafetensorsFile(self._download(name, self.shard_limit))
         except FileNotFoundError:
             raise LocalmixError(f"{self.repo}: the index names {name}, which the repository lacks") from None
 
+    def download_file(self) -> Path:
+        """The one file asked for with file= (a GGUF), its size checked against the free disk."""
+        from localmix.quant.convert import check_disk
+
+        name = self.file.relative_to(self.folder).as_posix()
+        if self.offline:
+            return self._download(name)
+        try:
+            meta = self._metadata(name, self.revision)
+        except FileNotFoundError:
+            raise LocalmixError(f"{self.repo}: no {self.file.name} in the repository") from None
+        if meta.size is not None:
+            check_disk(self.folder, meta.size)
+        try:
+            return self._download(name, meta.size)
+        except FileNotFoundError:
+            raise LocalmixError(f"{self.repo}: no {self.file.name} in the repository") from None
+
     def release(self, name: str) -> None:
         if self.delete_shards:
-            (self.folder / name).unlink(missing_ok=True)
+            self._path(name, self.repo).unlink(missing_ok=True)
 
     def cleanup(self) -> None:
-        """After a successful pull with delete_shards, nothing of the download is kept."""
+        """After a successful pull with delete_shards, the files this pull used are deleted: only
+        those, only inside its own download folder (never a tree of whatever a server named), and
+        then the folders they leave empty."""
         if self.delete_shards:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            for path in self.fetched:
+                path.unlink(missing_ok=True)
+            for folder in sorted({p.parent for p in self.fetched}, key=lambda p: -len(p.parts)):
+                while folder.is_relative_to(self.folder.parent):
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+                    folder = folder.parent
+        self.close()
+
+    def close(self) -> None:
+        """Let other pulls download this repository (cleanup closes; so does leaving a `with`)."""
+        self._lock.release()
+
+    def __enter__(self) -> "HubSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def fetch(url: str, part: Path, headers: dict, size: int | None, on_bytes: Callable[[int], None]) -> None:
-    """Download url into part, continuing from what part already holds."""
-    start = part.stat().st_size if part.is_file() else 0
+def weight_map_of(index, source: str) -> dict[str, str]:
+    """The index's tensor -> file map, every entry a pair of strings (names are confined later)."""
+    weight_map = validate.json_object(validate.json_object(index, source, "the index").get("weight_map"), source,
+                                      "weight_map")
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str) or len(tensor) > 1024:
+            raise LocalmixError(f"{source}: weight_map entry {tensor!r:.80} is not a file name")
+    return weight_map
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """Parameters the config describes, counted without listing its tensors (a lying config may
+    describe billions of them)."""
+    H, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    experts = max(args.num_local_experts, 1)
+    layer = 2 * H + 2 * q * H + 2 * kv * H + args.num_local_experts * H + 3 * experts * F * H
+    return args.num_hidden_layers * layer + V * H * (1 if args.tie_word_embeddings else 2) + H
+
+
+def fetch(url: str, part: Path, headers: dict, size: int | None, limit: int | None, what: str,
+          on_bytes: Callable[[int], None]) -> None:
+    """Download url into part, continuing from what part already holds when the size is known.
+    At most `size` bytes (or `limit` when the size is unknown) are taken: a server that sends
+    more is refused, one that stalls is cut off."""
+    wait = timeout()
+    start = part.stat().st_size if part.is_file() and size is not None else 0
     if size is not None and start > size:
         start = 0
     if size is not None and start == size:
         return
+    cap = size if size is not None else limit
     request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={start}-"} if start else {})})
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=wait) as response:
         if start and response.status != 206:  # the server ignored the range: start over
             start = 0
+        length = response.headers.get("Content-Length")
+        if size is not None and length is not None and length.isdigit() and start + int(length) != size:
+            raise LocalmixError(f"download of {what}: the hub announced {size} bytes, then sends "
+                                f"{start + int(length)}")
         with open(part, "ab" if start else "wb") as f:
+            f.truncate(start)
             done = start
             on_bytes(done)
-            while chunk := response.read(1 << 20):
+            window_start, window_done = time.monotonic(), done
+            while True:
+                # read1 returns after one read from the socket, so the clock is looked at between
+                # reads however slowly the bytes come (read() would wait for a whole chunk).
+                chunk = response.read1(CHUNK if cap is None else max(1, min(CHUNK, cap + 1 - done)))
+                if not chunk:
+                    break
                 f.write(chunk)
                 done += len(chunk)
+                if cap is not None and done > cap:
+                    part.unlink(missing_ok=True)
+                    if size is not None:
+                        raise LocalmixError(f"download of {what}: the hub sends more than the {size} bytes it "
+                                            f"announced")
+                    raise LocalmixError(f"download of {what}: larger than {limit} bytes, more than such a file "
+                                        f"may have")
                 on_bytes(done)
+                now = time.monotonic()
+                if now - window_start > wait:
+                    if done - window_done < MIN_PROGRESS:
+                        raise Stalled(f"less than {MIN_PROGRESS // 1024} KiB in {wait:g} s")
+                    window_start, window_done = now, done
     if size is not None and part.stat().st_size != size:
         raise http.client.IncompleteRead(b"", size - part.stat().st_size)
 
