@@ -16,22 +16,25 @@ from pathlib import Path
 
 import numpy as np
 
+from localmix import validate
 from localmix.checkpoint import RAW_DTYPES, SafetensorsFile, tensor_table, to_float32
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.convert import check_disk, write_arrays, write_model
-from localmix.quant.affine import dequantize
-from localmix.store import ModelFolder, expert_matrix, plan_layout
+from localmix.quant.affine import BITS, GROUP_SIZES, dequantize
+from localmix.store import ModelFolder, expert_matrix, plan_layout, stays_float
+from localmix.tokenizer import check_tokenizer
 
 SWITCH = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+FLOATS = ("F32", "F16", "BF16")
 
 
 def is_mlx_lm_folder(folder: Path) -> bool:
     try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return "quantization" in config and any(Path(folder).glob("*.safetensors"))
+        config = validate.read_json(Path(folder) / "config.json", "config.json")
+    except LocalmixError:
+        return False  # not ours to judge: the Hugging Face path reads it again and says what is wrong
+    return isinstance(config, dict) and "quantization" in config and any(Path(folder).glob("*.safetensors"))
 
 
 def mlx_module(name: str) -> tuple[str, int | None]:
@@ -43,17 +46,63 @@ def mlx_module(name: str) -> tuple[str, int | None]:
     return name.removesuffix(".weight"), None
 
 
+def quantization_settings(block, source: str) -> tuple[dict, dict]:
+    """config.json's "quantization" block: the default {bits, group_size}, and per module either
+    its own settings or true/false (quantized with the default, or not at all), as mlx-lm writes
+    them. Only what localmix can hold is accepted: affine mode, 4 or 8 bits, groups of 32-128."""
+    block = validate.json_object(block, source, "quantization")
+
+    def setting(entry: dict, what: str) -> dict:
+        mode = entry.get("mode", "affine")
+        if mode != "affine":
+            raise LocalmixError(f"{source}: {what}.mode is {mode!r:.40}; localmix reads mlx-lm's affine quantization")
+        bits = validate.integer(entry.get("bits"), f"{what}.bits", source, 1, 32)
+        group_size = validate.integer(entry.get("group_size"), f"{what}.group_size", source, 1, 1 << 20)
+        if bits not in BITS or group_size not in GROUP_SIZES:
+            raise LocalmixError(f"{source}: {what} is {bits} bits in groups of {group_size}; localmix holds "
+                                f"{' or '.join(map(str, BITS))} bits in groups of {', '.join(map(str, GROUP_SIZES))}")
+        return {"bits": bits, "group_size": group_size}
+
+    default = setting(block, "quantization")
+    modules = {}
+    for key, value in block.items():
+        if key in ("bits", "group_size", "mode"):
+            continue
+        if isinstance(value, bool):
+            modules[key] = default if value else None
+        elif isinstance(value, dict):
+            modules[key] = setting(value, f"quantization[{key!r:.80}]")
+        else:
+            raise LocalmixError(f"{source}: quantization[{key!r:.80}] must be an object or true/false")
+    return default, modules
+
+
 class MLXFolder:
-    """The tensors of an mlx-lm folder, raw (no conversion), from any of its safetensors files."""
+    """The tensors of an mlx-lm folder, raw (no conversion), from any of its safetensors files,
+    whose headers the checkpoint reader checks whole when it opens them."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.config = json.loads((self.folder / "config.json").read_text())
+        source = str(self.folder / "config.json")
+        self.config = validate.json_object(validate.read_json(self.folder / "config.json", "config.json"), source,
+                                           "config.json")
+        if "quantization" not in self.config:
+            raise LocalmixError(f"{source}: no quantization block; not an mlx-lm quantized folder")
+        self.default, self.modules = quantization_settings(self.config["quantization"], source)
         self.files = {}
         for path in sorted(self.folder.glob("*.safetensors")):
-            f = SafetensorsFile(path)
+            f = SafetensorsFile(validate.confined(self.folder, path.name, str(self.folder)))
             for name in f.tensors:
+                if name in self.files:  # two values for one tensor: which one is meant is anyone's guess
+                    raise LocalmixError(f"{self.folder}: tensor {name} is in {self.files[name].path.name} "
+                                        f"and in {path.name}")
                 self.files[name] = f
+
+    def locate(self, name: str, dtypes) -> tuple[str, tuple[int, ...]]:
+        if name not in self.files:
+            raise LocalmixError(f"{self.folder}: no tensor {name}; not an mlx-lm Mixtral folder?")
+        dtype, shape, _ = self.files[name].locate(name, {d: RAW_DTYPES[d] for d in dtypes})
+        return dtype, shape
 
     def raw(self, name: str) -> tuple[np.ndarray, str]:
         if name not in self.files:
@@ -61,23 +110,55 @@ class MLXFolder:
         return self.files[name].raw(name, RAW_DTYPES)
 
     def quantization(self, module: str) -> dict | None:
-        """{bits, group_size} of a module, or None where it is stored in floats."""
-        if module + ".scales" not in self.files:
-            return None
-        q = self.config["quantization"]
-        own = q.get(module)
-        return own if isinstance(own, dict) else {"bits": q["bits"], "group_size": q["group_size"]}
+        """{bits, group_size} of a module, or None where it is stored in floats. Whether it is
+        quantized is what the files hold (scales or not); config.json must agree."""
+        quantized = module + ".scales" in self.files
+        setting = self.modules.get(module, self.default)
+        if quantized and setting is None:
+            raise LocalmixError(f"{self.folder}: {module} has scales but config.json says it is not quantized")
+        return setting if quantized else None
+
+    def check(self, module: str, shape: tuple[int, ...], experts: int | None) -> dict | None:
+        """A module's tensors' dtypes and shapes against what the config implies (experts: the size
+        of its stack), before anything is read. Returns its quantization settings."""
+        stack = (experts,) if experts is not None else ()
+        q = self.quantization(module)
+        if q is None:
+            dtype, found = self.locate(module + ".weight", FLOATS)
+            expected = stack + shape
+        else:
+            rows, cols = shape
+            if cols % q["group_size"]:
+                raise LocalmixError(f"{self.folder}: {module} has {cols} columns, not a multiple of its group size "
+                                    f"{q['group_size']}")
+            self.locate(module + ".weight", ["U32"])
+            expected = stack + (rows, cols * q["bits"] // 32)
+            for part in ("scales", "biases"):
+                self.locate(f"{module}.{part}", FLOATS)
+                found = self.files[f"{module}.{part}"].tensors[f"{module}.{part}"]["shape"]
+                if tuple(found) != stack + (rows, cols // q["group_size"]):
+                    raise LocalmixError(f"{self.folder}: {module}.{part} has shape {list(found)}, expected "
+                                        f"{list(stack + (rows, cols // q['group_size']))} for {q['group_size']}-value groups")
+            found = self.files[module + ".weight"].tensors[module + ".weight"]["shape"]
+        if tuple(found) != expected:
+            raise LocalmixError(f"{self.folder}: {module}.weight has shape {list(found)}, expected {list(expected)} "
+                                f"from config.json" + (f" at {q['bits']} bits" if q else ""))
+        return q
 
 
 def half(raw: np.ndarray, dtype: str, what: str) -> np.ndarray:
     """Scales or biases as float16; bfloat16 ones must convert exactly (they do within float16's range)."""
     if dtype == "F16":
-        return raw
-    values = to_float32(raw, dtype)
-    converted = values.astype(np.float16)
-    if not np.array_equal(converted.astype(np.float32), values):
-        raise LocalmixError(f"{what}: {dtype} scales or biases that float16 cannot hold exactly")
-    return converted
+        values = raw
+    else:
+        values = to_float32(raw, dtype)
+        converted = values.astype(np.float16)
+        if not np.array_equal(converted.astype(np.float32), values):
+            raise LocalmixError(f"{what}: {dtype} scales or biases that float16 cannot hold exactly")
+        values = converted
+    if not np.isfinite(values).all():
+        raise LocalmixError(f"{what}: scales or biases that are not finite")
+    return values
 
 
 def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
@@ -85,33 +166,51 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
     source = MLXFolder(folder)
     raw_config = {k: v for k, v in source.config.items() if k not in ("quantization", "quantization_config")}
     args = ModelArgs.from_hf_config(raw_config, str(Path(folder) / "config.json"))
+    # tensor_table lists every expert matrix the config counts: first make sure the files could
+    # hold that many (4 bits a value at least), so a lying count cannot size that list.
+    values = args.num_hidden_layers * max(args.num_local_experts, 1) * 3 * args.hidden_size * args.intermediate_size
+    held = sum(f.size for f in {id(f): f for f in source.files.values()}.values())
+    if values // 2 > held:
+        raise LocalmixError(f"{folder}: config.json describes {values} expert weights, more than the safetensors "
+                            f"files ({held} bytes) hold")
     table = tensor_table(args)
-    settings = {name: source.quantization(mlx_module(name)[0]) for name, _ in table}
-    groups = {s["group_size"] for s in settings.values() if s}
-    if len(groups) != 1:
+    modules: dict[str, tuple[tuple[int, ...], int | None]] = {}
+    for name, shape in table:
+        module, expert = mlx_module(name)
+        modules[module] = (shape, None if expert is None else args.num_local_experts)
+    settings = {module: source.check(module, shape, experts) for module, (shape, experts) in modules.items()}
+    groups = {s["group_size"] for name, _ in table if not stays_float(name) and (s := settings[mlx_module(name)[0]])}
+    if len(groups) > 1:
         raise LocalmixError(f"{folder}: group sizes {sorted(groups)} differ between tensors; localmix keeps one")
-    group_size = groups.pop()
+    group_size = groups.pop() if groups else source.default["group_size"]
 
     def bits_for(name: str) -> int:
-        if settings[name] is None:
+        setting = settings[mlx_module(name)[0]]
+        if setting is None:
             raise LocalmixError(f"{folder}: {name} is not quantized; localmix imports quantized mlx-lm models")
-        return settings[name]["bits"]
+        return setting["bits"]
 
     layouts, sizes = plan_layout(table, bits_for, group_size)
     tokenizer = Path(folder) / "tokenizer.model"
     if not tokenizer.is_file():
         raise LocalmixError(f"{folder}: no tokenizer.model (the sentencepiece tokenizer localmix reads)")
+    check_tokenizer(tokenizer, args.vocab_size)
     check_disk(Path(out_dir).parent, sum(sizes.values()))
+
+    def floats(values: np.ndarray, what: str) -> np.ndarray:
+        if not np.isfinite(values).all():
+            raise LocalmixError(f"{folder}: {what} holds values that are not finite")
+        return values
 
     def arrays_of(layout) -> list:
         module, expert = mlx_module(layout.name)
         if layout.bits is None:  # norms and routers, float32 here
-            q = source.quantization(module)
+            q = settings[module]
             if q:  # a quantized router: its values, dequantized
                 words, scales, biases = (source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases"))
                 return [dequantize(words[0], half(*scales, module), half(*biases, module), q["bits"],
                                    q["group_size"]).astype(np.float32)]
-            return [to_float32(*source.raw(layout.name))]
+            return [floats(to_float32(*source.raw(layout.name)), layout.name)]
         parts = [source.raw(f"{module}.{p}") for p in ("weight", "scales", "biases")]
         if expert is not None:
             parts = [(array[expert], dtype) for array, dtype in parts]
