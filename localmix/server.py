@@ -3,7 +3,14 @@
 Requests share the model through one engine thread: it prefills each new request's prompt, then
 decodes every active answer together, one token each per step (Transformer.step), so that each
 weight read serves all of them. Answers stream back to the request handlers through asyncio
-queues; a client that goes away cancels its answer at the next step.
+queues; a client that goes away (mid-stream, or while waiting for a whole answer) cancels its
+answer before the engine's next token.
+
+Every request is untrusted. Its body is read up to a size limit (413 beyond); parsing it, checking
+each field's type and range, and tokenizing the prompt run in a worker thread, never on the event
+loop (a 4 MB prompt takes seconds to tokenize; /health and the streams must not wait for it); a
+bad request gets a 400 saying which field is wrong, as OpenAI's error object on /v1 and as
+Ollama's {"error": "..."} on /api. A prompt and max_tokens together must fit the context.
 """
 
 from __future__ import annotations
@@ -11,21 +18,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from localmix import validate
 from localmix.errors import LocalmixError
 from localmix.generate import Generation, GenerationResponse
 from localmix.sampling import SamplingParams
+
+log = logging.getLogger("localmix.server")
+
+MAX_BODY_BYTES = 4 << 20  # a 32k-token context is ~130 KB of text; 4 MB leaves room for JSON and long chats
+MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # OpenAI allows 4 stop strings; Ollama clients send a few more
+MAX_WAITING = 256  # answers queued for the engine beyond those it decodes; more get 503
+DEFAULT_MAX_TOKENS = 256  # when the request does not say (and the context has room)
+FILL = -1  # Ollama's num_predict -1 and -2: until the context is full
 
 
 @dataclass
@@ -41,7 +59,8 @@ class Job:
     generation: Generation | None = field(default=None, repr=False)
 
     def send(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # the loop closed under us: the server is stopping
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class Engine:
@@ -54,11 +73,15 @@ class Engine:
         self.wake = threading.Condition()
         self.stopped = False
         self.widest = 0  # the most answers decoded together so far
+        self.decoded = 0  # tokens sampled, all answers together (tests count abandoned answers' tokens with it)
         self.thread = threading.Thread(target=self.run, name="localmix-engine", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         with self.wake:
+            self.waiting = [j for j in self.waiting if not j.cancelled]
+            if len(self.waiting) >= MAX_WAITING:
+                raise BadRequest(503, f"the server is busy: {len(self.waiting)} answers are waiting", "server_busy")
             self.waiting.append(job)
             self.wake.notify()
 
@@ -74,6 +97,7 @@ class Engine:
                     self.wake.wait()
                 if self.stopped:
                     return
+                self.waiting = [j for j in self.waiting if not j.cancelled]  # abandoned before they started
                 room = self.max_batch - len(self.active)
                 admitted, self.waiting = self.waiting[:room], self.waiting[room:]
             for job in admitted:
@@ -85,30 +109,36 @@ class Engine:
             return
         try:
             job.generation = Generation(self.model.transformer, self.model.tokenizer, job.prompt, job.max_tokens,
-                                        job.params, strip_leading_space=job.chat)
-            job.generation.prefill()
+                                        job.params, strip_leading_space=job.chat, cancelled=lambda: job.cancelled)
+            job.generation.prefill()  # asks `cancelled` between chunks of the prompt
         except LocalmixError as e:
             job.send(e)
             return
         except Exception as e:  # noqa: BLE001 (a request must never stop the engine)
+            log.exception("internal error while starting an answer")
             job.send(LocalmixError(f"internal error: {e}"))
             return
         self.active.append(job)
 
     def step(self) -> None:
-        """Sample a token for each active answer, send it, then run the model once for all that go on."""
+        """Sample a token for each active answer, send it, then run the model once for all that go on.
+        An abandoned answer's next() says "cancelled" without sampling, and it leaves the batch here."""
         going = []
         for job in self.active:
-            if job.cancelled:
-                continue
             try:
                 response = job.generation.next()
             except Exception as e:  # noqa: BLE001 (a request must never stop the engine)
+                log.exception("internal error while sampling")
                 job.send(LocalmixError(f"internal error: {e}"))
+                job.generation = None
                 continue
+            if response.token is not None:
+                self.decoded += 1
             job.send(response)
             if response.finish_reason is None:
                 going.append((job, response.token))
+            else:
+                job.generation = None  # its KV cache goes now, not when the handler lets go of the job
         self.active = [job for job, _ in going]
         if not going:
             return
@@ -116,17 +146,21 @@ class Engine:
         try:
             logits = self.model.transformer.step([token for _, token in going], [job.generation.cache for job, _ in going])
         except Exception as e:  # noqa: BLE001
+            log.exception("internal error in a decoding step")
             for job, _ in going:
                 job.send(LocalmixError(f"internal error: {e}"))
+                job.generation = None
             self.active = []
             return
         for (job, _), row in zip(going, logits):
             job.generation.logits = row
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    """An OpenAI-style error body (Ollama clients read its "error" too)."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+          param: str | None = None) -> JSONResponse:
+    """An OpenAI-style error body."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
 
 
 class BadRequest(Exception):
@@ -135,81 +169,217 @@ class BadRequest(Exception):
         self.status, self.code = status, code
 
 
-def sampling(body: dict, ollama: bool) -> tuple[SamplingParams, int]:
-    """Sampling settings and the answer's length as each API names them."""
-    o = (body.get("options") or {}) if ollama else body
-    if not isinstance(o, dict):
-        raise BadRequest(400, "options must be an object")
-    stop = o.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
+class Gone(Exception):
+    """The client left before it had sent its whole request."""
+
+
+@dataclass
+class Ask:
+    """A request, checked: the prompt's ids and how to answer it."""
+    ids: list[int]
+    params: SamplingParams
+    length: int           # max tokens of the answer
+    stream: bool
+    chat: bool            # the answer starts a new text (after [/INST]) rather than continuing the prompt
+    include_usage: bool = False
+
+
+# --- checking a request's fields (in the worker thread) ----------------------------------------
+
+def checked(check, *args, **kwargs):
+    """A validate.* check whose LocalmixError becomes a 400."""
     try:
-        params = SamplingParams(
-            temperature=float(o.get("temperature", 0.8 if ollama else 1.0)),
-            top_p=float(o.get("top_p", 0.9 if ollama else 1.0)), top_k=int(o.get("top_k", 40 if ollama else 0)),
-            min_p=float(o.get("min_p", 0.0)), seed=o.get("seed"),
-            repeat_penalty=float(o.get("repeat_penalty", 1.1 if ollama else 1.0)), stop=list(stop)).check()
-        length = o.get("num_predict", 256) if ollama else body.get("max_completion_tokens", body.get("max_tokens", 256))
-        length = 256 if length is None else int(length)
-    except (TypeError, ValueError) as e:
-        raise BadRequest(400, f"bad sampling parameter: {e}") from None
+        return check(*args, **kwargs)
     except LocalmixError as e:
         raise BadRequest(400, str(e)) from None
-    if ollama and length < 0:  # Ollama: -1 is "until the context is full"
-        length = 1 << 30
-    if length < 0:
-        raise BadRequest(400, f"max_tokens must be >= 0, got {length}")
-    return params, length
+
+
+def optional(o: dict, key: str, default, check, *bounds):
+    """o[key] checked by validate.`check`, or default where it is absent or null."""
+    value = o.get(key)
+    return default if value is None else checked(check, value, key, "request", *bounds)
+
+
+def stops_of(value) -> list[str]:
+    """None, a string, or a list of at most MAX_STOPS strings of at most MAX_STOP_CHARS characters each."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or len(value) > MAX_STOPS:
+        raise BadRequest(400, f"request: stop must be a string or a list of at most {MAX_STOPS} strings")
+    return [checked(validate.string, s, "stop", "request", MAX_STOP_CHARS) for s in value]
+
+
+def sampling(body: dict, ollama: bool) -> tuple[SamplingParams, int | None]:
+    """Sampling settings, and the answer's length as asked (None: not asked; FILL: as long as the
+    context allows), as each API names them. Defaults are each API's own."""
+    o = body
+    if ollama:
+        o = body.get("options")
+        o = {} if o is None else o
+        if not isinstance(o, dict):
+            raise BadRequest(400, "request: options must be an object")
+    seed = optional(o, "seed", None, validate.integer, -(1 << 63), (1 << 64) - 1)
+    params = SamplingParams(
+        temperature=optional(o, "temperature", 0.8 if ollama else 1.0, validate.number, 0.0, 100.0),
+        top_p=optional(o, "top_p", 0.9 if ollama else 1.0, validate.number, 0.0, 1.0, True),
+        top_k=optional(o, "top_k", 40 if ollama else 0, validate.integer, 0, 1 << 31),
+        min_p=optional(o, "min_p", 0.0, validate.number, 0.0, 1.0),
+        repeat_penalty=optional(o, "repeat_penalty", 1.1 if ollama else 1.0, validate.number, 0.0, 100.0, True),
+        repeat_last_n=optional(o, "repeat_last_n", 64, validate.integer, 0, 1 << 31),
+        seed=None if seed is None or seed < 0 else seed,  # Ollama's -1: a random seed
+        stop=stops_of(o.get("stop")))
+    checked(params.check)
+    if ollama:  # -1: until the context is full, -2: fill the context (both: as long as it allows)
+        length = optional(o, "num_predict", None, validate.integer, -2, validate.MAX_CONTEXT)
+        return params, FILL if length is not None and length < 0 else length
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return params, optional(body, key, None, validate.integer, 0, validate.MAX_CONTEXT)
+
+
+def content_of(value, where: str) -> str:
+    """A message's text: a string, null, or OpenAI's list of parts (text parts only)."""
+    if value is None:
+        return ""  # an assistant message that only called tools
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise BadRequest(400, f"request: {where}: content parts must be text parts, got {kind!r:.40}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise BadRequest(400, f"request: {where}: content must be a string or a list of text parts")
+
+
+def messages_of(value) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest(400, "request: messages must be a non-empty list")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise BadRequest(400, f"request: messages[{i}] must be an object")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise BadRequest(400, f"request: messages[{i}].role must be a string")
+        messages.append({"role": role, "content": content_of(m.get("content"), f"messages[{i}]")})
+    return messages
 
 
 class Server:
-    def __init__(self, model, name: str):
+    def __init__(self, model, name: str, max_body: int = MAX_BODY_BYTES):
         self.model, self.name, self.created = model, name, int(time.time())
+        self.max_body = max_body
         self.engine = Engine(model)
         self.context = model.config.max_position_embeddings
+        # Parsing, checking and tokenizing a request: off the event loop. Two threads: a huge prompt
+        # occupies one, the other keeps serving the small ones (sentencepiece releases the GIL).
+        self.workers = ThreadPoolExecutor(2, thread_name_prefix="localmix-request")
 
     # --- the request's way in ---------------------------------------------------------------
 
-    async def body(self, request: Request) -> dict:
+    async def read(self, request: Request) -> bytes:
+        """The body, never more than max_body bytes of it in memory (413 beyond)."""
+        too_big = BadRequest(413, f"the request body is larger than {self.max_body} bytes", "request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise too_big
+        body, size = [], 0
         try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise BadRequest(400, "the request body is not valid JSON") from None
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise too_big
+                body.append(chunk)
+        except ClientDisconnect:
+            raise Gone() from None
+        return b"".join(body)
+
+    async def ask(self, request: Request, chat: bool, ollama: bool) -> Ask:
+        raw = await self.read(request)
+        return await asyncio.get_running_loop().run_in_executor(self.workers, self.parse, raw, chat, ollama)
+
+    def parse(self, raw: bytes, chat: bool, ollama: bool) -> Ask:
+        """The request, checked field by field, and its prompt tokenized (in a worker thread)."""
+        if not raw.strip():
+            raise BadRequest(400, "the request body is empty: send a JSON object")
+        try:
+            body = validate.parse_json(raw, "request", "JSON")
+        except LocalmixError as e:
+            raise BadRequest(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise BadRequest(400, "the request body must be a JSON object")
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise BadRequest(400, f"request: model must be a string, got {type(model).__name__}")
         if model not in (None, "", self.name) and model.split(":")[0] != self.name:
-            raise BadRequest(404, f"model {model!r} not found; this server has {self.name!r}", "model_not_found")
-        return body
-
-    def prompt(self, body: dict, chat: bool) -> list[int]:
-        try:
-            if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages:
-                    raise BadRequest(400, "messages must be a non-empty list")
-                messages = [{"role": m.get("role"), "content": text_of(m.get("content"))} for m in messages]
-                ids = self.model.tokenizer.apply_chat_template(messages)
-            else:
-                prompt = body.get("prompt")
-                if not isinstance(prompt, str):
-                    raise BadRequest(400, "prompt must be a string")
-                system = body.get("system")
-                if body.get("raw", True) or system is None:
-                    ids = self.model.tokenizer.encode(prompt, bos=True)
-                else:
-                    ids = self.model.tokenizer.apply_chat_template(
-                        [{"role": "system", "content": system}, {"role": "user", "content": prompt}])
-        except (LocalmixError, AttributeError, TypeError) as e:
-            raise BadRequest(400, str(e)) from None
-        if len(ids) >= self.context:
+            raise BadRequest(404, f"model {model[:200]!r} not found; this server has {self.name!r}",
+                             "model_not_found")
+        stream = optional(body, "stream", ollama, validate.boolean)  # Ollama streams unless told not to
+        include_usage = False
+        if not ollama and body.get("stream_options") is not None:
+            options = body["stream_options"]
+            if not isinstance(options, dict):
+                raise BadRequest(400, "request: stream_options must be an object")
+            include_usage = optional(options, "include_usage", False, validate.boolean)
+        if optional(body, "n", 1, validate.integer, 1, 1 << 31) != 1:
+            raise BadRequest(400, "request: n must be 1 (one answer per request)")
+        params, length = sampling(body, ollama)
+        ids, new_text = self.prompt(body, chat, ollama)
+        room = self.context - len(ids)
+        if room < 1:
             raise BadRequest(400, f"the prompt has {len(ids)} tokens, more than the model's context of "
                                   f"{self.context} leaves room for", "context_length_exceeded")
-        return ids
+        if length is None:  # not asked: the default, or what fits
+            length = min(room, DEFAULT_MAX_TOKENS)
+        elif length == FILL:
+            length = room
+        elif length > room:
+            name = "num_predict" if ollama else "max_tokens"
+            raise BadRequest(400, f"the prompt has {len(ids)} tokens and {name} asks for {length}: "
+                                  f"{len(ids) + length} is more than the model's context of {self.context} tokens",
+                             "context_length_exceeded")
+        return Ask(ids, params, length, stream, new_text, include_usage)
 
-    async def responses(self, ids: list[int], params: SamplingParams, length: int, chat: bool):
-        """The engine's responses for this request; leaving early (a client gone) cancels it."""
-        job = Job(ids, length, params, chat, asyncio.get_running_loop(), asyncio.Queue())
+    def prompt(self, body: dict, chat: bool, ollama: bool) -> tuple[list[int], bool]:
+        """(ids, whether the answer starts a new text) for the request's messages or prompt."""
+        tokenizer = self.model.tokenizer
+        # A base model (trained on plain text, such as the demo) knows no [INST] format: a chat with one
+        # continues the text of the conversation, its messages' contents in order, one paragraph each.
+        # Joining all of them (not only the last user message) keeps what the system and the earlier turns
+        # said, as a plain-text transcript would.
+        base = bool(getattr(self.model, "base_model", False))
+        try:
+            if chat:
+                messages = messages_of(body.get("messages"))
+                if base:
+                    return tokenizer.encode("\n\n".join(m["content"] for m in messages if m["content"]), bos=True), False
+                return tokenizer.apply_chat_template(messages), True
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise BadRequest(400, "request: prompt must be a string")
+            system = optional(body, "system", None, validate.string, 1 << 30)
+            raw = optional(body, "raw", system is None, validate.boolean) if ollama else True
+            if raw or system is None:
+                return tokenizer.encode(prompt, bos=True), False
+            if base:
+                return tokenizer.encode(f"{system}\n\n{prompt}", bos=True), False
+            return tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                  {"role": "user", "content": prompt}]), True
+        except LocalmixError as e:
+            raise BadRequest(400, str(e)) from None
+
+    def submit(self, ask: Ask) -> Job:
+        """The request's answer, queued for the engine (503 if too many wait already)."""
+        job = Job(ask.ids, ask.length, ask.params, ask.chat, asyncio.get_running_loop(), asyncio.Queue())
         self.engine.submit(job)
+        return job
+
+    async def responses(self, job: Job):
+        """The engine's responses for this job; leaving early (a client gone) cancels it."""
         try:
             while True:
                 item = await job.queue.get()
@@ -221,6 +391,26 @@ class Server:
         finally:
             job.cancelled = True
 
+    async def whole(self, request: Request, ask: Ask) -> list[GenerationResponse] | None:
+        """All of a non-streamed answer, or None if the client left first: then its answer is cancelled
+        at once (the engine decodes at most the token under way), instead of running to max_tokens
+        for nobody while the requests behind it wait."""
+        job = self.submit(ask)
+        collect = asyncio.ensure_future(_gather(self.responses(job)))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            job.cancelled = job.cancelled or not collect.done()
+        if collect.done():
+            return collect.result()
+        collect.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collect
+        log.info("client %s left before its answer was complete; answer cancelled", _client(request))
+        return None
+
     # --- OpenAI -----------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
@@ -229,11 +419,12 @@ class Server:
 
     async def openai(self, request: Request, chat: bool) -> Response:
         try:
-            body = await self.body(request)
-            ids = self.prompt(body, chat)
-            params, length = sampling(body, ollama=False)
+            ask = await self.ask(request, chat, ollama=False)
         except BadRequest as e:
             return error(e.status, str(e), code=e.code)
+        except Gone:
+            return _gone(request)
+        ids = ask.ids
         answer_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind = "chat.completion" if chat else "text_completion"
 
@@ -251,22 +442,28 @@ class Server:
             return {"id": answer_id, "object": kind + (".chunk" if chunk and chat else ""), "created": int(time.time()),
                     "model": self.name, "choices": choices, **(extra or {})}
 
-        answer = self.responses(ids, params, length, chat)
-        if not body.get("stream"):
+        if not ask.stream:
             try:
-                parts = [r async for r in answer]
+                parts = await self.whole(request, ask)
+            except BadRequest as e:
+                return error(e.status, str(e), code=e.code)
             except LocalmixError as e:
                 return error(400, str(e))
+            if parts is None:
+                return _gone(request)
             text = "".join(r.text for r in parts)
             return JSONResponse(envelope([choice(text, parts[-1].finish_reason, True)], {"usage": usage(parts[-1])}))
 
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        try:
+            answer = self.responses(self.submit(ask))
+        except BadRequest as e:
+            return error(e.status, str(e), code=e.code)
 
         async def events():
             try:
                 async for r in answer:
                     yield sse(envelope([choice(r.text, r.finish_reason, False)], chunk=True))
-                    if r.finish_reason and include_usage:
+                    if r.finish_reason and ask.include_usage:
                         yield sse(envelope([], {"usage": usage(r)}, chunk=True))
             except LocalmixError as e:
                 yield sse({"error": {"message": str(e), "type": "invalid_request_error"}})
@@ -284,13 +481,12 @@ class Server:
 
     async def ollama(self, request: Request, chat: bool) -> Response:
         try:
-            body = await self.body(request)
-            if not chat:
-                body.setdefault("raw", body.get("system") is None)
-            ids = self.prompt(body, chat)
-            params, length = sampling(body, ollama=True)
+            ask = await self.ask(request, chat, ollama=True)
         except BadRequest as e:
-            return error(e.status, str(e), code=e.code)
+            return ollama_error(e.status, str(e))
+        except Gone:
+            return _gone(request)
+        ids = ask.ids
         started = time.perf_counter_ns()
 
         def piece(text: str) -> dict:
@@ -306,13 +502,21 @@ class Server:
                            eval_duration=max(0, total - prompt_ns))
             return out
 
-        answer = self.responses(ids, params, length, chat)
-        if body.get("stream") is False:
+        if not ask.stream:
             try:
-                parts = [r async for r in answer]
+                parts = await self.whole(request, ask)
+            except BadRequest as e:
+                return ollama_error(e.status, str(e))
             except LocalmixError as e:
-                return error(400, str(e))
+                return ollama_error(400, str(e))
+            if parts is None:
+                return _gone(request)
             return JSONResponse(line(parts[-1], "".join(r.text for r in parts)))
+
+        try:
+            answer = self.responses(self.submit(ask))
+        except BadRequest as e:
+            return ollama_error(e.status, str(e))
 
         async def lines():
             try:
@@ -326,13 +530,29 @@ class Server:
         return JSONResponse({"status": "ok", "model": self.name})
 
 
-def text_of(content) -> str:
-    """A message's text: a string, or OpenAI's list of parts (the text ones)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    raise BadRequest(400, "message content must be a string or a list of text parts")
+def ollama_error(status: int, message: str) -> JSONResponse:
+    """Ollama's error body: {"error": "..."} (its clients read the string)."""
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _gather(answer) -> list:
+    return [r async for r in answer]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the ASGI disconnect message; the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
+
+
+def _gone(request: Request) -> Response:
+    """Nobody reads this (uvicorn drops what is sent to a closed connection): one line in the log, no traceback."""
+    log.info("client %s left before its request was answered", _client(request))
+    return Response(status_code=499)
 
 
 def sse(data: dict) -> str:
@@ -343,13 +563,14 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def create_app(model, name: str) -> Starlette:
-    server = Server(model, name)
+def create_app(model, name: str, max_body: int = MAX_BODY_BYTES) -> Starlette:
+    server = Server(model, name, max_body)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         server.engine.stop()
+        server.workers.shutdown(wait=False, cancel_futures=True)
 
     async def not_found(request: Request, exc) -> Response:
         return error(404, f"no route {request.method} {request.url.path}", code="not_found")
