@@ -26,7 +26,7 @@ from numba import prange, types
 from localmix.errors import LocalmixError
 from localmix.quant.affine import quantize
 from localmix.model import Expert
-from localmix.store import QuantizedMatrix, TensorLayout, expert_matrix
+from localmix.store import MANIFEST, QuantizedMatrix, TensorLayout, check_manifest, expert_matrix
 
 MIB = 1 << 20
 SHADOW_BITS = (2,)  # what the kernels run besides the stored 4 and 8 bits (3 bits do not divide their 16-bit lanes)
@@ -143,11 +143,13 @@ class ExpertCache:
         pinned = list(hot)[:max(0, slots - max(2 * experts_per_token, slots // 4))] if policy == "pinned" else []
         self.folder, self.policy = Path(folder), Pinned(pinned) if policy == "pinned" else POLICIES[policy]()
         self.experts_per_token, self.policy_name, self.guess_ahead = experts_per_token, policy, prefetch
+        # Every shape, offset and size below sizes a slot, a read or a view the kernels write through:
+        # they come from the manifest as check_manifest checked it against the config and the layout rule.
+        _, checked = check_manifest(manifest, self.folder, str(self.folder / MANIFEST))
         self.layouts: dict[tuple[int, int], list[TensorLayout]] = {}
-        for name, t in manifest["tensors"].items():
+        for name, layout in checked.items():
             matrix = expert_matrix(name)
             if matrix:
-                layout = TensorLayout(name, t["file"], t["offset"], tuple(t["shape"]), t["dtype"], t["group_size"])
                 self.layouts.setdefault(matrix[:2], []).append(layout)
         if len(self.layouts) != layers * experts:
             raise LocalmixError(f"{self.folder}: the manifest lists {len(self.layouts)} experts, "

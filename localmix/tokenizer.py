@@ -55,6 +55,8 @@ class Tokenizer:
             size = Path(model_path).stat().st_size
         except OSError as e:
             raise LocalmixError(f"{source}: cannot read the tokenizer ({e.strerror or e})") from None
+        if not Path(model_path).is_file():  # a device such as /dev/zero would be read forever
+            raise LocalmixError(f"{source}: the tokenizer is not a regular file")
         if size > MAX_TOKENIZER_BYTES:
             raise LocalmixError(f"{source}: tokenizer.model is {size} bytes, not a sentencepiece model")
         try:

@@ -18,7 +18,8 @@ How a suite uses it (tests/test_fuzz_files.py is one):
 A Case is its kind (LIE: must end in LocalmixError; HARMLESS: must run through) and a function
 run(context, workdir) that makes its input under workdir (a fresh folder per case) and feeds it to
 the entry points; `context` is a JSON-able dict the parent passes to every case (where the base
-model lies, say). Raising LocalmixError means "refused", returning means "accepted". Anything else
+model lies, say). Raising LocalmixError means "refused", returning means "accepted" (a string it
+returns is kept as the detail: which entry point accepted, say). Anything else
 is classed as a traceback (any other exception), a memory blow-up (MemoryError, or the child killed
 while over its address-space limit), a crash (the child died: abort, segfault) or a hang (no answer
 within timeout_s).
@@ -203,8 +204,8 @@ def _child(spec: dict) -> None:
         print(f"start\t{name}", flush=True)
         work = Path(tempfile.mkdtemp(prefix="case-", dir=root))
         try:
-            cases[name].run(spec["context"], work)
-            outcome, detail = "accepted", ""
+            result = cases[name].run(spec["context"], work)
+            outcome, detail = "accepted", str(result or "")[:300]
         except LocalmixError as e:
             outcome, detail = "refused", str(e)[:300]
         except MemoryError:
