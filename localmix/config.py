@@ -148,15 +148,22 @@ class ModelArgs:
 
 def _rope_theta(config: dict, default: float, source: str) -> float:
     """rope_theta sits at the top level (the real Mixtral config) or in rope_parameters (newer
-    transformers). Only plain RoPE is supported: a scaled variant would silently change the math."""
+    transformers). Only plain RoPE is supported: a scaled variant would silently change the math.
+    Every place a value can sit is checked, also the one that another overrides: a config that
+    lies anywhere is refused."""
+    theta = None
     for key in ("rope_parameters", "rope_scaling"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise LocalmixError(f"{source}: {key} must be null or a JSON object, got {config[key]!r:.60}")
-    params = config.get("rope_parameters") or config.get("rope_scaling")
-    if params:
+        params = config.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise LocalmixError(f"{source}: {key} must be null or a JSON object, got {params!r:.60}")
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type != "default":
             raise LocalmixError(f"{source}: unsupported rope_type {rope_type!r:.60} (only plain RoPE)")
-        if params.get("rope_theta") is not None:
-            return params["rope_theta"]
-    return config["rope_theta"] if config.get("rope_theta") is not None else default
+        if params.get("rope_theta") is not None and theta is None:
+            theta = validate.number(params["rope_theta"], f"{key}.rope_theta", source, low=0.0, low_open=True)
+    top = config.get("rope_theta")
+    if top is not None:
+        top = validate.number(top, "rope_theta", source, low=0.0, low_open=True)
+    return theta if theta is not None else top if top is not None else default
