@@ -444,9 +444,9 @@ def sentencepiece_model(g: GGUFFile, vocab: int) -> bytes:
         raise LocalmixError("importing a GGUF's tokenizer needs protobuf: pip install 'localmix[gguf]'") from None
     tokens = g.array("tokenizer.ggml.tokens", {STRING}, "strings")
     scores = g.array("tokenizer.ggml.scores", FLOATS, "floats", vocab, None)
-    types = g.array("tokenizer.ggml.token_type", INTEGERS, "integers", vocab, None)
+    # Required: without them the byte pieces are not known as bytes, and byte fallback cannot work.
+    types = g.array("tokenizer.ggml.token_type", INTEGERS, "integers", vocab).astype(np.int64)
     scores = np.zeros(vocab, np.float32) if scores is None else scores.astype(np.float64)
-    types = np.ones(vocab, np.int64) if types is None else types.astype(np.int64)
     if not np.isfinite(scores).all():
         raise LocalmixError(f"{g.path}: tokenizer.ggml.scores holds values that are not finite")
     if not np.isin(types, TOKEN_TYPES).all():
@@ -478,7 +478,12 @@ def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
     g = GGUFFile(path)
     raw_config = hf_config(g)
     args = ModelArgs.from_hf_config(raw_config, str(path))
-    for source, dims in gguf_shapes(args).items():
+    shapes = gguf_shapes(args)
+    extra = sorted(set(g.tensors) - set(shapes))
+    if extra:  # as llama.cpp refuses them: a file with more tensors than its metadata describes is not what it says
+        raise LocalmixError(f"{path}: tensor {extra[0]} is not part of the Mixtral its metadata describes"
+                            + (f" ({len(extra)} such tensors)" if len(extra) > 1 else ""))
+    for source, dims in shapes.items():
         if source not in g.tensors:
             raise LocalmixError(f"{path}: no tensor {source}")
         t = g.tensors[source]

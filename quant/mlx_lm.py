@@ -179,6 +179,11 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
         module, expert = mlx_module(name)
         modules[module] = (shape, None if expert is None else args.num_local_experts)
     settings = {module: source.check(module, shape, experts) for module, (shape, experts) in modules.items()}
+    parts = {f"{module}.{p}" for module in modules for p in ("weight", "scales", "biases")}
+    extra = sorted(set(source.files) - parts)
+    if extra:  # as mlx-lm's strict load refuses them: tensors the config has no place for mean it is not this model
+        raise LocalmixError(f"{folder}: tensor {extra[0]} is not part of the model config.json describes"
+                            + (f" ({len(extra)} such tensors)" if len(extra) > 1 else ""))
     groups = {s["group_size"] for name, _ in table if not stays_float(name) and (s := settings[mlx_module(name)[0]])}
     if len(groups) > 1:
         raise LocalmixError(f"{folder}: group sizes {sorted(groups)} differ between tensors; localmix keeps one")
