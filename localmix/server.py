@@ -306,10 +306,7 @@ class Server:
         """The request, checked field by field, and its prompt tokenized (in a worker thread)."""
         if not raw.strip():
             raise BadRequest(400, "the request body is empty: send a JSON object")
-        try:
-            body = validate.parse_json(raw, "request", "JSON")
-        except LocalmixError as e:
-            raise BadRequest(400, f"the request body is not valid JSON: {e}") from None
+        body = checked(validate.parse_json, raw, "the request body", "JSON")  # NaN, Infinity, deep nesting: 400
         if not isinstance(body, dict):
             raise BadRequest(400, "the request body must be a JSON object")
         model = body.get("model")
