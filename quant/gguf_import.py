@@ -150,7 +150,7 @@ class GGUFFile:
     def _value_type(self, what: str) -> int:
         kind = self._scalar(4, f"type of {what}")
         if kind not in TYPE_NAMES:
-            self._fail(f"{what} has unknown value type {kind}")
+            self._fail(f"{what!r:.80} has unknown value type {kind}")
         return kind
 
     def _value(self, key: str, kind: int):
@@ -197,6 +197,8 @@ class GGUFFile:
                 self._fail(f"not a readable GGUF file ({count} {what} stated; the file cannot hold them)")
         for _ in range(n_keys):
             key = self._string("a metadata key", MAX_NAME)
+            if not key:
+                self._fail(f"an empty metadata key at byte {self.pos - 8}")
             kind = self._value_type(key)
             if key in self.metadata:
                 self._fail(f"metadata key {key} appears twice")
@@ -204,6 +206,8 @@ class GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = self._string("a tensor name", MAX_NAME)
+            if not name:
+                self._fail(f"an empty tensor name at byte {self.pos - 8}")
             n_dims = self._scalar(4, f"{name}'s dimension count")
             if not 1 <= n_dims <= 4:
                 self._fail(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to 4)")

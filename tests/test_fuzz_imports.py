@@ -340,8 +340,8 @@ case("gguf tensor offset - 32", LIE, patch_tensor_offset(Q0, offset_of(Q0, Q0, -
 case("gguf tensor offset: another tensor's (overlap)", LIE, patch_tensor_offset(N0, offset_of(N0, "blk.0.ffn_norm.weight")))
 case("gguf tensor offset: wraps around to the file's first byte", LIE,
      patch_tensor_offset(N0, lambda r: (1 << 64) - r.data_offset))
-case("gguf tensor offset: wraps around onto another tensor", LIE, patch_tensor_offset(
-    N0, lambda r: (next(t for t in r.tensors if t.name == Q0).data_offset - 2 * r.data_offset) % (1 << 64)))
+case("gguf tensor offset: wraps around into the header (byte 1024)", LIE,
+     patch_tensor_offset(N0, lambda r: (1 << 64) - r.data_offset + 1024))
 for n in (0, 5, 0xFFFFFFFF):
     case(f"gguf tensor dimension count {n}", LIE, patch((tensor(Q0, 2), "<I", n)))
 case("gguf tensor dimension count 3 for a matrix", LIE, patch((tensor(Q0, 2), "<I", 3)))
@@ -586,7 +586,8 @@ case("mlx-lm safetensors truncated to 6 bytes", LIE, mlx_folder(files=edit_bytes
 case("mlx-lm safetensors header length 2^64-1", LIE, mlx_folder(files=edit_bytes(lambda d: struct.pack("<Q", U64_MAX) + d[8:])))
 case("mlx-lm safetensors header not JSON", LIE, mlx_folder(files=edit_bytes(lambda d: d[:8] + b"\xff" * 16 + d[24:])))
 case("mlx-lm safetensors offsets past the end", LIE, mlx_folder(files=edit_bytes(header_json(offsets(QP + ".weight", 0, 1 << 40)))))
-case("mlx-lm safetensors negative offset", LIE, mlx_folder(files=edit_bytes(header_json(offsets(QP + ".weight", -64, -64)))))
+case("mlx-lm safetensors negative offset", LIE, mlx_folder(files=edit_bytes(header_json(
+    lambda h: h[QP + ".weight"].__setitem__("data_offsets", [-2048, 0])))))
 case("mlx-lm safetensors overlapping tensors", LIE, mlx_folder(files=edit_bytes(header_json(
     lambda h: h[QP + ".biases"].__setitem__("data_offsets", list(h[QP + ".scales"]["data_offsets"]))))))
 case("mlx-lm safetensors dtype U32 -> F32 in the header", LIE, mlx_folder(files=edit_bytes(header_json(
