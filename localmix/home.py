@@ -97,7 +97,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     named = models_dir() / str(name_or_path)
-    if str(name_or_path) and named.is_dir():
+    if str(name_or_path) and not str(name_or_path).startswith(".") and named.is_dir():  # hidden: a pull's, not a model
         return named
     if str(name_or_path) == "demo" and DEMO.is_dir():
         return DEMO

@@ -216,6 +216,10 @@ class HubSource:
             raise LocalmixError(f"cannot reach the hub for {self.repo} ({filename} is not downloaded yet); "
                                 f"HF_HUB_OFFLINE is set")
         meta = self._metadata(filename, self.revision)
+        if urllib.parse.urlsplit(meta.location).scheme not in ("http", "https"):
+            # a redirect to file:// would copy a file of this machine into the download
+            raise LocalmixError(f"{self.repo}/{filename}: the hub sends it from {meta.location!r:.120}, "
+                                f"not an http(s) address")
         if meta.size is not None and limit is not None and meta.size > limit:
             raise LocalmixError(f"{self.repo}/{filename}: the hub announces {meta.size} bytes, more than the "
                                 f"{limit} it may have")
@@ -365,7 +369,7 @@ def fetch(url: str, part: Path, headers: dict, size: int | None, limit: int | No
         return
     cap = size if size is not None else limit
     request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={start}-"} if start else {})})
-    with urllib.request.urlopen(request, timeout=wait) as response:
+    with urllib.request.build_opener(HTTPOnlyRedirects).open(request, timeout=wait) as response:
         if start and response.status != 206:  # the server ignored the range: start over
             start = 0
         length = response.headers.get("Content-Length")
@@ -400,6 +404,15 @@ def fetch(url: str, part: Path, headers: dict, size: int | None, limit: int | No
                     window_start, window_done = now, done
     if size is not None and part.stat().st_size != size:
         raise http.client.IncompleteRead(b"", size - part.stat().st_size)
+
+
+class HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects to http(s) only (urllib would also follow one to ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, f"redirect to {newurl!r:.120} refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def sha256_file(path: Path) -> str:
