@@ -113,3 +113,48 @@ def test_unsupported_dtype(folder):
     rewrite_header(folder / "model.safetensors", edit)
     with pytest.raises(LocalmixError, match="dtype I32"):
         localmix.load(folder)
+
+
+def test_header_lies_are_refused_at_open(folder):
+    """Offsets reaching back into the header, two tensors on the same bytes, a byte count that is
+    not the shape's: each refused when the file is opened, naming the tensor."""
+    from localmix.checkpoint import SafetensorsFile
+    path = folder / "model.safetensors"
+    original = path.read_bytes()
+    norm, other = "model.norm.weight", "model.layers.0.input_layernorm.weight"  # both 64 float32
+
+    def negative(h):
+        begin, end = h[norm]["data_offsets"]
+        h[norm]["data_offsets"] = [-(end - begin), 0]  # the header's last bytes read as weights
+
+    def overlap(h):
+        h[other]["data_offsets"] = list(h[norm]["data_offsets"])
+
+    def short(h):
+        h[norm]["shape"] = [63]
+
+    for edit, message in [(negative, f"{norm}.*data_offsets must be between 0"),
+                          (overlap, "tensors .* overlap"), (short, f"{norm}.*256 bytes for shape \\[63\\] of F32")]:
+        path.write_bytes(original)
+        rewrite_header(path, edit)
+        with pytest.raises(LocalmixError, match=message):
+            SafetensorsFile(path)
+        with pytest.raises(LocalmixError, match=message):
+            localmix.load(folder)
+
+
+@pytest.mark.parametrize("name", ["../model.safetensors", "/etc/passwd.safetensors", "sub/../../x.safetensors",
+                                  "model.bin", "link.safetensors"])
+def test_index_names_stay_in_the_folder(tmp_path, name):
+    folder = tmp_path / "model"
+    make_hf_model(folder, shard="300KB")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    if name == "link.safetensors":  # a symlink inside that leads out
+        (tmp_path / "outside.safetensors").write_bytes((folder / shard).read_bytes())
+        os.symlink(tmp_path / "outside.safetensors", folder / name)
+    index["weight_map"]["model.norm.weight"] = name
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(LocalmixError, match="model.safetensors.index.json: .*(outside|not a relative|not a .safetensors)"):
+        Checkpoint(folder)

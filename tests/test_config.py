@@ -88,3 +88,40 @@ def test_unreadable_config_file(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([1, 2]))
     with pytest.raises(LocalmixError, match="not a JSON object"):
         ModelArgs.from_file(tmp_path / "list.json")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_hidden_layers=10 ** 9), "num_hidden_layers must be a positive integer at most 1024"),
+    (dict(num_hidden_layers="32"), "num_hidden_layers must be a positive integer"),
+    (dict(hidden_size=4096.0), "hidden_size must be a positive integer"),
+    (dict(num_local_experts=True), "num_local_experts must be a positive integer"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (dict(rope_theta=0), "rope_theta must be a finite number above 0"),
+    (dict(rope_theta=float("nan")), "rope_theta must be a finite number"),
+    (dict(rms_norm_eps=float("inf")), "rms_norm_eps must be a finite number"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps must be a finite number above 0"),
+    (dict(sliding_window="4096"), "sliding_window must be null or a positive integer"),
+    (dict(head_dim="128"), "head_dim must be a positive integer"),
+    (dict(max_position_embeddings=10 ** 12), "max_position_embeddings must be a positive integer at most"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), "rope_parameters.rope_theta must be"),
+    (dict(rope_parameters={"rope_type": "default"}, rope_scaling={"type": "yarn"}), "unsupported rope_type 'yarn'"),
+    (dict(rope_parameters="default"), "rope_parameters must be null or a JSON object"),
+    (dict(localmix_base_model="false"), "localmix_base_model must be true or false"),
+])
+def test_values_are_typed_and_bounded(change, message):
+    with pytest.raises(LocalmixError, match=message):
+        ModelArgs.from_hf_config(dict(MIXTRAL_8X7B, **change))
+
+
+def test_a_base_model_flag_and_ints_as_floats_where_floats_are_meant():
+    a = ModelArgs.from_hf_config(dict(MIXTRAL_8X7B, localmix_base_model=True, rope_theta=1000000))
+    assert a.rope_theta == 1e6 and isinstance(a.rope_theta, float)
+
+
+def test_a_config_file_is_read_with_a_bound(tmp_path):
+    path = tmp_path / "config.json"
+    with open(path, "wb") as f:
+        f.write(b'{"model_type": "mixtral", "pad": "')
+        f.truncate(65 * 1024 * 1024)  # sparse: no 65 MB written
+    with pytest.raises(LocalmixError, match="cannot read config .*larger than"):
+        ModelArgs.from_file(path)

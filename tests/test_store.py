@@ -238,3 +238,61 @@ def test_dense_mistral_and_tied_embeddings(tmp_path):
         assert kl_divergence(base, localmix.load(out).logits(ids)) < 1e-3
     manifest = read_manifest(tmp_path / "dense-q8")
     assert manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["file"] == "experts/L000-E000.bin"
+
+
+def edited_copy(q4, tmp_path, edit):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(q4, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_moved_offset_is_refused_and_verify_reports_it(q4, tmp_path):
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    copy = edited_copy(q4, tmp_path, lambda m: m["tensors"][name].update(offset=m["tensors"][name]["offset"] + 64))
+    problems = verify(copy)
+    assert len(problems) == 1 and f"tensor {name}: offset is" in problems[0] and "the layout puts it at" in problems[0]
+    with pytest.raises(LocalmixError, match=f"tensor {name}: offset is"):
+        localmix.load(copy)
+
+
+def test_fake_expert_files_are_refused_before_the_expert_cache(q4, tmp_path):
+    """Thousands of listed files made the model look huge: the expert cache turned itself on and the
+    kernels wrote past its slots."""
+    def edit(m):
+        for i in range(5000):
+            m["files"][f"experts/L{100 + i // 100:03d}-E{i % 100:03d}.bin"] = {"size": 10 ** 9, "sha256": "0" * 64}
+    copy = edited_copy(q4, tmp_path, edit)
+    with pytest.raises(LocalmixError, match="lists 5000 file.s. no tensor is in"):
+        localmix.load(copy, backend="numba")
+    assert "lists 5000 file(s) no tensor is in" in verify(copy)[0]
+
+
+def test_shapes_and_sizes_must_be_what_the_config_implies(q4, tmp_path):
+    name = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    for i, (edit, message) in enumerate([
+        (lambda m: m["tensors"][name].update(shape=m["tensors"][name]["shape"][::-1]), "expected .* from the config"),
+        (lambda m: m["tensors"][name].update(offset=2 ** 62), "offset is 4611686018427387904"),
+        (lambda m: m["tensors"][name].update(dtype="q3"), "dtype must be one of q4, q8"),
+        (lambda m: m["tensors"][name].update(file="../dense.bin"), "file is '../dense.bin'"),
+        (lambda m: m["files"]["dense.bin"].update(size=2 * m["files"]["dense.bin"]["size"]), "its tensors fill"),
+        (lambda m: m["config"].update(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    ]):
+        copy = edited_copy(q4, tmp_path / str(i), edit)
+        with pytest.raises(LocalmixError, match=message):
+            localmix.load(copy)
+
+
+def test_verify_loads_the_tokenizer(q4, tmp_path):
+    """A garbage tokenizer.model listed with its own hash (as a pull from a lying hub would have
+    listed it) passes the hashes; verify loads it."""
+    import hashlib
+    garbage = os.urandom(4000)
+    copy = edited_copy(q4, tmp_path, lambda m: m["files"].update(
+        {"tokenizer.model": {"size": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}}))
+    (copy / "tokenizer.model").write_bytes(garbage)
+    problems = verify(copy)
+    assert len(problems) == 1 and "tokenizer.model: not a sentencepiece model" in problems[0]
