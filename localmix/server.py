@@ -247,10 +247,12 @@ def content_of(value, where: str) -> str:
     if isinstance(value, list):
         texts = []
         for part in value:
-            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise BadRequest(400, f"request: {where}: content parts must be text parts, got {kind!r:.40}")
-            texts.append(part["text"])
+            text = part.get("text") if isinstance(part, dict) and part.get("type", "text") == "text" else None
+            if not isinstance(text, str):
+                got = f"type {str(part.get('type'))!r:.40}" if isinstance(part, dict) else type(part).__name__
+                raise BadRequest(400, f"request: {where}: content parts must be text parts "
+                                      f"({{\"type\": \"text\", \"text\": a string}}), got {got}")
+            texts.append(text)
         return "".join(texts)
     raise BadRequest(400, f"request: {where}: content must be a string or a list of text parts")
 
@@ -353,7 +355,8 @@ class Server:
             if chat:
                 messages = messages_of(body.get("messages"))
                 if base:
-                    return tokenizer.encode("\n\n".join(m["content"] for m in messages if m["content"]), bos=True), False
+                    text = "\n\n".join(m["content"] for m in messages if m["content"])
+                    return tokenizer.encode(text, bos=True), False
                 return tokenizer.apply_chat_template(messages), True
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
@@ -470,7 +473,7 @@ class Server:
     # --- Ollama -----------------------------------------------------------------------------
 
     async def tags(self, request: Request) -> Response:
-        size = sum(path.stat().st_size for path in Path(self.model.path).rglob("*") if path.is_file())
+        size = await asyncio.get_running_loop().run_in_executor(self.workers, folder_size, Path(self.model.path))
         details = {"format": "localmix", "family": self.model.config.model_type,
                    "parameter_size": "", "quantization_level": ""}
         return JSONResponse({"models": [{"name": self.name, "model": self.name, "modified_at": now(), "size": size,
@@ -525,6 +528,10 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.name})
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def ollama_error(status: int, message: str) -> JSONResponse:
