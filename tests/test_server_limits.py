@@ -309,6 +309,7 @@ def test_a_big_prompt_is_tokenized_off_the_event_loop(served, quiet):
     body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 4}).encode()
     result = {}
     big = threading.Thread(target=lambda: result.update(answer=http(port, "POST", "/v1/completions", body)))
+    began = time.perf_counter()
     big.start()
     time.sleep(0.3)  # the body is sent and being tokenized
     waits = []
@@ -318,10 +319,12 @@ def test_a_big_prompt_is_tokenized_off_the_event_loop(served, quiet):
         waits.append(time.perf_counter() - start)
         time.sleep(0.05)
     big.join(60)
+    took = time.perf_counter() - began
     status, answer = result["answer"]
     assert status == 400 and "the prompt has" in message_of(answer) and "context of 512" in message_of(answer)
-    print(f"/health answered {len(waits)} times during the big prompt, at most in {max(waits):.3f} s")
-    assert len(waits) >= 3 and max(waits) < 1.0  # on the event loop: one wait of seconds
+    print(f"/health answered {len(waits)} times during the big prompt ({took:.1f} s), at most in {max(waits):.3f} s")
+    # Tokenized on the event loop, /health would wait for all of it (one wait of about `took`).
+    assert len(waits) >= 3 and max(waits) < max(1.0, took / 3)
 
 
 def raw_chat(port: int, fields: dict) -> socket.socket:
@@ -363,7 +366,9 @@ def test_abandoned_answers_stop_decoding(served, quiet):
         wait_idle(engine)
         after = engine.decoded - left
         print(f"stream={stream}: {after} tokens decoded after 20 clients asking {room} each left")
-        assert after <= 3 * engine.max_batch  # without cancellation: 20 x 492 tokens
+        # Typically 0-2; the bound leaves room for a loaded machine where the event loop hears of the
+        # closed connections a few steps late. Without cancellation: 20 x 492 = 9840 tokens.
+        assert after < 100
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     answer = client.chat.completions.create(model="tiny", messages=HI, max_tokens=4)
     assert answer.choices[0].finish_reason == "length"
