@@ -52,6 +52,15 @@ def bits_policy(bits: str, args: ModelArgs) -> Callable[[str], int]:
     return policy
 
 
+def check_tensor_count(args: ModelArgs, weight_map: dict, source: str) -> None:
+    """A config that describes more tensors than the checkpoint lists is refused before its table
+    (an entry per tensor: tens of millions for 1024 layers of 16384 experts) is built."""
+    needed = args.num_hidden_layers * 3 * max(args.num_local_experts, 1)  # the experts' (or MLP's) alone
+    if needed > len(weight_map):
+        raise LocalmixError(f"{source}: describes at least {needed} tensors, but the checkpoint lists "
+                            f"{len(weight_map)}")
+
+
 class LocalSource:
     """A Hugging Face folder on disk; with delete_shards, each shard is deleted once converted."""
 
@@ -64,12 +73,7 @@ class LocalSource:
         self.repo, self.revision = str(self.folder.resolve()), None
         self.tokenizer_path = self.checkpoint.tokenizer_path
         check_tokenizer(self.tokenizer_path, self.config.vocab_size)
-        # A config that describes more tensors than the checkpoint lists is refused before its
-        # table (one entry per tensor: millions for a lying config) is built.
-        needed = self.config.num_hidden_layers * 3 * max(self.config.num_local_experts, 1)
-        if needed > len(self.weight_map):
-            raise LocalmixError(f"{self.folder / 'config.json'}: describes at least {needed} tensors, but the "
-                                f"checkpoint has {len(self.weight_map)}")
+        check_tensor_count(self.config, self.weight_map, str(self.folder / "config.json"))
         for name, shape in tensor_table(self.config):  # every tensor present and well shaped, up front
             self.checkpoint.file_of(name, shape)
 
@@ -99,6 +103,7 @@ def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,
     if out_dir.exists():
         raise LocalmixError(f"{out_dir} already exists; remove it first (localmix rm)")
     args = source.config
+    check_tensor_count(args, source.weight_map, f"{source.repo}: config.json")
     table = tensor_table(args)
     layouts, sizes = plan_layout(table, bits_policy(bits, args), group_size)
     check_disk(out_dir.parent, sum(sizes.values()) + source.download_bytes())

@@ -36,6 +36,7 @@ from localmix.checkpoint import SafetensorsFile, _MAX_HEADER
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.home import FileLock
+from localmix.quant.convert import check_disk, check_tensor_count
 from localmix.tokenizer import MAX_TOKENIZER_BYTES, check_tokenizer
 
 REPO_ID = re.compile(r"^[\w][\w.\-]*/[\w][\w.\-]*$")
@@ -166,21 +167,21 @@ class HubSource:
 
     def _check_sizes(self) -> None:
         """The config against the files it describes, before it sizes anything: as many tensors as
-        it needs in the index, and weight files that can hold its parameters (at least 2 bytes each:
-        bf16) and no more than they justify (4 bytes each, plus a header)."""
+        it needs in the index, and weight files that can hold its parameters and no more than they
+        justify (4 bytes each, plus a header)."""
         args = self.config
         params = parameter_count(args)
         source = f"{self.repo}/config.json"
-        if "quantization" not in self.raw_config():  # mlx-lm repositories stack and pack their tensors
-            if self.weight_map is not None:
-                needed = args.num_hidden_layers * 3 * max(args.num_local_experts, 1)
-                if needed > len(self.weight_map):
-                    raise LocalmixError(f"{source}: describes at least {needed} tensors, but the index lists "
-                                        f"{len(self.weight_map)}")
-            known = [size for size in self.sizes.values() if size is not None]
-            if len(known) == len(self.sizes) and sum(known) < 2 * params:
-                raise LocalmixError(f"{source}: describes {params} parameters (at least {2 * params} bytes), "
-                                    f"but the repository's weight files hold {sum(known)} bytes")
+        # At least 2 bytes a parameter (bf16); mlx-lm repositories stack their experts (the index
+        # does not count them) and pack them in as few as 2 bits.
+        mlx_lm = "quantization" in self.raw_config()
+        if self.weight_map is not None and not mlx_lm:
+            check_tensor_count(args, self.weight_map, source)
+        least = params // 4 if mlx_lm else 2 * params
+        known = [size for size in self.sizes.values() if size is not None]
+        if len(known) == len(self.sizes) and sum(known) < least:
+            raise LocalmixError(f"{source}: describes {params} parameters (at least {least} bytes), but the "
+                                f"repository's weight files hold {sum(known)} bytes")
         self.shard_limit = 8 + _MAX_HEADER + 4 * params
         for shard, size in self.sizes.items():
             if size is not None and size > self.shard_limit:
@@ -289,8 +290,6 @@ class HubSource:
 
     def download_file(self) -> Path:
         """The one file asked for with file= (a GGUF), its size checked against the free disk."""
-        from localmix.quant.convert import check_disk
-
         name = self.file.relative_to(self.folder).as_posix()
         if self.offline:
             return self._download(name)

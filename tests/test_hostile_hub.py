@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import json
 import os
 import re
@@ -333,3 +334,17 @@ def test_a_running_pull_holds_its_name_and_its_download(hub, env, tmp_path, monk
         assert_one_line_error(localmix_cli("pull", "acme/honest", "--name", "u", env=env),
                               "another pull is downloading acme/honest", after_progress=True)
     assert not list((tmp_path / "home" / "models").glob("[!.]*"))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True, "head_dim": 32},
+                                       {"model_type": "mistral", "num_local_experts": None}])
+def test_parameter_count_agrees_with_the_tensor_table(overrides):
+    """The hub's size checks count a config's parameters without listing its tensors (a lying
+    config may describe millions); the count must be the converter's table's."""
+    from conftest import SMALL
+    from localmix.checkpoint import tensor_table
+    from localmix.config import ModelArgs
+    from localmix.quant.hub import parameter_count
+
+    args = ModelArgs.from_hf_config({"model_type": "mixtral", **SMALL, **overrides})
+    assert parameter_count(args) == sum(math.prod(shape) for _, shape in tensor_table(args))
