@@ -450,3 +450,31 @@ def test_the_kv_cache_grows_with_the_answer_and_logits_do_not_change(q4, backend
     sizes = sorted(set(capacities))
     assert sizes[0] == len(prompt) + 8 and len(sizes) >= 3 and sizes[-1] < context  # grew twice, not to 512
     assert all(b == 2 * a for a, b in zip(sizes, sizes[1:]))  # by doubling (amortized copies)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_kv_caches_grow_in_batched_decoding_as_the_server_steps_them(q4, backend, monkeypatch):
+    """The engine's path: answers decoded together (Transformer.step), their caches growing at
+    different steps; every row's logits equal those of caches the size of the context."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setattr(localmix.generate, "FIRST_KV_ROOM", 8)
+    model = localmix.load(q4, backend=backend)
+    t, context = model.transformer, model.config.max_position_embeddings
+    prompts = [model.tokenizer.encode(text, bos=True) for text in ("Once upon a time", "Hi")]
+    params = SamplingParams(temperature=0, repeat_penalty=1.0)
+    grown = [Generation(t, model.tokenizer, p, context - len(p), params) for p in prompts]
+    whole = [Generation(t, model.tokenizer, p, context - len(p), params) for p in prompts]
+    for g in whole:
+        g.cache = t.new_cache(context)
+    for g in grown + whole:
+        g.prefill()
+    for _ in range(len(prompts[0]) + 20):
+        tokens = [[g.next().token for g in gs] for gs in (grown, whole)]
+        assert tokens[0] == tokens[1]
+        for gs, ids in zip((grown, whole), tokens):
+            for g, row in zip(gs, t.step(ids, [g.cache for g in gs])):
+                g.logits = row
+        for a, b in zip(grown, whole):
+            np.testing.assert_array_equal(a.logits, b.logits)
+    assert all(len(p) + 8 < g.cache.capacity < context for p, g in zip(prompts, grown))  # they grew, not to 512
