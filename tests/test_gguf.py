@@ -4,6 +4,8 @@ The GGUF files are made here with the gguf package's writer and quantizers, from
 Mixtral, with llama.cpp's q/k row order (as its converter writes them); Q4_K blocks, which the
 gguf package cannot make, are drawn at random."""
 
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,65 @@ def test_pull_a_gguf_file_of_a_hub_repository(hf, tmp_path):
     model = localmix.load(tmp_path / "home" / "models" / "tiny-Q8_0", backend="numpy")
     assert model.transformer.weights.lm_head.bits == 8 and "quantized again" not in result.stderr
     assert_one_line_error(missing, "no other.gguf in the repository")
+
+
+def patched(path, out, edits):
+    """A copy of a GGUF file with bytes replaced: edits are (offset, struct format, value)."""
+    data = bytearray(path.read_bytes())
+    for offset, fmt, value in edits:
+        raw = struct.pack(fmt, value)
+        data[offset:offset + len(raw)] = raw
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_lying_gguf_files_are_one_error_line_and_list_nothing(hf, tmp_path):
+    """The issue's hostile files: block_count 10^9 (which ran pull into an 8 GiB limit), an expert
+    stack's type relabelled Q4_0 -> Q4_1, a tensor offset of 2^64-1 (wrapping around in C)."""
+    path = write_gguf(hf, tmp_path / "tiny.gguf")
+    reader = gguf.GGUFReader(str(path))
+    block_count = reader.fields["llama.block_count"]
+    value_at = block_count.offset + sum(int(p.nbytes) for p in block_count.parts[:3])
+    info = next(t for t in reader.tensors if t.name == "blk.0.ffn_up_exps.weight").field
+    type_at = info.offset + sum(int(p.nbytes) for p in info.parts[:4])
+    env = {"LOCALMIX_HOME": str(tmp_path / "home")}
+    for edits, message in [([(value_at, "<I", 10**9)], "llama.block_count must be between 1 and 1024"),
+                           ([(type_at, "<I", int(T.Q4_1))], "a type or shape that does not match the data"),
+                           ([(type_at + 4, "<Q", 2**64 - 1)], "is not a multiple of the alignment"),
+                           ([(type_at + 4, "<Q", 2**64 - 32)], "past the end of the file")]:
+        result = localmix_cli("pull", patched(path, tmp_path / "lie.gguf", edits), env=env)
+        assert_one_line_error(result, message)
+        assert "lie.gguf" in result.stderr  # the file is named
+        assert not [p for p in (tmp_path / "home" / "models").iterdir() if not p.name.endswith(".lock")]
+
+
+def test_array_counts_and_skipped_arrays_cost_no_more_than_the_file(tmp_path):
+    """GGUFReader makes a numpy object per array element and believes the count a file states; the
+    importer's header parse keeps only the arrays it uses and bounds every count by the bytes left."""
+    import tracemalloc
+
+    from localmix.errors import LocalmixError
+    from localmix.quant.gguf_import import GGUFFile
+
+    path = tmp_path / "meta.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"])
+    w.add_key_value("fuzz.bytes", [0] * 2_000_000, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tracemalloc.start()
+    parsed = GGUFFile(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert parsed.metadata["fuzz.bytes"] == (gguf.GGUFValueType.ARRAY, None)  # bounds-checked, not kept
+    assert parsed.metadata["tokenizer.ggml.tokens"][1] == ["<unk>", "<s>", "</s>"]
+    assert peak < path.stat().st_size // 10, peak
+
+    # header (24 bytes), general.architecture = "llama" (45), the tokens' key length, key, type, item type
+    count_at = 24 + 45 + 8 + len("tokenizer.ggml.tokens") + 4 + 4
+    assert struct.unpack("<Q", path.read_bytes()[count_at:count_at + 8]) == (3,)
+    for count in (2**20, 2**40, 2**64 - 1):
+        with pytest.raises(LocalmixError, match="tokenizer.ggml.tokens"):
+            GGUFFile(patched(path, tmp_path / "count.gguf", [(count_at, "<Q", count)]))

@@ -129,3 +129,24 @@ def test_pull_an_mlx_lm_repository_from_the_hub(hf, tmp_path):
     np.testing.assert_array_equal(model.transformer.weights.layers[0].experts[2].w3.words,
                                   quantized["model.layers.0.block_sparse_moe.experts.2.w3.weight"][0])
     assert model.transformer.weights.layers[0].wq.bits == 8 and model.transformer.weights.layers[0].wq.group_size == 32
+
+
+def test_lying_mlx_lm_folders_are_one_error_line_and_list_nothing(hf, tmp_path):
+    """A quantization block that is not typed as mlx-lm writes it, and an expert stack whose shape
+    is not the config's: refused before any tensor is read, with nothing listed."""
+    from safetensors.numpy import load_file, save_file
+
+    source = tmp_path / "mixtral-4bit-mlx"
+    mlx_lm_folder(hf, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 64, "bits": "4"}}))
+    env = {"LOCALMIX_HOME": str(tmp_path / "home")}
+    assert_one_line_error(localmix_cli("pull", source, env=env), "quantization.bits must be an integer")
+
+    (source / "config.json").write_text(json.dumps(config))
+    stack = "model.layers.1.block_sparse_moe.switch_mlp.down_proj.weight"
+    arrays = load_file(str(source / "model.safetensors"))
+    arrays[stack] = arrays[stack].reshape(2, -1, arrays[stack].shape[-1])  # same bytes, half the experts
+    save_file(arrays, str(source / "model.safetensors"))
+    assert_one_line_error(localmix_cli("pull", source, env=env), f"{stack} has shape")
+    assert not [p for p in (tmp_path / "home" / "models").iterdir() if not p.name.endswith(".lock")]
