@@ -8,6 +8,7 @@ import time
 from rich.console import Console
 
 from localmix.api import Model
+from localmix.cli.interrupts import CtrlC
 from localmix.cli.output import print_stats, stats_line, stream_answer, usage_snapshot
 from localmix.errors import LocalmixError
 from localmix.sampling import SamplingParams
@@ -23,7 +24,7 @@ HELP = """Available commands:
   /bye                        exit (or Ctrl-D)
   /?, /help                   this help
 
-Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer."""
+Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer (what it said so far is kept)."""
 
 # /set parameter names (Ollama's) -> SamplingParams fields; num_predict is the answer length.
 PARAMETERS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "seed": int,
@@ -40,19 +41,26 @@ class ChatSession:
 
     def messages(self, user_text: str) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
+        if self.model.base_model:  # one text: each message runs on into its continuation, a paragraph per turn
+            turns = [self.history[i]["content"] + self.history[i + 1]["content"]
+                     for i in range(0, len(self.history), 2)]
+            return system + [{"role": "user", "content": "\n\n".join(turns + [user_text])}]
         return system + self.history + [{"role": "user", "content": user_text}]
 
     def answer(self, user_text: str) -> None:
         start, before = time.perf_counter(), usage_snapshot(self.model)
-        try:
-            text, last = stream_answer(self.model, self.messages(user_text), self.max_tokens, self.params)
-        except KeyboardInterrupt:  # stop this answer, keep the chat; the turn is forgotten
-            print()
-            return
-        except LocalmixError as e:
-            self.console.print(f"error: {e}", markup=False)
-            return
+        # Ctrl-C stops the answer between two kernel calls; the part shown stays in the conversation,
+        # as in Ollama, and the chat goes on.
+        with CtrlC() as ctrl_c:
+            try:
+                text, last = stream_answer(self.model, self.messages(user_text), self.max_tokens, self.params,
+                                           cancelled=ctrl_c)
+            except LocalmixError as e:
+                self.console.print(f"error: {e}", markup=False)
+                return
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
+        if ctrl_c.pressed:
+            return
         if self.verbose and last:
             print_stats(last, self.load_s, time.perf_counter() - start)
         if self.stats:
@@ -174,6 +182,9 @@ def chat_loop(model: Model, name: str, params: SamplingParams, max_tokens: int, 
         pass
     console = Console(stderr=True, highlight=False)
     session = ChatSession(model, name, params, max_tokens, system, verbose, load_s, console, stats)
+    if model.base_model:
+        print(f"{name} is a base model: it continues the text of the conversation (your messages and its "
+              f"continuations) rather than answering it; /clear starts a new text.")
     print("Send a message (/? for help)")
     while True:
         try:
@@ -186,8 +197,11 @@ def chat_loop(model: Model, name: str, params: SamplingParams, max_tokens: int, 
             return
         if not text.strip():
             continue
-        if text.startswith("/") and not text.startswith("//"):
-            if not session.command(text):
-                return
-            continue
-        session.answer(text)
+        try:
+            if text.startswith("/") and not text.startswith("//"):
+                if not session.command(text):
+                    return
+                continue
+            session.answer(text)
+        except KeyboardInterrupt:  # between answers (a command, the figures after one): no kernel runs there
+            print()

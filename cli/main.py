@@ -15,10 +15,25 @@ from localmix.routing import Steering, TraceFile
 from localmix.sampling import SamplingParams
 from localmix.cli import manage
 from localmix.cli.chat import chat_loop
+from localmix.cli.interrupts import CtrlC, caused_by_ctrl_c
 from localmix.cli.output import err, print_stats, stats_line, stream_answer, usage_snapshot
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run Mixtral-class mixture-of-experts models locally.")
+
+
+def print_version(value: bool) -> None:
+    if value:
+        import localmix
+        print(f"localmix {localmix.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
+                                         help="Print the version and exit.")):
+    """Run Mixtral-class mixture-of-experts models locally."""
 
 # Options shared by run and chat.
 MaxTokens = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate.")
@@ -52,6 +67,9 @@ Stats = typer.Option(False, "--stats", help="After each answer, one line on the 
                                             "waits, routing balance.")
 
 
+FIRST_START = "half a minute"  # measured: see README ("First start")
+
+
 def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingParams:
     """The options of run and chat, checked before the model is loaded."""
     if max_tokens < 0:
@@ -65,7 +83,7 @@ def load_model(name: str, experts_per_token: int | None, backend: str, threads: 
                fallback_margin: float = 0.0, trace: str | None = None, shadow_bits: int = 0) -> tuple[Model, float]:
     start = time.perf_counter()
     Steering(min_expert_weight, fallback_margin).check()  # bad values before a long load
-    with err.status(f"loading {name} (the first start compiles the kernels: about a minute)") as status:
+    with err.status(f"loading {name} (the first start compiles the kernels: about {FIRST_START})") as status:
         def progress(done, total):
             status.update(f"loading {name}: {shadow_bits}-bit shadow copies of the experts, {done}/{total}")
 
@@ -98,14 +116,20 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         if sys.stdin.isatty():
             raise LocalmixError("give a prompt (or pipe one on stdin); `localmix chat` talks interactively")
         prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise LocalmixError("the prompt is empty")
     if raw and system:
         raise LocalmixError("--system needs the chat template; leave out --raw")
     start = time.perf_counter()
     llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, min_expert_weight,
                              fallback_margin, trace, shadow_bits)
+    # A base model (llm.base_model) continues the messages' text instead of a chat template: see api.base_text.
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     before = usage_snapshot(llm)
-    _, last = stream_answer(llm, prompt if raw or llm.base_model else messages, max_tokens, params)
+    with CtrlC() as ctrl_c:  # Ctrl-C stops the answer between two kernel calls
+        _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params, cancelled=ctrl_c)
+    if ctrl_c.pressed:
+        raise typer.Exit(130)  # as a shell reports a command ended by Ctrl-C
     if verbose and last:
         print_stats(last, load_s, time.perf_counter() - start)
     if stats:
@@ -182,6 +206,12 @@ def main() -> None:
         raise SystemExit(130)
     except BrokenPipeError:
         raise SystemExit(1)
+    except Exception as e:
+        # Ctrl-C while loading: raised in a kernel's call back into Python, it surfaces as a SystemError.
+        if caused_by_ctrl_c(e):
+            err.print()
+            raise SystemExit(130)
+        raise
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

@@ -1,6 +1,7 @@
 """localmix: run Mixtral-class mixture-of-experts models on a laptop."""
 
 import os
+import sys
 
 from localmix.home import home as _home
 
@@ -9,15 +10,21 @@ from localmix.home import home as _home
 # then finds a stray localmix/ folder there). They go to the user's cache instead, set before the
 # first @njit(cache=True) kernel is defined, unless the user chose a place (NUMBA_CACHE_DIR).
 if not os.environ.get("NUMBA_CACHE_DIR"):
-    os.environ["NUMBA_CACHE_DIR"] = str(_home() / "numba-cache")  # also for the processes we start
-import numba  # noqa: E402
-
-numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]  # numba may have read the environment already
-
-from localmix.api import Model, load  # noqa: E402
-from localmix.errors import LocalmixError  # noqa: E402
-from localmix.generate import GenerationResponse  # noqa: E402
-from localmix.sampling import SamplingParams  # noqa: E402
+    os.environ["NUMBA_CACHE_DIR"] = str(_home() / "numba-cache")  # read by numba, also in processes we start
+if "numba" in sys.modules:  # numba read the environment before we set it
+    sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "GenerationResponse", "SamplingParams", "LocalmixError", "__version__"]
+
+# The API is imported on first use, not with the package: numpy and Numba take a second or more, and
+# the command line must be able to answer Ctrl-C (or --version) before they are in.
+_API = {"load": "localmix.api", "Model": "localmix.api", "GenerationResponse": "localmix.generate",
+        "SamplingParams": "localmix.sampling", "LocalmixError": "localmix.errors"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'localmix' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from localmix.cli.main import main
+from localmix.cli import main
 
 main()

@@ -84,7 +84,7 @@ class Model:
         checkpoint = ModelFolder(folder) if quantized else Checkpoint(folder)
         self.path = checkpoint.folder
         # A base model (trained on plain text, such as the demo) continues a prompt rather than answering a chat.
-        self.base_model = bool(quantized and checkpoint.manifest["config"].get("localmix_base_model"))
+        self.base_model = quantized and checkpoint.manifest["config"].get("localmix_base_model") is True
         self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
         self.expert_cache, self.memory_note = None, None
         slots = None
@@ -130,21 +130,25 @@ class Model:
         return self.transformer(np.asarray(ids, dtype=np.int64), self.transformer.new_cache(len(ids)))
 
     def encode_prompt(self, prompt) -> tuple[list[int], bool]:
-        """(ids, whether the answer starts a new text), for the three kinds of prompt."""
+        """(ids, whether the answer starts a new text), for the three kinds of prompt. A base model
+        has no chat template: it continues the messages' text (see base_text)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=True), False
         prompt = list(prompt)
         if prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             return [int(t) for t in prompt], False
+        if self.base_model:
+            return self.tokenizer.encode(base_text(prompt), bos=True), False
         return self.tokenizer.apply_chat_template(prompt), True
 
     def stream(self, prompt, max_tokens: int = 256, on_prefill=None, experts_per_token: int | None = None,
                min_expert_weight: float | None = None, fallback_margin: float | None = None, trace=None,
-               **sampling) -> Iterator[GenerationResponse]:
+               cancelled=None, **sampling) -> Iterator[GenerationResponse]:
         """Generate, one response per token. experts_per_token, min_expert_weight, fallback_margin:
         routing for this call only (default: the model's). trace: called with each model call's
         routing records (see routing.trace_records), e.g. a routing.TraceFile (default: the
-        model's `transformer.trace`, if any)."""
+        model's `transformer.trace`, if any). cancelled(): asked between model calls; once it
+        returns True the last response has finish_reason "cancelled"."""
         ids, new_text = self.encode_prompt(prompt)
         t = self.transformer
         steering = t.routing.steering
@@ -153,7 +157,8 @@ class Model:
         args = self.config.with_experts_per_token(experts_per_token)
         params = SamplingParams(**sampling)
         return self._with_routing(args, steering, trace or t.trace, stream_generate(
-            t, self.tokenizer, ids, max_tokens, params, strip_leading_space=new_text, on_prefill=on_prefill))
+            t, self.tokenizer, ids, max_tokens, params, strip_leading_space=new_text, on_prefill=on_prefill,
+            cancelled=cancelled))
 
     def _with_routing(self, args, steering, trace, responses) -> Iterator[GenerationResponse]:
         """The responses, generated with these routing settings, which are undone at the end."""
@@ -173,10 +178,24 @@ class Model:
         return "".join(r.text for r in self.stream(prompt, max_tokens, **sampling))
 
     def chat(self, messages: list[dict], max_tokens: int = 256, **sampling) -> str:
-        """The assistant's answer to a conversation."""
+        """The assistant's answer to a conversation; from a base model, the continuation of its
+        text (see base_text)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         return self.generate(list(messages), max_tokens, **sampling)
+
+
+def base_text(messages: list[dict]) -> str:
+    """What a base model (trained on plain text, no chat template) continues for a conversation:
+    the messages' texts in order, one paragraph each (as the server gives a base model), so that
+    what the system and the earlier turns said is kept, as in a plain-text transcript."""
+    texts = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise LocalmixError("each message must be a dict with a string \"content\"")
+        if m["content"]:
+            texts.append(m["content"])
+    return "\n\n".join(texts)
 
 
 def load(path_or_name: str | os.PathLike, experts_per_token: int | None = None, backend: str = "auto",

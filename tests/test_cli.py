@@ -90,7 +90,7 @@ def test_truncated_weights(broken_copy):
 
 def test_bad_values(tiny_model_dir):
     assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "-n", "-3"), "--max-tokens must be >= 0")
-    assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "--top-p", "0"), "top_p must be in")
+    assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "--top-p", "0"), "top_p must be")
     assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "--raw", "--system", "x"), "--system needs")
     assert_one_line_error(localmix_cli("run", tiny_model_dir, "word " * 600), "more than the model's context")
     assert_one_line_error(localmix_cli("run", tiny_model_dir, "Hi", "--experts-per-token", "9"),
