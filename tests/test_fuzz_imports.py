@@ -67,8 +67,8 @@ def base_reader(path: str):
     return gguf.GGUFReader(path)
 
 
-def rewrite(kv: dict | None = None, drop=(), tensors=None, alignment: int | None = None, arch: str = "llama"):
-    """The base GGUF written again: metadata keys in kv set to (value, type[, item type]), keys in
+def rewrite(meta: dict | None = None, drop=(), tensors=None, alignment: int | None = None, arch: str = "llama"):
+    """The base GGUF written again: metadata keys in meta set to (value, type[, item type]), keys in
     drop left out, tensors(list of [name, data, raw_dtype]) changing the tensor list in place."""
     def make(ctx, work):
         r = base_reader(ctx["gguf"])
@@ -77,10 +77,10 @@ def rewrite(kv: dict | None = None, drop=(), tensors=None, alignment: int | None
         if alignment:
             w.data_alignment = alignment
         for key, f in r.fields.items():
-            if key.startswith("GGUF.") or key in drop or key == "general.architecture" or key in (kv or {}):
+            if key.startswith("GGUF.") or key in drop or key == "general.architecture" or key in (meta or {}):
                 continue
             w.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == V.ARRAY else None)
-        for key, spec in (kv or {}).items():
+        for key, spec in (meta or {}).items():
             w.add_key_value(key, *spec)
         listed = [[t.name, np.array(t.data), t.tensor_type] for t in r.tensors]
         if tensors:
@@ -244,7 +244,7 @@ case("gguf tokens: item type 77", LIE, patch((kv("tokenizer.ggml.tokens", 3), "<
 case("gguf tokens: a string's length 2^64-1", LIE, patch((token(100), "<Q", U64_MAX)))
 case("gguf tokens: a string's length 2^32", LIE, patch((token(100), "<Q", 1 << 32)))
 case("gguf tokens: a string not UTF-8", LIE, patch((token(300, 1), None, b"\xc3")))
-case("gguf tokens: a piece renamed to another's (duplicate)", LIE, lambda ctx, work: rewrite(kv={
+case("gguf tokens: a piece renamed to another's (duplicate)", LIE, lambda ctx, work: rewrite(meta={
     "tokenizer.ggml.tokens": (pieces(ctx)[:300] + [pieces(ctx)[301]] + pieces(ctx)[301:], V.ARRAY, V.STRING)})(ctx, work))
 case("gguf scores: count 2^62", LIE, patch((kv("tokenizer.ggml.scores", 4), "<Q", 1 << 62)))
 case("gguf scores: count 2^64-1", LIE, patch((kv("tokenizer.ggml.scores", 4), "<Q", U64_MAX)))
@@ -259,7 +259,7 @@ U32 = V.UINT32
 for value, kind, verdict in [(10**9, U32, LIE), (2**32 - 1, U32, LIE), (0, U32, LIE), (3, U32, LIE), (1, U32, LIE),
                              (2, V.INT64, HARMLESS), (2, V.UINT8, HARMLESS), (2, V.UINT64, HARMLESS), (-1, V.INT32, LIE),
                              (2.0, V.FLOAT32, LIE), ("2", V.STRING, LIE), (True, V.BOOL, LIE)]:
-    case(f"gguf block_count {value!r} as {kind.name}", verdict, rewrite(kv={"llama.block_count": (value, kind)}))
+    case(f"gguf block_count {value!r} as {kind.name}", verdict, rewrite(meta={"llama.block_count": (value, kind)}))
 for key, values in {
     "llama.embedding_length": [(10**9, LIE), (0, LIE), (96, LIE), (2**40, LIE)],
     "llama.feed_forward_length": [(10**9, LIE), (0, LIE), (32, LIE)],
@@ -274,15 +274,15 @@ for key, values in {
     "tokenizer.ggml.unknown_token_id": [(40000, LIE), (0, HARMLESS)],
 }.items():
     for value, verdict in values:
-        case(f"gguf {key} = {value}", verdict, rewrite(kv={key: (value, U32 if value < 1 << 32 else V.UINT64)}))
-case("gguf bos id -1 (int32)", LIE, rewrite(kv={"tokenizer.ggml.bos_token_id": (-1, V.INT32)}))
-case("gguf eos id as a string", LIE, rewrite(kv={"tokenizer.ggml.eos_token_id": ("2", V.STRING)}))
+        case(f"gguf {key} = {value}", verdict, rewrite(meta={key: (value, U32 if value < 1 << 32 else V.UINT64)}))
+case("gguf bos id -1 (int32)", LIE, rewrite(meta={"tokenizer.ggml.bos_token_id": (-1, V.INT32)}))
+case("gguf eos id as a string", LIE, rewrite(meta={"tokenizer.ggml.eos_token_id": ("2", V.STRING)}))
 for key in ("llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base"):
     ok = 1e-6 if "epsilon" in key else 1e4
     for value, verdict in ((0.0, LIE), (float("nan"), LIE), (float("inf"), LIE), (-1.0, LIE), (ok, HARMLESS)):
-        case(f"gguf {key} = {value}", verdict, rewrite(kv={key: (value, V.FLOAT32)}))
-    case(f"gguf {key} as a string", LIE, rewrite(kv={key: ("1e-5", V.STRING)}))
-    case(f"gguf {key} as float64", HARMLESS, rewrite(kv={key: (ok, V.FLOAT64)}))
+        case(f"gguf {key} = {value}", verdict, rewrite(meta={key: (value, V.FLOAT32)}))
+    case(f"gguf {key} as a string", LIE, rewrite(meta={key: ("1e-5", V.STRING)}))
+    case(f"gguf {key} as float64", HARMLESS, rewrite(meta={key: (ok, V.FLOAT64)}))
     case(f"gguf {key} missing (default)", HARMLESS, rewrite(drop={key}))
 for key in ("llama.block_count", "llama.embedding_length", "llama.expert_count", "llama.expert_used_count",
             "llama.attention.head_count", "tokenizer.ggml.tokens", "tokenizer.ggml.model"):
@@ -293,34 +293,34 @@ for key in ("llama.context_length", "llama.attention.head_count_kv", "tokenizer.
          rewrite(drop={key}))
 case("gguf architecture gpt2", LIE, rewrite(arch="gpt2"))
 case("gguf architecture LLAMA", LIE, rewrite(arch="LLAMA"))
-case("gguf tokenizer model gpt2", LIE, rewrite(kv={"tokenizer.ggml.model": ("gpt2", V.STRING)}))
-case("gguf tokenizer model as an int", LIE, rewrite(kv={"tokenizer.ggml.model": (1, U32)}))
-case("gguf tokens as uint32s", LIE, rewrite(kv={"tokenizer.ggml.tokens": (list(range(32000)), V.ARRAY, U32)}))
-case("gguf scores of another length", LIE, rewrite(kv={"tokenizer.ggml.scores": ([0.0] * 100, V.ARRAY, V.FLOAT32)}))
-case("gguf scores as strings", LIE, rewrite(kv={"tokenizer.ggml.scores": (["0"] * 32000, V.ARRAY, V.STRING)}))
-case("gguf token types of another length", LIE, rewrite(kv={"tokenizer.ggml.token_type": ([1] * 31999, V.ARRAY, V.INT32)}))
-case("gguf tokens: 32001 (one more than the embeddings)", LIE, lambda ctx, work: rewrite(kv={
+case("gguf tokenizer model gpt2", LIE, rewrite(meta={"tokenizer.ggml.model": ("gpt2", V.STRING)}))
+case("gguf tokenizer model as an int", LIE, rewrite(meta={"tokenizer.ggml.model": (1, U32)}))
+case("gguf tokens as uint32s", LIE, rewrite(meta={"tokenizer.ggml.tokens": (list(range(32000)), V.ARRAY, U32)}))
+case("gguf scores of another length", LIE, rewrite(meta={"tokenizer.ggml.scores": ([0.0] * 100, V.ARRAY, V.FLOAT32)}))
+case("gguf scores as strings", LIE, rewrite(meta={"tokenizer.ggml.scores": (["0"] * 32000, V.ARRAY, V.STRING)}))
+case("gguf token types of another length", LIE, rewrite(meta={"tokenizer.ggml.token_type": ([1] * 31999, V.ARRAY, V.INT32)}))
+case("gguf tokens: 32001 (one more than the embeddings)", LIE, lambda ctx, work: rewrite(meta={
     "tokenizer.ggml.tokens": (pieces(ctx) + ["extra"],
                               V.ARRAY, V.STRING)}, drop={"tokenizer.ggml.scores", "tokenizer.ggml.token_type"})(ctx, work))
-case("gguf tokens: an empty piece", LIE, lambda ctx, work: rewrite(kv={
+case("gguf tokens: an empty piece", LIE, lambda ctx, work: rewrite(meta={
     "tokenizer.ggml.tokens": (pieces(ctx)[:400] + [""] + pieces(ctx)[401:],
                               V.ARRAY, V.STRING)})(ctx, work))
 # Harmless metadata
-case("gguf extra keys (name, license, a long chat template)", HARMLESS, rewrite(kv={
+case("gguf extra keys (name, license, a long chat template)", HARMLESS, rewrite(meta={
     "general.name": ("fuzzed", V.STRING), "general.license": ("apache-2.0", V.STRING),
     "tokenizer.chat_template": ("{{ x }}" * 20000, V.STRING)}))
-case("gguf extra array of 2M uint8 (skipped, not kept)", HARMLESS, rewrite(kv={
+case("gguf extra array of 2M uint8 (skipped, not kept)", HARMLESS, rewrite(meta={
     "fuzz.bytes": (np.zeros(2_000_000, np.uint8).tolist(), V.ARRAY, V.UINT8)}))
-case("gguf extra array of 100k strings (skipped, not kept)", HARMLESS, rewrite(kv={
+case("gguf extra array of 100k strings (skipped, not kept)", HARMLESS, rewrite(meta={
     "fuzz.strings": (["ab"] * 100_000, V.ARRAY, V.STRING)}))
 case("gguf token types missing (byte pieces unknown)", LIE, rewrite(drop={"tokenizer.ggml.token_type"}))
-case("gguf alignment 64", HARMLESS, rewrite(alignment=64, kv={"general.alignment": (64, U32)}))
-case("gguf alignment 4096", HARMLESS, rewrite(alignment=4096, kv={"general.alignment": (4096, U32)}))
-case("gguf alignment 0", LIE, rewrite(kv={"general.alignment": (0, U32)}))
-case("gguf alignment 48", LIE, rewrite(kv={"general.alignment": (48, U32)}))
-case("gguf alignment 2^31", LIE, rewrite(kv={"general.alignment": (1 << 31, U32)}))
-case("gguf alignment 64 as uint64", LIE, rewrite(alignment=64, kv={"general.alignment": (64, V.UINT64)}))
-case("gguf alignment 64 stated, data at 32", LIE, rewrite(kv={"general.alignment": (64, U32)}))
+case("gguf alignment 64", HARMLESS, rewrite(alignment=64, meta={"general.alignment": (64, U32)}))
+case("gguf alignment 4096", HARMLESS, rewrite(alignment=4096, meta={"general.alignment": (4096, U32)}))
+case("gguf alignment 0", LIE, rewrite(meta={"general.alignment": (0, U32)}))
+case("gguf alignment 48", LIE, rewrite(meta={"general.alignment": (48, U32)}))
+case("gguf alignment 2^31", LIE, rewrite(meta={"general.alignment": (1 << 31, U32)}))
+case("gguf alignment 64 as uint64", LIE, rewrite(alignment=64, meta={"general.alignment": (64, V.UINT64)}))
+case("gguf alignment 64 stated, data at 32", LIE, rewrite(meta={"general.alignment": (64, U32)}))
 
 # Tensor infos, patched in place
 for kind, verdict in ((T.Q4_1, LIE), (T.Q5_0, LIE), (T.Q8_0, LIE), (T.F16, LIE), (T.Q4_K, LIE), (T.I8, LIE)):
@@ -347,13 +347,15 @@ for n in (0, 5, 0xFFFFFFFF):
 case("gguf tensor dimension count 3 for a matrix", LIE, patch((tensor(Q0, 2), "<I", 3)))
 case("gguf tensor dims: 0", LIE, patch((tensor(Q0, 3), "<Q", 0)))
 case("gguf tensor dims: 2^63", LIE, patch((tensor(Q0, 3), "<Q", 1 << 63)))
-case("gguf tensor dims: product past 2^64", LIE, patch((tensor(E0, 3), "<Q", 1 << 40), (lambda r: tensor(E0, 3)(r) + 8, "<Q", 1 << 40)))
+case("gguf tensor dims: product past 2^64", LIE, patch((tensor(E0, 3), "<Q", 1 << 40),
+                                                      (lambda r: tensor(E0, 3)(r) + 8, "<Q", 1 << 40)))
 case("gguf tensor dims: columns not whole blocks", LIE, patch((tensor(Q0, 3), "<Q", 48)))
 case("gguf tensor dims: 8 experts in a stack of 4", LIE, patch((lambda r: tensor(E0, 3)(r) + 16, "<Q", 8)))
 case("gguf tensor dims: rows and experts swapped", LIE, patch((lambda r: tensor(E0, 3)(r) + 8, "<Q", 4),
                                                                 (lambda r: tensor(E0, 3)(r) + 16, "<Q", 64)))
 case("gguf tensor name length 2^64-1", LIE, patch((tensor(Q0, 0), "<Q", U64_MAX)))
-case("gguf tensor name renamed to another's (duplicate)", LIE, patch((tensor("blk.0.attn_k.weight", 1), None, b"blk.0.attn_q")))
+case("gguf tensor name renamed to another's (duplicate)", LIE,
+     patch((tensor("blk.0.attn_k.weight", 1), None, b"blk.0.attn_q")))
 case("gguf tensor name renamed to an unknown one", LIE, patch((tensor(Q0, 1), None, b"blk.0.attn_x")))
 case("gguf tensor name not UTF-8", LIE, patch((tensor(Q0, 1), None, b"\xff")))
 
@@ -465,9 +467,11 @@ case("mlx-lm quantization a list", LIE, mlx_folder(config=setc(quantization=[4, 
 case("mlx-lm quantization empty", LIE, mlx_folder(config=setc(quantization={})))
 case("mlx-lm quantization missing (read as a HF folder)", LIE,
      mlx_folder(config=lambda c: c.pop("quantization")))
-case("mlx-lm lm_head override 4 bits (data is 8)", LIE, mlx_folder(config=quant_override("lm_head", {"bits": 4, "group_size": 64})))
+case("mlx-lm lm_head override 4 bits (data is 8)", LIE,
+     mlx_folder(config=quant_override("lm_head", {"bits": 4, "group_size": 64})))
 case("mlx-lm lm_head override dropped (data is 8)", LIE, mlx_folder(config=lambda c: c["quantization"].pop("lm_head")))
-case("mlx-lm override group size 32 (data is 64)", LIE, mlx_folder(config=quant_override(QP, {"bits": 4, "group_size": 32})))
+case("mlx-lm override group size 32 (data is 64)", LIE,
+     mlx_folder(config=quant_override(QP, {"bits": 4, "group_size": 32})))
 case("mlx-lm override as a string", LIE, mlx_folder(config=quant_override(QP, "4bit")))
 case("mlx-lm override false on a quantized module", LIE, mlx_folder(config=quant_override(QP, False)))
 case("mlx-lm override true on a quantized module", HARMLESS, mlx_folder(config=quant_override(QP, True)))
@@ -518,7 +522,8 @@ case("mlx-lm no tensors at all", LIE, mlx_folder(tensors=lambda a: a.clear()))
 case("mlx-lm stack of 4 reshaped to 2", LIE, mlx_folder(tensors=lambda a: reshape(SW + ".weight", (2, -1, 8))(a)))
 case("mlx-lm words as one row per expert", LIE, mlx_folder(tensors=lambda a: reshape(SW + ".weight", (4, 1, -1))(a)))
 case("mlx-lm words' rows and columns swapped", LIE, mlx_folder(tensors=lambda a: reshape(QP + ".weight", (8, 64))(a)))
-case("mlx-lm scales transposed", LIE, mlx_folder(tensors=lambda a: a.__setitem__(QP + ".scales", a[QP + ".scales"].T.copy())))
+case("mlx-lm scales transposed", LIE,
+     mlx_folder(tensors=lambda a: a.__setitem__(QP + ".scales", a[QP + ".scales"].T.copy())))
 case("mlx-lm words relabelled float32", LIE, mlx_folder(tensors=view(QP + ".weight", np.float32)))
 case("mlx-lm words as int32", LIE, mlx_folder(tensors=view(QP + ".weight", np.int32)))
 case("mlx-lm words as bytes", LIE, mlx_folder(tensors=view(QP + ".weight", np.uint8)))
@@ -534,7 +539,8 @@ case("mlx-lm NaN in a norm", LIE, mlx_folder(tensors=set_value("model.norm.weigh
 case("mlx-lm float32 scale float16 cannot hold", LIE, mlx_folder(tensors=lambda a: (
     astype(QP + ".scales", np.float32)(a), set_value(QP + ".scales", 0, 1e-30)(a))))
 case("mlx-lm other packed words", HARMLESS, mlx_folder(tensors=set_value(SW + ".weight", 7, 0x12345678)))
-case("mlx-lm an extra tensor (mlx-lm refuses it too)", LIE, mlx_folder(tensors=lambda a: a.__setitem__("extra.weight", np.zeros(4, np.float16))))
+case("mlx-lm an extra tensor (mlx-lm refuses it too)", LIE,
+     mlx_folder(tensors=lambda a: a.__setitem__("extra.weight", np.zeros(4, np.float16))))
 
 
 def split_files(folder):
@@ -583,9 +589,11 @@ case("mlx-lm a tensor in two files", LIE, mlx_folder(files=duplicate_tensor))
 case("mlx-lm safetensors truncated by half", LIE, mlx_folder(files=edit_bytes(lambda d: d[:len(d) // 2])))
 case("mlx-lm safetensors truncated by 1 byte", LIE, mlx_folder(files=edit_bytes(lambda d: d[:-1])))
 case("mlx-lm safetensors truncated to 6 bytes", LIE, mlx_folder(files=edit_bytes(lambda d: d[:6])))
-case("mlx-lm safetensors header length 2^64-1", LIE, mlx_folder(files=edit_bytes(lambda d: struct.pack("<Q", U64_MAX) + d[8:])))
+case("mlx-lm safetensors header length 2^64-1", LIE,
+     mlx_folder(files=edit_bytes(lambda d: struct.pack("<Q", U64_MAX) + d[8:])))
 case("mlx-lm safetensors header not JSON", LIE, mlx_folder(files=edit_bytes(lambda d: d[:8] + b"\xff" * 16 + d[24:])))
-case("mlx-lm safetensors offsets past the end", LIE, mlx_folder(files=edit_bytes(header_json(offsets(QP + ".weight", 0, 1 << 40)))))
+case("mlx-lm safetensors offsets past the end", LIE,
+     mlx_folder(files=edit_bytes(header_json(offsets(QP + ".weight", 0, 1 << 40)))))
 case("mlx-lm safetensors negative offset", LIE, mlx_folder(files=edit_bytes(header_json(
     lambda h: h[QP + ".weight"].__setitem__("data_offsets", [-2048, 0])))))
 case("mlx-lm safetensors overlapping tensors", LIE, mlx_folder(files=edit_bytes(header_json(
