@@ -478,6 +478,8 @@ def sentencepiece_model(g: GGUFFile, vocab: int) -> bytes:
 
 
 def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
+    """A localmix model from a Mixtral GGUF file. The header, the metadata (as a config through
+    ModelArgs) and every tensor's type, shape and place are checked before any tensor is read."""
     gguf = _gguf()
     g = GGUFFile(path)
     raw_config = hf_config(g)
