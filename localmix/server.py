@@ -41,6 +41,7 @@ log = logging.getLogger("localmix.server")
 
 MAX_BODY_BYTES = 4 << 20  # a 32k-token context is ~130 KB of text; 4 MB leaves room for JSON and long chats
 MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # OpenAI allows 4 stop strings; Ollama clients send a few more
+BODY_SECONDS = 60.0  # to send the whole body: a client trickling bytes holds a connection, not forever
 MAX_WAITING = 256  # answers queued for the engine beyond those it decodes; more get 503
 DEFAULT_MAX_TOKENS = 256  # when the request does not say (and the context has room)
 FILL = -1  # Ollama's num_predict -1 and -2: until the context is full
@@ -272,9 +273,9 @@ def messages_of(value) -> list[dict]:
 
 
 class Server:
-    def __init__(self, model, name: str, max_body: int = MAX_BODY_BYTES):
+    def __init__(self, model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS):
         self.model, self.name, self.created = model, name, int(time.time())
-        self.max_body = max_body
+        self.max_body, self.body_seconds = max_body, body_seconds
         self.engine = Engine(model)
         self.context = model.config.max_position_embeddings
         # Parsing, checking and tokenizing a request: off the event loop. Two threads: a huge prompt
@@ -284,7 +285,15 @@ class Server:
     # --- the request's way in ---------------------------------------------------------------
 
     async def read(self, request: Request) -> bytes:
-        """The body, never more than max_body bytes of it in memory (413 beyond)."""
+        """The body, never more than max_body bytes of it in memory (413 beyond), within body_seconds (408)."""
+        try:
+            async with asyncio.timeout(self.body_seconds):
+                return await self._read(request)
+        except TimeoutError:
+            raise BadRequest(408, f"the request body did not arrive within {self.body_seconds:g} s",
+                             "request_timeout") from None
+
+    async def _read(self, request: Request) -> bytes:
         too_big = BadRequest(413, f"the request body is larger than {self.max_body} bytes", "request_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
@@ -567,8 +576,8 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def create_app(model, name: str, max_body: int = MAX_BODY_BYTES) -> Starlette:
-    server = Server(model, name, max_body)
+def create_app(model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS) -> Starlette:
+    server = Server(model, name, max_body, body_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

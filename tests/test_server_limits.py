@@ -301,6 +301,16 @@ def test_bodies_beyond_the_limit_are_413_without_being_read(served, quiet):
     assert http(port, "GET", "/health")[0] == 200
 
 
+def test_a_body_trickled_too_slowly_is_408(served, quiet, monkeypatch):
+    port, server = served[1], served[3]
+    monkeypatch.setattr(server, "body_seconds", 0.5)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{")  # and nothing more
+        status, answer = response_of(s)
+    assert status == 408 and "0.5 s" in message_of(answer)
+
+
 def test_a_big_prompt_is_tokenized_off_the_event_loop(served, quiet):
     """A prompt just under the body limit takes seconds to tokenize; /health answers meanwhile, and
     the prompt is then refused, naming its length against the context."""
