@@ -6,7 +6,8 @@ weight read serves all of them. Answers stream back to the request handlers thro
 queues; a client that goes away (mid-stream, or while waiting for a whole answer) cancels its
 answer before the engine's next token.
 
-Every request is untrusted. Its body is read up to a size limit (413 beyond); parsing it, checking
+Every request is untrusted. Its body is read up to a size limit (413 beyond) and within a time
+limit (408); more answers waiting than MAX_WAITING is a 503. Parsing the body, checking
 each field's type and range, and tokenizing the prompt run in a worker thread, never on the event
 loop (a 4 MB prompt takes seconds to tokenize; /health and the streams must not wait for it); a
 bad request gets a 400 saying which field is wrong, as OpenAI's error object on /v1 and as
