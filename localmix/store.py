@@ -235,7 +235,6 @@ def check_manifest(manifest, folder: Path, source: str) -> tuple[ModelArgs, dict
         what = (f"tensor {missing[0]} is missing" if missing else
                 f"lists {len(extra)} tensor(s) the config does not have, such as {extra[0]!r:.100}")
         raise LocalmixError(f"{source}: {what}")
-    shapes = dict(table)
 
     def format_of(name: str, shape: tuple[int, ...]) -> tuple[str, int | None]:
         where = f"{source}: tensor {name}"
@@ -250,12 +249,12 @@ def check_manifest(manifest, folder: Path, source: str) -> tuple[ModelArgs, dict
         else:
             if not isinstance(dtype, str) or TENSOR_DTYPES.get(dtype) is None:
                 raise LocalmixError(f"{where}: dtype must be one of q4, q8, got {dtype!r:.20}")
-            if isinstance(group_size, bool) or group_size not in GROUP_SIZES or shape[1] % group_size:
+            if type(group_size) is not int or group_size not in GROUP_SIZES or shape[1] % group_size:
                 raise LocalmixError(f"{where}: group size {group_size!r:.20} does not divide its {shape[1]} "
                                     f"columns or is not one of {', '.join(map(str, GROUP_SIZES))}")
         return dtype, group_size
 
-    placed, sizes = place([(name, shapes[name]) for name, _ in table], format_of)
+    placed, sizes = place(table, format_of)
     layouts = {}
     for layout in placed:
         where = f"{source}: tensor {layout.name}"

@@ -744,6 +744,11 @@ MANIFEST_EDITS = [
     ("group size null on a quantized matrix", tensor_set(group_size=None), LIE),
     ("group size '64'", tensor_set(group_size="64"), LIE),
     ("group size true", tensor_set(group_size=True), LIE),
+    ("group size 64.0", tensor_set(group_size=64.0), LIE),
+    ("shape floats", lambda m, f: m["tensors"][EXPERT].update(shape=[float(n) for n in m["tensors"][EXPERT]["shape"]]),
+     LIE),
+    ("offset as a float of the right value", lambda m, f: m["tensors"][EXPERT].update(
+        offset=float(m["tensors"][EXPERT]["offset"])), LIE),
     ("group size 64 on a norm", tensor_set(name=DENSE_NORM, group_size=64), LIE),
     ("file of another expert", tensor_set(file="experts/L000-E002.bin"), LIE),
     ("two experts' files swapped", swap_files, LIE),
