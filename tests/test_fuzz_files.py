@@ -98,7 +98,7 @@ def lm_checks(kind, numba=False, cache=False):
     def run(folder):
         options = {"backend": "numba" if numba else "numpy"}
         if cache:
-            options["memory"] = _budget()
+            options["memory"] = budget(os.environ["FUZZ_LM_BASE"])
         load = named(lambda: generate(folder, **options), "load+generate")
         check = named(lambda: verify_clean(folder), "verify")
         if kind == HARMLESS:
@@ -112,13 +112,12 @@ def lm_checks(kind, numba=False, cache=False):
     return run
 
 
-def _budget() -> int:
+def budget(base: str) -> int:
     """--memory leaving two expert slots, from the base model's manifest (the mutated one may lie)."""
     from localmix.expert_cache import RUNTIME_BYTES, kv_bytes
     from localmix.store import read_manifest
     from localmix.config import ModelArgs
-    base = Path(os.environ["FUZZ_LM_BASE"])
-    manifest = read_manifest(base)
+    manifest = read_manifest(Path(base))
     sizes = [f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")]
     return manifest["files"]["dense.bin"]["size"] + kv_bytes(ModelArgs.from_hf_config(manifest["config"]), 4096) \
         + RUNTIME_BYTES + 2 * max(sizes)
@@ -1094,6 +1093,10 @@ def models(tmp_path_factory):
     hf = root / "hf"
     make_hf_model(hf, dtype=torch.bfloat16, shard="300KB", intermediate_size=128)
     lm = convert(LocalSource(hf), root / "lm", bits="4")
+    # Compile the Numba kernels here (or load them from Numba's cache), once: a child compiling them
+    # on a cold cache would take most of a case's timeout.
+    generate(lm, backend="numba")
+    generate(lm, backend="numba", memory=budget(str(lm)))
     return {"hf": str(hf), "lm": str(lm)}
 
 
