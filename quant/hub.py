@@ -121,13 +121,14 @@ class HubSource:
         if file:
             self.file = self._path(file, "--file")
             return
-        config = self._download("config.json")
-        self.config = ModelArgs.from_file(config)
+        self._config = validate.json_object(self._read_json("config.json", "config"), f"{self.repo}/config.json",
+                                            "config")
+        self.config = ModelArgs.from_hf_config(self._config, f"{self.repo}/config.json")
         tokenizer = self._small("tokenizer.model", "the sentencepiece tokenizer localmix reads")
         check_tokenizer(tokenizer, self.config.vocab_size, f"{self.repo}/tokenizer.model")
         self.tokenizer_path = tokenizer
         try:
-            index = validate.read_json(self._download("model.safetensors.index.json"), "safetensors index")
+            index = self._read_json("model.safetensors.index.json", "safetensors index")
         except FileNotFoundError:
             self.weight_map = None  # one model.safetensors: its tensors are known once it is here
             self._shard_names(["model.safetensors"])
@@ -189,8 +190,15 @@ class HubSource:
                                     f"this config can hold ({self.shard_limit})")
 
     def raw_config(self) -> dict:
-        return validate.json_object(validate.read_json(self.folder / "config.json", "config", SMALL_LIMITS["config.json"]),
-                                    f"{self.repo}/config.json", "config")
+        return dict(self._config)
+
+    def _read_json(self, filename: str, what: str):
+        """A small JSON file of the repository (fetched if need be), its errors named as the hub names it."""
+        path = self._download(filename)
+        try:
+            return validate.read_json(path, what, SMALL_LIMITS[filename])
+        except LocalmixError as e:
+            raise LocalmixError(str(e).replace(str(path), f"{self.repo}/{filename}")) from None
 
     def _path(self, filename: str, source: str) -> Path:
         return validate.confined(self.folder, filename, source)
