@@ -305,8 +305,9 @@ class HubSource:
             meta = self._metadata(name, self.revision)
         except FileNotFoundError:
             raise LocalmixError(f"{self.repo}: no {self.file.name} in the repository") from None
-        if meta.size is not None:
-            check_disk(self.folder, meta.size)
+        if meta.size is None:  # nothing else bounds it: the config is inside the file
+            raise LocalmixError(f"{self.repo}/{name}: the hub does not say how large it is; refusing to download it")
+        check_disk(self.folder, meta.size)
         try:
             return self._download(name, meta.size)
         except FileNotFoundError:
