@@ -13,7 +13,7 @@ from rich.table import Table
 
 import localmix
 from localmix.errors import LocalmixError
-from localmix.home import list_models, models_dir, remove_model, resolve_model
+from localmix.home import DEMO, list_models, models_dir, remove_model, resolve_model
 from localmix.quality import kl_divergence, perplexity as text_perplexity, top1_agreement
 from localmix.quant.pull import pull as pull_model
 from localmix.config import ModelArgs
@@ -23,7 +23,21 @@ from localmix.cli.output import PullProgress, err
 
 
 def gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # the demo is 10 MB, not "0.01 GB"
+
+
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.1f} M"
+
+
+def is_demo(folder: Path) -> bool:
+    """Whether a resolved folder is the demo that comes with localmix (inside the package)."""
+    return Path(folder).resolve() == DEMO.resolve()
+
+
+def shown(folder: Path) -> str:
+    """A model folder as a user knows it: the demo by its name, not the package's path."""
+    return "demo (built in)" if is_demo(folder) else str(folder)
 
 
 def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME), Hugging Face or mlx-lm folder, "
@@ -48,13 +62,12 @@ def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME), Hu
 
 
 def list_command():
-    """List the models in $LOCALMIX_HOME/models."""
+    """List the models in $LOCALMIX_HOME/models, and the built-in demo."""
     names = list_models()
-    if not names:
-        err.print(f"no models in {models_dir()} (the built-in one: `localmix run demo \"Once upon a time\"`)",
-                  markup=False, soft_wrap=True)
-        return
     table = Table("name", "bits", "size", "source", "created", box=None)
+    if "demo" not in names:  # a model named demo in the home comes first (resolve_model)
+        s = model_summary(DEMO)
+        table.add_row("demo", str(s["bits"]), gb(s["disk_bytes"]), "built in (a small base model)", "")
     for name in names:
         folder = models_dir() / name
         if is_localmix_model(folder):
@@ -71,6 +84,9 @@ def list_command():
     console = Console(highlight=False)
     console.width = max(console.width, 160)  # one line per row, also in a narrow pipe
     console.print(table)
+    if not names:
+        err.print(f"no models pulled yet into {models_dir()} (`localmix pull OWNER/NAME`)", markup=False,
+                  soft_wrap=True)
 
 
 def show(model: str = typer.Argument(..., help="Model name or folder."),
@@ -86,16 +102,22 @@ def show(model: str = typer.Argument(..., help="Model name or folder."),
         print(json.dumps(s, indent=2))
         return
     experts = f"{s['experts']} experts, {s['experts_per_token']} per token" if s["experts"] else "dense"
+    if is_demo(folder):
+        s["name"], source = "demo", "built in: a small base model trained for localmix"
+    else:
+        source = f"{s['source']['repo']} {s['source'].get('revision') or ''}".strip()
+    base = manifest["config"].get("localmix_base_model") is True
     print(f"  name             {s['name']}\n"
           f"  architecture     {s['architecture']}: {s['layers']} layers, hidden {s['hidden_size']}, {experts}\n"
           f"  attention        {s['attention_heads']} heads, {s['kv_heads']} KV heads, context {s['context']}\n"
-          f"  parameters       {s['parameters'] / 1e9:.2f} B total, {s['active_parameters'] / 1e9:.2f} B active\n"
+          f"  parameters       {count(s['parameters'])} total, {count(s['active_parameters'])} active\n"
+          + ("  kind             base model: continues text, no chat template\n" if base else "") +
           f"  quantization     {s['bits']}-bit, group size {s['group_size']}\n"
           f"  on disk          {gb(s['disk_bytes'])} (dense {gb(s['dense_bytes'])}, experts {gb(s['expert_bytes'])})\n"
           f"  memory needed    {gb(s['disk_bytes'])} fully resident; "
           f"at least {gb(s['min_memory_bytes'])} (`--memory`: dense weights, a 4096-token KV cache, the runtime "
           f"and one token's experts)\n"
-          f"  source           {s['source']['repo']} {s['source'].get('revision') or ''}")
+          f"  source           {source}")
 
 
 def rm(model: str = typer.Argument(..., help="Model name.")):
@@ -109,9 +131,10 @@ def verify(model: str = typer.Argument(..., help="Model name or folder.")):
     problems = verify_model(folder)
     if problems:
         for problem in problems:
-            err.print(f"{folder}/{problem}", markup=False)
-        raise LocalmixError(f"{len(problems)} damaged file(s): pull the model again")
-    print(f"{folder}: all files intact")
+            err.print(f"{shown(folder)}: {problem}" if is_demo(folder) else f"{folder}/{problem}", markup=False)
+        raise LocalmixError(f"{len(problems)} damaged file(s): pull the model again"
+                            + (" (the demo: reinstall localmix)" if is_demo(folder) else ""))
+    print(f"{shown(folder)}: all files intact")
 
 
 def perplexity(model: str = typer.Argument(..., help="Model name or folder."),
@@ -267,7 +290,7 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
           concurrency: int = typer.Option(1, "--concurrency", help="Decode this many sequences together (as "
                                                                     "`serve` batches concurrent answers)."),
           as_json: bool = typer.Option(False, "--json", help="End with the figures as one JSON line.")):
-    """Prefill and decode speed (as llama.cpp is measured by ../shared/peers/llama_speed.py)."""
+    """Prefill and decode speed, measured as llama.cpp's speed is: a synthetic prompt, then greedy decoding."""
     from localmix import bench as benchmark
     if membw:
         gb_s = benchmark.memory_bandwidth(threads)

@@ -116,3 +116,18 @@ def test_limits(model):
     # fourth comes from the logits of the last position.
     responses = list(model.stream([5] * (context - 3), max_tokens=50, **GREEDY))
     assert responses[-1].finish_reason == "length" and len(responses) == 4
+
+
+def test_a_base_model_continues_the_messages_text():
+    """The demo is a base model (its manifest says so): chat() continues the messages' text, with no
+    [INST] template around it, and a conversation reads as one text, a paragraph per message."""
+    demo = localmix.load("demo")
+    assert demo.base_model
+    text = "And it came to pass"
+    assert demo.chat(text, 12, **GREEDY) == demo.generate(text, 12, **GREEDY)
+    conversation = [{"role": "system", "content": "In the beginning"}, {"role": "user", "content": text}]
+    assert demo.chat(conversation, 12, **GREEDY) == demo.generate(f"In the beginning\n\n{text}", 12, **GREEDY)
+
+
+def test_a_chat_model_is_not_a_base_model(model):
+    assert not model.base_model  # its chat() applies the template: test_chat_applies_the_template

@@ -2,13 +2,16 @@
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 
 import localmix
+from localmix.home import DEMO
 
 
 def localmix_cli(*args, stdin="", env=None, cwd="/"):
@@ -180,3 +183,54 @@ def test_bytes_per_token_counts_routed_experts_only(tiny_model_dir):
     one_expert = expert.w1.nbytes + expert.w2.nbytes + expert.w3.nbytes
     layers = top2.config.num_hidden_layers
     assert bytes_per_token(top2) - bytes_per_token(top1) == layers * one_expert
+
+
+def test_empty_prompt_is_an_error(tiny_model_dir):
+    assert_one_line_error(localmix_cli("run", tiny_model_dir, ""), "the prompt is empty")
+    assert_one_line_error(localmix_cli("run", tiny_model_dir, stdin=" \n"), "the prompt is empty")
+
+
+def test_version_and_short_help():
+    from importlib.metadata import version
+    result = localmix_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"localmix {version('localmix')}"
+    short, long = localmix_cli("-h"), localmix_cli("--help")
+    assert short.returncode == 0 and short.stdout == long.stdout and "Commands" in short.stdout
+    assert localmix_cli("run", "-h").stdout == localmix_cli("run", "--help").stdout
+
+
+def test_user_facing_text_names_no_developer_paths(tmp_path):
+    """The built-in demo is listed, and help, show and verify speak of it by name, not by where the
+    package lies or where it was made."""
+    env = {"LOCALMIX_HOME": str(tmp_path)}
+    listed = localmix_cli("list", env=env)
+    assert listed.returncode == 0 and re.search(r"^\s*demo\s.*built in", listed.stdout, re.M), listed.stdout
+    texts = [localmix_cli(*args, env=env).stdout for args in (["bench", "--help"], ["show", "demo"], ["verify", "demo"])]
+    for text in texts:
+        assert "../" not in text and "/tmp/" not in text and "site-packages" not in text and str(DEMO) not in text, text
+    assert "base model" in texts[1]
+
+
+def test_ctrl_c_in_chat_keeps_the_partial_answer(tiny_model_dir):
+    """A real SIGINT in the middle of an answer (this process is the chat): no KeyboardInterrupt, the
+    answer stops, and the part shown stays in the conversation."""
+    from localmix.cli.chat import ChatSession
+    from localmix.cli.output import err
+    from localmix.sampling import SamplingParams
+    model = localmix.load(tiny_model_dir)
+    stream = model.stream
+
+    def interrupted_after_three_tokens(*args, **kwargs):
+        for i, response in enumerate(stream(*args, **kwargs)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield response
+
+    model.stream = interrupted_after_three_tokens
+    session = ChatSession(model, "tiny", SamplingParams(temperature=0, repeat_penalty=1.0), 50, None, False, 0.0, err)
+    session.answer("first")
+    model.stream = stream
+    shown = model.generate([{"role": "user", "content": "first"}], 3, temperature=0, repeat_penalty=1.0)
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    assert session.history[1]["content"] == shown  # three tokens of 50: stopped where the signal came
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C at the prompt works as before

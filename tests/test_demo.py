@@ -49,3 +49,10 @@ def test_the_demo_routers_have_patterns():
     stats = routing.summary(routing.collect(model, model.tokenizer.encode(text, bos=True)))
     print({k: np.round(v, 2).tolist() for k, v in stats.items() if k in ("max_over_mean", "reuse", "entropy")})
     assert stats["max_over_mean"].mean() > 1.8 and stats["reuse"].mean() > 0.35
+
+
+def test_chat_with_the_demo_says_it_is_a_base_model(tmp_path):
+    result = localmix_cli("chat", "demo", "-n", "8", stdin="And it came to pass\n", env={"LOCALMIX_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "demo is a base model: it continues the text" in result.stdout
+    assert "[INST]" not in result.stdout

@@ -1,0 +1,119 @@
+"""Ctrl-C, as a user presses it: `localmix run` and `localmix chat` as real processes (chat on a
+pseudo-terminal, where input() goes through readline as it does for a user), SIGINT at varied
+moments. Before the fix about half of the interrupts during decoding ended in `SystemError:
+CPUDispatcher(...) returned a result with an exception set`, so several tries are made."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+LONG = ["-n", "1000", "--seed", "1"]  # the demo decodes for several seconds: still going when interrupted
+
+
+def start(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "localmix", *args], cwd="/", **kwargs)
+
+
+def wait_for_bytes(stream, count: int, timeout: float = 60) -> bytes:
+    """At least `count` bytes from a pipe or pty, as they come."""
+    data, deadline = b"", time.monotonic() + timeout
+    fd = stream if isinstance(stream, int) else stream.fileno()
+    while len(data) < count:
+        assert time.monotonic() < deadline, f"no output after {timeout} s: {data!r}"
+        if select.select([fd], [], [], 0.5)[0]:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"the process ended: {data!r}"
+            data += chunk
+    return data
+
+
+def assert_ended_by_ctrl_c(process: subprocess.Popen) -> str:
+    _, stderr = process.communicate(timeout=60)
+    stderr = stderr.decode()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    return stderr
+
+
+@pytest.mark.parametrize("after", [0.0, 0.1, 0.3])
+def test_ctrl_c_while_run_decodes(after):
+    process = start("run", "demo", "Once upon a time", *LONG, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_bytes(process.stdout, 20)  # the answer is streaming
+    time.sleep(after)
+    process.send_signal(signal.SIGINT)
+    assert_ended_by_ctrl_c(process)
+
+
+@pytest.mark.parametrize("after", [0.3, 0.9, 1.5])
+def test_ctrl_c_while_run_starts(after):
+    """Importing, loading the model, compiling or loading the kernels: wherever it falls."""
+    process = start("run", "demo", "Once upon a time", *LONG, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(after)
+    process.send_signal(signal.SIGINT)
+    assert_ended_by_ctrl_c(process)
+
+
+class Terminal:
+    """`localmix chat demo` on a pseudo-terminal."""
+
+    def __init__(self):
+        self.master, slave = pty.openpty()
+        self.process = start("chat", "demo", "--seed", "1", stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+        os.close(slave)
+        self.screen = b""
+
+    def read_until(self, text: bytes, timeout: float = 60) -> bytes:
+        """The output up to `text`'s next appearance, which is consumed."""
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout} s: {self.screen[-500:]!r}"
+            if select.select([self.master], [], [], 0.5)[0]:
+                try:
+                    self.screen += os.read(self.master, 4096)
+                except OSError:  # the process is gone
+                    raise AssertionError(f"chat ended: {self.screen[-500:]!r} {self.process.stderr.read()!r}")
+        before, _, self.screen = self.screen.partition(text)
+        return before
+
+    def type(self, line: str) -> None:
+        os.write(self.master, line.encode() + b"\r")
+
+
+@pytest.fixture
+def terminal():
+    term = Terminal()
+    yield term
+    if term.process.poll() is None:
+        term.process.kill()
+    term.process.wait()
+    os.close(term.master)
+
+
+def test_ctrl_c_stops_a_chat_answer_and_the_chat_goes_on(terminal):
+    terminal.read_until(b">>> ")
+    for after in (0.0, 0.1, 0.25, 0.4):
+        terminal.type("Once upon a time")
+        terminal.read_until(b"Once upon a time\r\n")  # the terminal's echo: now it answers
+        answer = wait_for_bytes(terminal.master, 10)
+        time.sleep(after)
+        terminal.process.send_signal(signal.SIGINT)
+        terminal.screen = answer
+        terminal.read_until(b">>> ", timeout=30)  # the answer stopped, the next message is asked for
+    terminal.process.send_signal(signal.SIGINT)  # at the prompt: as before, a hint and the chat goes on
+    assert b"Use Ctrl + d or /bye to exit." in terminal.read_until(b">>> ")
+    terminal.type("/set parameter num_predict 12")
+    terminal.read_until(b">>> ")
+    terminal.type("The king said")
+    answer = terminal.read_until(b">>> ")
+    assert len(answer.partition(b"The king said\r\n")[2].strip()) > 0, answer  # it answers the next message
+    terminal.type("/bye")
+    _, stderr = terminal.process.communicate(timeout=30)
+    assert terminal.process.returncode == 0 and b"Traceback" not in stderr, stderr
