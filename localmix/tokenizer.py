@@ -42,7 +42,8 @@ def check_tokenizer(path: str | Path, vocab_size: int, source: str | None = None
     tokenizer = Tokenizer(path, source)
     source = source or str(path)
     if tokenizer.vocab_size > vocab_size:
-        raise LocalmixError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
+        raise LocalmixError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                            f"{vocab_size}")
     return tokenizer
 
 

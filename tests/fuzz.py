@@ -35,7 +35,6 @@ import importlib
 import json
 import os
 import resource
-import selectors
 import signal
 import subprocess
 import sys
