@@ -11,6 +11,8 @@ from localmix import validate
 from localmix.errors import LocalmixError
 from localmix.validate import MAX_CONTEXT, MAX_DIM, MAX_EXPERTS, MAX_HEADS, MAX_LAYERS
 
+MAX_TOTAL_EXPERTS = 1 << 16  # layers x experts; the largest mixtures have ~16k (61 x 256)
+
 # Defaults are those of transformers' MixtralConfig / MistralConfig, because transformers fills a
 # key that config.json leaves out with them; we must compute what it computes.
 _DEFAULTS = {
@@ -141,6 +143,10 @@ class ModelArgs:
         if self.num_attention_heads * self.head_dim > MAX_DIM:
             raise LocalmixError(f"{source}: num_attention_heads x head_dim ({self.num_attention_heads} x "
                                 f"{self.head_dim}) is larger than {MAX_DIM}")
+        if self.num_hidden_layers * max(1, self.num_local_experts) > MAX_TOTAL_EXPERTS:
+            # each bound alone allows 1024 x 16384 experts: 50M tensors to list before a file is read
+            raise LocalmixError(f"{source}: {self.num_hidden_layers} layers of {self.num_local_experts} experts "
+                                f"are more than the {MAX_TOTAL_EXPERTS} experts localmix takes")
         if self.is_moe and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise LocalmixError(f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 "
                                 f"and num_local_experts ({self.num_local_experts})")

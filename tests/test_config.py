@@ -107,6 +107,7 @@ def test_unreadable_config_file(tmp_path):
     (dict(rope_parameters={"rope_type": "default"}, rope_scaling={"type": "yarn"}), "unsupported rope_type 'yarn'"),
     (dict(rope_parameters="default"), "rope_parameters must be null or a JSON object"),
     (dict(localmix_base_model="false"), "localmix_base_model must be true or false"),
+    (dict(num_hidden_layers=1024, num_local_experts=16384), "more than the 65536 experts"),
 ])
 def test_values_are_typed_and_bounded(change, message):
     with pytest.raises(LocalmixError, match=message):

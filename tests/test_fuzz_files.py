@@ -254,6 +254,8 @@ CONFIG_EDITS = [
     ("sliding_window true", setter(sliding_window=True), LIE, LIE),
     ("sliding_window 1.5", setter(sliding_window=1.5), LIE, LIE),
     ("sliding_window 8", setter(sliding_window=8), HARMLESS, HARMLESS),
+    ("1024 layers of 16384 experts (each within its bound)", setter(num_hidden_layers=1024, num_local_experts=16384),
+     LIE, LIE),
     ("experts 0", setter(num_local_experts=0), LIE, LIE),
     ("experts 10^9", setter(num_local_experts=10 ** 9), LIE, LIE),
     ("experts '4'", setter(num_local_experts="4"), LIE, LIE),
