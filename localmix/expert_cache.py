@@ -346,6 +346,8 @@ class ExpertCache:
         layouts = self.layouts[key]
         path = self.folder / layouts[0].file
         size = self.file_bytes[key]
+        if path.exists() and not path.is_file():  # a FIFO would block the read for ever
+            raise LocalmixError(f"{path}: not a regular file; run `localmix verify` on this model")
         try:
             with open(path, "rb", buffering=0) as f:
                 if parallel and hasattr(os, "pread"):

@@ -307,7 +307,8 @@ class ModelFolder:
             expected = self.manifest["files"][file]["size"]
             size = path.stat().st_size if path.is_file() else None
             if size != expected:
-                state = "missing" if size is None else f"truncated or corrupt ({size} bytes, expected {expected})"
+                state = ("not a regular file" if path.exists() else "missing") if size is None else \
+                    f"truncated or corrupt ({size} bytes, expected {expected})"
                 raise LocalmixError(f"{path}: {state}; run `localmix verify` or pull the model again")
             self._maps[file] = np.memmap(path, dtype=np.uint8, mode="r")
         return self._maps[file]

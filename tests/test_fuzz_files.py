@@ -898,6 +898,11 @@ def as_directory(path, folder, work):
     path.mkdir()
 
 
+def as_fifo(path, folder, work):
+    path.unlink()
+    os.mkfifo(path)
+
+
 def truncate_layer(layer, size):
     def mutate(ctx, work):
         folder = clone(ctx["lm"], work)
@@ -936,6 +941,9 @@ PAYLOAD_EDITS = [
     ("expert deleted", payload(lambda p, f, w: p.unlink()), LIE, {}),
     ("expert deleted (numba, cache)", payload(lambda p, f, w: p.unlink()), LIE, dict(numba=True, cache=True)),
     ("expert a directory", payload(as_directory), LIE, {}),
+    ("expert a FIFO", payload(as_fifo), LIE, {}),
+    ("expert a FIFO (numba, cache)", payload(as_fifo), LIE, dict(numba=True, cache=True)),
+    ("dense.bin a FIFO", payload(as_fifo, "dense.bin"), LIE, {}),
     ("expert a symlink out (same bytes)", payload(symlink_to(outside_expert)), LIE, {}),
     ("expert a symlink to /dev/zero", payload(symlink_to(lambda f, w: "/dev/zero")), LIE, {}),
     ("dense.bin truncated by a page", payload(rewrite_bytes(lambda d, f: bytes(d[:-4096])), "dense.bin"), LIE, {}),
