@@ -44,6 +44,10 @@ class ChatSession:
         if self.model.base_model:  # one text: each message runs on into its continuation, a paragraph per turn
             turns = [self.history[i]["content"] + self.history[i + 1]["content"]
                      for i in range(0, len(self.history), 2)]
+            # The oldest turns go once the text takes more than half the context, leaving room to continue.
+            while turns and len(self.model.tokenizer.encode("\n\n".join(turns + [user_text]))) > \
+                    self.model.config.max_position_embeddings // 2:
+                turns.pop(0)
             return system + [{"role": "user", "content": "\n\n".join(turns + [user_text])}]
         return system + self.history + [{"role": "user", "content": user_text}]
 

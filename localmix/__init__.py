@@ -14,6 +14,19 @@ if not os.environ.get("NUMBA_CACHE_DIR"):
 if "numba" in sys.modules:  # numba read the environment before we set it
     sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
+# Numba's threads meet at the end of every parallel loop, about a hundred times per decoded token.
+# GNU OpenMP spins there for about 3 ms before it sleeps; when another process takes a core, the
+# spinning thread and the one it waits for take turns on that core and decoding collapses (mini
+# model, 2 cores: 64 -> 7 tok/s). Sleeping at once (OMP_WAIT_POLICY=passive) holds 35 tok/s busy but
+# costs a third of the idle speed (46); a spin of 10000 rounds (about 0.1 ms) keeps the idle speed
+# (60-64) and bounds the loss (20 busy), and threads.ThreadTuner drops a thread when that is faster.
+# Measured in README, "A busy laptop". OpenMP first where Numba has it; a user's settings win; set
+# before Numba starts its threads.
+os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+if "numba" in sys.modules:  # read already: numba starts its threads at the first parallel loop, not at import
+    sys.modules["numba"].config.THREADING_LAYER_PRIORITY = os.environ["NUMBA_THREADING_LAYER_PRIORITY"].split()
+
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "GenerationResponse", "SamplingParams", "LocalmixError", "__version__"]
 

@@ -21,7 +21,7 @@ from localmix.backends import NumbaOps, backend_ops, resolve_backend
 from localmix.model import Ops, Transformer
 from localmix.sampling import SamplingParams
 from localmix.store import ModelFolder, is_localmix_model
-from localmix.threads import use_threads
+from localmix.threads import ThreadTuner, use_threads
 from localmix.tokenizer import Tokenizer
 
 
@@ -81,6 +81,8 @@ class Model:
             ops = Ops
         self.backend = resolve_backend(backend) if quantized else "numpy"
         self.threads = use_threads(threads, ops is NumbaOps)
+        # Unless the user chose a count: all the cores, or one fewer while another process takes one.
+        self.tuner = ThreadTuner(self.threads, fixed=threads is not None or ops is not NumbaOps)
         checkpoint = ModelFolder(folder) if quantized else Checkpoint(folder)
         self.path = checkpoint.folder
         # A base model (trained on plain text, such as the demo) continues a prompt rather than answering a chat.
@@ -156,9 +158,9 @@ class Model:
                             steering.fallback_margin if fallback_margin is None else fallback_margin).check()
         args = self.config.with_experts_per_token(experts_per_token)
         params = SamplingParams(**sampling)
-        return self._with_routing(args, steering, trace or t.trace, stream_generate(
+        return self._with_routing(args, steering, trace or t.trace, self.tuner.timed(stream_generate(
             t, self.tokenizer, ids, max_tokens, params, strip_leading_space=new_text, on_prefill=on_prefill,
-            cancelled=cancelled))
+            cancelled=cancelled)))
 
     def _with_routing(self, args, steering, trace, responses) -> Iterator[GenerationResponse]:
         """The responses, generated with these routing settings, which are undone at the end."""

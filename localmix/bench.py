@@ -78,14 +78,18 @@ def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, 
                                  for prompt, cache in zip(prompts, caches)])
         prefill.append((time.perf_counter() - start) / concurrency)
         before, start = experts.counters() if experts else {}, time.perf_counter()
+        model.tuner.start()  # threads chosen per token as Model.stream chooses them
         for _ in range(gen_tokens):
+            token_start = time.perf_counter()
             logits = model.transformer.step([int(t) for t in np.argmax(logits, axis=1)], caches)
+            model.tuner.record(time.perf_counter() - token_start)
         decode.append(time.perf_counter() - start)
         if experts:
             decoding.update({key: value - before[key] for key, value in experts.counters().items()})
     decode_tok_s = concurrency * gen_tokens / float(np.mean(decode))
     return {**(experts.stats(dict(decoding)) if experts else {}), "cold": cold,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "threads": model.threads,
+        "tokens_per_thread_count": model.tuner.used,  # decoded tokens (all runs) with each thread count
         "concurrency": concurrency,
         "prefill_tok_s": prompt_tokens / float(np.mean(prefill)),
         "decode_tok_s": decode_tok_s,
