@@ -17,9 +17,10 @@ if "numba" in sys.modules:  # numba read the environment before we set it
 # Numba's threads meet at the end of every parallel loop, about a hundred times per decoded token.
 # GNU OpenMP spins there for about 3 ms before it sleeps; when another process takes a core, the
 # spinning thread and the one it waits for take turns on that core and decoding collapses (mini
-# model, 2 cores: 64 -> 7 tok/s). Sleeping at once (OMP_WAIT_POLICY=passive) holds 35 tok/s busy but
-# costs a third of the idle speed (46); a spin of 10000 rounds (about 0.1 ms) keeps the idle speed
-# (60-64) and bounds the loss (20 busy), and threads.ThreadTuner drops a thread when that is faster.
+# model, 2 cores: 60-64 -> 4-12 tok/s). Sleeping at once (OMP_WAIT_POLICY=passive) holds 35 tok/s
+# busy but costs a third of the idle speed (44-46); a spin of 10000 rounds (about 0.1 ms) keeps the
+# idle speed (60-64) and bounds the loss (20 busy), and threads.ThreadTuner then decodes with one
+# thread fewer while that is faster (36-38, the one-thread speed).
 # Measured in README, "A busy laptop". OpenMP first where Numba has it; a user's settings win; set
 # before Numba starts its threads.
 os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")

@@ -64,13 +64,14 @@ class ThreadTuner:
     When another process takes a core, the thread that shares it is descheduled for whole time
     slices and every loop waits for it, so all the threads can be slower than one fewer (README, "A
     busy laptop"). The mean time per token decides (a mean, not a median: the stalls are the
-    cost): now and then (after 16 tokens, then at doubling intervals up to 256 while the choice
-    holds, and at once when two tokens in a row take twice the recent mean) a few tokens run with
-    the other count, and the faster count stays. On an idle machine that is a few tokens in a few
-    hundred at the slower count."""
+    cost): now and then (after 32 tokens, then at doubling intervals up to 256 while the choice
+    holds; at once when two tokens in a row take twice the recent mean, or when running fewer
+    threads the other processes leave the cores idle) a few tokens run with the other count, and
+    the faster count stays. On an idle machine that is a few tokens in a few hundred at the slower
+    count."""
 
-    PROBE = 3            # tokens timed with the other count
-    FIRST_INTERVAL = 16  # tokens before the first probe, and after a change
+    PROBE = 2            # tokens timed with the other count
+    FIRST_INTERVAL = 32  # tokens before the first probe, and after a change
     LONGEST = 256        # the longest interval between probes
     KEPT = 8             # recent token times kept per count
 
@@ -118,6 +119,11 @@ class ThreadTuner:
                 self._use(best)
             return
         self.until_probe -= 1
+        if self.current < self.most and self.used[self.current] % 8 == 0:
+            # Fewer threads are not slowed when the other process stops: the CPU's idle time says so.
+            others, self.sample = cores_used_by_others(self.sample), cpu_times()
+            if others is not None and others < 0.5:
+                self.until_probe = 0
         if self.until_probe <= 0 or self.slow >= 2:
             if self.slow >= 2:  # the load changed: the figures from before say nothing now
                 times[:] = times[-2:]

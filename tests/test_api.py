@@ -131,3 +131,39 @@ def test_a_base_model_continues_the_messages_text():
 
 def test_a_chat_model_is_not_a_base_model(model):
     assert not model.base_model  # its chat() applies the template: test_chat_applies_the_template
+
+
+@pytest.mark.parametrize("load", ["idle", "busy", "busy from token 100", "idle from token 100"])
+def test_thread_tuner_decodes_near_the_faster_thread_count(load, monkeypatch):
+    """Token times as measured on the mini model (2 cores, README "A busy laptop"): idle, 2 threads
+    16 ms and 1 thread 27 ms; with one busy process 2 threads 50 ms on average (a token is longer
+    than the scheduler's time slice, so each one meets the stalls: 35-65 ms) and 1 thread 28 ms.
+    Whatever the load does, the tuner's decoding stays within 10% of the faster count's (it loses
+    some tokens to probing the other count and to noticing a change)."""
+    import numba
+    from localmix import threads
+    from localmix.threads import ThreadTuner
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: None)
+    rng = np.random.default_rng(0)
+    busy = {"idle": lambda i: False, "busy": lambda i: True, "busy from token 100": lambda i: i >= 100,
+            "idle from token 100": lambda i: i < 100}[load]
+
+    def seconds(threads, i):
+        if not busy(i):
+            return 0.016 if threads == 2 else 0.027
+        return rng.uniform(0.035, 0.065) if threads == 2 else 0.028
+
+    token = 0  # the other processes' use of the CPU, as /proc/stat would tell it
+    monkeypatch.setattr(threads, "cores_used_by_others", lambda since: 1.0 if busy(token) else 0.0)
+    tuner, total, best = ThreadTuner(2), 0.0, 0.0
+    tuner.start()
+    for token in range(400):
+        i = token
+        took = seconds(tuner.current, i)
+        tuner.record(took)
+        total += took
+        best += 0.016 if not busy(i) else 0.028
+    assert total < 1.1 * best, (total, best, tuner.used)
+    fixed = ThreadTuner(2, fixed=True)
+    fixed.record(1.0)
+    assert fixed.current == 2 and sum(fixed.used.values()) == 0  # a count the user chose stays
