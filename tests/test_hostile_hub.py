@@ -239,7 +239,7 @@ CASES = [
     Case("config-1e9-layers", lambda hub, files, victim: edit_config(files, num_hidden_layers=10 ** 9),
          "num_hidden_layers"),
     Case("config-more-tensors-than-index",
-         lambda hub, files, victim: edit_config(files, num_hidden_layers=1024, num_local_experts=16384),
+         lambda hub, files, victim: edit_config(files, num_hidden_layers=64, num_local_experts=1024),
          "describes at least"),
     Case("config-more-parameters-than-weights",
          lambda hub, files, victim: edit_config(files, hidden_size=65536, intermediate_size=1 << 20),
