@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from localmix.errors import LocalmixError
+from localmix.validate import read_json
 
 ROUTING_FILE = "routing.json"  # routing statistics in a model's folder, written by `localmix stats --save`
 
@@ -252,7 +253,12 @@ def collect(model, ids: list[int], step: int = 256,
 
 def save(folder: Path, routed: np.ndarray, tokens: int, source: str) -> Path:
     """Write the counts to the model's folder (through a temporary file, so a reader never sees
-    half of one)."""
+    half of one). The built-in demo's folder is part of the installed package: it is never written."""
+    from localmix.home import DEMO
+
+    if Path(folder).resolve() == DEMO.resolve():
+        raise LocalmixError("the built-in demo is read-only (it ships with its routing statistics); "
+                            "leave out --save")
     path = Path(folder) / ROUTING_FILE
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps({"source": source, "tokens": tokens, "routed": np.asarray(routed).tolist()}))
@@ -263,12 +269,12 @@ def save(folder: Path, routed: np.ndarray, tokens: int, source: str) -> Path:
 def read_routing(folder: Path, shape: tuple[int, int]) -> np.ndarray:
     """The routed-token counts [layers, experts] saved in a model's folder."""
     path = Path(folder) / ROUTING_FILE
-    try:
-        routed = np.array(json.loads(path.read_text())["routed"], np.int64)
-    except FileNotFoundError:
+    if not path.is_file():
         raise LocalmixError(f"the pinned policy needs routing statistics: run `localmix stats {Path(folder).name} "
-                            f"--file TEXT --save` first") from None
-    except (ValueError, KeyError, TypeError):
+                            f"--file TEXT --save` first")
+    try:
+        routed = np.array(read_json(path, "routing statistics")["routed"], np.int64)
+    except (LocalmixError, ValueError, KeyError, TypeError, OverflowError):
         raise LocalmixError(f"{path}: cannot read the routing statistics; write them again with "
                             f"`localmix stats --save`") from None
     if routed.shape != shape:

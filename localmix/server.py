@@ -93,6 +93,7 @@ class Engine:
             self.wake.notify()
 
     def run(self) -> None:
+        self.model.tuner.start()  # Numba's thread count is per calling thread: this one decodes
         while True:
             with self.wake:
                 while not (self.waiting or self.active or self.stopped):
@@ -146,7 +147,10 @@ class Engine:
             return
         self.widest = max(self.widest, len(going))
         try:
+            start = time.perf_counter()
             logits = self.model.transformer.step([token for _, token in going], [job.generation.cache for job, _ in going])
+            if len(going) == 1:  # the tuner compares token times, so only steps of one answer count
+                self.model.tuner.record(time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001
             log.exception("internal error in a decoding step")
             for job, _ in going:

@@ -197,3 +197,15 @@ def test_batched_decoding_counts_routes_but_no_reuse(q4):
     assert (stats["tokens"] == 3).all() and (stats["routed"].sum(axis=1) == 6).all()
     assert (stats["reused"] == 0).all() and (stats["followed"] == 0).all()
     assert [r["position"] for r in records] == [4, 4, 4] and [r["token"] for r in records] == [7, 8, 9]
+
+
+def test_the_built_in_demo_is_never_written():
+    """The demo's folder is the installed package: `stats demo --save` must not write into it."""
+    from localmix import routing
+    from localmix.errors import LocalmixError
+    from localmix.home import DEMO
+
+    before = (DEMO / routing.ROUTING_FILE).read_bytes()
+    with pytest.raises(LocalmixError, match="read-only"):
+        routing.save(DEMO, np.zeros((4, 8), np.int64), 0, "test")
+    assert (DEMO / routing.ROUTING_FILE).read_bytes() == before
