@@ -360,18 +360,9 @@ class Server:
     def prompt(self, body: dict, chat: bool, ollama: bool) -> tuple[list[int], bool]:
         """(ids, whether the answer starts a new text) for the request's messages or prompt."""
         tokenizer = self.model.tokenizer
-        # A base model (trained on plain text, such as the demo) knows no [INST] format: a chat with one
-        # continues the text of the conversation, its messages' contents in order, one paragraph each.
-        # Joining all of them (not only the last user message) keeps what the system and the earlier turns
-        # said, as a plain-text transcript would.
-        base = bool(getattr(self.model, "base_model", False))
         try:
-            if chat:
-                messages = messages_of(body.get("messages"))
-                if base:
-                    text = "\n\n".join(m["content"] for m in messages if m["content"])
-                    return tokenizer.encode(text, bos=True), False
-                return tokenizer.apply_chat_template(messages), True
+            if chat:  # Model.encode_prompt: the chat template, or a base model's plain-text continuation
+                return self.model.encode_prompt(messages_of(body.get("messages")))
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise BadRequest(400, "request: prompt must be a string")
@@ -379,10 +370,8 @@ class Server:
             raw = optional(body, "raw", system is None, validate.boolean) if ollama else True
             if raw or system is None:
                 return tokenizer.encode(prompt, bos=True), False
-            if base:
-                return tokenizer.encode(f"{system}\n\n{prompt}", bos=True), False
-            return tokenizer.apply_chat_template([{"role": "system", "content": system},
-                                                  {"role": "user", "content": prompt}]), True
+            return self.model.encode_prompt([{"role": "system", "content": system},
+                                             {"role": "user", "content": prompt}])
         except LocalmixError as e:
             raise BadRequest(400, str(e)) from None
 
