@@ -184,7 +184,7 @@ def chat_loop(model: Model, name: str, params: SamplingParams, max_tokens: int, 
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     session = ChatSession(model, name, params, max_tokens, system, verbose, load_s, console, stats)
     if model.base_model:
         print(f"{name} is a base model: it continues the text of the conversation (your messages and its "

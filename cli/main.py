@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -163,16 +164,35 @@ def serve(model: str = typer.Argument(..., help="Model name or folder."),
     """Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Ollama
     (/api/chat, /api/generate, /api/tags) routes."""
     import uvicorn
-    from localmix.server import create_app
+    from localmix.server import QuietCancellations, create_app
     if not 0 < port < 65536:
         raise LocalmixError(f"--port must be between 1 and 65535, got {port}")
+    sock = listening_socket(host, port)  # a busy port or a bad address: one error line, before the long load
     llm, _ = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, trace=trace)
     served = name or Path(str(llm.path)).name
+    server = uvicorn.Server(uvicorn.Config(create_app(llm, served), log_level="warning"))  # sets up its loggers
+    logging.getLogger("uvicorn.error").addFilter(QuietCancellations())
     err.print(f"serving {served} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)", markup=False)
     try:
-        uvicorn.run(create_app(llm, served), host=host, port=port, log_level="warning")
-    except OSError as e:
-        raise LocalmixError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down
+        pass
+    if server.should_exit:  # stopped by Ctrl-C (or SIGTERM), as `run` is: exit 130
+        raise SystemExit(130)
+
+
+def listening_socket(host: str, port: int):
+    """A socket bound to host:port (listening starts with the server)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:  # socket.gaierror too: an address that does not resolve
+        raise LocalmixError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock
 
 
 app.command()(manage.pull)

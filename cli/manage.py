@@ -94,7 +94,9 @@ def show(model: str = typer.Argument(..., help="Model name or folder."),
     """Architecture, parameters, quantization and memory needed."""
     folder = resolve_model(model)
     if not is_localmix_model(folder):
-        raise LocalmixError(f"{folder} is a Hugging Face folder; `localmix pull {folder}` makes a localmix model")
+        if (folder / "config.json").is_file():
+            raise LocalmixError(f"{folder} is a Hugging Face folder; `localmix pull {folder}` makes a localmix model")
+        raise LocalmixError(f"{folder} is not a model folder (no manifest.json or config.json)")
     s = model_summary(folder)
     manifest = read_manifest(folder)
     s["min_memory_bytes"] = minimum_memory(manifest, ModelArgs.from_hf_config(manifest["config"]))

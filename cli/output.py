@@ -12,7 +12,7 @@ from rich.text import Text
 from localmix.api import Model
 from localmix.sampling import SamplingParams
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def prefill_progress():

@@ -9,8 +9,26 @@ from localmix.home import home as _home
 # user's install may not write and where the files outlive an uninstall (a later `pip install -e`
 # then finds a stray localmix/ folder there). They go to the user's cache instead, set before the
 # first @njit(cache=True) kernel is defined, unless the user chose a place (NUMBA_CACHE_DIR).
-if not os.environ.get("NUMBA_CACHE_DIR"):
-    os.environ["NUMBA_CACHE_DIR"] = str(_home() / "numba-cache")  # read by numba, also in processes we start
+
+
+def _numba_cache_dir() -> str:
+    """The user's choice, else $LOCALMIX_HOME/numba-cache; where that cannot be written (a read-only
+    home), a folder of this user's in the temporary directory: Numba, finding its folder unwritable,
+    would fall back to writing beside the installed source."""
+    import tempfile
+
+    for folder in (os.environ.get("NUMBA_CACHE_DIR") or str(_home() / "numba-cache"),
+                   os.path.join(tempfile.gettempdir(), f"localmix-numba-cache-{os.getuid()}")):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if os.access(folder, os.W_OK | os.X_OK):
+                return folder
+        except OSError:
+            pass
+    return folder
+
+
+os.environ["NUMBA_CACHE_DIR"] = _numba_cache_dir()  # read by numba, also in processes we start
 if "numba" in sys.modules:  # numba read the environment before we set it
     sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 

@@ -80,8 +80,9 @@ def temporary_folders(name: str) -> list[Path]:
 
 def remove_model(name: str) -> Path:
     """Delete $LOCALMIX_HOME/models/NAME (only a name there: never an arbitrary folder)."""
+    # An empty name is the models folder itself: a name must be one non-hidden entry inside it.
     folder = models_dir() / name
-    if "/" in name or name.startswith(".") or not folder.is_dir():
+    if not name or "/" in name or name.startswith(".") or folder.parent != models_dir() or not folder.is_dir():
         raise LocalmixError(f"unknown model {name!r}: no such model in {models_dir()}")
     shutil.rmtree(folder)
     return folder
@@ -93,6 +94,8 @@ DEMO = Path(__file__).parent / "demo"  # the offline demo model, shipped in the 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """A folder path as given, else a model name under $LOCALMIX_HOME/models, else "demo": the
     small model that comes with localmix."""
+    if not str(name_or_path):
+        raise LocalmixError("give a model name or folder (an empty name names none)")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

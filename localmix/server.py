@@ -570,6 +570,16 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+class QuietCancellations(logging.Filter):
+    """A second Ctrl-C makes uvicorn exit at once, cancelling the requests in flight and its lifespan
+    task: their end, not an error to print tracebacks for. (Starlette sends the lifespan's as text.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return False
+        return not str(record.msg).rstrip().endswith("asyncio.exceptions.CancelledError")
+
+
 def create_app(model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS) -> Starlette:
     server = Server(model, name, max_body, body_seconds)
 

@@ -234,3 +234,37 @@ def test_ctrl_c_in_chat_keeps_the_partial_answer(tiny_model_dir):
     assert [m["role"] for m in session.history] == ["user", "assistant"]
     assert session.history[1]["content"] == shown  # three tokens of 50: stopped where the signal came
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C at the prompt works as before
+
+
+@pytest.mark.parametrize("name", ["", ".", "a/..", "../models"])
+def test_rm_of_a_name_that_is_not_one_model_deletes_nothing(tmp_path, name):
+    """`localmix rm ''` once named the models folder itself and deleted every model."""
+    kept = tmp_path / "models" / "kept"
+    kept.mkdir(parents=True)
+    (tmp_path / "models" / "notes.txt").write_text("mine")
+    result = localmix_cli("rm", name, env={"LOCALMIX_HOME": str(tmp_path)})
+    assert_one_line_error(result, "unknown model")
+    assert kept.is_dir() and (tmp_path / "models" / "notes.txt").read_text() == "mine"
+
+
+def test_show_of_a_folder_that_is_no_model_says_so(tmp_path):
+    assert_one_line_error(localmix_cli("show", tmp_path), "is not a model folder")
+    assert_one_line_error(localmix_cli("run", "", "hi"), "give a model name or folder")
+
+
+@pytest.mark.parametrize("home, chosen", [(None, "{home}/numba-cache"), ("/proc/localmix-unwritable", "{tmp}"),
+                                          ("set", "{tmp_path}/mine")])
+def test_numba_keeps_its_cache_in_the_users_folders_never_in_the_package(tmp_path, home, chosen):
+    """$LOCALMIX_HOME/numba-cache, or the user's NUMBA_CACHE_DIR; where the home cannot be written, a
+    temporary folder (Numba would fall back to writing beside the installed source)."""
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["LOCALMIX_HOME"] = str(tmp_path) if home in (None, "set") else home
+    if home == "set":
+        env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")
+    out = subprocess.run([sys.executable, "-c", "import localmix, numba, os; print(numba.config.CACHE_DIR)"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    expected = chosen.format(home=tmp_path, tmp_path=tmp_path, tmp=tempfile.gettempdir())
+    assert out.startswith(expected) and "site-packages" not in out, out
+    assert os.access(out, os.W_OK)

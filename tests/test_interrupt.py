@@ -117,3 +117,64 @@ def test_ctrl_c_stops_a_chat_answer_and_the_chat_goes_on(terminal):
     terminal.type("/bye")
     _, stderr = terminal.process.communicate(timeout=30)
     assert terminal.process.returncode == 0 and b"Traceback" not in stderr, stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_stopped_by_ctrl_c_twice_during_a_streamed_answer_exits_130_without_tracebacks():
+    """The second Ctrl-C makes uvicorn exit at once, cancelling the answer in flight: exit 130, as
+    `run`, and no CancelledError tracebacks from the requests or the lifespan."""
+    import http.client
+    import threading
+    import urllib.request
+
+    port = free_port()
+    process = start("serve", "demo", "--port", str(port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        assert time.monotonic() < deadline and process.poll() is None, "the server did not come up"
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.3)
+    body = b'{"model": "demo", "messages": [{"role": "user", "content": "In the beginning"}], ' \
+           b'"max_tokens": 900, "stream": true}'
+    started = threading.Event()
+
+    def stream():
+        request = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                answer.read(64)
+                started.set()
+                answer.read()
+        except (OSError, http.client.HTTPException):  # cut off by the server's exit
+            pass
+
+    client = threading.Thread(target=stream, daemon=True)
+    client.start()
+    assert started.wait(60)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    assert_ended_by_ctrl_c(process)
+
+
+def test_serve_on_a_busy_port_is_one_error_line_before_loading():
+    import socket
+
+    from test_cli import assert_one_line_error, localmix_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = localmix_cli("serve", "demo", "--port", taken.getsockname()[1])
+    assert_one_line_error(result, "cannot listen on 127.0.0.1")
