@@ -116,7 +116,8 @@ class ChatSession:
         try:
             value = [PARAMETERS[name](v) for v in values] if name == "stop" else PARAMETERS[name](values[0])
         except ValueError:
-            print(f"Couldn't set parameter: {name} takes a {PARAMETERS[name].__name__}, got {values[0]!r}")
+            kind = {int: "an integer", float: "a number"}.get(PARAMETERS[name], "a string")
+            print(f"Couldn't set parameter: {name} takes {kind}, got {values[0]!r}")
             return
         if name == "num_predict":
             if value < 0:

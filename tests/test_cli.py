@@ -131,7 +131,7 @@ def test_chat_session_through_stdin(tiny_model_dir):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "Set parameter 'temperature' to '0'" in out and "Set parameter 'num_predict' to '4'" in out
-    assert "Couldn't set parameter: top_k takes a int" in out
+    assert "Couldn't set parameter: top_k takes an integer" in out
     assert "temperature    0.0" in out
     assert "You are terse." in out and "Cleared session context" in out
     assert "Unknown command '/frobnicate'" in out and "/set parameter NAME VALUE" in out
