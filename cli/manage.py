@@ -17,7 +17,7 @@ from localmix.home import DEMO, list_models, models_dir, remove_model, resolve_m
 from localmix.quality import kl_divergence, perplexity as text_perplexity, top1_agreement
 from localmix.quant.pull import pull as pull_model
 from localmix.config import ModelArgs
-from localmix.expert_cache import minimum_memory
+from localmix.experts import minimum_memory
 from localmix.store import is_localmix_model, model_summary, read_manifest, verify as verify_model
 from localmix.cli.output import PullProgress, err
 

@@ -12,7 +12,7 @@ from localmix import kernels
 from localmix.checkpoint import Checkpoint, read_weights
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
-from localmix.expert_cache import POLICIES, CachedExperts, ExpertCache, check_shadow_bits, plan_memory
+from localmix.experts import POLICIES, CachedExperts, ExpertCache, check_shadow_bits, plan_memory
 from localmix.routing import Steering, hot_experts, read_routing
 from localmix.generate import GenerationResponse, stream_generate
 from localmix.home import resolve_model

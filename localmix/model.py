@@ -164,7 +164,7 @@ def used_experts(chosen: np.ndarray, experts: int) -> np.ndarray:
 
 def expert_batches(experts, chosen) -> Iterable[tuple[list[int], list[Expert]]]:
     """The chosen experts in batches that are in memory together: one batch, unless an expert
-    cache (localmix.expert_cache) holds fewer experts than were chosen."""
+    cache (localmix.experts) holds fewer experts than were chosen."""
     if hasattr(experts, "batches"):
         return experts.batches(chosen)
     return [(list(chosen), [experts[e] for e in chosen])]

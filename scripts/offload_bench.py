@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 from localmix.config import ModelArgs
-from localmix.expert_cache import fixed_memory
+from localmix.experts import fixed_memory
 from localmix.home import resolve_model
 from localmix.store import read_manifest
 

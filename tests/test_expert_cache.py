@@ -11,7 +11,7 @@ import localmix
 from localmix import kernels
 from localmix.errors import LocalmixError
 from localmix import routing
-from localmix.expert_cache import LFU, LRU, RUNTIME_BYTES, Pinned, kv_bytes, parse_memory, plan_memory, shadow_bytes
+from localmix.experts import LFU, LRU, RUNTIME_BYTES, Pinned, kv_bytes, parse_memory, plan_memory, shadow_bytes
 from localmix.routing import hot_experts
 from localmix.quant.convert import LocalSource, convert
 from localmix.quality import kl_divergence

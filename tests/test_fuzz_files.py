@@ -115,7 +115,7 @@ def lm_checks(kind, numba=False, cache=False):
 
 def budget(base: str) -> int:
     """--memory leaving two expert slots, from the base model's manifest (the mutated one may lie)."""
-    from localmix.expert_cache import RUNTIME_BYTES, kv_bytes
+    from localmix.experts import RUNTIME_BYTES, kv_bytes
     from localmix.store import read_manifest
     from localmix.config import ModelArgs
     manifest = read_manifest(Path(base))

@@ -44,7 +44,7 @@ def test_random_localmix_model_is_written_straight_into_the_format(tmp_path):
     ids = np.random.default_rng(0).integers(0, 32000, 8)
     resident = localmix.load(out).logits(ids)
     assert np.isfinite(resident).all() and resident.std() > 0
-    from localmix.expert_cache import RUNTIME_BYTES, kv_bytes
+    from localmix.experts import RUNTIME_BYTES, kv_bytes
     model = localmix.load(out)
     memory = manifest["files"]["dense.bin"]["size"] + kv_bytes(model.config, 4096) + RUNTIME_BYTES + \
         3 * max(f["size"] for name, f in manifest["files"].items() if name.startswith("experts/"))

@@ -10,116 +10,20 @@ model.
 
 from __future__ import annotations
 
-import os
-import re
 import threading
 import time
-from collections import Counter, OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numba
 import numpy as np
-from numba import prange, types
 
 from localmix.errors import LocalmixError
-from localmix.quant.affine import quantize
+from localmix.experts.policies import POLICIES, Pinned
+from localmix.experts.reads import read_into
+from localmix.experts.shadows import shadow_matrix
 from localmix.model import Expert
 from localmix.store import MANIFEST, QuantizedMatrix, TensorLayout, check_manifest, expert_matrix
-
-MIB = 1 << 20
-SHADOW_BITS = (2,)  # what the kernels run besides the stored 4 and 8 bits (3 bits do not divide their 16-bit lanes)
-SHADOW_SEARCH_STEPS = 4  # of quantize()'s scale search: most of its gain at 2 bits (rel. error 0.347 vs 0.345 with 20
-                         # on Gaussian weights, 0.395 with none), at a fifth of the time
-RUNTIME_BYTES = 300 * MIB  # Python, numpy, Numba and their compiled kernels: measured ~260 MB
-UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
-         "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
-
-
-def parse_memory(text: str | int) -> int:
-    """'12GB', '12 GiB', '800MB' or a number of bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m[2].upper() not in UNITS:
-        raise LocalmixError(f"--memory: cannot read {text!r}; write it as 12GB, 800MB or 16GiB")
-    return int(float(m[1]) * UNITS[m[2].upper()])
-
-
-_pread = types.ExternalFunction("pread", types.int64(types.int32, types.int64, types.uint64, types.int64))
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def read_parallel(fd: int, address: int, size: int, parts: int) -> int:
-    """Read a file's first `size` bytes to memory at `address` with `parts` threads, one piece each;
-    returns the bytes read. One thread copies from the page cache at about 4-6 GB/s here, two at
-    about 9-10: a miss, which the model waits for, is read by all the kernels' threads."""
-    step = ((size + parts - 1) // parts + 4095) // 4096 * 4096
-    got = np.zeros(parts, np.int64)
-    for i in prange(parts):
-        start, end = i * step, min(size, (i + 1) * step)
-        while start < end:
-            n = _pread(fd, address + start, end - start, start)
-            if n <= 0:
-                break
-            got[i] += n
-            start += n
-    return got.sum()
-
-
-class LRU:
-    """Evict the expert used longest ago."""
-
-    def __init__(self):
-        self.order: OrderedDict = OrderedDict()
-
-    def used(self, key) -> None:
-        self.order[key] = None
-        self.order.move_to_end(key)
-
-    def removed(self, key) -> None:
-        self.order.pop(key, None)
-
-    def loaded(self, key) -> None:
-        """Brought in ahead of time: as recent as a use, without counting as one."""
-        LRU.used(self, key)
-
-    def victim(self, keys):
-        """The key to evict among these; None if none may go."""
-        keys = set(keys)
-        return next((key for key in self.order if key in keys), None)
-
-
-class LFU(LRU):
-    """Evict the expert used least often (since the start), the older one on ties."""
-
-    def __init__(self):
-        super().__init__()
-        self.uses: Counter = Counter()
-
-    def used(self, key) -> None:
-        super().used(key)
-        self.uses[key] += 1
-
-    def victim(self, keys):
-        keys = set(keys)
-        return min((key for key in self.order if key in keys), key=lambda k: self.uses[k], default=None)
-
-
-class Pinned(LRU):
-    """Keep a fixed set of hot experts (from the routing statistics of a calibration run, see
-    `hot_experts`) and share the other slots by LRU."""
-
-    def __init__(self, pinned=()):
-        super().__init__()
-        self.pinned = set(pinned)
-
-    def victim(self, keys):
-        return super().victim(set(keys) - self.pinned)
-
-
-POLICIES = {"lru": LRU, "lfu": LFU, "pinned": Pinned}
 
 
 class ExpertCache:
@@ -341,24 +245,11 @@ class ExpertCache:
         return slot
 
     def _read(self, key, slot: int, parallel: bool = False) -> Expert:
-        """Read an expert's file into a slot: with the kernels' threads (`parallel`, for a miss the
-        model waits for) or in this thread alone (in the background, beside the kernels)."""
+        """Read an expert's file into a slot (see read_into) and view its matrices there."""
         layouts = self.layouts[key]
         path = self.folder / layouts[0].file
         size = self.file_bytes[key]
-        if path.exists() and not path.is_file():  # a FIFO would block the read for ever
-            raise LocalmixError(f"{path}: not a regular file; run `localmix verify` on this model")
-        try:
-            with open(path, "rb", buffering=0) as f:
-                if parallel and hasattr(os, "pread"):
-                    got = read_parallel(f.fileno(), self.buffer[slot].ctypes.data, size, numba.get_num_threads())
-                else:
-                    got = f.readinto(memoryview(self.buffer[slot])[:size])
-        except OSError as e:
-            raise LocalmixError(f"{path}: cannot read ({e.strerror}); run `localmix verify` on this model") from None
-        if got != size:
-            raise LocalmixError(f"{path}: truncated ({got} bytes, expected {size}); run `localmix verify` on "
-                                f"this model")
+        read_into(path, self.buffer[slot], size, parallel)
         with self.lock:
             self.bytes_read += size
         data = self.buffer[slot]
@@ -394,32 +285,6 @@ class ExpertCache:
                 "expert_pinned": len(getattr(self.policy, "pinned", ())), "expert_shadow_bits": self.shadow_bits, **c,
                 "expert_hit_rate": c["expert_hits"] / lookups if lookups else 1.0,
                 "prefetch_hit_rate": c["prefetch_hits"] / c["prefetches"] if c["prefetches"] else 0.0}
-
-
-def check_shadow_bits(bits: int) -> int:
-    if bits and bits not in SHADOW_BITS:
-        raise LocalmixError(f"shadow copies are {' or '.join(map(str, SHADOW_BITS))}-bit, not {bits} (0: none)")
-    return bits
-
-
-def shadow_matrix(m: QuantizedMatrix, bits: int) -> QuantizedMatrix:
-    """A low-bit copy of a stored matrix: dequantized and quantized again at `bits`, in groups of
-    64 (or the matrix's own where larger: the kernels run 2-bit groups of 64 and 128)."""
-    from localmix.kernels import dequantize
-    group_size = max(64, m.group_size)
-    w = dequantize(m.words, m.scales, m.biases, m.bits, m.group_size)
-    words, scales, biases = quantize(w, bits, group_size, steps=SHADOW_SEARCH_STEPS)
-    return QuantizedMatrix(words, scales, biases, bits, group_size, f"{m.source} ({bits}-bit shadow)")
-
-
-def shadow_bytes(manifest: dict, bits: int) -> int:
-    """The memory that `bits`-bit shadow copies of all the experts take (see shadow_matrix)."""
-    total = 0
-    for name, t in manifest["tensors"].items():
-        if expert_matrix(name):
-            rows, cols = t["shape"]
-            total += rows * cols * bits // 8 + rows * (cols // max(64, t["group_size"])) * 4
-    return total
 
 
 class CachedExperts(Sequence):
@@ -459,69 +324,3 @@ class CachedExperts(Sequence):
         if part:
             yield part, self.cache.batch(self.layer, part)
 
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def kv_bytes(args, context: int) -> int:
-    return 2 * 4 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * context
-
-
-def fixed_memory(manifest: dict, args, context: int = 4096, shadow_bits: int = 0) -> int:
-    """What stays resident whatever the budget: dense weights, a KV cache of `context` float32
-    tokens, the runtime and the experts' shadow copies, if kept."""
-    shadows = shadow_bytes(manifest, shadow_bits) if shadow_bits else 0
-    return manifest["files"]["dense.bin"]["size"] + kv_bytes(args, context) + RUNTIME_BYTES + shadows
-
-
-def minimum_memory(manifest: dict, args, context: int = 4096, shadow_bits: int = 0) -> int:
-    """The smallest budget that runs the model: the fixed part and one token's experts (all of
-    a dense model's MLPs, which are not cached)."""
-    experts = [f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")]
-    return fixed_memory(manifest, args, context, shadow_bits) + (
-        args.num_experts_per_tok * max(experts) if args.is_moe else sum(experts))
-
-
-def plan_memory(manifest: dict, args, memory: str | int | None, context: int = 4096,
-                shadow_bits: int = 0) -> tuple[int | None, str | None]:
-    """How many expert slots a budget leaves: (slots, note). slots None: the whole model stays
-    resident. The budget covers the dense weights, a KV cache of `context` float32 tokens, the
-    runtime (RUNTIME_BYTES), the experts' shadow copies where asked for, and the slots. Without a
-    budget, a model that does not fit the memory available gets 90% of it, and the note says so."""
-    if not args.is_moe:
-        return None, None
-    expert_sizes = [f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")]
-    whole = fixed_memory(manifest, args, context) + sum(expert_sizes)
-    note = None
-    if memory is None:
-        available = available_memory()
-        if available is None or whole <= available:
-            return None, None
-        budget = int(available * 0.9)
-        note = (f"the model needs {whole / 1e9:.1f} GB and {available / 1e9:.1f} GB are available: "
-                f"running within {budget / 1e9:.1f} GB (set it with --memory)")
-    else:
-        budget = parse_memory(memory)
-    if budget >= whole:  # everything fits: no cache, and no shadow copies needed
-        return None, note
-    fixed = fixed_memory(manifest, args, context, shadow_bits)
-    slots = (budget - fixed) // max(expert_sizes)
-    if slots < args.num_experts_per_tok:
-        dense = manifest["files"]["dense.bin"]["size"]
-        kv_and_runtime = fixed_memory(manifest, args, context) - dense
-        shadows = (f", {shadow_bits}-bit shadow copies {shadow_bytes(manifest, shadow_bits) / 1e9:.2f} GB"
-                   if shadow_bits else "")
-        raise LocalmixError(f"--memory {budget / 1e9:.2f} GB is too small for this model: it needs at least "
-                            f"{minimum_memory(manifest, args, context, shadow_bits) / 1e9:.2f} GB (dense weights "
-                            f"{dense / 1e9:.2f} GB, KV cache and runtime {kv_and_runtime / 1e9:.2f} GB"
-                            f"{shadows}, {args.num_experts_per_tok} experts)")
-    return int(min(slots, len(expert_sizes) - 1)), note

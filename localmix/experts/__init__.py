@@ -1,0 +1,17 @@
+"""The experts of a model within a memory budget; without one, a layer's experts are a plain list.
+
+    budget    how a memory budget becomes expert slots (plan_memory) and what stays resident
+    policies  which expert leaves a full cache: LRU, LFU, Pinned
+    reads     an expert's file read into a slot (pread by the kernels' threads on a miss)
+    cache     the slots (ExpertCache) and a layer's view of them for the model (CachedExperts)
+    shadows   2-bit copies of every expert, answering a miss while the full expert is read
+"""
+
+from localmix.experts.budget import (RUNTIME_BYTES, fixed_memory, kv_bytes, minimum_memory, parse_memory,
+                                     plan_memory)
+from localmix.experts.cache import CachedExperts, ExpertCache
+from localmix.experts.policies import LFU, LRU, POLICIES, Pinned
+from localmix.experts.shadows import check_shadow_bits, shadow_bytes
+
+__all__ = ["RUNTIME_BYTES", "fixed_memory", "kv_bytes", "minimum_memory", "parse_memory", "plan_memory",
+           "CachedExperts", "ExpertCache", "LFU", "LRU", "POLICIES", "Pinned", "check_shadow_bits", "shadow_bytes"]
