@@ -1,0 +1,283 @@
+"""The vector row product, emitted as LLVM IR through Numba's `@intrinsic` (x86 with AVX2).
+
+The weights stay packed. A 32-byte chunk is read as 16 lanes of 16 bits; lane i holds values
+i*vpl .. i*vpl+vpl-1 of the chunk (vpl = 16 / bits values per lane), so `(lane >> bits*j) & mask` is
+value j of every lane at once. The activations are stored in that order (value j of every lane side
+by side, see localmix.kernels.activations), so the product of a chunk is vpl `pmaddwd`s on
+registers, with no unpacking to bytes and no shuffles; in prompts `vpdpwssd` where the CPU has VNNI
+(12% faster here). The float accumulators stay in registers for the whole row.
+
+Per group, in float32: s dx (q . v) + b sum(x) + s m (sum(x) - sum(x~)): the weights centred on the
+middle m of their range (see quantize_activations). One token (decoding) sums eight groups' dot
+products across lanes together and converts their scales as one vector; a prompt multiplies tiles of
+TILE tokens per pass over a weight row.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from localmix.kernels.features import FORMATS, PREFETCH, TILE, values_per_lane, vnni_instruction
+
+
+# Numba does not set up LLVM's assembly parser, which the inline vpdpwssd needs: whenever a kernel
+# holding it is compiled, or linked from Numba's cache into another kernel being compiled.
+llvm.initialize_native_asmparser()
+
+
+# A unit is max(group, chunk) values: one group of 1, 2 or 4 chunks of 32 bytes, or one chunk of
+# two groups (4 bits, group 32). Its integer dot product is an [8 x i32] vector per token.
+
+_i16, _i32, _i64, _f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+
+def _vector(t, n):
+    return ir.VectorType(t, n)
+
+
+def _llvm_function(module, name, ret, args):
+    if name in module.globals:
+        return module.globals[name]
+    return ir.Function(module, ir.FunctionType(ret, args), name=name)
+
+
+class _RowEmitter:
+    """Builds the IR of one format's row products; `args` are the intrinsic's runtime operands."""
+
+    def __init__(self, builder, bits, group_size, args):
+        self.b, self.bits = builder, bits
+        (self.w_addr, self.s_addr, self.b_addr, self.x_addr, self.dx_addr, self.sums_addr, self.x_stride,
+         self.dx_stride, self.g_stride, self.out_addr, self.out_stride, self.units) = args
+        self.per_lane = values_per_lane(bits)
+        self.chunk_values = 16 * self.per_lane
+        unit_values = max(group_size, self.chunk_values)
+        self.chunks_per_unit, self.groups_per_unit = unit_values // self.chunk_values, unit_values // group_size
+        module = builder.module
+        self.maddwd = _llvm_function(module, "llvm.x86.avx2.pmadd.wd", _vector(_i32, 8),
+                                     [_vector(_i16, 16), _vector(_i16, 16)])
+        # As inline assembly: LLVM turns its own vpdpwssd intrinsic back into pmaddwd + paddd here.
+        vnni = vnni_instruction()
+        self.dpwssd = vnni and ir.InlineAsm(
+            ir.FunctionType(_vector(_i32, 8), [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)]),
+            f"{vnni} $3, $2, $0", "=x,0,x,x")
+        self.prefetch = _llvm_function(module, "llvm.prefetch.p0", ir.VoidType(),
+                                       [ir.IntType(8).as_pointer(), _i32, _i32, _i32])
+        self.reduce = _llvm_function(module, "llvm.vector.reduce.fadd.v8f32", _f32, [_f32, _vector(_f32, 8)])
+
+    def const(self, v, ty=_i64):
+        return ir.Constant(ty, v)
+
+    def fma(self, a, b, c):
+        ty = a.type
+        name = f"llvm.fma.v{ty.count}f32" if isinstance(ty, ir.VectorType) else "llvm.fma.f32"
+        return self.b.call(_llvm_function(self.b.module, name, ty, [ty] * 3), [a, b, c])
+
+    def load(self, addr, ty, offset=None):
+        if offset is not None:
+            addr = self.b.add(addr, offset)
+        return self.b.load(self.b.inttoptr(addr, ty.as_pointer()), align=1)
+
+    def at(self, addr, index, size):  # addr + index * size
+        return self.b.add(addr, self.b.mul(index, self.const(size)))
+
+    def halves(self, addr, index, n=1):  # n fp16 values at addr[index] as float32
+        ty = _i16 if n == 1 else _vector(_i16, n)
+        half = ir.HalfType() if n == 1 else _vector(ir.HalfType(), n)
+        bits = self.load(self.at(addr, index, 2), ty)
+        return self.b.fpext(self.b.bitcast(bits, half), _f32 if n == 1 else _vector(_f32, n))
+
+    def splat(self, value, n=8):
+        one = self.b.insert_element(ir.Constant(_vector(_f32, 1), None), value, self.const(0, _i32))
+        return self.b.shuffle_vector(one, one, ir.Constant(_vector(_i32, n), [0] * n))
+
+    def lanes_of(self, values):
+        """One float per group of a unit as the 8 lanes' vector: lanes 0-3 come from a chunk's
+        first 128 bits, so with two groups per chunk they belong to the first group."""
+        if len(values) == 1:
+            return self.splat(values[0])
+        pair = self.b.insert_element(self.splat(values[0], 2), values[1], self.const(1, _i32))
+        return self.b.shuffle_vector(pair, pair, ir.Constant(_vector(_i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+
+    def unit_dots(self, u, tokens):
+        """[8 x i32] partial dot products of unit u with each token's activations."""
+        b, sums = self.b, [None] * tokens
+        mask = ir.Constant(_vector(_i16, 16), [(1 << self.bits) - 1] * 16)
+        for c in range(self.chunks_per_unit):
+            chunk = b.add(b.mul(u, self.const(self.chunks_per_unit)), self.const(c))
+            w = self.load(self.at(self.w_addr, chunk, 32), _vector(_i16, 16))
+            ahead = b.add(self.at(self.w_addr, chunk, 32), self.const(PREFETCH))
+            b.call(self.prefetch, [b.inttoptr(ahead, ir.IntType(8).as_pointer()), self.const(0, _i32),
+                                   self.const(3, _i32), self.const(1, _i32)])
+            lanes = [b.and_(b.lshr(w, ir.Constant(_vector(_i16, 16), [self.bits * j] * 16)), mask)
+                     for j in range(self.per_lane)]
+            x_chunk = self.at(self.x_addr, chunk, 2 * self.chunk_values)
+            for t in range(tokens):
+                x_t = b.add(x_chunk, b.mul(self.const(t), self.x_stride))
+                for j in range(self.per_lane):
+                    xj = self.load(x_t, _vector(_i16, 16), self.const(32 * j))
+                    # vpdpwssd for tiles only: alone, its chained accumulation is slower than
+                    # pmaddwd + paddd (one token streams 20 GB/s here with those, 17 with it)
+                    if self.dpwssd and tokens > 1 and sums[t] is not None:
+                        sums[t] = b.call(self.dpwssd, [sums[t], lanes[j], xj])
+                    else:
+                        p = b.call(self.maddwd, [lanes[j], xj])
+                        sums[t] = p if sums[t] is None else b.add(sums[t], p)
+        return sums
+
+    def loop(self, count, carried, body):
+        """for i in range(count): carried = body(i, carried); returns the final values."""
+        b = self.b
+        entry = b.block
+        head, done = b.append_basic_block("loop"), b.append_basic_block("loop_done")
+        b.branch(head)
+        b.position_at_end(head)
+        i = b.phi(_i64)
+        i.add_incoming(self.const(0), entry)
+        phis = []
+        for value in carried:
+            phi = b.phi(value.type)
+            phi.add_incoming(value, entry)
+            phis.append(phi)
+        new = body(i, phis)
+        i_next = b.add(i, self.const(1))
+        i.add_incoming(i_next, b.block)
+        for phi, value in zip(phis, new):
+            phi.add_incoming(value, b.block)
+        b.cbranch(b.icmp_signed("<", i_next, count), head, done)
+        b.position_at_end(done)
+        return new
+
+    def store(self, t, value):
+        b = self.b
+        b.store(value, b.inttoptr(b.add(self.out_addr, b.mul(self.const(t), self.out_stride)), _f32.as_pointer()))
+
+    def zeros(self, n):
+        return ir.Constant(_vector(_f32, n), [0.0] * n)
+
+    def tile(self, tokens):
+        """A tile of tokens: the weights are unpacked once per unit for all of them. The sums
+        (token-minor) give the biases' part of all the tile's tokens as one vector."""
+        b = self.b
+
+        def body(u, carried):
+            acc, bias_acc = carried[:tokens], carried[tokens]
+            sums = self.unit_dots(u, tokens)
+            groups = [b.add(b.mul(u, self.const(self.groups_per_unit)), self.const(k))
+                      for k in range(self.groups_per_unit)]
+            scales = [self.halves(self.s_addr, g) for g in groups]
+            biases = [self.halves(self.b_addr, g) for g in groups]
+            scale = self.lanes_of(scales)
+            new_acc = []
+            for t in range(tokens):
+                dx_t = b.add(self.dx_addr, b.mul(self.const(t), self.dx_stride))
+                dx = self.lanes_of([self.load(self.at(dx_t, g, 4), _f32) for g in groups])
+                new_acc.append(self.fma(b.sitofp(sums[t], _vector(_f32, 8)), b.fmul(scale, dx), acc[t]))
+            for bias, scale_g, g in zip(biases, scales, groups):  # b sum(x) + s m (sum x - sum x~)
+                sums_g = b.add(self.sums_addr, b.mul(g, self.g_stride))
+                bias_acc = self.fma(self.splat(bias, tokens), self.load(sums_g, _vector(_f32, tokens)), bias_acc)
+                residual = self.load(sums_g, _vector(_f32, tokens), b.sdiv(self.g_stride, self.const(2)))
+                bias_acc = self.fma(self.splat(scale_g, tokens), residual, bias_acc)
+            return new_acc + [bias_acc]
+
+        final = self.loop(self.units, [self.zeros(8)] * tokens + [self.zeros(tokens)], body)
+        for t in range(tokens):
+            total = b.fadd(b.call(self.reduce, [self.const(-0.0, _f32), final[t]]),
+                           b.extract_element(final[tokens], self.const(t, _i32)))
+            self.store(t, total)
+
+    def single(self):
+        """One token (decoding). Where a unit is one group and the groups come in eights, eight
+        units' dot products are summed across lanes together (a transpose by shuffles), so that
+        scales, biases and activation sums are read and converted eight at a time, as vectors;
+        otherwise unit by unit. The sums here are token-major: [sum x of every group, then m
+        (sum x - sum x~) of every group]."""
+        b = self.b
+        groups_total = b.mul(self.units, self.const(self.groups_per_unit))
+        residuals = b.add(self.sums_addr, b.mul(groups_total, self.const(4)))
+        done = b.append_basic_block("single_done")
+        result = []
+        if self.groups_per_unit == 1:
+            blocked, by_unit = b.append_basic_block("by_eight"), b.append_basic_block("by_unit")
+            eights = b.icmp_signed("==", b.srem(self.units, self.const(8)), self.const(0))
+            b.cbranch(eights, blocked, by_unit)
+            b.position_at_end(blocked)
+
+            def eight(i, carried):
+                acc, bias_acc = carried
+                dots = [self.unit_dots(b.add(b.mul(i, self.const(8)), self.const(k)), 1)[0] for k in range(8)]
+                for pattern in ([0, 8, 2, 10, 4, 12, 6, 14], [0, 1, 8, 9, 4, 5, 12, 13], [0, 1, 2, 3, 8, 9, 10, 11]):
+                    other = [p + (1 if pattern[1] == 8 else 2 if pattern[2] == 8 else 4) for p in pattern]
+                    dots = [b.add(b.shuffle_vector(dots[k], dots[k + 1], ir.Constant(_vector(_i32, 8), pattern)),
+                                  b.shuffle_vector(dots[k], dots[k + 1], ir.Constant(_vector(_i32, 8), other)))
+                            for k in range(0, len(dots), 2)]
+                first = b.mul(i, self.const(8))
+                scales = self.halves(self.s_addr, first, 8)
+                dx = self.load(self.at(self.dx_addr, first, 4), _vector(_f32, 8))
+                acc = self.fma(b.sitofp(dots[0], _vector(_f32, 8)), b.fmul(scales, dx), acc)
+                bias_acc = self.fma(self.halves(self.b_addr, first, 8),
+                                    self.load(self.at(self.sums_addr, first, 4), _vector(_f32, 8)), bias_acc)
+                bias_acc = self.fma(scales, self.load(self.at(residuals, first, 4), _vector(_f32, 8)), bias_acc)
+                return [acc, bias_acc]
+
+            acc, bias_acc = self.loop(b.sdiv(self.units, self.const(8)), [self.zeros(8), self.zeros(8)], eight)
+            result.append((b.fadd(b.call(self.reduce, [self.const(-0.0, _f32), acc]),
+                                  b.call(self.reduce, [self.const(-0.0, _f32), bias_acc])), b.block))
+            b.branch(done)
+            b.position_at_end(by_unit)
+
+        def unit(u, carried):
+            acc, bias_acc = carried
+            dot = self.unit_dots(u, 1)[0]
+            groups = [b.add(b.mul(u, self.const(self.groups_per_unit)), self.const(k))
+                      for k in range(self.groups_per_unit)]
+            scales = [self.halves(self.s_addr, g) for g in groups]
+            factors = [b.fmul(s, self.load(self.at(self.dx_addr, g, 4), _f32)) for s, g in zip(scales, groups)]
+            acc = self.fma(b.sitofp(dot, _vector(_f32, 8)), self.lanes_of(factors), acc)
+            for scale, g in zip(scales, groups):
+                bias_acc = self.fma(self.halves(self.b_addr, g), self.load(self.at(self.sums_addr, g, 4), _f32), bias_acc)
+                bias_acc = self.fma(scale, self.load(self.at(residuals, g, 4), _f32), bias_acc)
+            return [acc, bias_acc]
+
+        acc, bias_acc = self.loop(self.units, [self.zeros(8), self.const(0.0, _f32)], unit)
+        result.append((b.fadd(b.call(self.reduce, [self.const(-0.0, _f32), acc]), bias_acc), b.block))
+        b.branch(done)
+        b.position_at_end(done)
+        total = b.phi(_f32)
+        for value, block in result:
+            total.add_incoming(value, block)
+        self.store(0, total)
+
+
+@intrinsic
+def row_products(typingctx, bits, group_size, tokens, w_addr, s_addr, b_addr, x_addr, dx_addr, sums_addr,
+                 x_stride, dx_stride, g_stride, out_addr, out_stride, units):
+    """row_products(bits, group_size, tokens, addresses and strides...): `tokens` (1 or TILE) dot
+    products of one packed weight row with consecutive quantized activation rows, stored as
+    float32. One loop per format and token count is emitted, and a switch on the three picks it:
+    the format is a runtime value so that the kernels calling this have no per-format closures,
+    which Numba's cache could not find again on the next start."""
+    sig = types.void(*[types.int64] * 15)
+
+    def codegen(context, builder, signature, args):
+        key = builder.add(builder.add(builder.mul(args[0], ir.Constant(_i64, 4096)),
+                                      builder.mul(args[1], ir.Constant(_i64, 16))), args[2])
+        done = builder.append_basic_block("formats_done")
+        unsupported = builder.append_basic_block("unsupported")
+        switch = builder.switch(key, unsupported)
+        for bits, group_size in FORMATS:
+            for tokens in range(1, TILE + 1):
+                block = builder.append_basic_block(f"q{bits}_g{group_size}_t{tokens}")
+                switch.add_case(ir.Constant(_i64, bits * 4096 + group_size * 16 + tokens), block)
+                builder.position_at_end(block)
+                emitter = _RowEmitter(builder, bits, group_size, args[3:])
+                emitter.single() if tokens == 1 else emitter.tile(tokens)
+                builder.branch(done)
+        builder.position_at_end(unsupported)  # callers check the format first
+        builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
