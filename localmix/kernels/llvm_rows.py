@@ -10,7 +10,7 @@ registers, with no unpacking to bytes and no shuffles; in prompts `vpdpwssd` whe
 Per group, in float32: s dx (q . v) + b sum(x) + s m (sum(x) - sum(x~)): the weights centred on the
 middle m of their range (see quantize_activations). One token (decoding) sums eight groups' dot
 products across lanes together and converts their scales as one vector; a prompt multiplies tiles of
-TILE tokens per pass over a weight row.
+TILE tokens per pass over a weight row (localmix.kernels.products passes tiles over blocks of rows).
 """
 
 from __future__ import annotations

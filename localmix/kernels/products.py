@@ -1,7 +1,8 @@
 """Products of activations with packed (MLX-layout) quantized matrices: a batch of matrices per call,
-each over its own rows of the activations, on the vector kernel (localmix.kernels.llvm_rows) or the
-plain Numba loops, which read the same bytes and give the same integer sums; dequantize for
-embedding rows. matmul_reference is the numpy twin the tests hold them to.
+each over its own rows of the activations, on the vector kernel (localmix.kernels.llvm_rows: AVX2, with
+or without VNNI) or the plain Numba loops (other CPUs, LOCALMIX_KERNELS=plain). All read the same
+bytes and give the same integer sums, and the tests run all three; matmul_reference is the numpy
+twin they are held to. Also dequantize, for embedding rows.
 """
 
 from __future__ import annotations
