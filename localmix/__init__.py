@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 from localmix.home import home as _home
 
@@ -11,14 +12,27 @@ from localmix.home import home as _home
 # first @njit(cache=True) kernel is defined, unless the user chose a place (NUMBA_CACHE_DIR).
 
 
+def _kernels_version() -> str:
+    """A digest of the kernels' source. Numba's cache checks only a kernel's own file, so a kernel
+    calling into another module of localmix/kernels/ would keep a stale callee after an edit there;
+    a cache folder per version of the whole package cannot."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.joinpath("kernels").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _numba_cache_dir() -> str:
-    """The user's choice, else $LOCALMIX_HOME/numba-cache; where that cannot be written (a read-only
-    home), a folder of this user's in the temporary directory: Numba, finding its folder unwritable,
-    would fall back to writing beside the installed source."""
+    """The user's choice, else $LOCALMIX_HOME/numba-cache/VERSION; where that cannot be written (a
+    read-only home), a folder of this user's in the temporary directory: Numba, finding its folder
+    unwritable, would fall back to writing beside the installed source."""
     import tempfile
 
-    for folder in (os.environ.get("NUMBA_CACHE_DIR") or str(_home() / "numba-cache"),
-                   os.path.join(tempfile.gettempdir(), f"localmix-numba-cache-{os.getuid()}")):
+    version = _kernels_version()
+    for folder in (os.environ.get("NUMBA_CACHE_DIR") or str(_home() / "numba-cache" / version),
+                   os.path.join(tempfile.gettempdir(), f"localmix-numba-cache-{os.getuid()}", version)):
         try:
             os.makedirs(folder, exist_ok=True)
             if os.access(folder, os.W_OK | os.X_OK):

@@ -3,7 +3,6 @@ real Mixtral tokenizer that mistral-common ships."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import pytest
 import torch
 import transformers
 
-# One Numba cache for the whole session, the one localmix itself would use: tests point LOCALMIX_HOME
-# at temporary folders, and a cache under each would compile the kernels again in every test.
-os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(os.environ.get("LOCALMIX_HOME") or "~/.cache/localmix").expanduser()
-                                             / "numba-cache"))
+# One Numba cache for the whole session, the one localmix itself would use: importing localmix sets
+# NUMBA_CACHE_DIR (inherited by the processes tests start) before tests point LOCALMIX_HOME at
+# temporary folders, where a cache under each would compile the kernels again in every test.
+import localmix  # noqa: E402,F401
 
 TOKENIZERS = Path(mistral_common.__file__).parent / "data"
 TOKENIZER_V1 = TOKENIZERS / "tokenizer.model.v1"

@@ -17,9 +17,9 @@ Callers use the names below (`kernels.matmul(...)`); the modules import each oth
 helpers by name.
 
 Numba's cache checks only a kernel's own file: a kernel that calls into another module (fused_decode
-into activations, products, experts and small_ops; products into llvm_rows) keeps the callee it was
-compiled with when only the callee's file changes. After editing a kernel, touch the files of its
-callers or empty $LOCALMIX_HOME/numba-cache.
+into activations, products, experts and small_ops; products into llvm_rows) would keep the callee it
+was compiled with when only the callee's file changes. So the cache folder is named by a digest of
+this package's source (localmix/__init__.py): any edit here compiles afresh.
 """
 
 from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, PREFETCH, TILE, cpu_features,
