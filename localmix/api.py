@@ -20,7 +20,7 @@ from localmix.kv_cache import KV_DTYPES
 from localmix.backends import NumbaOps, backend_ops, resolve_backend
 from localmix.model import Ops, Transformer
 from localmix.sampling import SamplingParams
-from localmix.store import ModelFolder, is_localmix_model
+from localmix.store import ModelFolder, is_localmix_model, is_quantized
 from localmix.threads import ThreadTuner, use_threads
 from localmix.tokenizer import Tokenizer
 
@@ -35,7 +35,7 @@ def quantized_shapes(weights) -> set[tuple[int, int]]:
             shapes |= layer.experts.cache.shapes
         else:
             matrices += [m for e in layer.experts for m in (e.w1, e.w2, e.w3)]
-    return shapes | {(m.bits, m.group_size) for m in matrices if hasattr(m, "bits")}
+    return shapes | {(m.bits, m.group_size) for m in matrices if is_quantized(m)}
 
 
 class Model:
@@ -110,7 +110,7 @@ class Model:
                 prefetch = (os.cpu_count() or 1) > self.threads
             self.expert_cache = ExpertCache(checkpoint.folder, checkpoint.manifest, *shape, slots, expert_policy,
                                             hot, self.config.num_experts_per_tok, prefetch,
-                                            getattr(ops, "allocate_slots", None), shadow_bits, on_progress)
+                                            ops.allocate_slots, shadow_bits, on_progress)
             self.expert_cache.routers = [layer.router for layer in weights.layers]
             for i, layer in enumerate(weights.layers):
                 layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)

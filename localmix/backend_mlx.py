@@ -18,6 +18,7 @@ import numpy as np
 from localmix.errors import LocalmixError
 from localmix.kv_cache import KVCache
 from localmix.model import Ops, expert_batches, used_experts
+from localmix.store import is_quantized
 
 
 def allocate_slots(shape) -> np.ndarray:
@@ -71,7 +72,7 @@ def layer_floats(layer, dtype) -> tuple:
 
 def linear(x: mx.array, m) -> mx.array:
     """x @ W.T for a quantized matrix (or a float one)."""
-    if not hasattr(m, "bits"):
+    if not is_quantized(m):
         return x @ mx.array(np.asarray(m, np.float32)).astype(x.dtype).T
     words, scales, biases, bits, group_size = mlx_matrix(m, x.dtype)
     return mx.quantized_matmul(x, words, scales, biases, transpose=True, group_size=group_size, bits=bits)

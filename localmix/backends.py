@@ -20,12 +20,9 @@ import numpy as np
 from localmix import kernels
 from localmix.errors import LocalmixError
 from localmix.model import Ops, SequenceBatch, expert_batches, used_experts
+from localmix.store import is_quantized
 
 BACKENDS = ("auto", "numba", "numpy", "mlx", "mlx-f32")
-
-
-def is_packed(w) -> bool:
-    return hasattr(w, "bits")
 
 
 class NumbaOps(Ops):
@@ -45,13 +42,13 @@ class NumbaOps(Ops):
 
     @staticmethod
     def linears(x, ws):
-        if all(is_packed(w) for w in ws):
+        if all(is_quantized(w) for w in ws):
             return kernels.matmul_many(x, ws)
         return Ops.linears(x, ws)
 
     @staticmethod
     def experts_ffn(x, experts, counts):
-        if is_packed(experts[0].w1):
+        if is_quantized(experts[0].w1):
             return kernels.experts_ffn(x, experts, counts)
         return Ops.experts_ffn(x, experts, counts)
 
@@ -131,7 +128,7 @@ def fused_plan(layer) -> FusedPlan | None:
     cached = hasattr(layer.experts, "formats")  # an expert cache's: do not bring them all in to look
     expert_matrices = [] if cached else [m for e in layer.experts for m in (e.w1, e.w3, e.w2)]
     matrices = [layer.wq, layer.wk, layer.wv, layer.wo] + expert_matrices
-    if layer.router is not None and all(is_packed(m) for m in matrices) and kernels.has_vector_kernels():
+    if layer.router is not None and all(is_quantized(m) for m in matrices) and kernels.has_vector_kernels():
         def fmt(ms):  # the one format of these matrices, if the vector kernels run it on their widths
             formats = {(m.bits, m.group_size) for m in ms}
             runs = all(kernels.runs_vector(m.bits, m.group_size, m.shape[1]) for m in ms)

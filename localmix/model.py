@@ -217,6 +217,12 @@ class Ops:
     kv_cache = KVCache
     batched_decoding = True  # decoder_layer takes a SequenceBatch (Transformer.step)
 
+    @staticmethod
+    def allocate_slots(shape) -> np.ndarray | None:
+        """An expert cache's slots ([slots, bytes] uint8) in the backend's own memory; None where it
+        has none (the cache then takes numpy's)."""
+        return None
+
 
 class SequenceBatch:
     """Several sequences decoded together: row i of the hidden states is the next token of the

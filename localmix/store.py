@@ -156,6 +156,11 @@ class QuantizedMatrix:
         return dequantize(self.words[rows], scales, biases, self.bits, self.group_size)
 
 
+def is_quantized(m) -> bool:
+    """Whether a weight is a packed QuantizedMatrix (else a float numpy array)."""
+    return isinstance(m, QuantizedMatrix)
+
+
 def sha256_of(path: Path, offset: int = 0, size: int | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -37,7 +37,8 @@ class ExpertCache:
         """hot: for the "pinned" policy, experts hottest first; as many as leave a quarter of the
         slots (at least two tokens' experts) to the others are read in at the start and kept.
         prefetch: guess the next layer's experts and read them in the background (`speculate`).
-        allocate(shape): the slots' uint8 buffer (a backend's memory, such as MLX's; numpy's by default).
+        allocate(shape): the slots' uint8 buffer (a backend's memory, such as MLX's), or None where the
+        backend has none of its own (see Ops.allocate_slots); numpy's by default.
         shadow_bits: keep a copy of every expert at this many bits (2) beside the slots: a decoded
         token whose expert is not in a slot uses the copy at once, and the full expert is read in
         the background for the tokens after (see token_experts). on_progress(done, total): while
@@ -62,7 +63,8 @@ class ExpertCache:
         self.slot_bytes = max(self.file_bytes.values())
         self.slots = slots
         # numpy's pages are taken as slots fill
-        self.buffer = allocate((slots, self.slot_bytes)) if allocate else np.empty((slots, self.slot_bytes), np.uint8)
+        buffer = allocate((slots, self.slot_bytes)) if allocate else None
+        self.buffer = buffer if buffer is not None else np.empty((slots, self.slot_bytes), np.uint8)
         self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
         self.free = list(range(slots - 1, -1, -1))
         self.in_use: set = set()  # the experts of the batch being computed: never evicted
@@ -282,7 +284,7 @@ class ExpertCache:
         c = counters or self.counters()
         lookups = c["expert_hits"] + c["expert_misses"]
         return {"expert_policy": self.policy_name, "expert_prefetch": self.guess_ahead, "expert_slots": self.slots,
-                "expert_pinned": len(getattr(self.policy, "pinned", ())), "expert_shadow_bits": self.shadow_bits, **c,
+                "expert_pinned": len(self.policy.pinned), "expert_shadow_bits": self.shadow_bits, **c,
                 "expert_hit_rate": c["expert_hits"] / lookups if lookups else 1.0,
                 "prefetch_hit_rate": c["prefetch_hits"] / c["prefetches"] if c["prefetches"] else 0.0}
 
@@ -312,7 +314,7 @@ class CachedExperts(Sequence):
     def batches(self, experts) -> Iterator[tuple[list[int], list[Expert]]]:
         """The experts in groups that fit the slots together (pinned experts have their own), each
         loaded as it is reached."""
-        pinned = getattr(self.cache.policy, "pinned", set())
+        pinned = self.cache.policy.pinned
         room = self.cache.slots - len(pinned)
         part, taking = [], 0
         for e in map(int, experts):

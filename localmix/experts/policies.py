@@ -2,6 +2,7 @@
 
 A policy hears of every use (`used`), every expert read ahead of time (`loaded`) and every
 eviction (`removed`), and names the `victim` among the keys that may go; the cache does the rest.
+`pinned` is the set of keys it never evicts (empty but for Pinned).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections import Counter, OrderedDict
 
 class LRU:
     """Evict the expert used longest ago."""
+
+    pinned: frozenset | set = frozenset()  # experts never evicted: none, but for Pinned
 
     def __init__(self):
         self.order: OrderedDict = OrderedDict()
