@@ -31,10 +31,7 @@ def quantized_shapes(weights) -> set[tuple[int, int]]:
     shapes = set()
     for layer in weights.layers:
         matrices += [layer.wq, layer.wk, layer.wv, layer.wo]
-        if isinstance(layer.experts, CachedExperts):
-            shapes |= layer.experts.cache.shapes
-        else:
-            matrices += [m for e in layer.experts for m in (e.w1, e.w2, e.w3)]
+        shapes |= layer.experts.shapes()  # an expert cache's from its manifest, without reading them
     return shapes | {(m.bits, m.group_size) for m in matrices if is_quantized(m)}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from localmix.errors import LocalmixError
 from localmix.kv_cache import KVCache
-from localmix.model import Ops, expert_batches, used_experts
+from localmix.model import Ops, used_experts
 from localmix.store import is_quantized
 
 
@@ -160,13 +160,13 @@ def moe_block(h: mx.array, layer, k: int) -> mx.array:
         steer_input = np.array(h.astype(mx.float32)) if layer.routing.steers else None
         chosen, weights = layer.routing(steer_input, chosen, weights, layer)
     out = mx.zeros(h.shape, h.dtype)
-    for batch, experts in expert_batches(layer.experts, used_experts(chosen, len(layer.experts))):
+    for batch, experts in layer.experts.batches(used_experts(chosen, len(layer.experts))):
         for e, expert in zip(batch, experts):
             rows, slots = np.nonzero(chosen == e)
             scale = mx.array(weights[rows, slots].astype(np.float32)).astype(h.dtype)[:, None]
             rows_mx = mx.array(rows)
             out = out.at[rows_mx].add(expert_ffn(h[rows_mx], expert) * scale)
-        if hasattr(layer.experts, "cache"):  # computed before the next batch may reuse these slots
+        if layer.experts.on_demand:  # computed before the next batch may reuse these slots
             mx.eval(out)
     return out
 

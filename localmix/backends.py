@@ -19,7 +19,7 @@ import numpy as np
 
 from localmix import kernels
 from localmix.errors import LocalmixError
-from localmix.model import Ops, SequenceBatch, expert_batches, used_experts
+from localmix.model import Ops, SequenceBatch, used_experts
 from localmix.store import is_quantized
 
 BACKENDS = ("auto", "numba", "numpy", "mlx", "mlx-f32")
@@ -80,13 +80,11 @@ class NumbaOps(Ops):
         chosen, weights = layer.routing(h, chosen, weights, layer)  # counted; steered where asked
         chosen, weights = np.ascontiguousarray(chosen, np.int64), np.ascontiguousarray(weights, np.float32)
         used = used_experts(chosen, len(layer.experts))
-        cached = hasattr(layer.experts, "for_token")
-        if cached and len(caches) == 1:  # shadow copies, where kept, stand in for experts not in the cache
+        if len(caches) == 1:  # an expert cache's shadow copies, where kept, stand in for experts not in it
             groups = [(used, layer.experts.for_token(used))]
         else:  # experts that are in memory together (an expert cache may hold fewer than were chosen)
-            groups = expert_batches(layer.experts, used)
-        if cached:  # start reading the next layer's
-            layer.experts.speculate(h)
+            groups = layer.experts.batches(used)
+        layer.experts.speculate(h)  # an expert cache starts reading the next layer's
         for ids, experts in groups:
             formats: dict = {}  # one call for the experts of each format (shadow copies have their own)
             for e, expert in zip(ids, experts):
@@ -125,9 +123,7 @@ def fused_plan(layer) -> FusedPlan | None:
     if plan is not False:
         return plan
     plan = None
-    cached = hasattr(layer.experts, "formats")  # an expert cache's: do not bring them all in to look
-    expert_matrices = [] if cached else [m for e in layer.experts for m in (e.w1, e.w3, e.w2)]
-    matrices = [layer.wq, layer.wk, layer.wv, layer.wo] + expert_matrices
+    matrices = [layer.wq, layer.wk, layer.wv, layer.wo]
     if layer.router is not None and all(is_quantized(m) for m in matrices) and kernels.has_vector_kernels():
         def fmt(ms):  # the one format of these matrices, if the vector kernels run it on their widths
             formats = {(m.bits, m.group_size) for m in ms}
@@ -135,9 +131,8 @@ def fused_plan(layer) -> FusedPlan | None:
             return formats.pop() if len(formats) == 1 and runs else None
 
         qkv = [layer.wq, layer.wk, layer.wv]
-        experts = layer.experts.formats if cached else (fmt(expert_matrices[0::3] + expert_matrices[1::3]),
-                                                        fmt(expert_matrices[2::3]))
-        formats = fmt(qkv), fmt([layer.wo]), *experts
+        # The experts' formats from their source, which does not bring them all in to look.
+        formats = fmt(qkv), fmt([layer.wo]), *layer.experts.formats()
         if None not in formats:
             sizes = [m.words.shape[0] for m in qkv]
             plan = FusedPlan(one_token_rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0],

@@ -222,6 +222,8 @@ def check_tensor(file: SafetensorsFile, name: str, shape: tuple[int, ...]) -> No
 def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None, experts: bool = True):
     """All tensors of the model, named as Hugging Face names them, checked against the config.
     experts=False leaves a mixture's experts out (an expert cache brings them in on demand)."""
+    # Imported here: localmix.experts imports localmix.store, which imports this module.
+    from localmix.experts.resident import ResidentExperts
     from localmix.model import Expert, Layer, Weights
 
     args = args or checkpoint.config
@@ -251,7 +253,7 @@ def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None, experts:
             wv=get(p + "self_attn.v_proj.weight", (kv_rows, H)),
             wo=get(p + "self_attn.o_proj.weight", (H, q_rows)),
             ffn_norm=get(p + "post_attention_layernorm.weight", (H,)),
-            router=router, experts=layer_experts))
+            router=router, experts=ResidentExperts(layer_experts)))
 
     embed = get("model.embed_tokens.weight", (V, H))
     lm_head = embed if args.tie_word_embeddings else get("lm_head.weight", (V, H))

@@ -7,14 +7,18 @@ decoder layer, then the model. The math follows transformers' MixtralForCausalLM
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from localmix.config import ModelArgs
 from localmix.kv_cache import KVCache
 from localmix.routing import Routing, trace_records
+
+if TYPE_CHECKING:
+    from localmix.experts import ExpertSource
 
 
 @dataclass
@@ -34,7 +38,8 @@ class Layer:
     wo: np.ndarray
     ffn_norm: np.ndarray
     router: np.ndarray | None  # [experts, hidden]; None for a dense Mistral MLP
-    experts: list[Expert]      # a dense MLP is a single expert that every token uses
+    experts: ExpertSource      # given at construction (resident, or an expert cache's view); a dense MLP
+                               # is a single expert that every token uses
     routing: object = None     # localmix.routing.LayerRouting: statistics and steering (set by Transformer)
 
 
@@ -162,14 +167,6 @@ def used_experts(chosen: np.ndarray, experts: int) -> np.ndarray:
     return used[used < experts]
 
 
-def expert_batches(experts, chosen) -> Iterable[tuple[list[int], list[Expert]]]:
-    """The chosen experts in batches that are in memory together: one batch, unless an expert
-    cache (localmix.experts) holds fewer experts than were chosen."""
-    if hasattr(experts, "batches"):
-        return experts.batches(chosen)
-    return [(list(chosen), [experts[e] for e in chosen])]
-
-
 def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray:
     if layer.router is None:
         return ops.experts_ffn(x, layer.experts, [len(x)])
@@ -182,7 +179,8 @@ def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray
     counts = np.bincount(chosen.ravel(), minlength=len(layer.experts))[:len(layer.experts)]
     used = np.flatnonzero(counts)
     y, start = [], 0
-    for batch, experts in expert_batches(layer.experts, used):
+    # The chosen experts in batches that are in memory together (see ExpertSource.batches).
+    for batch, experts in layer.experts.batches(used):
         size = counts[batch].sum()
         y.append(ops.experts_ffn(x[rows[start:start + size]], experts, counts[batch].tolist()))
         start += size

@@ -66,7 +66,7 @@ class LayerRouting:
         r, experts = self.routing, len(layer.experts)
         if r.steering.min_weight > 0:
             chosen, weights = drop_light_experts(chosen, weights, r.steering.min_weight, experts)
-        if r.steering.fallback_margin > 0 and len(h) == 1 and hasattr(layer.experts, "cache"):
+        if r.steering.fallback_margin > 0 and len(h) == 1 and layer.experts.on_demand:
             chosen, weights = fall_back_to_resident(h, chosen, layer, r.steering.fallback_margin)
         if len(chosen) == 1 and not r.batched:
             if self.pending and (len(self.pending) >= self.PENDING or self.pending[-1][0].shape != chosen.shape):
@@ -76,9 +76,9 @@ class LayerRouting:
             self.flush()
             self._count(chosen, weights, consecutive=not r.batched)
         if r.trace is not None:
-            cache = getattr(layer.experts, "cache", None)
-            r.trace[self.index] = (chosen, weights, None if cache is None else
-                                   [[(self.index, int(e)) in cache.resident for e in row] for row in chosen])
+            source = layer.experts
+            r.trace[self.index] = (chosen, weights, None if not source.on_demand else
+                                   [[source.is_resident(int(e)) for e in row] for row in chosen])
         return chosen, weights
 
     def flush(self) -> None:
@@ -167,14 +167,14 @@ def drop_light_experts(chosen: np.ndarray, weights: np.ndarray, min_weight: floa
 def fall_back_to_resident(h: np.ndarray, chosen: np.ndarray, layer, margin: float) -> tuple[np.ndarray, np.ndarray]:
     """For one token: each chosen expert that the cache does not hold is replaced by the most
     probable resident expert not chosen, if its router probability is within `margin` of it."""
-    cache, index = layer.experts.cache, layer.experts.layer
+    source = layer.experts
     logits = (h.astype(np.float64) @ layer.router.T.astype(np.float64))[0]
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     row = [int(e) for e in chosen[0]]
-    resident = [e for e in np.argsort(-probs, kind="stable") if (index, int(e)) in cache.resident]
+    resident = [e for e in np.argsort(-probs, kind="stable") if source.is_resident(int(e))]
     for i, e in enumerate(row):
-        if e >= len(probs) or (index, e) in cache.resident:
+        if e >= len(probs) or source.is_resident(e):
             continue
         spare = next((int(r) for r in resident if int(r) not in row), None)
         if spare is not None and probs[e] - probs[spare] <= margin:

@@ -11,7 +11,8 @@ import localmix
 from localmix import kernels
 from localmix.errors import LocalmixError
 from localmix import routing
-from localmix.experts import LFU, LRU, RUNTIME_BYTES, Pinned, kv_bytes, parse_memory, plan_memory, shadow_bytes
+from localmix.experts import (LFU, LRU, RUNTIME_BYTES, Pinned, ResidentExperts, kv_bytes, parse_memory, plan_memory,
+                              shadow_bytes)
 from localmix.routing import hot_experts
 from localmix.quant.convert import LocalSource, convert
 from localmix.quality import kl_divergence
@@ -245,7 +246,7 @@ def test_decoding_with_shadow_copies_only_is_the_model_with_2_bit_experts(q4_wid
     cache._start_load = lambda *args, **kwargs: None
     reference = localmix.load(q4_wide, backend="numpy")
     for i, layer in enumerate(reference.transformer.weights.layers):
-        layer.experts = [cache.shadows[i, e] for e in range(8)]
+        layer.experts = ResidentExperts([cache.shadows[i, e] for e in range(8)])
     ids = np.random.default_rng(4).integers(0, 32000, 8)
 
     def one_by_one(m):

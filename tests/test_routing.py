@@ -9,6 +9,7 @@ import torch
 
 import localmix
 from localmix import routing
+from localmix.experts import CachedExperts
 from localmix.quant.convert import LocalSource, convert
 
 from conftest import make_hf_model
@@ -137,11 +138,8 @@ def test_fallback_keeps_a_chosen_expert_that_is_resident():
     class Cache:
         resident = {(0, 1): None, (0, 3): None}
 
-    class Experts:
-        cache, layer = Cache(), 0
-
     class Layer:
-        experts, router = Experts(), np.diag([4.0, 3.0, 2.9, 1.0]).astype(np.float32)
+        experts, router = CachedExperts(Cache(), 0, 4), np.diag([4.0, 3.0, 2.9, 1.0]).astype(np.float32)
 
     h = np.array([[1.0, 1.0, 1.0, 1.0]], np.float32)  # logits 4, 3, 2.9, 1
     chosen, weights = routing.fall_back_to_resident(h, np.array([[0, 1]]), Layer(), margin=0.2)

@@ -1,9 +1,11 @@
-"""The experts of a model within a memory budget; without one, a layer's experts are a plain list.
+"""A layer's experts behind one interface (ExpertSource): all resident, or within a memory budget.
 
+    source    the interface the model and the backends use (ExpertSource)
+    resident  every expert in memory (ResidentExperts)
     budget    how a memory budget becomes expert slots (plan_memory) and what stays resident
     policies  which expert leaves a full cache: LRU, LFU, Pinned
     reads     an expert's file read into a slot (pread by the kernels' threads on a miss)
-    cache     the slots (ExpertCache) and a layer's view of them for the model (CachedExperts)
+    cache     the slots (ExpertCache) and a layer's view of them, an ExpertSource (CachedExperts)
     shadows   2-bit copies of every expert, answering a miss while the full expert is read
 """
 
@@ -11,7 +13,10 @@ from localmix.experts.budget import (RUNTIME_BYTES, fixed_memory, kv_bytes, mini
                                      plan_memory)
 from localmix.experts.cache import CachedExperts, ExpertCache
 from localmix.experts.policies import LFU, LRU, POLICIES, Pinned
+from localmix.experts.resident import ResidentExperts
 from localmix.experts.shadows import check_shadow_bits, shadow_bytes
+from localmix.experts.source import ExpertSource
 
 __all__ = ["RUNTIME_BYTES", "fixed_memory", "kv_bytes", "minimum_memory", "parse_memory", "plan_memory",
-           "CachedExperts", "ExpertCache", "LFU", "LRU", "POLICIES", "Pinned", "check_shadow_bits", "shadow_bytes"]
+           "CachedExperts", "ExpertCache", "LFU", "LRU", "POLICIES", "Pinned", "check_shadow_bits", "shadow_bytes",
+           "ExpertSource", "ResidentExperts"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from localmix.errors import LocalmixError
 from localmix.experts.policies import POLICIES, Pinned
 from localmix.experts.reads import read_into
 from localmix.experts.shadows import shadow_matrix
+from localmix.experts.source import ExpertSource
 from localmix.model import Expert
 from localmix.store import MANIFEST, QuantizedMatrix, TensorLayout, check_manifest, expert_matrix
 
@@ -289,12 +290,13 @@ class ExpertCache:
                 "prefetch_hit_rate": c["prefetch_hits"] / c["prefetches"] if c["prefetches"] else 0.0}
 
 
-class CachedExperts(Sequence):
+class CachedExperts(ExpertSource):
     """A layer's experts, looked up in the cache when the model asks for one."""
+
+    on_demand = True
 
     def __init__(self, cache: ExpertCache, layer: int, count: int):
         self.cache, self.layer, self.count = cache, layer, count
-        self.formats = cache.formats  # for the kernels' plans, without bringing the experts in
 
     def __len__(self) -> int:
         return self.count
@@ -303,6 +305,15 @@ class CachedExperts(Sequence):
         if not 0 <= expert < self.count:
             raise IndexError(expert)
         return self.cache.get(self.layer, int(expert))
+
+    def is_resident(self, expert: int) -> bool:
+        return (self.layer, int(expert)) in self.cache.resident
+
+    def formats(self) -> tuple:
+        return self.cache.formats  # for the kernels' plans, from the manifest: no expert is brought in
+
+    def shapes(self) -> set[tuple[int, int]]:
+        return self.cache.shapes
 
     def speculate(self, h: np.ndarray) -> None:
         self.cache.speculate(self.layer, h)

@@ -1,0 +1,67 @@
+"""The one interface through which the model and the backends reach a layer's experts.
+
+A layer holds an ExpertSource, given at construction: ResidentExperts (localmix.experts.resident),
+every expert in memory, or CachedExperts (localmix.experts.cache), a layer's view of an expert cache
+within a memory budget. Callers use these methods and never ask which of the two they hold: only
+experts/ decides what is resident.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from localmix.model import Expert
+
+
+class ExpertSource(Sequence):
+    """A layer's experts, by index."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """The layer's number of experts (1 for a dense MLP)."""
+
+    @abstractmethod
+    def __getitem__(self, expert: int) -> Expert:
+        """One expert, brought into memory where it is not."""
+
+    @property
+    @abstractmethod
+    def on_demand(self) -> bool:
+        """Whether experts are brought in as they are asked for (an expert cache): an expert of one
+        batch may then be evicted by the next, so work on it must be done before moving on."""
+
+    @abstractmethod
+    def is_resident(self, expert: int) -> bool:
+        """Whether this expert is in memory now (asking does not bring it in); an index out of range
+        (a dropped expert's marker) is not."""
+
+    @abstractmethod
+    def batches(self, chosen) -> Iterable[tuple[list[int], list[Expert]]]:
+        """The chosen experts (indices in order) in batches that are in memory together, each as
+        (indices, experts): one batch, unless the source holds fewer experts than were chosen."""
+
+    @abstractmethod
+    def for_token(self, chosen) -> list[Expert]:
+        """One decoded token's experts, in the order chosen (an expert cache may answer with a
+        low-bit shadow copy for an expert not in memory)."""
+
+    @abstractmethod
+    def formats(self) -> tuple:
+        """((bits, group) of the experts' w1 and w3, of their w2), found without bringing experts
+        in; None for either where they differ, are not quantized, or the vector kernels do not take
+        their widths."""
+
+    @abstractmethod
+    def shapes(self) -> set[tuple[int, int]]:
+        """The (bits, group size) pairs of the experts' quantized matrices, found without bringing
+        experts in."""
+
+    @abstractmethod
+    def speculate(self, h: np.ndarray) -> None:
+        """A hint from this layer's normed hidden state of one token: the source may start reading
+        the next layer's likely experts (nothing to do where all are resident)."""
