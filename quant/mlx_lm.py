@@ -22,7 +22,7 @@ from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.convert import check_disk, write_arrays, write_model
 from localmix.quant.affine import BITS, GROUP_SIZES, dequantize
-from localmix.store import ModelFolder, expert_matrix, plan_layout, stays_float
+from localmix.store import ModelFolder, expert_matrix, is_quantized, plan_layout, stays_float
 from localmix.tokenizer import check_tokenizer
 
 SWITCH = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -240,7 +240,7 @@ def export_mlx_lm(model_folder: Path, out: Path) -> Path:
     for name, entry in model.manifest["tensors"].items():
         module, expert = mlx_module(name)
         value = model.tensor(name, tuple(entry["shape"]))
-        if not hasattr(value, "bits"):  # norms and routers
+        if not is_quantized(value):  # norms and routers
             tensors[name] = value
             continue
         arrays = {"weight": value.words, "scales": value.scales, "biases": value.biases}
