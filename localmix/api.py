@@ -105,7 +105,7 @@ class Model:
             hot = hot_experts(read_routing(checkpoint.folder, shape), slots) if expert_policy == "pinned" else ()
             if prefetch is None:
                 prefetch = (os.cpu_count() or 1) > self.threads
-            self.expert_cache = ExpertCache(checkpoint.folder, checkpoint.manifest, *shape, slots, expert_policy,
+            self.expert_cache = ExpertCache(checkpoint, *shape, slots, expert_policy,
                                             hot, self.config.num_experts_per_tok, prefetch,
                                             ops.allocate_slots, shadow_bits, on_progress)
             self.expert_cache.routers = [layer.router for layer in weights.layers]

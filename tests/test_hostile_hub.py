@@ -352,3 +352,16 @@ def test_parameter_count_agrees_with_the_tensor_table(overrides):
 
     args = ModelArgs.from_hf_config({"model_type": "mixtral", **SMALL, **overrides})
     assert parameter_count(args) == sum(math.prod(shape) for _, shape in tensor_table(args))
+
+
+def test_a_redirect_to_another_host_does_not_carry_the_token():
+    """urllib copies every header along a redirect: the hub token must not reach another host."""
+    import urllib.request
+
+    from localmix.quant.hub import HTTPOnlyRedirects
+
+    request = urllib.request.Request("http://127.0.0.1:9/a", headers={"Authorization": "Bearer secret"})
+    elsewhere = HTTPOnlyRedirects().redirect_request(request, None, 302, "Found", {}, "http://localhost:9/b")
+    same_host = HTTPOnlyRedirects().redirect_request(request, None, 302, "Found", {}, "http://127.0.0.1:9/c")
+    assert not elsewhere.has_header("Authorization")
+    assert same_host.get_header("Authorization") == "Bearer secret"

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +23,7 @@ from localmix.experts.reads import read_into
 from localmix.experts.shadows import shadow_matrix
 from localmix.experts.source import ExpertSource
 from localmix.model import Expert
-from localmix.store import MANIFEST, QuantizedMatrix, TensorLayout, check_manifest, expert_matrix
+from localmix.store import ModelFolder, QuantizedMatrix, TensorLayout, expert_matrix
 
 
 class ExpertCache:
@@ -32,10 +31,10 @@ class ExpertCache:
     thread on a miss, or ahead of time in one background thread (`prefetch`); a lock guards the
     bookkeeping, and a failed background read is raised in the caller's thread."""
 
-    def __init__(self, folder: Path, manifest: dict, layers: int, experts: int, slots: int, policy: str = "lfu",
+    def __init__(self, model: ModelFolder, layers: int, experts: int, slots: int, policy: str = "lfu",
                  hot: list[tuple[int, int]] = (), experts_per_token: int = 2, prefetch: bool = True,
                  allocate=None, shadow_bits: int = 0, on_progress=None):
-        """hot: for the "pinned" policy, experts hottest first; as many as leave a quarter of the
+        """model: the model folder, its manifest checked when it was opened. hot: for the "pinned" policy, experts hottest first; as many as leave a quarter of the
         slots (at least two tokens' experts) to the others are read in at the start and kept.
         prefetch: guess the next layer's experts and read them in the background (`speculate`).
         allocate(shape): the slots' uint8 buffer (a backend's memory, such as MLX's), or None where the
@@ -47,20 +46,20 @@ class ExpertCache:
         if policy not in POLICIES:
             raise LocalmixError(f"unknown expert cache policy {policy!r}: use {' or '.join(POLICIES)}")
         pinned = list(hot)[:max(0, slots - max(2 * experts_per_token, slots // 4))] if policy == "pinned" else []
-        self.folder, self.policy = Path(folder), Pinned(pinned) if policy == "pinned" else POLICIES[policy]()
+        self.folder, self.policy = model.folder, Pinned(pinned) if policy == "pinned" else POLICIES[policy]()
         self.experts_per_token, self.policy_name, self.guess_ahead = experts_per_token, policy, prefetch
         # Every shape, offset and size below sizes a slot, a read or a view the kernels write through:
-        # they come from the manifest as check_manifest checked it against the config and the layout rule.
-        _, checked = check_manifest(manifest, self.folder, str(self.folder / MANIFEST))
+        # they come from the manifest as check_manifest checked it against the config and the layout rule
+        # when the folder was opened (ModelFolder.layouts).
         self.layouts: dict[tuple[int, int], list[TensorLayout]] = {}
-        for name, layout in checked.items():
+        for name, layout in model.layouts.items():
             matrix = expert_matrix(name)
             if matrix:
                 self.layouts.setdefault(matrix[:2], []).append(layout)
         if len(self.layouts) != layers * experts:
             raise LocalmixError(f"{self.folder}: the manifest lists {len(self.layouts)} experts, "
                                 f"expected {layers * experts}; pull the model again")
-        self.file_bytes = {key: manifest["files"][ls[0].file]["size"] for key, ls in self.layouts.items()}
+        self.file_bytes = {key: model.manifest["files"][ls[0].file]["size"] for key, ls in self.layouts.items()}
         self.slot_bytes = max(self.file_bytes.values())
         self.slots = slots
         # numpy's pages are taken as slots fill
