@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_hf_model
 from fake_hub import COMMIT, FakeHub, endless, sized
 from test_cli import assert_one_line_error, localmix_cli
+from test_pull import hf_folder  # noqa: F401 (a fixture: the small sharded checkpoint the honest pulls use)
 
 REPO = "acme/evil"
 INDEX = "model.safetensors.index.json"
@@ -81,13 +81,6 @@ def pull(*args, env: dict, tmp_path: Path) -> Pull:
     for path in (peak_file, out, err):
         path.unlink(missing_ok=True)
     return result
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf")
-    make_hf_model(folder, shard="300KB", intermediate_size=128)
-    return folder
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 uvicorn = pytest.importorskip("uvicorn")
@@ -20,11 +19,10 @@ import localmix  # noqa: E402
 import localmix.server  # noqa: E402
 import localmix.generate  # noqa: E402
 from localmix.generate import Generation  # noqa: E402
-from localmix.quant.convert import LocalSource, convert  # noqa: E402
 from localmix.sampling import SamplingParams  # noqa: E402
 from localmix.server import MAX_BODY_BYTES, create_app  # noqa: E402
 
-from conftest import make_hf_model  # noqa: E402
+from test_server import q4  # noqa: E402,F401 (a fixture: the tiny 4-bit model the server tests serve)
 
 GREEDY = dict(temperature=0, repeat_penalty=1.0)
 
@@ -45,13 +43,6 @@ class Records(logging.Handler):
     def tracebacks(self) -> list[str]:
         return [r.getMessage() for r in self.records
                 if r.exc_info or "Traceback" in r.getMessage() or r.levelno >= logging.ERROR]
-
-
-@pytest.fixture(scope="module")
-def q4(tmp_path_factory):
-    hf = tmp_path_factory.mktemp("hf")
-    make_hf_model(hf, dtype=torch.bfloat16, intermediate_size=128)
-    return convert(LocalSource(hf), tmp_path_factory.mktemp("models") / "tiny-q4", bits="4")
 
 
 @pytest.fixture(scope="module")
