@@ -1,4 +1,6 @@
-"""The sentencepiece tokenizer, streaming decode, and Mistral's instruct chat format.
+"""What localmix asks of a tokenizer (ModelTokenizer), the one loader (load_tokenizer) that picks
+the sentencepiece tokenizer.model (Mistral, Mixtral) or a Hugging Face tokenizer.json
+(hf_tokenizer.py: Qwen, OLMoE, ...), streaming decode, and Mistral's instruct chat format.
 
 The chat format reproduces mistral-common's encoding (`MistralTokenizer.v1()` for Mixtral 8x7B,
 `.v3()` for Mixtral 8x22B) id for id, including how it merges and validates conversations. Which
@@ -12,9 +14,11 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece
 
+from localmix import validate
 from localmix.errors import LocalmixError
 
 ROLES = ("system", "user", "assistant")
@@ -30,8 +34,80 @@ class Message:
     content: str
 
 
-# A real sentencepiece model is 0.5-2 MB; anything far larger is not one (sentencepiece reads it whole).
+# A real sentencepiece model is 0.5-2 MB, a tokenizer.json up to ~30 MB; anything far larger is not one.
 MAX_TOKENIZER_BYTES = 64 * 1024 * 1024
+
+SENTENCEPIECE = "tokenizer.model"
+HF_TOKENIZER = "tokenizer.json"
+# What a tokenizer.json comes with, where the folder has it: its special tokens and chat template,
+# the template as a file (it wins over the config's), and the stop ids generation uses.
+HF_SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+# The most bytes each tokenizer file may have (downloads, manifests).
+TOKENIZER_FILE_LIMITS = {SENTENCEPIECE: MAX_TOKENIZER_BYTES, HF_TOKENIZER: MAX_TOKENIZER_BYTES,
+                         "tokenizer_config.json": 16 * 1024 * 1024, "chat_template.jinja": 1 << 20,
+                         "generation_config.json": 1 << 20}
+
+
+class ModelTokenizer(Protocol):
+    """What the rest of localmix uses of a tokenizer (Tokenizer: sentencepiece and Mistral's chat
+    format; hf_tokenizer.HFTokenizer: tokenizer.json and a jinja chat template)."""
+
+    vocab_size: int               # every id it produces is below this (and below the model's vocab_size)
+    bos_id: int | None            # None: the tokenizer has no BOS token (Qwen)
+    eos_id: int | None
+    stop_ids: frozenset[int]      # a generated id among these ends the answer
+    has_chat_template: bool       # False: a base model, which continues text rather than answering a chat
+    chat_version: str             # the chat format, as `/show info` prints it
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """The text's ids; special tokens typed in it stay text. bos: as a prompt starts."""
+
+    def decode(self, ids) -> str: ...
+
+    def stream_decoder(self, strip_leading_space: bool = True) -> "StreamDecoder": ...
+
+    def apply_chat_template(self, messages) -> list[int]:
+        """Ids of a conversation (dicts with role and content) ready for the assistant to answer."""
+
+
+def tokenizer_files(folder: str | Path) -> dict[str, Path]:
+    """The tokenizer files of a model folder, by name: tokenizer.model alone where there is one
+    (Mistral's format, which mistral-common's chat ids are reproduced for; their tokenizer.json is
+    the same vocabulary), else tokenizer.json and the side files present. These are what pull,
+    convert and export copy and hash. Empty when the folder has neither."""
+    folder = Path(folder)
+    if (folder / SENTENCEPIECE).is_file():
+        return {SENTENCEPIECE: folder / SENTENCEPIECE}
+    if not (folder / HF_TOKENIZER).is_file():
+        return {}
+    return {name: folder / name for name in (HF_TOKENIZER, *HF_SIDE_FILES) if (folder / name).is_file()}
+
+
+def read_tokenizer(files: dict[str, Path], vocab_size: int, source: str, config_eos=None) -> ModelTokenizer:
+    """The tokenizer these files make (as tokenizer_files names them), checked against a model of
+    vocab_size tokens: every id it can produce indexes the embeddings. config_eos: config.json's
+    eos_token_id (a tokenizer.json's stop ids include it). One LocalmixError naming source."""
+    if SENTENCEPIECE in files:
+        return check_tokenizer(files[SENTENCEPIECE], vocab_size, source)
+    if HF_TOKENIZER not in files:
+        raise LocalmixError(f"{source}: no tokenizer (localmix reads tokenizer.model or tokenizer.json)")
+    from localmix.hf_tokenizer import HFTokenizer  # imports tokenizers and jinja2 only when needed
+    return HFTokenizer(files, vocab_size, source, config_eos)
+
+
+def load_tokenizer(folder: str | Path, vocab_size: int, source: str | None = None) -> ModelTokenizer:
+    """The model folder's tokenizer (see tokenizer_files), checked against vocab_size; the stop ids
+    include the eos_token_id of the folder's config.json."""
+    folder = Path(folder)
+    source = source or str(folder)
+    files = tokenizer_files(folder)
+    if not files:
+        raise LocalmixError(f"{source}: no tokenizer.model or tokenizer.json")
+    config_eos = None
+    if SENTENCEPIECE not in files and (folder / "config.json").is_file():
+        config = validate.read_json(folder / "config.json", "config")
+        config_eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    return read_tokenizer(files, vocab_size, source, config_eos)
 
 
 def check_tokenizer(path: str | Path, vocab_size: int, source: str | None = None) -> "Tokenizer":
@@ -83,6 +159,8 @@ class Tokenizer:
         # "v1": [INST] is text; "v3": [INST] and [/INST] are control tokens (v2's encoding of
         # plain conversations is the same as v3's).
         self.chat_version = "v3" if self.begin_inst is not None and self.end_inst is not None else "v1"
+        self.has_chat_template = True  # Mistral's instruct format, always
+        self.stop_ids = frozenset([self.eos_id])
         # What each id decodes to as bytes, for streaming: "▁" is a space, <0xNN> is a raw byte.
         self._piece_bytes = [self._bytes_of(i) for i in range(self.vocab_size)]
 

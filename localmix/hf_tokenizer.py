@@ -1,0 +1,287 @@
+"""Hugging Face tokenizers: tokenizer.json (byte-level BPE, through the `tokenizers` library),
+tokenizer_config.json (special tokens, chat template), chat_template.jinja, and the stop ids of
+generation_config.json and config.json.
+
+Ids are transformers' (AutoTokenizer on the same folder, transformers 5):
+- encode(text, bos) is `tokenizer(text, add_special_tokens=bos, split_special_tokens=True)`:
+  special tokens typed in a text stay text (the sentencepiece path never makes control tokens
+  from text either); added tokens that are not special (such as `<think>`) are matched, as there.
+- apply_chat_template(messages) is `apply_chat_template(messages, add_generation_prompt=True,
+  sanitize_control_tokens=True)`. For messages without control tokens in them that is exactly
+  the ids of a plain `apply_chat_template(messages, add_generation_prompt=True)`. Where a user
+  types a control token (`<|im_end|>`), plain transformers would encode it as the control token,
+  letting a user forge turns; localmix keeps it text, as transformers' sanitize_control_tokens
+  does (same algorithm: markers around the user's control tokens, see _encode_marked_chat),
+  except in assistant messages, where only special tokens are kept text (see _mark).
+- decode(ids) is `decode(ids, skip_special_tokens=True)`; transformers 5 ignores
+  clean_up_tokenization_spaces for BPE, so no clean-up either.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from localmix import validate
+from localmix.chat_template import MAX_TEMPLATE_CHARS, ChatTemplate
+from localmix.errors import LocalmixError
+from localmix.tokenizer import MAX_TOKENIZER_BYTES, StreamDecoder, _as_message
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024   # tokenizer_config.json (some list tens of thousands of added tokens)
+MAX_SMALL_JSON_BYTES = 1 << 20        # generation_config.json
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# transformers' private-use markers around the control tokens a user typed (chat_template_utils)
+MARK_START, MARK_END = "\U000f0000", "\U000f0001"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from bytes to the printable characters byte-level BPE writes them as."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _piece_bytes(token: str) -> bytes:
+    """What the ByteLevel decoder makes of one token: its characters mapped back to bytes, or, if
+    any character is not one of the 256, the token's own UTF-8 (as tokenizers does, added tokens
+    included)."""
+    try:
+        return bytes(BYTE_OF_CHAR[c] for c in token)
+    except KeyError:
+        return token.encode()
+
+
+def _read_text(path: Path, what: str, limit: int) -> str:
+    if not path.is_file():
+        raise LocalmixError(f"{path}: {what} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise LocalmixError(f"{path}: {what} larger than {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LocalmixError(f"{path}: {what} is not UTF-8 text") from None
+
+
+def _token_string(value, key: str, source: str) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, an AddedToken object, or null."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("content")
+    return validate.string(value, key, source, 4096)
+
+
+def _ids(value, key: str, source: str, vocab_size: int) -> list[int]:
+    """An eos_token_id: an id, a list of ids, or null."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if len(values) > 1024:
+        raise LocalmixError(f"{source}: {key} lists {len(values)} ids")
+    return [validate.integer(v, key, source, 0, vocab_size - 1) for v in values]
+
+
+class HFTokenizer:
+    """A tokenizer.json with its configuration, checked against a model of vocab_size tokens:
+    every id it can produce (its vocabulary, its special tokens, its stop ids) indexes the
+    embeddings. files: name -> path, tokenizer.json and any of tokenizer_config.json,
+    chat_template.jinja, generation_config.json. config_eos: config.json's eos_token_id."""
+
+    def __init__(self, files: dict[str, Path], vocab_size: int, source: str, config_eos=None):
+        import tokenizers
+
+        path = Path(files["tokenizer.json"])
+        text = _read_text(path, "tokenizer.json", MAX_TOKENIZER_BYTES)
+        validate.json_object(validate.parse_json(text, f"{source}: tokenizer.json", "JSON"),
+                             f"{source}: tokenizer.json", "tokenizer.json")
+        try:
+            # Two copies, so that no call switches a shared setting (the server encodes in threads):
+            # one reads special tokens in text as text, the other matches them (chat template output).
+            self._text = tokenizers.Tokenizer.from_str(text)
+            self._chat = tokenizers.Tokenizer.from_str(text)
+        except BaseException as e:  # noqa: BLE001 (tokenizers raises Exception, a Rust panic BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise LocalmixError(f"{source}: not a tokenizer.json the tokenizers library reads "
+                                f"({str(e)[:200]})") from None
+        self._text.encode_special_tokens = True
+        if not isinstance(self._chat.decoder, tokenizers.decoders.ByteLevel):
+            raise LocalmixError(f"{source}: tokenizer.json's decoder is {type(self._chat.decoder).__name__}; "
+                                f"localmix reads byte-level BPE tokenizers (or a sentencepiece tokenizer.model)")
+        vocab = self._chat.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise LocalmixError(f"{source}: tokenizer.json has no tokens")
+        self.vocab_size = max(vocab.values()) + 1  # ids it can produce are below this
+        if self.vocab_size > vocab_size:
+            raise LocalmixError(f"{source}: the tokenizer has ids up to {self.vocab_size - 1} but the model only "
+                                f"{vocab_size} tokens")
+        added = self._chat.get_added_tokens_decoder()
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        self._added = {t.content: i for i, t in added.items()}
+
+        config = {}
+        if "tokenizer_config.json" in files:
+            where = f"{source}: tokenizer_config.json"
+            config = validate.json_object(validate.read_json(files["tokenizer_config.json"], "tokenizer_config.json",
+                                                             MAX_CONFIG_BYTES), where, "tokenizer_config.json")
+        where = f"{source}: tokenizer_config.json"
+        # The strings the template sees as bos_token, eos_token, ... (transformers' special_tokens_map)
+        self.special_tokens = {}
+        for key in SPECIAL_TOKENS:
+            token = _token_string(config.get(key), key, where)
+            if token is not None:
+                self.special_tokens[key] = token
+        self.bos_id = self._id_of(self.special_tokens.get("bos_token"), "bos_token", where)
+        self.eos_id = self._id_of(self.special_tokens.get("eos_token"), "eos_token", where)
+
+        template = config.get("chat_template")
+        if "chat_template.jinja" in files:  # as in transformers, the file wins over the config's entry
+            template = _read_text(Path(files["chat_template.jinja"]), "chat_template.jinja",
+                                  4 * MAX_TEMPLATE_CHARS)
+            where_template = f"{source}: chat_template.jinja"
+        else:
+            where_template = f"{source}: tokenizer_config.json chat_template"
+            if isinstance(template, list):  # named templates: the default one (transformers, no tools)
+                named = {}
+                for entry in template:
+                    entry = validate.json_object(entry, where_template, "a named template")
+                    named[validate.string(entry.get("name"), "name", where_template)] = entry.get("template")
+                if "default" not in named:
+                    raise LocalmixError(f"{where_template}: named templates without a 'default' one")
+                template = named["default"]
+            elif template is not None and not isinstance(template, str):
+                raise LocalmixError(f"{where_template}: must be a string or a list of named templates")
+        self.template = ChatTemplate(template, where_template) if template is not None else None
+        self.has_chat_template = self.template is not None
+        self.chat_version = "chat template" if self.template else "none (a base model)"
+
+        controls = config.get("chat_control_tokens")
+        if controls is not None:
+            if not isinstance(controls, list) or not all(isinstance(c, str) for c in controls):
+                raise LocalmixError(f"{where}: chat_control_tokens must be a list of strings")
+        # transformers' _get_control_tokens: the special tokens, and the added tokens the template
+        # writes (or those listed), whitespace tokens aside.
+        literal = self.template.literal_text if self.template else ""
+        control = [t.content for t in added.values() if t.special or (
+            t.content in controls if controls is not None else (t.content in literal and not t.content.isspace()))]
+        self._control_re = _alternation(control)
+        self._special_re = _alternation([t.content for t in added.values() if t.special])
+        self._markers_re = re.compile(f"{MARK_START}({_alternation(list(self._added)).pattern}){MARK_END}"
+                                      f"|[{MARK_START}{MARK_END}]")
+        self._newline_ids = self._chat.encode("\n", add_special_tokens=False).ids
+
+        stops = set()
+        if self.eos_id is not None:
+            stops.add(self.eos_id)
+        if "generation_config.json" in files:
+            generation = validate.json_object(
+                validate.read_json(files["generation_config.json"], "generation_config.json", MAX_SMALL_JSON_BYTES),
+                f"{source}: generation_config.json", "generation_config.json")
+            stops.update(_ids(generation.get("eos_token_id"), "eos_token_id", f"{source}: generation_config.json",
+                              vocab_size))
+        stops.update(_ids(config_eos, "eos_token_id", f"{source}: config.json", vocab_size))
+        self.stop_ids = frozenset(stops)
+        if self.eos_id is None and stops:
+            self.eos_id = min(stops)
+
+        # What each id decodes to, for streaming: ids the model has beyond the tokenizer's decode to
+        # nothing, as tokenizers' decode skips ids it does not know; special tokens are skipped.
+        pieces = [b""] * vocab_size
+        for token, i in vocab.items():
+            if i not in self.special_ids:
+                pieces[i] = _piece_bytes(token)
+        self._piece_bytes = pieces
+
+    def _id_of(self, token: str | None, key: str, where: str) -> int | None:
+        if token is None:
+            return None
+        i = self._chat.token_to_id(token)
+        if i is None:
+            raise LocalmixError(f"{where}: {key} {token!r:.60} is not a token of tokenizer.json")
+        return i
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """transformers' tokenizer(text, add_special_tokens=bos, split_special_tokens=True): bos adds
+        what tokenizer.json's post-processor adds (often nothing: Qwen has no BOS)."""
+        ids = self._text.encode(text, add_special_tokens=bos).ids
+        return ids + ([self.eos_id] if eos and self.eos_id is not None else [])
+
+    def decode(self, ids) -> str:
+        return self._chat.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def stream_decoder(self, strip_leading_space: bool = True) -> StreamDecoder:
+        # Byte-level BPE keeps every space (decoding a whole text strips none): nothing to strip.
+        return StreamDecoder(self._piece_bytes, False)
+
+    def apply_chat_template(self, messages) -> list[int]:
+        """Ids of the conversation with the assistant's turn opened (add_generation_prompt=True)."""
+        if self.template is None:
+            raise LocalmixError("this model has no chat template (a base model): give it a text to continue")
+        messages = [_as_message(m) for m in messages]
+        if not messages:
+            raise LocalmixError("the conversation has no messages")
+        marked = [{"role": m.role, "content": self._mark(m.content, m.role == "assistant")} for m in messages]
+        return self._encode_marked_chat(self.template.render(marked, dict(self.special_tokens)))
+
+    # -- transformers' sanitize_control_tokens (utils/chat_template_utils.py), on tokenizers ------------
+
+    def _mark(self, text: str, assistant: bool) -> str:
+        """The control tokens in a message wrapped in private markers, any markers already there dropped
+        (so none can be forged). An assistant's message (the model's own earlier answer) keeps the added
+        tokens that are not special as they are: templates read them (Qwen3 drops the reasoning before
+        `</think>` from the history), and the model wrote them as tokens; only special tokens are marked.
+        transformers' sanitize_control_tokens marks them there too, which breaks that split."""
+        text = text.replace(MARK_START, "").replace(MARK_END, "")
+        pattern = self._special_re if assistant else self._control_re
+        return pattern.sub(f"{MARK_START}\\g<0>{MARK_END}", text)
+
+    def _encode_marked_chat(self, chat: str) -> list[int]:
+        """The rendered chat's ids: the template's own control tokens as tokens, the marked ones (a
+        user's) as text. A lone marker (a template split a marked token) is dropped but still breaks the
+        text, so the text on either side cannot join into a control token."""
+        pieces = self._markers_re.split(chat)
+        ids = self._chat.encode(pieces[0], add_special_tokens=False).ids
+        for i, piece in enumerate(pieces[1:], start=1):
+            if not piece:
+                continue
+            as_text = i % 2 == 1
+            piece_ids = self._encode_piece(piece, as_text)
+            if as_text and self._added.get(piece) in piece_ids:
+                raise LocalmixError(f"the tokenizer makes {piece!r:.40} from plain text: it cannot be kept as text")
+            ids += piece_ids
+        return ids
+
+    def _encode_piece(self, piece: str, as_text: bool) -> list[int]:
+        # After a newline, then without it, as transformers does (it keeps sentencepiece from adding a
+        # prefix space mid-chat); where the newline merges with the piece, the piece alone.
+        encode = self._plain_ids if as_text else (lambda s: self._chat.encode(s, add_special_tokens=False).ids)
+        piece_ids = encode("\n" + piece)
+        n = len(self._newline_ids)
+        if piece_ids[:n] == self._newline_ids:
+            return piece_ids[n:]
+        return encode(piece)
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """text through the normalizer, pre-tokenizer and model, matching no added token at all."""
+        tok = self._chat
+        if tok.normalizer is not None:
+            text = tok.normalizer.normalize_str(text)
+        splits = [text] if tok.pre_tokenizer is None else [s for s, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+        return [t.id for split in splits for t in tok.model.tokenize(split)]
+
+
+def _alternation(tokens: list[str]) -> re.Pattern:
+    """A regex matching any of the tokens, longer ones first (a token wins over those it contains)."""
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
