@@ -32,6 +32,8 @@ def quantized_shapes(weights) -> set[tuple[int, int]]:
     for layer in weights.layers:
         matrices += [layer.wq, layer.wk, layer.wv, layer.wo]
         shapes |= layer.experts.shapes()  # an expert cache's from its manifest, without reading them
+        if layer.shared_expert is not None:
+            matrices += [layer.shared_expert.w1, layer.shared_expert.w2, layer.shared_expert.w3]
     return shapes | {(m.bits, m.group_size) for m in matrices if is_quantized(m)}
 
 
@@ -75,11 +77,11 @@ class Model:
         quantized = is_localmix_model(folder)
         ops = backend_ops(backend)  # checks the name, also for float checkpoints
         if not quantized:
-            ops = Ops
+            ops = Ops()
         self.backend = resolve_backend(backend) if quantized else "numpy"
-        self.threads = use_threads(threads, ops is NumbaOps)
+        self.threads = use_threads(threads, isinstance(ops, NumbaOps))
         # Unless the user chose a count: all the cores, or one fewer while another process takes one.
-        self.tuner = ThreadTuner(self.threads, fixed=threads is not None or ops is not NumbaOps)
+        self.tuner = ThreadTuner(self.threads, fixed=threads is not None or not isinstance(ops, NumbaOps))
         checkpoint = ModelFolder(folder) if quantized else Checkpoint(folder)
         self.path = checkpoint.folder
         # A base model (trained on plain text, such as the demo) continues a prompt rather than answering a chat.
@@ -87,7 +89,7 @@ class Model:
         self.config: ModelArgs = checkpoint.config.with_experts_per_token(experts_per_token)
         self.expert_cache, self.memory_note = None, None
         slots = None
-        if check_shadow_bits(shadow_bits) and ops is not NumbaOps:
+        if check_shadow_bits(shadow_bits) and not isinstance(ops, NumbaOps):
             raise LocalmixError("shadow copies of experts run on the numba backend (--backend numba)")
         if quantized:
             slots, self.memory_note = plan_memory(checkpoint.manifest, self.config, memory, shadow_bits=shadow_bits)
@@ -109,13 +111,13 @@ class Model:
                                             hot, self.config.num_experts_per_tok, prefetch,
                                             ops.allocate_slots, shadow_bits, on_progress)
             self.expert_cache.routers = [layer.router for layer in weights.layers]
-            for i, layer in enumerate(weights.layers):
-                layer.experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
+            for i in self.config.moe_layers:
+                weights.layers[i].experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
         self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache])
         self.transformer.routing.steering = Steering(min_expert_weight, fallback_margin).check()
         # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.
         self.compile_s = 0.0
-        if ops is NumbaOps:
+        if isinstance(ops, NumbaOps):
             start = time.perf_counter()
             kernels.warm_up(quantized_shapes(self.transformer.weights))
             if self.expert_cache is None:  # and a decoded token's fused kernels (with a cache it would read experts)

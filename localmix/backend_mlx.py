@@ -42,40 +42,8 @@ def mlx_view(a: np.ndarray, dtype) -> mx.array:
     return owner.reshape(-1)[offset:offset + a.nbytes].view(dtype).reshape(a.shape)
 
 
-def mlx_matrix(m, dtype) -> tuple:
-    """(words, scales, biases, bits, group size) as MLX arrays. Resident matrices are copied into
-    MLX once and keep it; an expert cache's are views of their slot, made at each use (the slot
-    holds another expert once this one is evicted)."""
-    converted = getattr(m, "mlx", None)
-    if converted is None or converted[1].dtype != dtype:
-        converted = (mlx_view(m.words, mx.uint32), mlx_view(m.scales, mx.float16).astype(dtype),
-                     mlx_view(m.biases, mx.float16).astype(dtype), m.bits, m.group_size)
-        if not m.transient:
-            m.mlx = converted
-    return converted
-
-
 def mlx_vector(v: np.ndarray, dtype) -> mx.array:
     return mx.array(np.asarray(v, np.float32)).astype(dtype)
-
-
-def layer_floats(layer, dtype) -> tuple:
-    """A layer's norms (in the activations' dtype) and router (float32) as MLX arrays, made once
-    rather than at every token."""
-    made = getattr(layer, "mlx_floats", None)
-    if made is None or made[0].dtype != dtype:
-        made = (mlx_vector(layer.attention_norm, dtype), mlx_vector(layer.ffn_norm, dtype),
-                None if layer.router is None else mlx_vector(layer.router, mx.float32))
-        layer.mlx_floats = made
-    return made
-
-
-def linear(x: mx.array, m) -> mx.array:
-    """x @ W.T for a quantized matrix (or a float one)."""
-    if not is_quantized(m):
-        return x @ mx.array(np.asarray(m, np.float32)).astype(x.dtype).T
-    words, scales, biases, bits, group_size = mlx_matrix(m, x.dtype)
-    return mx.quantized_matmul(x, words, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
 class MLXKVCache(KVCache):
@@ -125,81 +93,124 @@ def attention_mask(positions: np.ndarray, keys: int, window: int | None, dtype) 
     return mx.array(np.where(allowed, 0.0, -np.inf).astype(np.float32)).astype(dtype)
 
 
-def attention(x: mx.array, layer, args, cache: MLXKVCache, index: int, positions: np.ndarray) -> mx.array:
-    T, heads, kv_heads, dim = x.shape[0], args.num_attention_heads, args.num_key_value_heads, args.head_dim
-    q, k, v = (linear(x, m) for m in (layer.wq, layer.wk, layer.wv))
-    q = q.reshape(1, T, heads, dim).transpose(0, 2, 1, 3)
-    k = k.reshape(1, T, kv_heads, dim).transpose(0, 2, 1, 3)
-    v = v.reshape(1, T, kv_heads, dim).transpose(0, 2, 1, 3)
-    # transformers' rotate-half RoPE is MLX's non-traditional one.
-    q = mx.fast.rope(q, dim, traditional=False, base=args.rope_theta, scale=1.0, offset=int(positions[0]))
-    k = mx.fast.rope(k, dim, traditional=False, base=args.rope_theta, scale=1.0, offset=int(positions[0]))
-    keys, values = cache.update(index, k, v)
-    mask = attention_mask(positions, keys.shape[2], args.sliding_window, x.dtype)
-    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=dim ** -0.5, mask=mask)
-    return linear(out.transpose(0, 2, 1, 3).reshape(T, heads * dim), layer.wo)
-
-
-def expert_ffn(x: mx.array, expert) -> mx.array:
-    gate, up = linear(x, expert.w1), linear(x, expert.w3)
-    return linear(gate * mx.sigmoid(gate) * up, expert.w2)
-
-
-def moe_block(h: mx.array, layer, k: int) -> mx.array:
-    """Route in float32, bring the choice to numpy (statistics, steering, the expert cache), then
-    each chosen expert over its tokens."""
-    if layer.router is None:
-        return expert_ffn(h, layer.experts[0])
-    gates = h.astype(mx.float32) @ layer_floats(layer, h.dtype)[2].T
-    chosen = mx.argsort(-gates, axis=-1)[:, :k]
-    top = mx.take_along_axis(gates, chosen, axis=-1)
-    weights = mx.softmax(top, axis=-1)  # = the full softmax's top k, renormalized
-    mx.eval(chosen, weights)
-    chosen, weights = np.array(chosen).astype(np.int64), np.array(weights)
-    if layer.routing is not None:
-        steer_input = np.array(h.astype(mx.float32)) if layer.routing.steers else None
-        chosen, weights = layer.routing(steer_input, chosen, weights, layer)
-    out = mx.zeros(h.shape, h.dtype)
-    for batch, experts in layer.experts.batches(used_experts(chosen, len(layer.experts))):
-        for e, expert in zip(batch, experts):
-            rows, slots = np.nonzero(chosen == e)
-            scale = mx.array(weights[rows, slots].astype(np.float32)).astype(h.dtype)[:, None]
-            rows_mx = mx.array(rows)
-            out = out.at[rows_mx].add(expert_ffn(h[rows_mx], expert) * scale)
-        if layer.experts.on_demand:  # computed before the next batch may reuse these slots
-            mx.eval(out)
-    return out
-
-
 class MLXOps(Ops):
-    """float16 activations."""
+    """float16 activations. What it makes from the weights (MLX copies of resident matrices, norms
+    and routers) it keeps in `arrays`, by the id of the numpy array it came from (held too, so
+    the id stays its own)."""
     dtype = mx.float16
     kv_cache = MLXKVCache
     batched_decoding = False  # concurrent answers take turns (its KV cache is one sequence's)
     allocate_slots = staticmethod(allocate_slots)
 
-    @classmethod
-    def decoder_layer(cls, x, layer, args, cache, index, positions, inv_freq, ops):
-        x = x if isinstance(x, mx.array) else mx.array(np.asarray(x, np.float32)).astype(ops.dtype)
-        eps = args.rms_norm_eps
-        attention_norm, ffn_norm, _ = layer_floats(layer, ops.dtype)
-        h = mx.fast.rms_norm(x, attention_norm, eps)
-        x = x + attention(h, layer, args, cache, index, np.asarray(positions))
-        h = mx.fast.rms_norm(x, ffn_norm, eps)
-        return x + moe_block(h, layer, args.num_experts_per_tok)
+    def __init__(self):
+        self.arrays: dict[tuple[int, object], tuple[object, object]] = {}
+
+    def _made(self, source, dtype, make):
+        key = (id(source), dtype)
+        if key not in self.arrays:
+            self.arrays[key] = (source, make())
+        return self.arrays[key][1]
+
+    def vector(self, v: np.ndarray, dtype) -> mx.array:
+        return self._made(v, dtype, lambda: mlx_vector(v, dtype))
+
+    def matrix(self, m, dtype) -> tuple:
+        """(words, scales, biases, bits, group size) as MLX arrays. Resident matrices are copied
+        into MLX once and kept; an expert cache's are views of their slot, made at each use (the
+        slot holds another expert once this one is evicted)."""
+        def make():
+            return (mlx_view(m.words, mx.uint32), mlx_view(m.scales, mx.float16).astype(dtype),
+                    mlx_view(m.biases, mx.float16).astype(dtype), m.bits, m.group_size)
+        return make() if m.transient else self._made(m, dtype, make)
+
+    def linear(self, x: mx.array, m) -> mx.array:
+        """x @ W.T for a quantized matrix (or a float one)."""
+        if not is_quantized(m):
+            return x @ self._made(m, x.dtype, lambda: mx.array(np.asarray(m, np.float32)).astype(x.dtype)).T
+        words, scales, biases, bits, group_size = self.matrix(m, x.dtype)
+        return mx.quantized_matmul(x, words, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+    def to_mlx(self, x) -> mx.array:
+        return x if isinstance(x, mx.array) else mx.array(np.asarray(x, np.float32)).astype(self.dtype)
+
+    def rms_norm(self, x, weight, eps):
+        x = self.to_mlx(x)
+        return mx.fast.rms_norm(x, self.vector(weight, x.dtype), eps)
+
+    def linears(self, x, ws):
+        return [self.linear(self.to_mlx(x), w) for w in ws]
 
     @staticmethod
-    def rms_norm(x, weight, eps):
-        if not isinstance(x, mx.array):
-            return Ops.rms_norm(x, weight, eps)
-        return mx.fast.rms_norm(x, mlx_vector(weight, x.dtype), eps)
+    def sigmoid(x):
+        return mx.sigmoid(x)
 
-    @staticmethod
-    def linears(x, ws):
+    def logits(self, x, norm, lm_head, eps):
         """The head: float32 numpy logits, which evaluates the token's whole graph once."""
-        if not isinstance(x, mx.array):
-            return Ops.linears(x, ws)
-        return [np.array(linear(x, w).astype(mx.float32)) for w in ws]
+        return np.array(self.linear(self.rms_norm(x, norm, eps), lm_head).astype(mx.float32))
+
+    def attention_block(self, x, layer, args, cache, index, positions, inv_freq, ops):
+        x = self.to_mlx(x)
+        eps = args.rms_norm_eps
+        x = x + self.attention(self.rms_norm(x, layer.attention_norm, eps), layer, args, cache, index,
+                               np.asarray(positions))
+        return x, self.rms_norm(x, layer.ffn_norm, eps)
+
+    def attention(self, x: mx.array, layer, args, cache: MLXKVCache, index: int, positions: np.ndarray) -> mx.array:
+        """model.attention in MLX: the family's extras (biases, q/k norms, clamping), rotary
+        embedding, attention over the cache, output projection."""
+        T, heads, kv_heads, dim = x.shape[0], args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        eps = args.rms_norm_eps
+        q, k, v = self.linears(x, [layer.wq, layer.wk, layer.wv])
+        if args.qkv_bias:
+            q, k, v = (a + self.vector(b, x.dtype) for a, b in ((q, layer.bq), (k, layer.bk), (v, layer.bv)))
+        if args.qk_norm == "projection":
+            q, k = self.rms_norm(q, layer.q_norm, eps), self.rms_norm(k, layer.k_norm, eps)
+        if args.clip_qkv is not None:
+            q, k, v = (mx.clip(a, -args.clip_qkv, args.clip_qkv) for a in (q, k, v))
+        q, k, v = q.reshape(1, T, heads, dim), k.reshape(1, T, kv_heads, dim), v.reshape(1, T, kv_heads, dim)
+        if args.qk_norm == "head":
+            q, k = self.rms_norm(q, layer.q_norm, eps), self.rms_norm(k, layer.k_norm, eps)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+        # transformers' rotate-half RoPE is MLX's non-traditional one.
+        q = mx.fast.rope(q, dim, traditional=False, base=args.rope_theta, scale=1.0, offset=int(positions[0]))
+        k = mx.fast.rope(k, dim, traditional=False, base=args.rope_theta, scale=1.0, offset=int(positions[0]))
+        keys, values = cache.update(index, k, v)
+        mask = attention_mask(positions, keys.shape[2], args.sliding_window, x.dtype)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=dim ** -0.5, mask=mask)
+        out = self.linear(out.transpose(0, 2, 1, 3).reshape(T, heads * dim), layer.wo)
+        return out + self.vector(layer.bo, x.dtype) if args.o_bias else out
+
+    def route_tokens(self, h, router, k, renormalize=True):
+        """model.route_tokens in float32, brought to numpy (statistics, steering and the expert
+        cache need to know which experts a token chose before their weights are read)."""
+        probs = mx.softmax(h.astype(mx.float32) @ self.vector(router, mx.float32).T, axis=-1)
+        chosen = mx.argsort(-probs, axis=-1)[:, :k]
+        weights = mx.take_along_axis(probs, chosen, axis=-1)
+        if renormalize:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        mx.eval(chosen, weights)
+        return np.array(chosen).astype(np.int64), np.array(weights)
+
+    def expert_ffn(self, x: mx.array, expert) -> mx.array:
+        gate, up = self.linear(x, expert.w1), self.linear(x, expert.w3)
+        return self.linear(gate * mx.sigmoid(gate) * up, expert.w2)
+
+    def experts_ffn(self, x, experts, counts):
+        starts = np.cumsum([0] + list(counts))
+        return mx.concatenate([self.expert_ffn(x[int(a):int(b)], e) for e, a, b in zip(experts, starts[:-1], starts[1:])])
+
+    def mix_experts(self, h, chosen, weights, source):
+        """Each chosen expert over its rows, added in index order."""
+        out = mx.zeros(h.shape, h.dtype)
+        for batch, experts in source.batches(used_experts(chosen, len(source))):
+            for e, expert in zip(batch, experts):
+                rows, slots = np.nonzero(chosen == e)
+                scale = mx.array(weights[rows, slots].astype(np.float32)).astype(h.dtype)[:, None]
+                rows_mx = mx.array(rows)
+                out = out.at[rows_mx].add(self.expert_ffn(h[rows_mx], expert) * scale)
+            if source.on_demand:  # computed before the next batch may reuse these slots
+                mx.eval(out)
+        return out
 
 
 class MLXFloat32Ops(MLXOps):

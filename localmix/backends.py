@@ -26,6 +26,16 @@ BACKENDS = ("auto", "numba", "numpy", "mlx", "mlx-f32")
 
 
 class NumbaOps(Ops):
+    """The Numba kernels. A decoded token's attention half runs in two or three compiled calls
+    (kernels.decode_qkv, then decode_attention, or attend and attention_out for several sequences
+    decoded together) and its experts in one (decode_experts), from kernel tables made once per
+    layer and kept here (`plans`, by layer index)."""
+
+    FUSED_ROWS = 32  # up to this many rows (decoded tokens), the experts go through decode_experts
+
+    def __init__(self):
+        self.plans: dict[int, FusedPlan | None] = {}
+
     @staticmethod
     def rms_norm(x, weight, eps):
         return kernels.rms_norm(np.ascontiguousarray(x, np.float32), weight, np.float32(eps))
@@ -37,8 +47,8 @@ class NumbaOps(Ops):
     attend = staticmethod(kernels.attend)
 
     @staticmethod
-    def route_tokens(x, router, k):
-        return kernels.route_tokens(np.ascontiguousarray(x, np.float32), router, k)
+    def route_tokens(x, router, k, renormalize=True):
+        return kernels.route_tokens(np.ascontiguousarray(x, np.float32), router, k, renormalize)
 
     @staticmethod
     def linears(x, ws):
@@ -52,39 +62,46 @@ class NumbaOps(Ops):
             return kernels.experts_ffn(x, experts, counts)
         return Ops.experts_ffn(x, experts, counts)
 
-    @staticmethod
-    def decoder_layer(x, layer, args, cache, index, positions, inv_freq, ops):
-        """A decoded token's layer in a few kernel calls (see kernels.decode_qkv): one token, or
-        one token of each of several sequences decoded together (a SequenceBatch: the products
-        read each weight once for all of them, attention is each sequence's own). Prompts, dense
-        layers and mixed formats go operation by operation."""
-        plan = fused_plan(layer)
+    def attention_block(self, x, layer, args, cache, index, positions, inv_freq, ops):
+        """One decoded token (or one token of each of several sequences decoded together: a
+        SequenceBatch, whose products read each weight once for all of them while attention is
+        each sequence's own) in the fused kernels; prompts and layers they do not take go
+        operation by operation."""
+        if index not in self.plans:
+            self.plans[index] = fused_plan(layer, args)
+        plan = self.plans[index]
         caches = cache.caches if isinstance(cache, SequenceBatch) else [cache]
         if x.shape[0] != len(caches) or plan is None:
-            return Ops.decoder_layer(x, layer, args, cache, index, positions, inv_freq, ops)
+            return Ops.attention_block(x, layer, args, cache, index, positions, inv_freq, ops)
         heads, kv_heads, dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         positions = np.asarray(positions, np.int64)
         eps, window = np.float32(args.rms_norm_eps), args.sliding_window or 0
         x = np.ascontiguousarray(x, np.float32)
         q, k, v = kernels.decode_qkv(x, layer.attention_norm, eps, plan.qkv, *plan.qkv_format, heads, kv_heads, dim,
                                      positions, inv_freq)
-        rest = (plan.o, *plan.o_format, layer.ffn_norm, eps, layer.router, args.num_experts_per_tok)
+        rest = (plan.o, *plan.o_format, layer.ffn_norm, eps)
         if len(caches) == 1:
             keys, values = kernels.kernel_cache(*cache.update(index, k[0], v[0]))
-            x, h, chosen, weights = kernels.decode_attention(x, q, keys, values, positions, window,
-                                                             kernels.HALF_TO_FLOAT, *rest)
-        else:
-            attended = np.concatenate([kernels.attend(q[i:i + 1], *c.update(index, k[i:i + 1], v[i:i + 1]),
-                                                      positions[i:i + 1], window) for i, c in enumerate(caches)])
-            x, h, chosen, weights = kernels.attention_out(x, attended, *rest)
-        chosen, weights = layer.routing(h, chosen, weights, layer)  # counted; steered where asked
+            return kernels.decode_attention(x, q, keys, values, positions, window, kernels.HALF_TO_FLOAT, *rest)
+        attended = np.concatenate([kernels.attend(q[i:i + 1], *c.update(index, k[i:i + 1], v[i:i + 1]),
+                                                  positions[i:i + 1], window) for i, c in enumerate(caches)])
+        return kernels.attention_out(x, attended, *rest)
+
+    @staticmethod
+    def mix_experts(h, chosen, weights, source):
+        """A few rows (decoded tokens) through decode_experts, one call per format of the chosen
+        experts; more rows, float experts or widths the vector kernels do not take, through the
+        grouped products of model.mix_experts."""
+        if len(h) > NumbaOps.FUSED_ROWS or None in source.formats() or not kernels.has_vector_kernels():
+            return Ops.mix_experts(h, chosen, weights, source)
+        h = np.ascontiguousarray(h, np.float32)
         chosen, weights = np.ascontiguousarray(chosen, np.int64), np.ascontiguousarray(weights, np.float32)
-        used = used_experts(chosen, len(layer.experts))
-        if len(caches) == 1:  # an expert cache's shadow copies, where kept, stand in for experts not in it
-            groups = [(used, layer.experts.for_token(used))]
+        used = used_experts(chosen, len(source))
+        if len(h) == 1:  # an expert cache's shadow copies, where kept, stand in for experts not in it
+            groups = [(used, source.for_token(used))]
         else:  # experts that are in memory together (an expert cache may hold fewer than were chosen)
-            groups = layer.experts.batches(used)
-        layer.experts.speculate(h)  # an expert cache starts reading the next layer's
+            groups = source.batches(used)
+        out = np.zeros_like(h)
         for ids, experts in groups:
             formats: dict = {}  # one call for the experts of each format (shadow copies have their own)
             for e, expert in zip(ids, experts):
@@ -94,9 +111,9 @@ class NumbaOps(Ops):
                 some = [expert for _, expert in members]
                 up = one_token_rows([e.w1 for e in some] + [e.w3 for e in some])
                 down = one_token_rows([e.w2 for e in some])
-                x = kernels.decode_experts(x, h, chosen, weights, np.array([e for e, _ in members], np.int64),
-                                           up, up_bits, up_group, down, down_bits, down_group)
-        return x
+                out = kernels.decode_experts(out, h, chosen, weights, np.array([e for e, _ in members], np.int64),
+                                             up, up_bits, up_group, down, down_bits, down_group)
+        return out
 
 
 def one_token_rows(matrices, cols=None) -> np.ndarray:
@@ -115,30 +132,28 @@ class FusedPlan(NamedTuple):
     o_format: tuple
 
 
-def fused_plan(layer) -> FusedPlan | None:
-    """The kernel tables of a layer's attention matrices and its formats, made once; None where
-    the layer cannot be fused (a dense MLP, float weights, q, k and v, or w1 and w3, in
-    different formats, or widths the vector kernels do not take)."""
-    plan = getattr(layer, "fused", False)
-    if plan is not False:
-        return plan
-    plan = None
+def fused_plan(layer, args) -> FusedPlan | None:
+    """The kernel tables of a layer's attention matrices and its formats; None where the fused
+    kernels do not take the layer: float weights, q, k and v in different formats, widths the vector
+    kernels do not take, or a family's attention extras (biases, q/k norms, clamping), which go
+    operation by operation."""
     matrices = [layer.wq, layer.wk, layer.wv, layer.wo]
-    if layer.router is not None and all(is_quantized(m) for m in matrices) and kernels.has_vector_kernels():
-        def fmt(ms):  # the one format of these matrices, if the vector kernels run it on their widths
-            formats = {(m.bits, m.group_size) for m in ms}
-            runs = all(kernels.runs_vector(m.bits, m.group_size, m.shape[1]) for m in ms)
-            return formats.pop() if len(formats) == 1 and runs else None
+    plain = not (args.qkv_bias or args.o_bias or args.qk_norm or args.clip_qkv is not None)
+    if not (plain and all(is_quantized(m) for m in matrices) and kernels.has_vector_kernels()):
+        return None
 
-        qkv = [layer.wq, layer.wk, layer.wv]
-        # The experts' formats from their source, which does not bring them all in to look.
-        formats = fmt(qkv), fmt([layer.wo]), *layer.experts.formats()
-        if None not in formats:
-            sizes = [m.words.shape[0] for m in qkv]
-            plan = FusedPlan(one_token_rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0],
-                             one_token_rows([layer.wo]), formats[1])
-    layer.fused = plan
-    return plan
+    def fmt(ms):  # the one format of these matrices, if the vector kernels run it on their widths
+        formats = {(m.bits, m.group_size) for m in ms}
+        runs = all(kernels.runs_vector(m.bits, m.group_size, m.shape[1]) for m in ms)
+        return formats.pop() if len(formats) == 1 and runs else None
+
+    qkv = [layer.wq, layer.wk, layer.wv]
+    formats = fmt(qkv), fmt([layer.wo])
+    if None in formats:
+        return None
+    sizes = [m.words.shape[0] for m in qkv]
+    return FusedPlan(one_token_rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0],
+                     one_token_rows([layer.wo]), formats[1])
 
 
 def resolve_backend(name: str) -> str:
@@ -150,7 +165,7 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def backend_ops(name: str) -> type[Ops]:
+def backend_ops(name: str) -> Ops:
     name = resolve_backend(name)
     if name.startswith("mlx"):
         try:
@@ -158,8 +173,8 @@ def backend_ops(name: str) -> type[Ops]:
         except ImportError:
             raise LocalmixError("the mlx backend needs MLX: pip install 'localmix[mlx]' (on Linux: "
                                 "pip install 'mlx[cpu]')") from None
-        return MLXFloat32Ops if name == "mlx-f32" else MLXOps
-    return NumbaOps if name == "numba" else Ops
+        return MLXFloat32Ops() if name == "mlx-f32" else MLXOps()
+    return NumbaOps() if name == "numba" else Ops()
 
 
 def apple_silicon() -> bool:

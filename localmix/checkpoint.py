@@ -220,40 +220,63 @@ def check_tensor(file: SafetensorsFile, name: str, shape: tuple[int, ...]) -> No
 
 
 def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None, experts: bool = True):
-    """All tensors of the model, named as Hugging Face names them, checked against the config.
-    experts=False leaves a mixture's experts out (an expert cache brings them in on demand)."""
+    """All tensors of the model, named as Hugging Face names them, checked against the config: the
+    one place that maps a family's checkpoint names. experts=False leaves the routed experts out (an
+    expert cache brings them in on demand)."""
     # Imported here: localmix.experts imports localmix.store, which imports this module.
     from localmix.experts.resident import ResidentExperts
     from localmix.model import Expert, Layer, Weights
 
     args = args or checkpoint.config
-    H, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
+    H, V = args.hidden_size, args.vocab_size
     q_rows, kv_rows = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     get = checkpoint.tensor
+
+    def mlp(prefix: str, width: int, names=("gate_proj", "down_proj", "up_proj")) -> Expert:
+        gate, down, up = names
+        return Expert(w1=get(f"{prefix}{gate}.weight", (width, H)), w2=get(f"{prefix}{down}.weight", (H, width)),
+                      w3=get(f"{prefix}{up}.weight", (width, H)))
+
+    def bias(name: str, rows: int, present: bool):
+        return get(name, (rows,)) if present else None
 
     layers = []
     for i in range(args.num_hidden_layers):
         p = f"model.layers.{i}."
-        if args.is_moe:
-            moe = p + "block_sparse_moe."
+        a = p + "self_attn."
+        # Mixtral's experts sit in block_sparse_moe with w1 (gate), w2 (down), w3 (up); the other
+        # families' in mlp, named as their dense MLPs are.
+        moe, names = (p + "block_sparse_moe.", ("w1", "w2", "w3")) if args.model_type == "mixtral" else \
+            (p + "mlp.", ("gate_proj", "down_proj", "up_proj"))
+        router, shared, shared_gate = None, None, None
+        if args.sparse_layers[i]:
             router = get(moe + "gate.weight", (args.num_local_experts, H))
-            layer_experts = [Expert(w1=get(f"{moe}experts.{e}.w1.weight", (F, H)),
-                                    w2=get(f"{moe}experts.{e}.w2.weight", (H, F)),
-                                    w3=get(f"{moe}experts.{e}.w3.weight", (F, H)))
+            layer_experts = [mlp(f"{moe}experts.{e}.", args.moe_intermediate_size, names)
                              for e in range(args.num_local_experts)] if experts else []
-        else:
-            router = None
-            layer_experts = [Expert(w1=get(p + "mlp.gate_proj.weight", (F, H)),
-                                    w2=get(p + "mlp.down_proj.weight", (H, F)),
-                                    w3=get(p + "mlp.up_proj.weight", (F, H)))]
+            if args.shared_expert_intermediate_size:
+                shared = mlp(moe + "shared_expert.", args.shared_expert_intermediate_size)
+                shared_gate = get(moe + "shared_expert_gate.weight", (1, H))
+        else:  # a dense MLP: the one expert every token uses
+            layer_experts = [mlp(p + "mlp.", args.intermediate_size)]
+        q_norm = k_norm = None
+        if args.qk_norm == "head":
+            q_norm, k_norm = get(a + "q_norm.weight", (args.head_dim,)), get(a + "k_norm.weight", (args.head_dim,))
+        elif args.qk_norm == "projection":
+            q_norm, k_norm = get(a + "q_norm.weight", (q_rows,)), get(a + "k_norm.weight", (kv_rows,))
         layers.append(Layer(
             attention_norm=get(p + "input_layernorm.weight", (H,)),
-            wq=get(p + "self_attn.q_proj.weight", (q_rows, H)),
-            wk=get(p + "self_attn.k_proj.weight", (kv_rows, H)),
-            wv=get(p + "self_attn.v_proj.weight", (kv_rows, H)),
-            wo=get(p + "self_attn.o_proj.weight", (H, q_rows)),
+            wq=get(a + "q_proj.weight", (q_rows, H)),
+            wk=get(a + "k_proj.weight", (kv_rows, H)),
+            wv=get(a + "v_proj.weight", (kv_rows, H)),
+            wo=get(a + "o_proj.weight", (H, q_rows)),
+            bq=bias(a + "q_proj.bias", q_rows, args.qkv_bias),
+            bk=bias(a + "k_proj.bias", kv_rows, args.qkv_bias),
+            bv=bias(a + "v_proj.bias", kv_rows, args.qkv_bias),
+            bo=bias(a + "o_proj.bias", H, args.o_bias),
+            q_norm=q_norm, k_norm=k_norm,
             ffn_norm=get(p + "post_attention_layernorm.weight", (H,)),
-            router=router, experts=ResidentExperts(layer_experts)))
+            router=router, experts=ResidentExperts(layer_experts),
+            shared_expert=shared, shared_expert_gate=shared_gate))
 
     embed = get("model.embed_tokens.weight", (V, H))
     lm_head = embed if args.tie_word_embeddings else get("lm_head.weight", (V, H))

@@ -1,4 +1,10 @@
-"""ModelArgs: the shape of a Mixtral or Mistral model, read from a Hugging Face config.json."""
+"""ModelArgs: the shape of a model, read from a Hugging Face config.json.
+
+A family (config.json's model_type) is data here: the defaults transformers fills in for keys a
+config leaves out, and the switches that make the one forward pass of model.py that family's
+(q/k norms, attention biases, shared experts, dense layers among sparse ones, the routing rule).
+Tensor names are mapped in one place, checkpoint.read_weights.
+"""
 
 from __future__ import annotations
 
@@ -13,24 +19,50 @@ from localmix.validate import MAX_CONTEXT, MAX_DIM, MAX_EXPERTS, MAX_HEADS, MAX_
 
 MAX_TOTAL_EXPERTS = 1 << 16  # layers x experts; the largest mixtures have ~16k (61 x 256)
 
-# Defaults are those of transformers' MixtralConfig / MistralConfig, because transformers fills a
-# key that config.json leaves out with them; we must compute what it computes.
-_DEFAULTS = {
-    "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": None,
-                "max_position_embeddings": 4096 * 32, "tie_word_embeddings": False},
-    "mistral": {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "sliding_window": 4096,
-                "max_position_embeddings": 4096 * 32, "tie_word_embeddings": False},
+
+@dataclass(frozen=True)
+class Family:
+    """What a model_type means. defaults: those of transformers' config class, because
+    transformers fills a key that config.json leaves out with them and we must compute what it
+    computes. experts_key: where the expert count sits. qk_norm: None, "head" (RMSNorm over each
+    head's dim, Qwen3) or "projection" (over the whole q and k projections, OLMoE)."""
+    defaults: dict
+    experts_key: str | None = None  # None: a dense model
+    qk_norm: str | None = None
+    shared_expert: bool = False
+    dense_layers: bool = False       # mlp_only_layers / decoder_sparse_step
+    renormalize: bool | None = None  # always (Mixtral); None: config's norm_topk_prob
+    qkv_bias_key: str | None = None  # the bool that puts biases on q, k, v
+    o_bias: bool = False             # whether that bool also puts one on o
+    window_key: str | None = "sliding_window"
+
+
+_QWEN = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+         "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}
+FAMILIES = {
+    "mixtral": Family({"rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": None,
+                       "max_position_embeddings": 4096 * 32, "tie_word_embeddings": False},
+                      experts_key="num_local_experts", renormalize=True),
+    "mistral": Family({"rope_theta": 1e4, "rms_norm_eps": 1e-6, "sliding_window": 4096,
+                       "max_position_embeddings": 4096 * 32, "tie_word_embeddings": False}, renormalize=True),
+    "qwen3_moe": Family({**_QWEN, "attention_bias": False}, experts_key="num_experts", qk_norm="head",
+                        dense_layers=True, qkv_bias_key="attention_bias", o_bias=True, window_key=None),
+    "qwen2_moe": Family({**_QWEN, "qkv_bias": True}, experts_key="num_experts", shared_expert=True,
+                        dense_layers=True, qkv_bias_key="qkv_bias", window_key=None),
+    "olmoe": Family({"rope_theta": 1e4, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                     "tie_word_embeddings": False, "norm_topk_prob": False, "attention_bias": False, "clip_qkv": None},
+                    experts_key="num_experts", qk_norm="projection", qkv_bias_key="attention_bias", o_bias=True,
+                    window_key=None),
 }
 _REQUIRED = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size"]
-_REQUIRED_MOE = ["num_local_experts", "num_experts_per_tok"]
 
 
 @dataclass(frozen=True)
 class ModelArgs:
     model_type: str
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int       # a dense MLP's width (a dense model's, or a dense layer's among sparse ones)
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
@@ -41,12 +73,25 @@ class ModelArgs:
     max_position_embeddings: int
     sliding_window: int | None
     tie_word_embeddings: bool
-    num_local_experts: int  # 0 for a dense Mistral: its MLP is run as the one and only expert
+    num_local_experts: int  # 0 for a dense model: its MLP is run as the one and only expert
     num_experts_per_tok: int
+    moe_intermediate_size: int = 0       # each routed expert's width
+    norm_topk_prob: bool = True          # renormalize the top-k router probabilities to sum to one
+    sparse_layers: tuple[bool, ...] = ()  # per layer: experts (True) or a dense MLP
+    shared_expert_intermediate_size: int = 0  # a shared expert beside the routed ones (0: none)
+    qk_norm: str | None = None           # see Family
+    qkv_bias: bool = False
+    o_bias: bool = False
+    clip_qkv: float | None = None        # q, k and v clamped to [-clip, clip] (OLMoE)
 
     @property
     def is_moe(self) -> bool:
         return self.num_local_experts > 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The layers with routed experts."""
+        return [i for i, sparse in enumerate(self.sparse_layers) if sparse]
 
     @classmethod
     def from_hf_config(cls, config: dict, source: str = "config.json") -> "ModelArgs":
@@ -55,18 +100,22 @@ class ModelArgs:
         float) would otherwise become an allocation, a wrong model or a traceback much later."""
         config = validate.json_object(config, source, "config")
         model_type = config.get("model_type")
-        if not isinstance(model_type, str) or model_type not in _DEFAULTS:
+        if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise LocalmixError(f"{source}: unsupported model_type {model_type!r:.60} "
-                                f"(localmix runs 'mixtral' and 'mistral')")
-        required = _REQUIRED + (_REQUIRED_MOE if model_type == "mixtral" else [])
+                                f"(localmix runs {', '.join(repr(f) for f in FAMILIES)})")
+        family = FAMILIES[model_type]
+        experts_key = family.experts_key
+        if experts_key and config.get(experts_key) is None and config.get("num_local_experts") is not None:
+            experts_key = "num_local_experts"  # transformers 5 saves Qwen3-MoE's count under this name
+        required = _REQUIRED + ([experts_key, "num_experts_per_tok"] if experts_key else [])
         for key in required:
             if config.get(key) is None:
                 raise LocalmixError(f"{source}: missing key {key!r}")
         act = config.get("hidden_act", "silu")
         if act != "silu":
-            raise LocalmixError(f"{source}: unsupported hidden_act {act!r:.60} (Mixtral uses 'silu')")
+            raise LocalmixError(f"{source}: unsupported hidden_act {act!r:.60} (localmix runs SwiGLU, 'silu')")
 
-        defaults = _DEFAULTS[model_type]
+        defaults = family.defaults
         get = lambda key: config[key] if config.get(key) is not None else defaults[key]  # noqa: E731
 
         def positive(key: str, high: int, value=None) -> int:
@@ -77,19 +126,36 @@ class ModelArgs:
 
         hidden = positive("hidden_size", MAX_DIM)
         heads = positive("num_attention_heads", MAX_HEADS)
+        layers = positive("num_hidden_layers", MAX_LAYERS)
         head_dim = (positive("head_dim", MAX_DIM) if config.get("head_dim") is not None
                     else positive("head_dim", MAX_DIM, hidden // heads))
-        sliding_window = config.get("sliding_window", defaults["sliding_window"])
-        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
-                                           or sliding_window <= 0):
-            raise LocalmixError(f"{source}: sliding_window must be null or a positive integer, "
-                                f"got {sliding_window!r:.60}")
-        is_moe = model_type == "mixtral"
+        sliding_window = _sliding_window(config, family, source)
+        intermediate = positive("intermediate_size", MAX_DIM)
+        experts = positive(experts_key, MAX_EXPERTS) if experts_key else 0
+        moe_width = intermediate
+        if experts and config.get("moe_intermediate_size") is not None:
+            moe_width = positive("moe_intermediate_size", MAX_DIM)
+        elif experts and model_type in ("qwen3_moe", "qwen2_moe"):
+            raise LocalmixError(f"{source}: missing key 'moe_intermediate_size'")
+        renormalize = family.renormalize
+        if renormalize is None:
+            renormalize = validate.boolean(get("norm_topk_prob"), "norm_topk_prob", source)
+        qkv_bias = (validate.boolean(get(family.qkv_bias_key), family.qkv_bias_key, source)
+                    if family.qkv_bias_key else False)
+        shared = 0
+        if family.shared_expert:
+            shared = positive("shared_expert_intermediate_size", MAX_DIM,
+                              config.get("shared_expert_intermediate_size", intermediate))
+        clip = None
+        if config.get("clip_qkv") is not None:
+            if model_type != "olmoe":
+                raise LocalmixError(f"{source}: clip_qkv is not part of {model_type}")
+            clip = validate.number(config["clip_qkv"], "clip_qkv", source, low=0.0, low_open=True)
         args = cls(
             model_type=model_type,
             hidden_size=hidden,
-            intermediate_size=positive("intermediate_size", MAX_DIM),
-            num_hidden_layers=positive("num_hidden_layers", MAX_LAYERS),
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=positive("num_key_value_heads", MAX_HEADS),
             head_dim=head_dim,
@@ -102,8 +168,16 @@ class ModelArgs:
                                              get("max_position_embeddings")),
             sliding_window=sliding_window,
             tie_word_embeddings=validate.boolean(get("tie_word_embeddings"), "tie_word_embeddings", source),
-            num_local_experts=positive("num_local_experts", MAX_EXPERTS) if is_moe else 0,
-            num_experts_per_tok=positive("num_experts_per_tok", MAX_EXPERTS) if is_moe else 1,
+            num_local_experts=experts,
+            num_experts_per_tok=positive("num_experts_per_tok", MAX_EXPERTS) if experts else 1,
+            moe_intermediate_size=moe_width if experts else 0,
+            norm_topk_prob=renormalize,
+            sparse_layers=_sparse_layers(config, family, layers, experts, source),
+            shared_expert_intermediate_size=shared,
+            qk_norm=family.qk_norm,
+            qkv_bias=qkv_bias,
+            o_bias=qkv_bias and family.o_bias,
+            clip_qkv=clip,
         )
         # localmix's own key (a base model, such as the demo): a real bool or nothing.
         if config.get("localmix_base_model") is not None:
@@ -150,6 +224,35 @@ class ModelArgs:
         if self.is_moe and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise LocalmixError(f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 "
                                 f"and num_local_experts ({self.num_local_experts})")
+        if self.is_moe and not any(self.sparse_layers):
+            raise LocalmixError(f"{source}: no layer has experts (mlp_only_layers / decoder_sparse_step)")
+
+
+def _sliding_window(config: dict, family: Family, source: str) -> int | None:
+    if family.window_key is None:  # Qwen's and OLMoE's attention is full unless use_sliding_window says
+        if config.get("use_sliding_window"):  # otherwise (per-layer windows: not supported)
+            raise LocalmixError(f"{source}: use_sliding_window is not supported")
+        return None
+    window = config.get(family.window_key, family.defaults["sliding_window"])
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise LocalmixError(f"{source}: sliding_window must be null or a positive integer, got {window!r:.60}")
+    return window
+
+
+def _sparse_layers(config: dict, family: Family, layers: int, experts: int, source: str) -> tuple[bool, ...]:
+    """Which layers route to experts: every one of a mixture, except (Qwen) the layers listed in
+    mlp_only_layers and those that decoder_sparse_step skips, as transformers decides it."""
+    if not experts:
+        return (False,) * layers
+    if not family.dense_layers:
+        return (True,) * layers
+    step = config.get("decoder_sparse_step", family.defaults["decoder_sparse_step"])
+    step = validate.integer(1 if step is None else step, "decoder_sparse_step", source, 1, MAX_LAYERS)
+    dense = config.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or len(dense) > MAX_LAYERS:
+        raise LocalmixError(f"{source}: mlp_only_layers must be a list of layer numbers")
+    dense = {validate.integer(i, "mlp_only_layers", source, 0, layers - 1) for i in dense}
+    return tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
 
 
 def _rope_theta(config: dict, default: float, source: str) -> float:

@@ -1,8 +1,11 @@
-"""The Mixtral forward pass in float32 numpy: the reference every faster path is checked against.
+"""The forward pass of every family in float32 numpy: the reference every faster path is checked
+against.
 
-Reads top to bottom: building blocks (norm, rotary embedding, attention, router, experts), then a
-decoder layer, then the model. The math follows transformers' MixtralForCausalLM step by step
-(same operation order, float32 softmax), so that logits agree to about 1e-6.
+Reads top to bottom: building blocks (norm, rotary embedding, attention, router, experts), then the
+MoE block, then a decoder layer, then the model. A family is data (config.ModelArgs: q/k norms,
+biases, shared experts, dense layers, the routing rule), not code of its own. The math follows
+transformers' MixtralForCausalLM, Qwen3MoeForCausalLM, Qwen2MoeForCausalLM and OlmoeForCausalLM
+step by step (same operation order, float32 softmax), so that logits agree to about 1e-6.
 """
 
 from __future__ import annotations
@@ -37,9 +40,17 @@ class Layer:
     wv: np.ndarray
     wo: np.ndarray
     ffn_norm: np.ndarray
-    router: np.ndarray | None  # [experts, hidden]; None for a dense Mistral MLP
+    router: np.ndarray | None  # [experts, hidden]; None for a dense MLP (Mistral's, or a dense layer's)
     experts: ExpertSource      # given at construction (resident, or an expert cache's view); a dense MLP
                                # is a single expert that every token uses
+    bq: np.ndarray | None = None  # attention biases (Qwen2-MoE: q, k, v)
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    bo: np.ndarray | None = None
+    q_norm: np.ndarray | None = None  # RMSNorm weights over each head (Qwen3) or the projection (OLMoE)
+    k_norm: np.ndarray | None = None
+    shared_expert: Expert | None = None          # run for every token beside the routed ones (Qwen2-MoE),
+    shared_expert_gate: np.ndarray | None = None  # scaled by sigmoid(shared_expert_gate h) [1, hidden]
     routing: object = None     # localmix.routing.LayerRouting: statistics and steering (set by Transformer)
 
 
@@ -126,20 +137,31 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.nd
 
 
 def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, index: int,
-              positions: np.ndarray, inv_freq: np.ndarray, ops: type[Ops]) -> np.ndarray:
-    """Grouped-query attention over the cached tokens plus the new ones in x ([T, hidden])."""
+              positions: np.ndarray, inv_freq: np.ndarray, ops: Ops) -> np.ndarray:
+    """Grouped-query attention over the cached tokens plus the new ones in x ([T, hidden]): q, k, v
+    (with their biases; q and k RMS-normed over the projection or each head where the family says;
+    clamped where it says), rotary embedding, attention, output projection."""
     T, heads, kv_heads, dim = x.shape[0], args.num_attention_heads, args.num_key_value_heads, args.head_dim
     q, k, v = ops.linears(x, [layer.wq, layer.wk, layer.wv])
-    q = ops.apply_rope(q.reshape(T, heads, dim), positions, inv_freq)
-    k = ops.apply_rope(k.reshape(T, kv_heads, dim), positions, inv_freq)
-    v = v.reshape(T, kv_heads, dim)
+    if args.qkv_bias:
+        q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
+    if args.qk_norm == "projection":
+        q, k = ops.rms_norm(q, layer.q_norm, args.rms_norm_eps), ops.rms_norm(k, layer.k_norm, args.rms_norm_eps)
+    if args.clip_qkv is not None:
+        q, k, v = (np.clip(a, -args.clip_qkv, args.clip_qkv) for a in (q, k, v))
+    q, k, v = q.reshape(T, heads, dim), k.reshape(T, kv_heads, dim), v.reshape(T, kv_heads, dim)
+    if args.qk_norm == "head":
+        q = ops.rms_norm(q.reshape(T * heads, dim), layer.q_norm, args.rms_norm_eps).reshape(T, heads, dim)
+        k = ops.rms_norm(k.reshape(T * kv_heads, dim), layer.k_norm, args.rms_norm_eps).reshape(T, kv_heads, dim)
+    q, k = ops.apply_rope(q, positions, inv_freq), ops.apply_rope(k, positions, inv_freq)
     if isinstance(cache, SequenceBatch):  # a token of each sequence, each attending to its own cache
         out = np.concatenate([ops.attend(q[i:i + 1], *c.update(index, k[i:i + 1], v[i:i + 1]), positions[i:i + 1],
                                          args.sliding_window) for i, c in enumerate(cache.caches)])
     else:
         keys, values = cache.update(index, k, v)
         out = ops.attend(q, keys, values, positions, args.sliding_window)
-    return ops.linears(out, [layer.wo])[0]
+    out = ops.linears(out, [layer.wo])[0]
+    return out + layer.bo if args.o_bias else out
 
 
 def expert_ffn(x: np.ndarray, expert: Expert) -> np.ndarray:
@@ -152,13 +174,16 @@ def experts_ffn(x: np.ndarray, experts: list[Expert], counts: list[int]) -> np.n
     return np.concatenate([expert_ffn(x[a:b], e) for e, a, b in zip(experts, starts[:-1], starts[1:])])
 
 
-def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each token's top-k experts ([T, k]) and their weights: softmax over all experts, keep the
-    k largest, renormalize them to sum to one (equal to a softmax over the top-k logits)."""
+def route_tokens(x: np.ndarray, router: np.ndarray, k: int, renormalize: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The routing rule, the one every backend follows: each token's k most probable experts
+    ([T, k], most probable first, the lower index first on ties) and their weights, the softmax over
+    all experts' logits (float32), renormalized to sum to one where the family does (Mixtral always;
+    the others by norm_topk_prob)."""
     probs = softmax(x @ router.T)
     chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(probs, chosen, axis=-1)
-    return chosen, weights / np.sum(weights, axis=-1, keepdims=True)
+    return chosen, (weights / np.sum(weights, axis=-1, keepdims=True) if renormalize else weights)
 
 
 def used_experts(chosen: np.ndarray, experts: int) -> np.ndarray:
@@ -167,25 +192,21 @@ def used_experts(chosen: np.ndarray, experts: int) -> np.ndarray:
     return used[used < experts]
 
 
-def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray:
-    if layer.router is None:
-        return ops.experts_ffn(x, layer.experts, [len(x)])
-    chosen, weights = ops.route_tokens(x, layer.router, k)
-    if layer.routing is not None:  # counted, and steered where asked: a dropped expert is len(experts)
-        chosen, weights = layer.routing(x, chosen, weights, layer)
-    # (token, slot) pairs grouped by expert, so that every expert's weights are read once per call.
+def mix_experts(x: np.ndarray, chosen: np.ndarray, weights: np.ndarray, source: ExpertSource) -> np.ndarray:
+    """Each row's chosen experts applied to it and summed by weight: (row, slot) pairs grouped by
+    expert, so that each expert's weights are read once per call, then each row sums its experts in
+    index order, as transformers does. A dropped expert (index len(source)) adds nothing."""
+    k = chosen.shape[1]
     order = np.argsort(chosen.ravel(), kind="stable")
     rows, slots = np.divmod(order, k)
-    counts = np.bincount(chosen.ravel(), minlength=len(layer.experts))[:len(layer.experts)]
+    counts = np.bincount(chosen.ravel(), minlength=len(source))[:len(source)]
     used = np.flatnonzero(counts)
     y, start = [], 0
-    # The chosen experts in batches that are in memory together (see ExpertSource.batches).
-    for batch, experts in layer.experts.batches(used):
+    for batch, experts in source.batches(used):  # experts that are in memory together
         size = counts[batch].sum()
-        y.append(ops.experts_ffn(x[rows[start:start + size]], experts, counts[batch].tolist()))
+        y.append(experts_ffn(x[rows[start:start + size]], experts, counts[batch].tolist()))
         start += size
     y = np.concatenate(y) * weights[rows[:start], slots[:start], None]
-    # Each token sums its experts in index order, as transformers does.
     out, start = np.zeros_like(x), 0
     for count in counts[used]:
         out[rows[start:start + count]] += y[start:start + count]
@@ -193,27 +214,65 @@ def moe_block(x: np.ndarray, layer: Layer, k: int, ops: type[Ops]) -> np.ndarray
     return out
 
 
+def moe_block(h: np.ndarray, layer: Layer, args: ModelArgs, ops: Ops) -> np.ndarray:
+    """The feed-forward half of a layer, for every family: a dense MLP; or route (route_tokens),
+    count and steer (layer.routing), run the chosen experts (ops.mix_experts), and add the shared
+    expert scaled by its sigmoid gate where the family has one."""
+    if layer.router is None:
+        return ops.experts_ffn(h, layer.experts.for_token([0]), [len(h)])
+    chosen, weights = ops.route_tokens(h, layer.router, args.num_experts_per_tok, args.norm_topk_prob)
+    if layer.routing is not None:  # counted, and steered where asked: a dropped expert is len(experts)
+        chosen, weights = layer.routing(h, chosen, weights, layer)
+    layer.experts.speculate(h)  # an expert cache starts reading the next layer's
+    out = ops.mix_experts(h, chosen, weights, layer.experts)
+    if layer.shared_expert is not None:
+        gate = ops.sigmoid(ops.linears(h, [layer.shared_expert_gate])[0])
+        out = out + gate * ops.experts_ffn(h, [layer.shared_expert], [len(h)])
+    return out
+
+
+def attention_block(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, index: int,
+                    positions: np.ndarray, inv_freq: np.ndarray, ops: Ops) -> tuple[np.ndarray, np.ndarray]:
+    """The attention half of a layer: x plus the attention of its norm; and that, normed for the
+    MoE block."""
+    x = x + attention(ops.rms_norm(x, layer.attention_norm, args.rms_norm_eps), layer, args, cache, index,
+                      positions, inv_freq, ops)
+    return x, ops.rms_norm(x, layer.ffn_norm, args.rms_norm_eps)
+
+
 def decoder_layer(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, index: int,
-                  positions: np.ndarray, inv_freq: np.ndarray, ops: type[Ops]) -> np.ndarray:
-    """Attention then mixture of experts, each pre-normed and added to the residual stream."""
-    h = ops.rms_norm(x, layer.attention_norm, args.rms_norm_eps)
-    x = x + attention(h, layer, args, cache, index, positions, inv_freq, ops)
-    h = ops.rms_norm(x, layer.ffn_norm, args.rms_norm_eps)
-    return x + moe_block(h, layer, args.num_experts_per_tok, ops)
+                  positions: np.ndarray, inv_freq: np.ndarray, ops: Ops) -> np.ndarray:
+    """Attention then the MoE block, each pre-normed and added to the residual stream."""
+    x, h = ops.attention_block(x, layer, args, cache, index, positions, inv_freq, ops)
+    return x + moe_block(h, layer, args, ops)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 class Ops:
     """The operations that a backend may run faster. These are the reference: the functions above,
-    in float32 numpy. localmix.backends has the Numba kernels' versions."""
+    in float32 numpy. localmix.backends has the Numba kernels' versions, localmix.backend_mlx MLX's.
+    A backend is an instance: what it prepares from the weights (kernel tables, MLX copies) it keeps
+    in its own fields, keyed by the layer's index."""
     rms_norm = staticmethod(rms_norm)
     route_tokens = staticmethod(route_tokens)
     apply_rope = staticmethod(apply_rope)
     attend = staticmethod(attend)
     linears = staticmethod(linears)
     experts_ffn = staticmethod(experts_ffn)
-    decoder_layer = staticmethod(decoder_layer)
+    mix_experts = staticmethod(mix_experts)
+    sigmoid = staticmethod(sigmoid)
+    attention_block = staticmethod(attention_block)
     kv_cache = KVCache
-    batched_decoding = True  # decoder_layer takes a SequenceBatch (Transformer.step)
+    batched_decoding = True  # attention_block takes a SequenceBatch (Transformer.step)
+
+    @staticmethod
+    def logits(x, norm: np.ndarray, lm_head, eps: float) -> np.ndarray:
+        """The final norm and the language-model head, as float32 numpy [T, vocab]."""
+        return linears(rms_norm(x, norm, eps), [lm_head])[0]
 
     @staticmethod
     def allocate_slots(shape) -> np.ndarray | None:
@@ -235,10 +294,10 @@ class Transformer:
     """Embedding, decoder layers (attention then mixture of experts, each pre-normed and added to
     the residual stream), final norm and language-model head."""
 
-    def __init__(self, args: ModelArgs, weights: Weights, ops: type[Ops] = Ops, kv_dtype=np.float32):
+    def __init__(self, args: ModelArgs, weights: Weights, ops: Ops | None = None, kv_dtype=np.float32):
         self.args = args
         self.weights = weights
-        self.ops = ops
+        self.ops = ops or Ops()
         self.kv_dtype = kv_dtype
         self.inv_freq = rope_inverse_frequencies(args)
         # What the routers chose, counted as the model runs (and steered, where asked).
@@ -280,11 +339,10 @@ class Transformer:
         self.routing.trace = [None] * len(self.weights.layers) if self.trace else None
         self.routing.batched = isinstance(cache, SequenceBatch)  # rows of several sequences: no reuse counted
         for index, layer in enumerate(self.weights.layers):
-            x = self.ops.decoder_layer(x, layer, self.args, cache, index, positions, self.inv_freq, self.ops)
+            x = decoder_layer(x, layer, self.args, cache, index, positions, self.inv_freq, self.ops)
         if self.routing.trace and self.args.is_moe:
-            self.trace(trace_records(ids, positions, self.routing.trace, len(self.weights.layers[0].experts)))
+            self.trace(trace_records(ids, positions, self.routing.trace, self.args.num_local_experts))
         return x
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        return self.ops.linears(self.ops.rms_norm(x, self.weights.norm, self.args.rms_norm_eps),
-                                [self.weights.lm_head])[0]
+        return self.ops.logits(x, self.weights.norm, self.weights.lm_head, self.args.rms_norm_eps)

@@ -168,7 +168,7 @@ def fall_back_to_resident(h: np.ndarray, chosen: np.ndarray, layer, margin: floa
     """For one token: each chosen expert that the cache does not hold is replaced by the most
     probable resident expert not chosen, if its router probability is within `margin` of it."""
     source = layer.experts
-    logits = (h.astype(np.float64) @ layer.router.T.astype(np.float64))[0]
+    logits = (np.asarray(h).astype(np.float64) @ layer.router.T.astype(np.float64))[0]
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     row = [int(e) for e in chosen[0]]
@@ -190,7 +190,11 @@ def trace_records(ids, positions, per_layer: list, experts: int) -> list[dict]:
     records = []
     for t, (token, position) in enumerate(zip(ids, positions)):
         layers = []
-        for chosen, weights, cached in per_layer:
+        for routed in per_layer:
+            if routed is None:  # a dense layer among sparse ones: no routing
+                layers.append(None)
+                continue
+            chosen, weights, cached = routed
             kept = [i for i in np.argsort(chosen[t], kind="stable") if chosen[t][i] < experts]  # in index order
             entry = {"experts": [int(chosen[t][i]) for i in kept], "weights": [round(float(weights[t][i]), 6)
                                                                                for i in kept]}

@@ -3,7 +3,8 @@
     NAME/manifest.json          format version, source, config, and for every tensor its file,
                                 offset, shape, dtype, group size, byte size and SHA-256
     NAME/dense.bin              embeddings, attention, norms, routers, lm_head
-    NAME/experts/L000-E000.bin  one expert's w1, w2, w3 (a dense MLP is expert 0 of its layer)
+    NAME/experts/L000-E000.bin  one routed expert's w1, w2, w3 (gate, down, up); a dense model's MLP is
+                                expert 0 of its layer
     NAME/tokenizer.model, NAME/config.json
 
 A quantized tensor is its packed uint32 words, then its float16 scales, then its float16 biases
@@ -34,27 +35,37 @@ DENSE_FILE = "dense.bin"
 PART_ALIGN = 64
 FILE_ALIGN = 4096
 
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe\.experts\.(\d+)\.|mlp\.)")
-
-
-def expert_file(name: str) -> str:
-    """The file a tensor lives in: its expert's own, or the dense file."""
-    m = _EXPERT.match(name)
-    return f"experts/L{int(m[1]):03d}-E{int(m[2] or 0):03d}.bin" if m else DENSE_FILE
-
-
-_EXPERT_MATRIX = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+# A routed expert's matrix: Mixtral's block_sparse_moe.experts.E.w1/w2/w3, or the other families'
+# mlp.experts.E.gate_proj/down_proj/up_proj. w1, w2, w3 below mean gate, down, up.
+_EXPERT_MATRIX = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                            r"(w[123]|gate_proj|down_proj|up_proj)\.weight$")
+_PART = {"w1": "w1", "w2": "w2", "w3": "w3", "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+_DENSE_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(?:gate|down|up)_proj\.weight$")
 
 
 def expert_matrix(name: str) -> tuple[int, int, str] | None:
-    """(layer, expert, "w1", "w2" or "w3") of a mixture-of-experts expert's matrix; None otherwise."""
+    """(layer, expert, "w1", "w2" or "w3") of a routed expert's matrix; None otherwise."""
     m = _EXPERT_MATRIX.match(name)
-    return (int(m[1]), int(m[2]), m[3]) if m else None
+    return (int(m[1]), int(m[2]), _PART[m[3]]) if m else None
+
+
+def tensor_file(name: str, args: ModelArgs) -> str:
+    """The file a tensor lives in: its expert's own, or the dense file. A dense model's MLP is expert
+    0 of its layer; in a mixture, dense layers' MLPs and shared experts serve every token and stay in
+    the dense file with the attention."""
+    matrix = expert_matrix(name)
+    if matrix:
+        return f"experts/L{matrix[0]:03d}-E{matrix[1]:03d}.bin"
+    dense_mlp = _DENSE_MLP.match(name)
+    if dense_mlp and not args.is_moe:
+        return f"experts/L{int(dense_mlp[1]):03d}-E000.bin"
+    return DENSE_FILE
 
 
 def stays_float(name: str) -> bool:
-    """Norms and routers are small and sensitive: they are kept in float32."""
-    return name.endswith("norm.weight") or name.endswith("block_sparse_moe.gate.weight")
+    """Norms, routers (and the shared expert's gate) and biases are small and sensitive: they are kept
+    in float32."""
+    return name.endswith(("norm.weight", ".gate.weight", "shared_expert_gate.weight", ".bias"))
 
 
 def align(n: int, to: int) -> int:
@@ -99,7 +110,8 @@ class TensorLayout:
                 "group_size": self.group_size, "nbytes": self.nbytes, "sha256": sha256}
 
 
-def plan_layout(table: list[tuple[str, tuple[int, ...]]], bits_for, group_size: int) -> tuple[list[TensorLayout], dict[str, int]]:
+def plan_layout(table: list[tuple[str, tuple[int, ...]]], bits_for, group_size: int,
+                args: ModelArgs) -> tuple[list[TensorLayout], dict[str, int]]:
     """Place every tensor of the table in its file. bits_for(name) gives 4 or 8 for a quantized
     tensor. Returns the layouts and each file's (4 KiB-padded) size."""
     def format_of(name, shape):
@@ -109,16 +121,17 @@ def plan_layout(table: list[tuple[str, tuple[int, ...]]], bits_for, group_size: 
             raise LocalmixError(f"tensor {name} has {shape[1]} columns, not a multiple of the group "
                                 f"size {group_size}; try --group-size 32")
         return f"q{bits_for(name)}", group_size
-    return place(table, format_of)
+    return place(table, format_of, args)
 
 
-def place(table: list[tuple[str, tuple[int, ...]]], format_of) -> tuple[list[TensorLayout], dict[str, int]]:
-    """The layout rule: each tensor in its file (expert_file), in table order, on the 64-byte boundary
+def place(table: list[tuple[str, tuple[int, ...]]], format_of,
+          args: ModelArgs) -> tuple[list[TensorLayout], dict[str, int]]:
+    """The layout rule: each tensor in its file (tensor_file), in table order, on the 64-byte boundary
     after the one before; format_of(name, shape) gives its (dtype, group size). Writers place tensors
     with it and readers check a manifest's offsets against it, so an offset that was moved is caught."""
     layouts, ends = [], {}
     for name, shape in table:
-        file = expert_file(name)
+        file = tensor_file(name, args)
         dtype, gs = format_of(name, shape)
         layout = TensorLayout(name, file, ends.get(file, 0), shape, dtype, gs)
         layouts.append(layout)
@@ -259,7 +272,7 @@ def check_manifest(manifest, folder: Path, source: str) -> tuple[ModelArgs, dict
                                     f"columns or is not one of {', '.join(map(str, GROUP_SIZES))}")
         return dtype, group_size
 
-    placed, sizes = place(table, format_of)
+    placed, sizes = place(table, format_of, args)
     layouts = {}
     for layout in placed:
         where = f"{source}: tensor {layout.name}"

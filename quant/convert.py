@@ -25,7 +25,7 @@ from localmix import validate
 from localmix.errors import LocalmixError
 from localmix.quant.affine import GROUP_SIZES, quantize
 from localmix.tokenizer import check_tokenizer
-from localmix.store import DENSE_FILE, FORMAT_VERSION, MANIFEST, TensorLayout, expert_file, plan_layout, sha256_of
+from localmix.store import DENSE_FILE, FORMAT_VERSION, MANIFEST, TensorLayout, plan_layout, sha256_of, tensor_file
 
 BLOCK_VALUES = 1 << 22  # values converted at a time: 16 MB of float32, ~150 MB with temporaries
 BITS_CHOICES = ("4", "8", "mixed")
@@ -48,7 +48,7 @@ def bits_policy(bits: str, args: ModelArgs) -> Callable[[str], int]:
             return 8
         if bits == "4":
             return 4
-        return 4 if expert_file(name) != DENSE_FILE else 8
+        return 4 if tensor_file(name, args) != DENSE_FILE else 8
     return policy
 
 
@@ -105,7 +105,7 @@ def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,
     args = source.config
     check_tensor_count(args, source.weight_map, f"{source.repo}: config.json")
     table = tensor_table(args)
-    layouts, sizes = plan_layout(table, bits_policy(bits, args), group_size)
+    layouts, sizes = plan_layout(table, bits_policy(bits, args), group_size, args)
     check_disk(out_dir.parent, sum(sizes.values()) + source.download_bytes())
 
     source_info = {"repo": source.repo, "revision": source.revision}

@@ -37,7 +37,7 @@ from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.affine import pack, quantize
 from localmix.quant.convert import check_disk, write_arrays, write_model
-from localmix.store import expert_matrix, plan_layout
+from localmix.store import expert_matrix, plan_layout, stays_float
 from localmix.tokenizer import check_tokenizer
 
 GROUP = 32
@@ -501,11 +501,11 @@ def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
     table = tensor_table(args)
     kinds = {name: g.tensors[gguf_name(name)[0]].kind for name, _ in table}
     again = sorted({kind for name, kind in kinds.items() if kind not in COPIED and len(dict(table)[name]) == 2
-                    and not name.endswith("block_sparse_moe.gate.weight")})
+                    and not stays_float(name)})
     if again:
         say(f"{', '.join(again)} tensors are dequantized and quantized again at 8 bits (localmix copies only "
             f"{', '.join(COPIED)})")
-    layouts, sizes = plan_layout(table, lambda name: COPIED.get(kinds[name], 8), GROUP)
+    layouts, sizes = plan_layout(table, lambda name: COPIED.get(kinds[name], 8), GROUP, args)
     check_disk(Path(out_dir).parent, sum(sizes.values()))
 
     def finite(arrays: list, name: str) -> list:

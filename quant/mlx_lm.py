@@ -195,7 +195,7 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
             raise LocalmixError(f"{folder}: {name} is not quantized; localmix imports quantized mlx-lm models")
         return setting["bits"]
 
-    layouts, sizes = plan_layout(table, bits_for, group_size)
+    layouts, sizes = plan_layout(table, bits_for, group_size, args)
     tokenizer = Path(folder) / "tokenizer.model"
     if not tokenizer.is_file():
         raise LocalmixError(f"{folder}: no tokenizer.model (the sentencepiece tokenizer localmix reads)")

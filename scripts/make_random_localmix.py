@@ -80,7 +80,7 @@ def main() -> None:
     tokenizer = tokenizer_file(None)
     config = mixtral_config(a)
     args = ModelArgs.from_hf_config(config)
-    layouts, sizes = plan_layout(tensor_table(args), bits_policy("4", args), 64)
+    layouts, sizes = plan_layout(tensor_table(args), bits_policy("4", args), 64, args)
     if a.out.exists():
         sys.exit(f"error: {a.out} already exists")
     check_disk(a.out.parent, sum(sizes.values()))

@@ -27,28 +27,45 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              tie_word_embeddings=False, initializer_range=0.05)
 
 
+FAMILIES = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+}
+# What the families' configs add to SMALL: experts narrower than a dense layer's MLP (Qwen), a
+# shared expert of its own width (Qwen2-MoE).
+FAMILY_DEFAULTS = {"qwen3_moe": dict(moe_intermediate_size=48),
+                   "qwen2_moe": dict(moe_intermediate_size=48, shared_expert_intermediate_size=80)}
+
+
 def make_hf_model(folder: Path, model_type: str = "mixtral", dtype=None, shard: str | None = None,
-                  tokenizer: Path = TOKENIZER_V1, seed: int = 0, **overrides):
-    """Build a random transformers model, save it as a Hugging Face folder (in dtype, sharded to
-    shard-sized files), and return it in float32, holding exactly the values that were saved."""
-    config = dict(SMALL, **overrides)
+                  tokenizer: Path | None = TOKENIZER_V1, seed: int = 0, **overrides):
+    """Build a random transformers model of a family, save it as a Hugging Face folder (in dtype,
+    sharded to shard-sized files), and return it in float32, holding exactly the values that were
+    saved."""
+    config = {**SMALL, **FAMILY_DEFAULTS.get(model_type, {}), **overrides}
     if model_type == "mistral":
         for key in ("num_local_experts", "num_experts_per_tok"):
             config.pop(key)
-        cls_config, cls_model = transformers.MistralConfig, transformers.MistralForCausalLM
-    else:
-        cls_config, cls_model = transformers.MixtralConfig, transformers.MixtralForCausalLM
+    elif model_type != "mixtral":  # the others call the expert count num_experts
+        config["num_experts"] = config.pop("num_local_experts")
+    cls_config, cls_model = FAMILIES[model_type]
     config = cls_config(**config)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls_model(config).eval()
-    with torch.no_grad():  # norms start at one: give them some spread so they are really tested
+    with torch.no_grad():  # norms start at one, biases at zero: give them some spread so they are really tested
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     kwargs = {"max_shard_size": shard} if shard else {}
     (model.to(dtype) if dtype else model).save_pretrained(folder, **kwargs)
-    shutil.copy(tokenizer, Path(folder) / "tokenizer.model")
+    if tokenizer is not None:
+        shutil.copy(tokenizer, Path(folder) / "tokenizer.model")
     if dtype is None:
         return model
     # Reload rather than cast back: casting would leave the rotary table at bf16 precision.

@@ -321,7 +321,7 @@ def test_sequences_decoded_together_match_each_decoded_alone(q4, setting):
     for prompt, cache in zip(prompts, caches):
         t(prompt, cache)
     together = np.stack([t.step([row[i] for row in tokens], caches) for i in range(3)], axis=1)
-    assert (t.weights.layers[0].fused is not None) == kernels.has_vector_kernels()
+    assert (t.ops.plans[0] is not None) == kernels.has_vector_kernels()
     for prompt, row, expected in zip(prompts, tokens, together):
         cache = t.new_cache(8)
         t(prompt, cache)

@@ -180,13 +180,15 @@ def test_swiglu_matches_its_twin():
     np.testing.assert_allclose(kernels.swiglu(gate_up), kernels.swiglu_reference(gate_up), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_routing_matches_the_model(k):
+def test_routing_matches_the_model(k, renormalize):
     rng = np.random.default_rng(k)
     x, router = rng.standard_normal((9, 64)).astype(np.float32), rng.standard_normal((8, 64)).astype(np.float32)
     router[5] = router[2]  # a tie: the lower index goes first
-    chosen, weights = kernels.route_tokens(x, router, k)
-    expected_chosen, expected_weights = model.route_tokens(x, router, k)
+    chosen, weights = kernels.route_tokens(x, router, k, renormalize)
+    expected_chosen, expected_weights = model.route_tokens(x, router, k, renormalize)
+    assert np.allclose(weights.sum(axis=1), 1) == (renormalize or k == 8)
     np.testing.assert_array_equal(chosen, expected_chosen)
     np.testing.assert_allclose(weights, expected_weights, rtol=1e-5)
 

@@ -1,4 +1,5 @@
-"""The float forward pass against transformers' MixtralForCausalLM / MistralForCausalLM.
+"""The float forward pass against transformers' MixtralForCausalLM, MistralForCausalLM,
+Qwen3MoeForCausalLM, Qwen2MoeForCausalLM and OlmoeForCausalLM.
 
 Tolerance: both sides compute in float32 with the same operation order, so the remaining
 difference is summation order inside matrix products (numpy's BLAS versus torch's), a few float32
@@ -34,6 +35,21 @@ CASES = {
     "fp16": dict(dtype=torch.float16),
     "wider-deeper": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=2, num_local_experts=8),
+    # Qwen3-MoE: q/k RMSNorm per head, a head_dim of its own, softmax then top-k renormalized
+    # (norm_topk_prob) or not, dense layers among sparse ones (mlp_only_layers, decoder_sparse_step).
+    "qwen3-moe": dict(model_type="qwen3_moe", head_dim=32, num_hidden_layers=3, num_local_experts=8,
+                      num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[1]),
+    "qwen3-moe-unnormalized-every-2nd": dict(model_type="qwen3_moe", num_hidden_layers=4, norm_topk_prob=False,
+                                             decoder_sparse_step=2, tie_word_embeddings=True),
+    "qwen3-moe-bf16-sharded": dict(model_type="qwen3_moe", num_local_experts=16, num_experts_per_tok=4,
+                                   norm_topk_prob=True, dtype=torch.bfloat16, shard="300KB"),
+    # Qwen2-MoE: q, k, v biases, a shared expert scaled by its sigmoid gate, no renormalization.
+    "qwen2-moe": dict(model_type="qwen2_moe", num_local_experts=8, num_experts_per_tok=4),
+    "qwen2-moe-renormalized-dense-layer": dict(model_type="qwen2_moe", num_hidden_layers=3, norm_topk_prob=True,
+                                               mlp_only_layers=[0], num_key_value_heads=4),
+    # OLMoE: q and k RMSNorm over the whole projection, no renormalization; clip_qkv where set.
+    "olmoe": dict(model_type="olmoe", num_local_experts=8, num_experts_per_tok=2),
+    "olmoe-clip-qkv-mha": dict(model_type="olmoe", num_key_value_heads=4, clip_qkv=0.8, norm_topk_prob=True),
 }
 
 
@@ -53,7 +69,8 @@ def test_logits_match_transformers(tmp_path, case):
     assert_close(model.logits(ids), reference_logits(reference, ids), case)
 
 
-@pytest.mark.parametrize("case", ["gqa2-top2of4", "sliding-window-5", "dense-mistral-window-7"])
+@pytest.mark.parametrize("case", ["gqa2-top2of4", "sliding-window-5", "dense-mistral-window-7", "qwen3-moe",
+                                  "qwen2-moe", "olmoe"])
 def test_kv_cache_decoding_equals_full_pass(tmp_path, case):
     reference = make_hf_model(tmp_path, **CASES[case])
     ids = np.random.default_rng(2).integers(0, 32000, 19)

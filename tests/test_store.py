@@ -114,7 +114,7 @@ def test_decoding_kernels_with_a_sliding_window_and_other_formats(tmp_path, bits
     for kv_cache in ("f32", "f16"):
         fast = localmix.load(folder, kv_cache=kv_cache)
         ours = prompt_then_decode(fast, ids, split=3)
-        assert (fast.transformer.weights.layers[0].fused is not None) == kernels.has_vector_kernels()
+        assert (fast.transformer.ops.plans[0] is not None) == kernels.has_vector_kernels()
         assert np.abs(ours - reference).max() <= 1e-3 * np.abs(reference).max()
 
 
@@ -128,7 +128,7 @@ def test_widths_the_vector_kernels_do_not_take_are_not_fused(tmp_path):
     reference = prompt_then_decode(localmix.load(folder, backend="numpy"), ids, split=3)
     fast = localmix.load(folder)
     ours = prompt_then_decode(fast, ids, split=3)
-    assert fast.transformer.weights.layers[0].fused is None
+    assert fast.transformer.ops.plans[0] is None
     assert np.abs(ours - reference).max() <= 1e-3 * np.abs(reference).max()
 
 

@@ -10,6 +10,8 @@ model.
 
 from __future__ import annotations
 
+import functools
+
 import threading
 import time
 from collections.abc import Iterator
@@ -56,9 +58,10 @@ class ExpertCache:
             matrix = expert_matrix(name)
             if matrix:
                 self.layouts.setdefault(matrix[:2], []).append(layout)
-        if len(self.layouts) != layers * experts:
+        expected = len(model.config.moe_layers) * experts
+        if len(self.layouts) != expected:
             raise LocalmixError(f"{self.folder}: the manifest lists {len(self.layouts)} experts, "
-                                f"expected {layers * experts}; pull the model again")
+                                f"expected {expected}; pull the model again")
         self.file_bytes = {key: model.manifest["files"][ls[0].file]["size"] for key, ls in self.layouts.items()}
         self.slot_bytes = max(self.file_bytes.values())
         self.slots = slots
@@ -92,14 +95,14 @@ class ExpertCache:
         """The (bits, group size) pairs of the experts' matrices."""
         return {(t.bits, t.group_size) for layouts in self.layouts.values() for t in layouts}
 
-    @property
+    @functools.cached_property
     def formats(self) -> tuple:
         """((bits, group) of the experts' w1 and w3, of their w2); None where they differ or where
-        the vector kernels do not take their widths."""
+        the vector kernels do not take their widths. Found once: asked at every layer of every token."""
         from localmix.kernels import runs_vector
 
         def only(parts):
-            layouts = [t for ts in self.layouts.values() for t in ts if t.name.rsplit(".", 2)[-2] in parts]
+            layouts = [t for ts in self.layouts.values() for t in ts if expert_matrix(t.name)[2] in parts]
             found = {(t.bits, t.group_size) for t in layouts}
             runs = all(runs_vector(t.bits, t.group_size, t.shape[1]) for t in layouts)
             return found.pop() if len(found) == 1 and runs else None
@@ -205,7 +208,7 @@ class ExpertCache:
         if self.guess_ahead and layer + 1 < len(self.routers) and self.routers[layer + 1] is not None:
             from localmix.kernels import route_tokens
             chosen, _ = route_tokens(np.ascontiguousarray(h, np.float32), self.routers[layer + 1],
-                                     self.experts_per_token)
+                                     self.experts_per_token, False)
             self.prefetch(layer + 1, chosen[0])
 
     def _start_load(self, key, slot: int, guess: bool = False) -> None:
@@ -259,7 +262,7 @@ class ExpertCache:
         for layout in layouts:
             views = {part: data[offset:offset + n] for part, offset, n in layout.parts}
             rows = layout.shape[0]
-            matrices[layout.name.rsplit(".", 2)[-2]] = QuantizedMatrix(
+            matrices[expert_matrix(layout.name)[2]] = QuantizedMatrix(
                 views["words"].view(np.uint32).reshape(rows, -1), views["scales"].view(np.float16).reshape(rows, -1),
                 views["biases"].view(np.float16).reshape(rows, -1), layout.bits, layout.group_size, str(path),
                 transient=True)

@@ -17,6 +17,7 @@ class ResidentExperts(ExpertSource):
 
     def __init__(self, experts: Iterable):
         self.experts = list(experts)
+        self._formats: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.experts)
@@ -34,6 +35,11 @@ class ResidentExperts(ExpertSource):
         return [self.experts[e] for e in chosen]
 
     def formats(self) -> tuple:
+        if self._formats is None:  # asked at every layer of every token: found once
+            self._formats = self._find_formats()
+        return self._formats
+
+    def _find_formats(self) -> tuple:
         matrices = [m for e in self.experts for m in (e.w1, e.w3, e.w2)]
         if not all(is_quantized(m) for m in matrices):
             return None, None

@@ -1,5 +1,5 @@
-"""A decoded token's layer in three compiled calls (decode_qkv, decode_attention or attention_out,
-decode_experts).
+"""A decoded token's layer in four compiled calls (decode_qkv, decode_attention or attention_out,
+route_tokens, decode_experts).
 
 One token's layer is about 60 small operations; run from Python one by one, the time between them
 was a third of the token's. Here they run in three compiled calls: between them, numpy writes the
@@ -17,7 +17,7 @@ from numba import njit
 from localmix.kernels.activations import _quantized
 from localmix.kernels.experts import _swiglu_serial
 from localmix.kernels.products import OUT_COL, OUT_ROW, ROWS, TOKENS, X_ROW, _vector_matmul
-from localmix.kernels.small_ops import _attend, apply_rope, rms_norm, route_tokens
+from localmix.kernels.small_ops import _attend, apply_rope, rms_norm
 
 
 @njit(cache=True, nogil=True)
@@ -49,33 +49,27 @@ def decode_qkv(x, norm, eps, qkv, bits, group_size, heads, kv_heads, dim, positi
 
 
 @njit(cache=True, nogil=True)
-def decode_attention(x, q, keys, values, positions, window, half, o, o_bits, o_group, norm, eps, router, k):
+def decode_attention(x, q, keys, values, positions, window, half, o, o_bits, o_group, norm, eps):
     """Attention over the cache and the rest of attention_out, for one token."""
     heads, dim = q.shape[1], q.shape[2]
     attended = np.empty((1, heads * dim), np.float32)
     _attend(q, keys, values, positions, window, half, attended)
-    return attention_out(x, attended, o, o_bits, o_group, norm, eps, router, k)
+    return attention_out(x, attended, o, o_bits, o_group, norm, eps)
 
 
 @njit(cache=True, nogil=True)
-def attention_out(x, attended, o, o_bits, o_group, norm, eps, router, k):
-    """The attention's output projection added to x, then the experts' norm and routing, for each
-    row: returns x, the normed h, and the chosen experts [T, k] (each row in index order, as the
-    model sums them) with their weights [T, k]."""
+def attention_out(x, attended, o, o_bits, o_group, norm, eps):
+    """The attention's output projection added to x, and the MoE block's norm of that, for each
+    row: returns x and the normed h."""
     T = x.shape[0]
     x = x + _products(attended, _with_tokens(o, T), o_bits, o_group, T, x.shape[1])
-    h = rms_norm(x, norm, eps)
-    chosen, weights = route_tokens(h, router, k)
-    for t in range(T):
-        order = np.argsort(chosen[t])
-        chosen[t], weights[t] = chosen[t][order], weights[t][order]
-    return x, h, chosen, weights
+    return x, rms_norm(x, norm, eps)
 
 
 @njit(cache=True, nogil=True)
 def decode_experts(x, h, chosen, weights, experts, up, up_bits, up_group, down, down_bits, down_group):
     """x + the SwiGLU of each row of h by these experts (ids, in index order) where chosen, times
-    its weight. up: the table rows of the experts' w1 then their w3, down: of their w2. Each
+    its weight (a row's experts are summed in the order of `experts`, whatever the order of chosen). up: the table rows of the experts' w1 then their w3, down: of their w2. Each
     expert's rows go through its weights together: one read of them for all the sequences decoded
     together that chose it."""
     n = experts.size

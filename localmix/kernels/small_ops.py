@@ -11,9 +11,10 @@ from localmix.kernels.features import HALF_TO_FLOAT
 
 
 @njit(cache=True, nogil=True)
-def route_tokens(x, router, k):
-    """The model's route_tokens in one call: softmax over the router's logits, the k largest (the
-    lower index first on ties, as a stable sort puts them), renormalized."""
+def route_tokens(x, router, k, renormalize):
+    """model.route_tokens in one call: softmax over the router's logits, the k largest, most
+    probable first (the lower index first on ties, as a stable sort puts them), renormalized where
+    asked."""
     T, E = x.shape[0], router.shape[0]
     chosen = np.empty((T, k), np.int64)
     weights = np.empty((T, k), np.float32)
@@ -35,7 +36,8 @@ def route_tokens(x, router, k):
                     best = e
             taken[best] = True
             chosen[t, slot], weights[t, slot] = best, probs[best]
-        weights[t] /= weights[t].sum()
+        if renormalize:
+            weights[t] /= weights[t].sum()
     return chosen, weights
 
 
