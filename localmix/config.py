@@ -93,6 +93,31 @@ class ModelArgs:
         """The layers with routed experts."""
         return [i for i, sparse in enumerate(self.sparse_layers) if sparse]
 
+    @property
+    def mlp_widths(self) -> list[int]:
+        """The widths of every feed-forward network, layer by layer: each routed expert, the
+        shared expert, a dense layer's MLP."""
+        widths = []
+        for sparse in self.sparse_layers:
+            if sparse:
+                widths += [self.moe_intermediate_size] * self.num_local_experts
+                widths += [self.shared_expert_intermediate_size] if self.shared_expert_intermediate_size else []
+            else:
+                widths.append(self.intermediate_size)
+        return widths
+
+    def parameter_count(self) -> int:
+        """Parameters the config describes, counted without listing its tensors (a lying config may
+        describe billions of them)."""
+        H, V = self.hidden_size, self.vocab_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attention = 2 * H + 2 * q * H + 2 * kv * H
+        attention += {"head": 2 * self.head_dim, "projection": q + kv, None: 0}[self.qk_norm]
+        attention += (q + 2 * kv if self.qkv_bias else 0) + (H if self.o_bias else 0)
+        routers = len(self.moe_layers) * (self.num_local_experts + (1 if self.shared_expert_intermediate_size else 0)) * H
+        mlps = 3 * H * sum(self.mlp_widths)
+        return self.num_hidden_layers * attention + routers + mlps + V * H * (1 if self.tie_word_embeddings else 2) + H
+
     @classmethod
     def from_hf_config(cls, config: dict, source: str = "config.json") -> "ModelArgs":
         """Every value typed and bounded before anything is sized by it: a config is untrusted (a hub,

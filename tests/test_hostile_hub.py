@@ -333,18 +333,23 @@ def test_a_running_pull_holds_its_name_and_its_download(hub, env, tmp_path, monk
     assert not list((tmp_path / "home" / "models").glob("[!.]*"))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True, "head_dim": 32},
-                                       {"model_type": "mistral", "num_local_experts": None}])
+@pytest.mark.parametrize("overrides", [
+    {}, {"tie_word_embeddings": True, "head_dim": 32}, {"model_type": "mistral", "num_local_experts": None},
+    {"model_type": "qwen3_moe", "moe_intermediate_size": 48, "mlp_only_layers": [0], "head_dim": 32},
+    {"model_type": "qwen2_moe", "moe_intermediate_size": 48, "shared_expert_intermediate_size": 80},
+    {"model_type": "olmoe", "num_experts": 4, "num_local_experts": None}])
 def test_parameter_count_agrees_with_the_tensor_table(overrides):
     """The hub's size checks count a config's parameters without listing its tensors (a lying
-    config may describe millions); the count must be the converter's table's."""
+    config may describe millions); the count must be the converter's table's, for every family."""
     from conftest import SMALL
     from localmix.checkpoint import tensor_table
     from localmix.config import ModelArgs
-    from localmix.quant.hub import parameter_count
 
-    args = ModelArgs.from_hf_config({"model_type": "mixtral", **SMALL, **overrides})
-    assert parameter_count(args) == sum(math.prod(shape) for _, shape in tensor_table(args))
+    config = {"model_type": "mixtral", **SMALL, **overrides}
+    if config["model_type"] in ("qwen3_moe", "qwen2_moe"):
+        config["num_experts"] = config.pop("num_local_experts")
+    args = ModelArgs.from_hf_config({k: v for k, v in config.items() if v is not None})
+    assert args.parameter_count() == sum(math.prod(shape) for _, shape in tensor_table(args))
 
 
 def test_a_redirect_to_another_host_does_not_carry_the_token():
