@@ -22,7 +22,7 @@ from localmix.model import Ops, Transformer
 from localmix.sampling import SamplingParams
 from localmix.store import ModelFolder, is_localmix_model, is_quantized
 from localmix.threads import ThreadTuner, use_threads
-from localmix.tokenizer import Tokenizer
+from localmix.tokenizer import load_tokenizer
 
 
 def quantized_shapes(weights) -> set[tuple[int, int]]:
@@ -97,10 +97,9 @@ class Model:
                 self.memory_note = "the whole model is resident: no shadow copies needed"
         elif memory is not None:
             raise LocalmixError("--memory applies to localmix models (from `localmix pull`), not to float checkpoints")
-        self.tokenizer = Tokenizer(checkpoint.tokenizer_path)
-        if self.tokenizer.vocab_size > self.config.vocab_size:
-            raise LocalmixError(f"{checkpoint.tokenizer_path}: the tokenizer has {self.tokenizer.vocab_size} "
-                                f"tokens but the model only {self.config.vocab_size}")
+        self.tokenizer = load_tokenizer(checkpoint.folder, self.config.vocab_size, files=checkpoint.tokenizer_files)
+        # A tokenizer without a chat template (a tokenizer.json with none) is a base model's.
+        self.base_model = self.base_model or not self.tokenizer.has_chat_template
         weights = read_weights(checkpoint, self.config, experts=slots is None)
         if slots is not None:
             shape = (self.config.num_hidden_layers, self.config.num_local_experts)
@@ -121,7 +120,7 @@ class Model:
             start = time.perf_counter()
             kernels.warm_up(quantized_shapes(self.transformer.weights))
             if self.expert_cache is None:  # and a decoded token's fused kernels (with a cache it would read experts)
-                self.transformer([self.tokenizer.bos_id], self.transformer.new_cache(1))
+                self.transformer([self.tokenizer.bos_id or 0], self.transformer.new_cache(1))
                 self.transformer.routing.reset()
             self.compile_s = time.perf_counter() - start
 

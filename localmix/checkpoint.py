@@ -18,6 +18,7 @@ import numpy as np
 from localmix import validate
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
+from localmix.tokenizer import tokenizer_files
 
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 RAW_DTYPES = {**_DTYPES, "U32": np.dtype("<u4")}  # also packed words (mlx-lm's quantized tensors)
@@ -135,12 +136,13 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return bf16_to_f32(raw)
 
 
-def tokenizer_file(folder: Path, advice: str) -> Path:
-    """The folder's sentencepiece tokenizer.model; when it is missing, an error with the advice."""
-    path = folder / "tokenizer.model"
-    if not path.is_file():
-        raise LocalmixError(f"{folder}: no tokenizer.model ({advice})")
-    return path
+def tokenizer_files_in(folder: Path, advice: str) -> dict[str, Path]:
+    """The folder's tokenizer files by name (tokenizer.tokenizer_files: tokenizer.model, or
+    tokenizer.json and its side files); when it has none, an error with the advice."""
+    files = tokenizer_files(folder)
+    if not files:
+        raise LocalmixError(f"{folder}: no tokenizer.model or tokenizer.json ({advice})")
+    return files
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -161,8 +163,8 @@ class Checkpoint:
         self.weight_map = self._find_tensors()
 
     @property
-    def tokenizer_path(self) -> Path:
-        return tokenizer_file(self.folder, "localmix needs the sentencepiece tokenizer")
+    def tokenizer_files(self) -> dict[str, Path]:
+        return tokenizer_files_in(self.folder, "localmix reads a sentencepiece or Hugging Face tokenizer")
 
     def _file(self, name: str) -> SafetensorsFile:
         if name not in self._files:

@@ -14,7 +14,7 @@ import numpy as np
 from localmix.errors import LocalmixError
 from localmix.model import Transformer
 from localmix.sampling import Sampler, SamplingParams
-from localmix.tokenizer import Tokenizer
+from localmix.tokenizer import ModelTokenizer
 
 
 FIRST_KV_ROOM = 256  # positions an answer's KV cache holds beyond its prompt before it first grows
@@ -111,7 +111,7 @@ class Generation:
     response whose finish_reason is "cancelled" (no token; its text is what was held back, such as
     a possible start of a stop string). Ctrl-C in the CLI and a client gone from the server use it."""
 
-    def __init__(self, transformer: Transformer, tokenizer: Tokenizer, prompt: list[int], max_tokens: int = 256,
+    def __init__(self, transformer: Transformer, tokenizer: ModelTokenizer, prompt: list[int], max_tokens: int = 256,
                  params: SamplingParams | None = None, strip_leading_space: bool = True,
                  cancelled: Callable[[], bool] | None = None):
         args = transformer.args
@@ -166,7 +166,7 @@ class Generation:
         self.history.append(token)
         self.generated += 1
         finish = None
-        if token == self.tokenizer.eos_id:
+        if token in self.tokenizer.stop_ids:  # EOS, or any of a tokenizer.json model's several
             finish, new_text = "stop", self.decoder.flush()
         else:
             new_text = self.decoder.add(token)
@@ -182,7 +182,7 @@ class Generation:
                                   self.generated / elapsed, peak_memory_gb(), finish)
 
 
-def stream_generate(transformer: Transformer, tokenizer: Tokenizer, prompt: list[int], max_tokens: int = 256,
+def stream_generate(transformer: Transformer, tokenizer: ModelTokenizer, prompt: list[int], max_tokens: int = 256,
                     params: SamplingParams | None = None, strip_leading_space: bool = True,
                     prefill_step: int = 256,
                     on_prefill: Callable[[int, int], None] | None = None,

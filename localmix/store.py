@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from localmix import validate
-from localmix.checkpoint import tensor_table, tokenizer_file
+from localmix.checkpoint import tensor_table
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.affine import GROUP_SIZES, dequantize
-from localmix.tokenizer import MAX_TOKENIZER_BYTES, check_tokenizer
+from localmix.tokenizer import HF_SIDE_FILES, HF_TOKENIZER, SENTENCEPIECE, TOKENIZER_FILE_LIMITS, load_tokenizer
 from localmix.validate import MAX_DIM
 
 FORMAT_VERSION = 1
@@ -241,8 +241,10 @@ def check_manifest(manifest, folder: Path, source: str) -> tuple[ModelArgs, dict
     if not isinstance(quantization.get("bits"), (str, int)) or isinstance(quantization.get("bits"), bool):
         raise LocalmixError(f"{source}: quantization.bits must be a string or an integer")
     validate.integer(quantization.get("group_size"), "quantization.group_size", source, 1, MAX_DIM)
-    if manifest.get("tokenizer", "tokenizer.model") != "tokenizer.model":
-        raise LocalmixError(f"{source}: tokenizer must be 'tokenizer.model', got {manifest['tokenizer']!r:.60}")
+    tokenizer = manifest.get("tokenizer", SENTENCEPIECE)  # older manifests say nothing: tokenizer.model
+    if tokenizer not in (SENTENCEPIECE, HF_TOKENIZER):
+        raise LocalmixError(f"{source}: tokenizer must be 'tokenizer.model' or 'tokenizer.json', "
+                            f"got {manifest['tokenizer']!r:.60}")
 
     files = validate.json_object(manifest.get("files"), source, "files")
     tensors = validate.json_object(manifest.get("tensors"), source, "tensors")
@@ -285,9 +287,10 @@ def check_manifest(manifest, folder: Path, source: str) -> tuple[ModelArgs, dict
             raise LocalmixError(f"{where}: sha256 must be 64 hexadecimal digits")
         layouts[layout.name] = layout
 
-    wanted = set(sizes) | {"tokenizer.model"}
-    if set(files) != wanted:
-        extra, missing = sorted(set(files) - wanted), sorted(wanted - set(files))
+    wanted = set(sizes) | {tokenizer}
+    optional = set(HF_SIDE_FILES) if tokenizer == HF_TOKENIZER else set()  # a tokenizer.json's, where it had them
+    extra, missing = sorted(set(files) - wanted - optional), sorted(wanted - set(files))
+    if extra or missing:
         what = (f"file {missing[0]} is not listed" if missing else
                 f"lists {len(extra)} file(s) no tensor is in, such as {extra[0]!r:.100}")
         raise LocalmixError(f"{source}: {what}")
@@ -298,8 +301,9 @@ def check_manifest(manifest, folder: Path, source: str) -> tuple[ModelArgs, dict
         size = validate.integer(entry.get("size"), "size", where, 1, MAX_FILE_BYTES)
         if file in sizes and size != sizes[file]:
             raise LocalmixError(f"{where}: size {size}, but its tensors fill {sizes[file]} bytes")
-        if file == "tokenizer.model" and size > MAX_TOKENIZER_BYTES:
-            raise LocalmixError(f"{where}: size {size}, larger than a tokenizer can be ({MAX_TOKENIZER_BYTES})")
+        if file in TOKENIZER_FILE_LIMITS and size > TOKENIZER_FILE_LIMITS[file]:
+            raise LocalmixError(f"{where}: size {size}, larger than a tokenizer file can be "
+                                f"({TOKENIZER_FILE_LIMITS[file]})")
         if not isinstance(entry.get("sha256"), str) or not SHA256.fullmatch(entry["sha256"]):
             raise LocalmixError(f"{where}: sha256 must be 64 hexadecimal digits")
     return args, layouts
@@ -315,8 +319,9 @@ class ModelFolder:
         self._maps: dict[str, np.memmap] = {}
 
     @property
-    def tokenizer_path(self) -> Path:
-        return tokenizer_file(self.folder, "run `localmix verify`")
+    def tokenizer_files(self) -> dict[str, Path]:
+        """The tokenizer files the manifest lists (tokenizer.model, or tokenizer.json and its side files)."""
+        return {name: self.folder / name for name in self.manifest["files"] if name in TOKENIZER_FILE_LIMITS}
 
     def _map(self, file: str) -> np.memmap:
         """The file, mapped once its size on disk is the manifest's (which the layout was checked against)."""
@@ -370,9 +375,11 @@ def verify(folder: str | Path) -> list[str]:
             bad = [name for name, t in layouts.items()
                    if t.file == file and sha256_of(path, t.offset, t.nbytes) != manifest["tensors"][name]["sha256"]]
             problems.append(f"{file}: checksum mismatch" + (f" (tensors {', '.join(bad)})" if bad else ""))
-    if not any(p.startswith("tokenizer.model:") for p in problems):
+    names = [name for name in manifest["files"] if name in TOKENIZER_FILE_LIMITS]
+    if not any(p.split(":")[0] in names for p in problems):
         try:
-            check_tokenizer(folder / "tokenizer.model", args.vocab_size, "tokenizer.model")
+            load_tokenizer(folder, args.vocab_size, manifest.get("tokenizer", SENTENCEPIECE),
+                           {name: folder / name for name in names})
         except LocalmixError as e:
             problems.append(str(e))
     return problems

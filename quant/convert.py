@@ -24,7 +24,7 @@ from localmix.config import ModelArgs
 from localmix import validate
 from localmix.errors import LocalmixError
 from localmix.quant.affine import GROUP_SIZES, quantize
-from localmix.tokenizer import check_tokenizer
+from localmix.tokenizer import HF_TOKENIZER, SENTENCEPIECE, load_tokenizer, read_tokenizer
 from localmix.store import DENSE_FILE, FORMAT_VERSION, MANIFEST, TensorLayout, plan_layout, sha256_of, tensor_file
 
 BLOCK_VALUES = 1 << 22  # values converted at a time: 16 MB of float32, ~150 MB with temporaries
@@ -71,8 +71,8 @@ class LocalSource:
         self.weight_map = self.checkpoint.weight_map
         self.delete_shards = delete_shards
         self.repo, self.revision = str(self.folder.resolve()), None
-        self.tokenizer_path = self.checkpoint.tokenizer_path
-        check_tokenizer(self.tokenizer_path, self.config.vocab_size)
+        self.tokenizer_files = self.checkpoint.tokenizer_files
+        load_tokenizer(self.folder, self.config.vocab_size, files=self.tokenizer_files)
         check_tensor_count(self.config, self.weight_map, str(self.folder / "config.json"))
         for name, shape in tensor_table(self.config):  # every tensor present and well shaped, up front
             self.checkpoint.file_of(name, shape)
@@ -111,17 +111,18 @@ def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,
     source_info = {"repo": source.repo, "revision": source.revision}
     quantization = {"bits": bits, "group_size": group_size, "method": "least-squares search"}
     return write_model(out_dir, sizes, lambda tmp: write_tensors(source, tmp, layouts, on_progress),
-                       source.tokenizer_path, source.raw_config(), source_info, quantization)
+                       source.tokenizer_files, source.raw_config(), source_info, quantization)
 
 
-def write_model(out_dir: Path, sizes: dict[str, int], write, tokenizer: Path, raw_config: dict,
+def write_model(out_dir: Path, sizes: dict[str, int], write, tokenizer: dict[str, Path], raw_config: dict,
                 source_info: dict, quantization: dict) -> Path:
     """Make a model folder: files preallocated at their sizes, filled by write(tmp) (which returns
-    the manifest's tensor entries), then the tokenizer, config and manifest, all in a hidden
-    folder renamed into place at the very end."""
+    the manifest's tensor entries), then the tokenizer files (name -> path, as
+    tokenizer.tokenizer_files names them), config and manifest, all in a hidden folder renamed
+    into place at the very end."""
     vocab_size = raw_config.get("vocab_size")
-    check_tokenizer(tokenizer, vocab_size if isinstance(vocab_size, int) else 0,
-                    f"tokenizer.model of {source_info.get('repo')}")
+    read_tokenizer(tokenizer, vocab_size if isinstance(vocab_size, int) else 0,
+                   f"the tokenizer of {source_info.get('repo')}", raw_config.get("eos_token_id"))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
@@ -131,14 +132,15 @@ def write_model(out_dir: Path, sizes: dict[str, int], write, tokenizer: Path, ra
                 f.truncate(size)
         tensors = write(tmp)
         files = {file: {"size": size, "sha256": sha256_of(tmp / file)} for file, size in sizes.items()}
-        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        for name, path in tokenizer.items():
+            shutil.copyfile(path, tmp / name)
+            files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)}
         (tmp / "config.json").write_text(json.dumps(raw_config, indent=2))
-        files["tokenizer.model"] = {"size": (tmp / "tokenizer.model").stat().st_size,
-                                    "sha256": sha256_of(tmp / "tokenizer.model")}
         manifest = {
             "format": "localmix", "format_version": FORMAT_VERSION, "source": source_info,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "quantization": quantization, "config": raw_config, "tokenizer": "tokenizer.model",
+            "quantization": quantization, "config": raw_config,
+            "tokenizer": SENTENCEPIECE if SENTENCEPIECE in tokenizer else HF_TOKENIZER,
             "files": files, "tensors": tensors,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -543,8 +543,8 @@ def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
         tokenizer.write_bytes(sentencepiece_model(g, args.vocab_size))
         check_tokenizer(tokenizer, args.vocab_size, f"{path} (its vocabulary)")
         return write_model(Path(out_dir), sizes, lambda tmp: write_arrays(tmp, layouts, arrays_of, on_progress),
-                           tokenizer, raw_config, {"repo": str(Path(path).resolve()), "revision": None,
-                                                   "format": "gguf"},
+                           {"tokenizer.model": tokenizer}, raw_config,
+                           {"repo": str(Path(path).resolve()), "revision": None, "format": "gguf"},
                            {"bits": "/".join(sorted({str(COPIED.get(k, 8)) for k in kinds.values()})),
                             "group_size": GROUP, "method": "gguf (imported)", "gguf_types": sorted(set(kinds.values()))})
     finally:

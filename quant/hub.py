@@ -37,7 +37,7 @@ from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.home import FileLock
 from localmix.quant.convert import check_disk, check_tensor_count
-from localmix.tokenizer import MAX_TOKENIZER_BYTES, check_tokenizer
+from localmix.tokenizer import HF_SIDE_FILES, HF_TOKENIZER, SENTENCEPIECE, TOKENIZER_FILE_LIMITS, read_tokenizer
 
 REPO_ID = re.compile(r"^[\w][\w.\-]*/[\w][\w.\-]*$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -48,7 +48,7 @@ MIN_PROGRESS = 64 * 1024  # bytes a download must gain in each window of LOCALMI
 MAX_SHARDS = 4096         # distinct weight files an index may name (the largest real models have a few hundred)
 # Small files are read with a hard limit whatever the server announces.
 SMALL_LIMITS = {"config.json": 1 << 20, "model.safetensors.index.json": validate.MAX_JSON_BYTES,
-                "tokenizer.model": MAX_TOKENIZER_BYTES}
+                **TOKENIZER_FILE_LIMITS}
 
 
 def looks_like_repo_id(text: str) -> bool:
@@ -124,9 +124,8 @@ class HubSource:
         self._config = validate.json_object(self._read_json("config.json", "config"), f"{self.repo}/config.json",
                                             "config")
         self.config = ModelArgs.from_hf_config(self._config, f"{self.repo}/config.json")
-        tokenizer = self._small("tokenizer.model", "the sentencepiece tokenizer localmix reads")
-        check_tokenizer(tokenizer, self.config.vocab_size, f"{self.repo}/tokenizer.model")
-        self.tokenizer_path = tokenizer
+        self.tokenizer_files = self._tokenizer()
+        read_tokenizer(self.tokenizer_files, self.config.vocab_size, self.repo, self._config.get("eos_token_id"))
         try:
             index = self._read_json("model.safetensors.index.json", "safetensors index")
         except FileNotFoundError:
@@ -139,11 +138,30 @@ class HubSource:
         if self.weight_map is None:
             self.weight_map = {name: "model.safetensors" for name in self.shard("model.safetensors").tensors}
 
-    def _small(self, filename: str, what: str) -> Path:
-        try:
-            return self._download(filename)
-        except FileNotFoundError:
-            raise LocalmixError(f"{self.repo}: no {filename} in the repository ({what})") from None
+    def _tokenizer(self) -> dict[str, Path]:
+        """The repository's tokenizer files, picked as tokenizer.tokenizer_files picks them in a folder:
+        tokenizer.model, else tokenizer.json with the side files the repository has. Offline, those
+        downloaded before."""
+        for main in (SENTENCEPIECE, HF_TOKENIZER):
+            if self.offline and not self._path(main, self.repo).is_file():
+                continue
+            try:
+                files = {main: self._download(main)}
+            except FileNotFoundError:
+                continue
+            for name in HF_SIDE_FILES if main == HF_TOKENIZER else ():
+                if self.offline and not self._path(name, self.repo).is_file():
+                    continue
+                try:
+                    files[name] = self._download(name)
+                except FileNotFoundError:
+                    pass
+            return files
+        if self.offline:
+            raise LocalmixError(f"cannot reach the hub for {self.repo} (its tokenizer is not downloaded yet); "
+                                f"HF_HUB_OFFLINE is set")
+        raise LocalmixError(f"{self.repo}: no tokenizer.model or tokenizer.json in the repository "
+                            f"(the tokenizers localmix reads)")
 
     def _shard_names(self, names) -> None:
         """Validate the weight files' names and fetch their sizes, before anything is downloaded."""

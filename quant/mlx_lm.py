@@ -23,7 +23,7 @@ from localmix.errors import LocalmixError
 from localmix.quant.convert import check_disk, write_arrays, write_model
 from localmix.quant.affine import BITS, GROUP_SIZES, dequantize
 from localmix.store import ModelFolder, expert_matrix, is_quantized, plan_layout, stays_float
-from localmix.tokenizer import check_tokenizer
+from localmix.tokenizer import SENTENCEPIECE, load_tokenizer, tokenizer_files
 
 SWITCH = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 FLOATS = ("F32", "F16", "BF16")
@@ -196,10 +196,10 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
         return setting["bits"]
 
     layouts, sizes = plan_layout(table, bits_for, group_size, args)
-    tokenizer = Path(folder) / "tokenizer.model"
-    if not tokenizer.is_file():
-        raise LocalmixError(f"{folder}: no tokenizer.model (the sentencepiece tokenizer localmix reads)")
-    check_tokenizer(tokenizer, args.vocab_size)
+    tokenizer = tokenizer_files(folder)
+    if not tokenizer:
+        raise LocalmixError(f"{folder}: no tokenizer.model or tokenizer.json (the tokenizers localmix reads)")
+    load_tokenizer(folder, args.vocab_size, files=tokenizer)
     check_disk(Path(out_dir).parent, sum(sizes.values()))
 
     def floats(values: np.ndarray, what: str) -> np.ndarray:
@@ -265,10 +265,12 @@ def export_mlx_lm(model_folder: Path, out: Path) -> Path:
                   metadata={"format": "mlx"})
         config = {**model.manifest["config"], "quantization": quantization}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        shutil.copyfile(model.folder / "tokenizer.model", tmp / "tokenizer.model")
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "legacy": True}, indent=2))
+        for name, path in model.tokenizer_files.items():  # a tokenizer.json comes with its own tokenizer_config.json
+            shutil.copyfile(path, tmp / name)
+        if SENTENCEPIECE in model.tokenizer_files:
+            (tmp / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "add_bos_token": True, "add_eos_token": False, "legacy": True}, indent=2))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
