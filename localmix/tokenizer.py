@@ -95,12 +95,14 @@ def read_tokenizer(files: dict[str, Path], vocab_size: int, source: str, config_
     return HFTokenizer(files, vocab_size, source, config_eos)
 
 
-def load_tokenizer(folder: str | Path, vocab_size: int, source: str | None = None) -> ModelTokenizer:
-    """The model folder's tokenizer (see tokenizer_files), checked against vocab_size; the stop ids
-    include the eos_token_id of the folder's config.json."""
+def load_tokenizer(folder: str | Path, vocab_size: int, source: str | None = None,
+                   files: dict[str, Path] | None = None) -> ModelTokenizer:
+    """The model folder's tokenizer, checked against vocab_size: from `files` (a localmix model's
+    manifest lists them), else those tokenizer_files finds. The stop ids include the eos_token_id
+    of the folder's config.json."""
     folder = Path(folder)
     source = source or str(folder)
-    files = tokenizer_files(folder)
+    files = tokenizer_files(folder) if files is None else files
     if not files:
         raise LocalmixError(f"{source}: no tokenizer.model or tokenizer.json")
     config_eos = None
