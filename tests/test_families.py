@@ -24,7 +24,7 @@ FAMILIES = {
                       intermediate_size=128),
     "qwen2_moe": dict(model_type="qwen2_moe", num_local_experts=6, num_experts_per_tok=2,
                       moe_intermediate_size=1408, shared_expert_intermediate_size=128),
-    "olmoe": dict(model_type="olmoe", num_local_experts=8, num_experts_per_tok=2),
+    "olmoe": dict(model_type="olmoe", num_local_experts=8, num_experts_per_tok=2, intermediate_size=128),
 }
 IDS = np.random.default_rng(3).integers(0, 32000, 10)
 

@@ -69,7 +69,8 @@ def attention_out(x, attended, o, o_bits, o_group, norm, eps):
 @njit(cache=True, nogil=True)
 def decode_experts(x, h, chosen, weights, experts, up, up_bits, up_group, down, down_bits, down_group):
     """x + the SwiGLU of each row of h by these experts (ids, in index order) where chosen, times
-    its weight (a row's experts are summed in the order of `experts`, whatever the order of chosen). up: the table rows of the experts' w1 then their w3, down: of their w2. Each
+    its weight, each added to x in turn in the order of `experts`, whatever the order of chosen
+    (model.mix_experts' order, also when an expert cache splits the experts into batches). up: the table rows of the experts' w1 then their w3, down: of their w2. Each
     expert's rows go through its weights together: one read of them for all the sequences decoded
     together that chose it."""
     n = experts.size
@@ -92,7 +93,7 @@ def decode_experts(x, h, chosen, weights, experts, up, up_bits, up_group, down, 
         up[n + j, OUT_COL] = up[0, ROWS]
     gate_up = _products(hs, up, up_bits, up_group, pairs, 2 * up[0, ROWS])
     y = _products(_swiglu_serial(gate_up), down, down_bits, down_group, pairs, x.shape[1])
-    mixed = np.zeros_like(x)
-    for p in range(pairs):  # a row's experts in index order
-        mixed[rows[p]] += y[p] * scale[p]
-    return x + mixed
+    out = x.copy()
+    for p in range(pairs):  # each row adds its experts one by one, in the order of `experts`: called
+        out[rows[p]] += y[p] * scale[p]  # batch after batch on the sum so far, it sums as one call would
+    return out
