@@ -30,18 +30,24 @@ def test_script_checkpoint_loads_in_transformers(tmp_path, dtype, experts):
     assert localmix.load(tmp_path).config.is_moe == bool(experts)
 
 
-def test_random_localmix_model_is_written_straight_into_the_format(tmp_path):
+TINY = {"mixtral": ["--hidden", "128", "--ffn", "256", "--layers", "2", "--heads", "4", "--kv-heads", "2"],
+        "qwen3_moe": ["--family", "qwen3_moe", "--hidden", "128", "--ffn", "64", "--layers", "2", "--heads", "4",
+                      "--kv-heads", "2", "--head-dim", "48", "--experts", "8", "--top-k", "3", "--vocab", "2048"]}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_random_localmix_model_is_written_straight_into_the_format(tmp_path, family):
     """scripts/make_random_localmix.py: a model that verifies, runs, and runs the same within a
     memory budget."""
     script = Path(__file__).parents[1] / "scripts" / "make_random_localmix.py"
     out = tmp_path / "random-q4"
-    subprocess.run([sys.executable, script, out, "--hidden", "128", "--ffn", "256", "--layers", "2", "--heads", "4",
-                    "--kv-heads", "2"], check=True, capture_output=True)
+    subprocess.run([sys.executable, script, out, *TINY[family]], check=True, capture_output=True)
     from localmix.store import read_manifest, verify
     assert verify(out) == []
     manifest = read_manifest(out)
     assert manifest["quantization"]["bits"] == "4" and len(list((out / "experts").iterdir())) == 16
-    ids = np.random.default_rng(0).integers(0, 32000, 8)
+    vocab = manifest["config"]["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, vocab, 8)
     resident = localmix.load(out).logits(ids)
     assert np.isfinite(resident).all() and resident.std() > 0
     from localmix.experts import RUNTIME_BYTES, kv_bytes
@@ -51,3 +57,31 @@ def test_random_localmix_model_is_written_straight_into_the_format(tmp_path):
     budgeted = localmix.load(out, memory=memory)
     assert budgeted.expert_cache.slots == 3
     np.testing.assert_array_equal(budgeted.logits(ids), resident)
+
+
+def test_random_qwen3_moe_is_qwen3_with_a_byte_level_tokenizer(tmp_path):
+    """--family qwen3_moe: a config transformers reads as Qwen3-MoE with the shape asked for (head_dim
+    apart from hidden / heads, q/k norms, norm_topk_prob), and a byte-level BPE tokenizer.json whose
+    chat ids are transformers' and whose ids all index the embeddings."""
+    script = Path(__file__).parents[1] / "scripts" / "make_random_localmix.py"
+    out = tmp_path / "random-qwen3"
+    subprocess.run([sys.executable, script, out, *TINY["qwen3_moe"]], check=True, capture_output=True)
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert type(config) is transformers.Qwen3MoeConfig
+    assert (config.hidden_size, config.head_dim, config.moe_intermediate_size, config.num_experts,
+            config.num_experts_per_tok, config.vocab_size, config.norm_topk_prob) == (128, 48, 64, 8, 3, 2048, True)
+    model = localmix.load(out)
+    assert model.config.qk_norm == "head" and model.config.norm_topk_prob
+    assert sorted(p.name for p in out.iterdir() if "token" in p.name) == \
+        ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    reference = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(reference) <= 2048 and model.tokenizer.vocab_size == len(reference)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Größe? 日本語 🎉 <|im_end|>"}]
+    want = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    got = model.tokenizer.apply_chat_template(messages)
+    # the user's typed <|im_end|> stays text here, where plain transformers makes it the control token
+    im_end = reference.convert_tokens_to_ids("<|im_end|>")
+    assert got[:want.index(im_end)] == want[:want.index(im_end)] and got.count(im_end) == 2
+    assert model.tokenizer.stop_ids == {im_end, reference.convert_tokens_to_ids("<|endoftext|>")}
+    assert model.tokenizer.decode(model.tokenizer.encode("Größe 日本語 🎉")) == "Größe 日本語 🎉"
+    assert isinstance(model.chat(messages[1:], max_tokens=4), str)
