@@ -10,7 +10,6 @@ step by step (same operation order, float32 softmax), so that logits agree to ab
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from localmix.config import ModelArgs
 from localmix.kv_cache import KVCache
-from localmix.routing import Routing, trace_records
+from localmix.routing import EXACT, Routing, RoutingCall, RoutingOptions, trace_records
 
 if TYPE_CHECKING:
     from localmix.experts import ExpertSource
@@ -214,16 +213,17 @@ def mix_experts(x: np.ndarray, chosen: np.ndarray, weights: np.ndarray, source: 
     return out
 
 
-def moe_block(h: np.ndarray, layer: Layer, args: ModelArgs, ops: Ops) -> np.ndarray:
-    """The feed-forward half of a layer, for every family: a dense MLP; or route (route_tokens),
-    count and steer (layer.routing), run the chosen experts (ops.mix_experts), and add the shared
-    expert scaled by its sigmoid gate where the family has one."""
+def moe_block(h: np.ndarray, layer: Layer, args: ModelArgs, ops: Ops, call: RoutingCall) -> np.ndarray:
+    """The feed-forward half of a layer, for every family: a dense MLP; or route (route_tokens, the
+    call's experts per token), count and steer as the call asks (layer.routing), run the chosen
+    experts (ops.mix_experts), and add the shared expert scaled by its sigmoid gate where the
+    family has one."""
     if layer.router is None:
         return ops.experts_ffn(h, layer.experts.for_token([0]), [len(h)])
-    chosen, weights = ops.route_tokens(h, layer.router, args.num_experts_per_tok, args.norm_topk_prob)
+    chosen, weights = ops.route_tokens(h, layer.router, call.experts_per_token, args.norm_topk_prob)
     if layer.routing is not None:  # counted, and steered where asked: a dropped expert is len(experts)
-        chosen, weights = layer.routing(h, chosen, weights, layer)
-    layer.experts.speculate(h)  # an expert cache starts reading the next layer's
+        chosen, weights = layer.routing(h, chosen, weights, layer, call)
+    layer.experts.speculate(h, call.experts_per_token)  # an expert cache starts reading the next layer's
     out = ops.mix_experts(h, chosen, weights, layer.experts)
     if layer.shared_expert is not None:
         gate = ops.sigmoid(ops.linears(h, [layer.shared_expert_gate])[0])
@@ -241,10 +241,10 @@ def attention_block(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache
 
 
 def decoder_layer(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, index: int,
-                  positions: np.ndarray, inv_freq: np.ndarray, ops: Ops) -> np.ndarray:
+                  positions: np.ndarray, inv_freq: np.ndarray, ops: Ops, call: RoutingCall) -> np.ndarray:
     """Attention then the MoE block, each pre-normed and added to the residual stream."""
     x, h = ops.attention_block(x, layer, args, cache, index, positions, inv_freq, ops)
-    return x + moe_block(h, layer, args, ops)
+    return x + moe_block(h, layer, args, ops, call)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -254,7 +254,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 class Ops:
     """The operations that a backend may run faster. These are the reference: the functions above,
-    in float32 numpy. localmix.backends has the Numba kernels' versions, localmix.backend_mlx MLX's.
+    in float32 numpy. localmix.backends has the Numba kernels' versions and MLX's.
     A backend is an instance: what it prepares from the weights (kernel tables, MLX copies) it keeps
     in its own fields, keyed by the layer's index."""
     rms_norm = staticmethod(rms_norm)
@@ -304,44 +304,49 @@ class Transformer:
         self.routing = Routing(args.num_hidden_layers, args.num_local_experts if args.is_moe else 1)
         for layer, routing in zip(weights.layers, self.routing.layers):
             layer.routing = routing
-        self.trace: Callable[[list[dict]], None] | None = None  # gets each token's routing, where set
 
     def new_cache(self, capacity: int) -> KVCache:
         return self.ops.kv_cache(self.args, capacity, self.kv_dtype)
 
-    def __call__(self, ids: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
-        """Logits ([T, vocab], or [1, vocab] with last_only) for tokens that follow the cache's."""
+    def __call__(self, ids: np.ndarray, cache: KVCache, last_only: bool = False,
+                 options: RoutingOptions = EXACT) -> np.ndarray:
+        """Logits ([T, vocab], or [1, vocab] with last_only) for tokens that follow the cache's,
+        routed as `options` say (experts per token, steering, trace)."""
         w = self.weights
         ids = np.asarray(ids, dtype=np.int64)
         positions = cache.length + np.arange(len(ids))
         cache.reserve(cache.length + len(ids))
         if cache.length == 0:
             self.routing.new_sequence()
-        x = self.layers(embedding(ids, w.embed), ids, cache, positions)
+        x = self.layers(embedding(ids, w.embed), ids, cache, positions, options)
         cache.advance(len(ids))
         return self.head(x[-1:] if last_only else x)
 
-    def step(self, ids: list[int], caches: list[KVCache]) -> np.ndarray:
+    def step(self, ids: list[int], caches: list[KVCache], options: RoutingOptions = EXACT) -> np.ndarray:
         """Logits [len(ids), vocab] for the next token of each of several sequences at once (a
-        server's concurrent answers): each weight is read once for all of them."""
+        server's concurrent answers): each weight is read once for all of them. One call routes
+        all its rows alike: sequences with other options go in a step of their own."""
         if len(caches) == 1 or not self.ops.batched_decoding:
-            return np.concatenate([self([token], cache, last_only=True) for token, cache in zip(ids, caches)])
+            return np.concatenate([self([token], cache, last_only=True, options=options)
+                                   for token, cache in zip(ids, caches)])
         ids = np.asarray(ids, dtype=np.int64)
         positions = np.array([cache.length for cache in caches])
         for cache in caches:
             cache.reserve(cache.length + 1)
-        x = self.layers(embedding(ids, self.weights.embed), ids, SequenceBatch(caches), positions)
+        x = self.layers(embedding(ids, self.weights.embed), ids, SequenceBatch(caches), positions, options)
         for cache in caches:
             cache.advance(1)
         return self.head(x)
 
-    def layers(self, x: np.ndarray, ids: np.ndarray, cache, positions: np.ndarray) -> np.ndarray:
-        self.routing.trace = [None] * len(self.weights.layers) if self.trace else None
-        self.routing.batched = isinstance(cache, SequenceBatch)  # rows of several sequences: no reuse counted
+    def layers(self, x: np.ndarray, ids: np.ndarray, cache, positions: np.ndarray,
+               options: RoutingOptions) -> np.ndarray:
+        # This call's routing, its own: rows of several sequences (a SequenceBatch) count no reuse.
+        call = RoutingCall(options, options.experts_per_token or self.args.num_experts_per_tok,
+                           len(self.weights.layers), batched=isinstance(cache, SequenceBatch))
         for index, layer in enumerate(self.weights.layers):
-            x = decoder_layer(x, layer, self.args, cache, index, positions, self.inv_freq, self.ops)
-        if self.routing.trace and self.args.is_moe:
-            self.trace(trace_records(ids, positions, self.routing.trace, self.args.num_local_experts))
+            x = decoder_layer(x, layer, self.args, cache, index, positions, self.inv_freq, self.ops, call)
+        if call.routes is not None and self.args.is_moe:
+            options.trace(trace_records(ids, positions, call.routes, self.args.num_local_experts))
         return x
 
     def head(self, x: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import localmix
 from localmix import bench, kernels
 from localmix.store import read_manifest
 
-TIMED = ("decode_qkv", "decode_attention", "attend", "attention_out", "decode_experts")
+TIMED = ("decode_qkv", "decode_attention", "attend", "attention_out", "route_tokens", "decode_experts")
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     llm = localmix.load(a.name)
     t = llm.transformer
     spent, experts = defaultdict(float), []
-    for name in TIMED:  # wrap the kernels that backends.NumbaOps.decoder_layer calls
+    for name in TIMED:  # wrap the kernels that backends.NumbaOps calls while decoding
         def timed(*args, _kernel=getattr(kernels, name), _name=name):
             start = time.perf_counter()
             result = _kernel(*args)

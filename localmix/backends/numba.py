@@ -1,28 +1,15 @@
-"""Backends: what runs the model's operations. model.py calls them through an `Ops` class, so the
-model reads the same whatever runs it.
-
-- numpy: `model.Ops`, the float32 reference (quantized weights are dequantized, then BLAS).
-- numba: the CPU kernels of localmix.kernels on the packed weights; float matrices (routers, a
-  float checkpoint's weights) still go through numpy.
-- mlx, mlx-f32: layers on MLX (Metal on Apple Silicon; mlx[cpu] elsewhere), float16 or float32
-  activations (localmix.backend_mlx).
-- auto: mlx on Apple Silicon where MLX is installed, numba elsewhere.
-"""
+"""The numba backend: the CPU kernels of localmix.kernels on the packed weights; float matrices
+(routers, a float checkpoint's weights) still go through numpy."""
 
 from __future__ import annotations
 
-import importlib.util
-import platform
 from typing import NamedTuple
 
 import numpy as np
 
 from localmix import kernels
-from localmix.errors import LocalmixError
 from localmix.model import Ops, SequenceBatch, used_experts
 from localmix.store import is_quantized
-
-BACKENDS = ("auto", "numba", "numpy", "mlx", "mlx-f32")
 
 
 class NumbaOps(Ops):
@@ -154,28 +141,3 @@ def fused_plan(layer, args) -> FusedPlan | None:
     sizes = [m.words.shape[0] for m in qkv]
     return FusedPlan(one_token_rows(qkv, [0, sizes[0], sizes[0] + sizes[1]]), formats[0],
                      one_token_rows([layer.wo]), formats[1])
-
-
-def resolve_backend(name: str) -> str:
-    """A backend's name, with "auto" made MLX on Apple Silicon where it is installed, else Numba."""
-    if name not in BACKENDS:
-        raise LocalmixError(f"unknown backend {name!r}: use {', '.join(BACKENDS)}")
-    if name == "auto":
-        return "mlx" if apple_silicon() and importlib.util.find_spec("mlx") else "numba"
-    return name
-
-
-def backend_ops(name: str) -> Ops:
-    name = resolve_backend(name)
-    if name.startswith("mlx"):
-        try:
-            from localmix.backend_mlx import MLXFloat32Ops, MLXOps
-        except ImportError:
-            raise LocalmixError("the mlx backend needs MLX: pip install 'localmix[mlx]' (on Linux: "
-                                "pip install 'mlx[cpu]')") from None
-        return MLXFloat32Ops() if name == "mlx-f32" else MLXOps()
-    return NumbaOps() if name == "numba" else Ops()
-
-
-def apple_silicon() -> bool:
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
