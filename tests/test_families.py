@@ -7,6 +7,9 @@ Float exactness against transformers is in test_model.py; here the quantized pat
 against the numpy reference on the same quantized weights, as test_store.py does for Mixtral.
 """
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +18,9 @@ import localmix
 from localmix import kernels
 from localmix.quant.convert import LocalSource, convert
 from localmix.store import read_manifest, verify
-from conftest import make_hf_model
+from conftest import FAMILIES as CLASSES, TOKENIZER_V1, make_hf_model, reference_logits
 from test_expert_cache import budget
+from test_model import assert_close
 
 FAMILIES = {
     "qwen3_moe": dict(model_type="qwen3_moe", head_dim=32, num_hidden_layers=3, num_local_experts=8,
@@ -136,3 +140,68 @@ def test_other_bit_widths(tmp_path, bits):
         assert tensors["model.layers.0.mlp.shared_expert.gate_proj.weight"]["dtype"] == "q8"
         assert tensors["model.layers.0.self_attn.q_proj.bias"]["dtype"] == "f32"
     assert kernels.has_vector_kernels() is False or fast.transformer.ops.plans[0] is None  # biases: op by op
+
+
+# The config.json files the hub publishes for Qwen3-30B-A3B, Qwen1.5-MoE-A2.7B and OLMoE-1B-7B-0924,
+# key for key (written by older transformers: `num_experts`, top-level `rope_theta`, `rope_scaling:
+# null`, Qwen's unused `sliding_window`), shrunk to test size by SHRINK.
+REAL_CONFIGS = {
+    "Qwen3-30B-A3B": {
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+        "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+    "Qwen1.5-MoE-A2.7B": {
+        "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21, "model_type": "qwen2_moe",
+        "num_attention_heads": 16, "num_hidden_layers": 24, "num_key_value_heads": 16, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.36.0.dev0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+        "decoder_sparse_step": 1, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+        "num_experts_per_tok": 4, "num_experts": 60, "norm_topk_prob": False, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001},
+    "OLMoE-1B-7B-0924": {
+        "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
+        "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 1024, "max_position_embeddings": 4096, "model_type": "olmoe", "norm_topk_prob": False,
+        "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16,
+        "num_key_value_heads": 16, "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 50304},
+}
+SHRINK = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16, "num_experts": 8, "vocab_size": 32000,
+          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "initializer_range": 0.05}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_published_configs_load_as_transformers_loads_them(name, tmp_path):
+    """A published config.json, shrunk but otherwise as written: transformers builds the model from
+    that very file, and our logits and routing rule agree with its to float32 rounding."""
+    real = REAL_CONFIGS[name]
+    config = {**real, **{k: v for k, v in SHRINK.items() if k in real or k == "head_dim"}}
+    config["num_key_value_heads"] = 2 if real["num_key_value_heads"] < real["num_attention_heads"] else 4
+    config["num_experts_per_tok"] = min(real["num_experts_per_tok"], 4)
+    if "head_dim" not in real:
+        config.pop("head_dim")
+    cls_config, cls_model = CLASSES[real["model_type"]]
+    torch.manual_seed(0)
+    model = cls_model(cls_config(**config)).eval()
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if "norm" in param_name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif param_name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))  # the published keys, not transformers 5's
+    shutil.copy(TOKENIZER_V1, tmp_path / "tokenizer.model")
+    reference = cls_model.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = np.random.default_rng(4).integers(0, 32000, 24)
+    assert_close(localmix.load(tmp_path).logits(ids), reference_logits(reference, ids), name)
