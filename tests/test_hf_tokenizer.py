@@ -94,7 +94,8 @@ def write_folder(folder: Path, kind: str, template_file: bool = False) -> Path:
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "generation_config.json").write_text(json.dumps(generation))
-    (folder / "config.json").write_text(json.dumps({"eos_token_id": tok.token_to_id("<|endoftext|>")}))
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": tok.token_to_id("<|endoftext|>")}))
     return folder
 
 
@@ -338,3 +339,98 @@ def test_bad_messages_are_errors(tmp_path):
                      ["hello"]):
         with pytest.raises(LocalmixError):
             tok.apply_chat_template(messages)
+
+
+# -- a model with a tokenizer.json, end to end ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    from conftest import make_hf_model
+    folder = tmp_path_factory.mktemp("qwen")
+    make_hf_model(folder, "qwen3_moe", tokenizer=None, vocab_size=1024, moe_intermediate_size=64)
+    return write_folder(folder, "chatml")  # after save_pretrained: our generation_config.json and eos
+
+
+def test_float_and_quantized_models_chat_with_the_template_and_stop_at_generation_configs_ids(qwen_folder, tmp_path):
+    import shutil
+
+    import localmix
+    from localmix.quant.convert import LocalSource, convert
+    from localmix.store import verify
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello 🌍 <|im_end|>"}]
+    reference = transformers.AutoTokenizer.from_pretrained(qwen_folder)
+    want = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                         sanitize_control_tokens=True)
+    model = localmix.load(qwen_folder)
+    assert model.encode_prompt(messages) == (want, True) and not model.base_model
+
+    out = convert(LocalSource(qwen_folder), tmp_path / "q4", bits="4", group_size=32)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"] == "tokenizer.json"
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(manifest["files"])
+    assert verify(out) == []
+    q4 = localmix.load(out)
+    assert q4.encode_prompt(messages) == (want, True)
+    assert "".join(r.text for r in q4.stream(messages, max_tokens=4, temperature=0)) is not None
+    first = next(iter(model.stream(messages, max_tokens=1, temperature=0)))
+    assert first.token not in model.tokenizer.stop_ids  # (a random model: the test needs a token that is not a stop)
+    # the greedy first token made a stop id by generation_config.json alone: the answer ends on it, empty
+    copy = tmp_path / "copy"
+    shutil.copytree(qwen_folder, copy)
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [first.token]}))
+    stopped = list(localmix.load(copy).stream(messages, max_tokens=5, temperature=0))
+    assert [(r.token, r.finish_reason, r.text) for r in stopped] == [(first.token, "stop", "")]
+
+    (out / "tokenizer_config.json").write_text("{}")  # a file the manifest hashed, changed
+    assert any("tokenizer_config.json: " in p for p in verify(out))
+
+
+def pull_from_fake_hub(folder, tmp_path, hostile=lambda hub: None):
+    """`localmix pull acme/tiny-qwen --bits 4` from a fake hub serving the folder: (hub, CLI result)."""
+    from fake_hub import FakeHub
+    from test_cli import localmix_cli
+
+    hub = FakeHub()
+    hub.add_folder("acme/tiny-qwen", folder)
+    hostile(hub)
+    env = {"LOCALMIX_HOME": str(tmp_path / "home"), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+    try:
+        return hub, localmix_cli("pull", "acme/tiny-qwen", "--bits", "4", "--group-size", "32", env=env)
+    finally:
+        hub.close()
+
+
+def test_pull_from_the_hub_fetches_the_tokenizer_files(qwen_folder, tmp_path):
+    import localmix
+
+    hub, result = pull_from_fake_hub(qwen_folder, tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "home" / "models" / "tiny-qwen-q4"
+    fetched = {path.rsplit("/", 1)[1] for method, path, _ in hub.requests if method == "GET"}
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= fetched
+    assert "tokenizer.model" not in fetched
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["tokenizer"] == "tokenizer.json" and "chat_template.jinja" not in manifest["files"]
+    model = localmix.load(folder)
+    assert model.tokenizer.has_chat_template and "".join(r.text for r in model.stream("Hi", max_tokens=3)) is not None
+
+
+@pytest.mark.parametrize("file, message", [("tokenizer.json", "announces 10000000000 bytes"),
+                                           ("chat_template.jinja", "larger than 1048576 bytes")])
+def test_hub_tokenizer_files_are_bounded(qwen_folder, tmp_path, file, message):
+    from fake_hub import sized
+    from test_cli import assert_one_line_error
+
+    def hostile(hub):
+        key = ("acme/tiny-qwen", file)
+        hub.repos["acme/tiny-qwen"][file] = b"x"
+        if file == "tokenizer.json":  # announced
+            hub.lengths[key] = 10 ** 10
+        else:  # not announced, sent without end
+            hub.lengths[key] = None
+        hub.bodies[key] = sized(10 ** 10)
+
+    assert_one_line_error(pull_from_fake_hub(qwen_folder, tmp_path, hostile)[1], message, after_progress=True)
