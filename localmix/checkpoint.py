@@ -10,6 +10,7 @@ becomes fp32 with one 16-bit shift.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -115,10 +116,13 @@ class SafetensorsFile:
         """The tensor as float32: a view of the file for F32, a converted copy for F16/BF16."""
         return to_float32(*self.raw(name))
 
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    def read_rows(self, name: str, start: int, stop: int, cols: int | None = None) -> np.ndarray:
         """Rows [start, stop) of a tensor as float32, read with pread rather than mapped: a converter
-        streaming through a whole checkpoint then holds no more than these rows in memory."""
+        streaming through a whole checkpoint then holds no more than these rows in memory. cols: read
+        the tensor as rows of that many values (a block of a stacked tensor, see source_of)."""
         dtype, shape, offset = self.locate(name)
+        if cols is not None:
+            shape = (math.prod(shape) // cols, cols)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * _DTYPES[dtype].itemsize
         raw = np.empty((stop - start,) + shape[1:], _DTYPES[dtype])
         with open(self.path, "rb") as f:
@@ -186,7 +190,7 @@ class Checkpoint:
         return {tensor: name for name in names for tensor in self._file(name).tensors}
 
     def file_of(self, name: str, shape: tuple[int, ...]) -> SafetensorsFile:
-        """The file holding the named tensor, checked to hold it with the shape the config implies."""
+        """The file holding the named checkpoint tensor, checked to hold it with the shape the config implies."""
         if name not in self.weight_map:
             raise LocalmixError(f"{self.folder}: tensor {name} is missing from the checkpoint")
         file = self._file(self.weight_map[name])
@@ -194,8 +198,42 @@ class Checkpoint:
         return file
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The named tensor as float32, checked against the shape the config implies."""
-        return self.file_of(name, shape).load(name)
+        """One of the model's tensors (see source_of) as float32, checked against the shape the
+        config implies: a view of the file for float32, a converted copy of its rows otherwise."""
+        source, start, source_shape = source_of(name, shape, self.config)
+        file = self.file_of(source, source_shape)
+        if source == name:
+            return file.load(name)
+        raw, dtype = file.raw(source)
+        return to_float32(raw.reshape(-1, shape[-1])[start:start + shape[0]], dtype)
+
+
+_STACKED_EXPERT = re.compile(r"(model\.layers\.\d+\.block_sparse_moe\.)experts\.(\d+)\.(w[123])\.weight$")
+
+
+def source_of(name: str, shape: tuple[int, ...], args: ModelArgs) -> tuple[str, int, tuple[int, ...]]:
+    """Where one of the model's tensors lies in a checkpoint: (checkpoint tensor, first row, that
+    tensor's shape), its rows counted as the model tensor's [rows, cols]. Most tensors are a
+    checkpoint tensor whole; GraniteMoE stacks a layer's experts in two tensors, input_linear
+    [experts, gate rows then up rows, hidden] and output_linear [experts, hidden, width], of which an
+    expert's w1, w3 or w2 is a block of rows."""
+    stacked = _STACKED_EXPERT.match(name) if args.model_type == "granitemoe" else None
+    if not stacked:
+        return name, 0, tuple(shape)
+    prefix, expert, part = stacked[1], int(stacked[2]), stacked[3]
+    E, F, H = args.num_local_experts, args.moe_intermediate_size, args.hidden_size
+    if part == "w2":
+        return prefix + "output_linear.weight", expert * H, (E, H, F)
+    return prefix + "input_linear.weight", expert * 2 * F + (F if part == "w3" else 0), (E, 2 * F, H)
+
+
+def checkpoint_tensor_floor(args: ModelArgs) -> int:
+    """The fewest tensors a checkpoint of this config can list (its MLPs' alone), counted without
+    listing them: a config that describes more than a checkpoint holds is refused before its table
+    is built."""
+    if args.model_type == "granitemoe":
+        return 2 * len(args.moe_layers)
+    return 3 * len(args.mlp_widths)
 
 
 def read_index(path: Path) -> dict[str, str]:
@@ -246,13 +284,14 @@ def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None, experts:
     for i in range(args.num_hidden_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        # Mixtral's experts sit in block_sparse_moe with w1 (gate), w2 (down), w3 (up); the other
-        # families' in mlp, named as their dense MLPs are.
-        moe, names = (p + "block_sparse_moe.", ("w1", "w2", "w3")) if args.model_type == "mixtral" else \
-            (p + "mlp.", ("gate_proj", "down_proj", "up_proj"))
+        # Mixtral's experts sit in block_sparse_moe with w1 (gate), w2 (down), w3 (up), as GraniteMoE's
+        # do once unstacked (source_of); the other families' in mlp, named as their dense MLPs are.
+        moe, names = (p + "block_sparse_moe.", ("w1", "w2", "w3")) if args.model_type in ("mixtral", "granitemoe") \
+            else (p + "mlp.", ("gate_proj", "down_proj", "up_proj"))
         router, shared, shared_gate = None, None, None
         if args.sparse_layers[i]:
-            router = get(moe + "gate.weight", (args.num_local_experts, H))
+            router_name = moe + ("router.layer.weight" if args.model_type == "granitemoe" else "gate.weight")
+            router = get(router_name, (args.num_local_experts, H))
             layer_experts = [mlp(f"{moe}experts.{e}.", args.moe_intermediate_size, names)
                              for e in range(args.num_local_experts)] if experts else []
             if args.shared_expert_intermediate_size:

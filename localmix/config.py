@@ -35,6 +35,7 @@ class Family:
     qkv_bias_key: str | None = None  # the bool that puts biases on q, k, v
     o_bias: bool = False             # whether that bool also puts one on o
     window_key: str | None = "sliding_window"
+    multipliers: bool = False        # GraniteMoE's embedding, residual, attention and logits multipliers
 
 
 _QWEN = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "tie_word_embeddings": False,
@@ -49,6 +50,11 @@ FAMILIES = {
                         dense_layers=True, qkv_bias_key="attention_bias", o_bias=True, window_key=None),
     "qwen2_moe": Family({**_QWEN, "qkv_bias": True}, experts_key="num_experts", shared_expert=True,
                         dense_layers=True, qkv_bias_key="qkv_bias", window_key=None),
+    "granitemoe": Family({"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
+                          "tie_word_embeddings": False, "attention_bias": False, "embedding_multiplier": 1.0,
+                          "residual_multiplier": 1.0, "attention_multiplier": 1.0, "logits_scaling": 1.0},
+                         experts_key="num_local_experts", renormalize=True, qkv_bias_key="attention_bias", o_bias=True,
+                         window_key=None, multipliers=True),
     "olmoe": Family({"rope_theta": 1e4, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
                      "tie_word_embeddings": False, "norm_topk_prob": False, "attention_bias": False, "clip_qkv": None},
                     experts_key="num_experts", qk_norm="projection", qkv_bias_key="attention_bias", o_bias=True,
@@ -83,6 +89,10 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     clip_qkv: float | None = None        # q, k and v clamped to [-clip, clip] (OLMoE)
+    embedding_multiplier: float = 1.0    # GraniteMoE: the embeddings times this,
+    residual_multiplier: float = 1.0     # each layer's attention and MoE outputs times this,
+    attention_multiplier: float | None = None  # attention scores times this (None: 1 / sqrt(head_dim)),
+    logits_scaling: float = 1.0          # and the logits divided by this
 
     @property
     def is_moe(self) -> bool:
@@ -204,6 +214,12 @@ class ModelArgs:
             o_bias=qkv_bias and family.o_bias,
             clip_qkv=clip,
         )
+        if family.multipliers:
+            multiplier = lambda key: validate.number(get(key), key, source, low=0.0, low_open=True)  # noqa: E731
+            args = replace(args, embedding_multiplier=multiplier("embedding_multiplier"),
+                           residual_multiplier=multiplier("residual_multiplier"),
+                           attention_multiplier=multiplier("attention_multiplier"),
+                           logits_scaling=multiplier("logits_scaling"))
         # localmix's own key (a base model, such as the demo): a real bool or nothing.
         if config.get("localmix_base_model") is not None:
             validate.boolean(config["localmix_base_model"], "localmix_base_model", source)

@@ -65,7 +65,7 @@ def tensor_file(name: str, args: ModelArgs) -> str:
 def stays_float(name: str) -> bool:
     """Norms, routers (and the shared expert's gate) and biases are small and sensitive: they are kept
     in float32."""
-    return name.endswith(("norm.weight", ".gate.weight", "shared_expert_gate.weight", ".bias"))
+    return name.endswith(("norm.weight", ".gate.weight", "shared_expert_gate.weight", "router.layer.weight", ".bias"))
 
 
 def align(n: int, to: int) -> int:

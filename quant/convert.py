@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from localmix.checkpoint import Checkpoint, SafetensorsFile, check_tensor, tensor_table
+from localmix.checkpoint import (Checkpoint, SafetensorsFile, check_tensor, checkpoint_tensor_floor, source_of,
+                                 tensor_table)
 from localmix.config import ModelArgs
 from localmix import validate
 from localmix.errors import LocalmixError
@@ -55,7 +56,7 @@ def bits_policy(bits: str, args: ModelArgs) -> Callable[[str], int]:
 def check_tensor_count(args: ModelArgs, weight_map: dict, source: str) -> None:
     """A config that describes more tensors than the checkpoint lists is refused before its table
     (an entry per tensor: tens of millions for 1024 layers of 16384 experts) is built."""
-    needed = args.num_hidden_layers * 3 * max(args.num_local_experts, 1)  # the experts' (or MLP's) alone
+    needed = checkpoint_tensor_floor(args)
     if needed > len(weight_map):
         raise LocalmixError(f"{source}: describes at least {needed} tensors, but the checkpoint lists "
                             f"{len(weight_map)}")
@@ -75,7 +76,8 @@ class LocalSource:
         load_tokenizer(self.folder, self.config.vocab_size, files=self.tokenizer_files)
         check_tensor_count(self.config, self.weight_map, str(self.folder / "config.json"))
         for name, shape in tensor_table(self.config):  # every tensor present and well shaped, up front
-            self.checkpoint.file_of(name, shape)
+            source, _, source_shape = source_of(name, shape, self.config)
+            self.checkpoint.file_of(source, source_shape)
 
     def raw_config(self) -> dict:
         return validate.read_json(self.folder / "config.json", "config")
@@ -179,15 +181,15 @@ def write_tensors(source, tmp: Path, layouts: list[TensorLayout], on_progress) -
     manifest's tensor entries."""
     by_shard: dict[str, list[TensorLayout]] = {}
     for layout in layouts:
-        by_shard.setdefault(source.weight_map[layout.name], []).append(layout)
+        checkpoint_name = source_of(layout.name, layout.shape, source.config)[0]
+        by_shard.setdefault(source.weight_map[checkpoint_name], []).append(layout)
     total = sum(int(np.prod(layout.shape)) for layout in layouts)
     done = 0
     entries = {}
     for shard_name in sorted(by_shard):
         shard = source.shard(shard_name)
         for layout in by_shard[shard_name]:
-            check_tensor(shard, layout.name, layout.shape)
-            for rows in write_tensor(shard, tmp, layout):
+            for rows in write_tensor(shard, tmp, layout, *source_of(layout.name, layout.shape, source.config)):
                 done += rows * int(np.prod(layout.shape[1:]))
                 if on_progress:
                     on_progress(done, total)
@@ -216,8 +218,11 @@ def write_arrays(tmp: Path, layouts: list[TensorLayout], arrays_of, on_progress=
     return dict(sorted(entries.items()))
 
 
-def write_tensor(shard: SafetensorsFile, tmp: Path, layout: TensorLayout):
-    """Write one tensor a block of rows at a time; yields the rows written each time."""
+def write_tensor(shard: SafetensorsFile, tmp: Path, layout: TensorLayout, source: str, first_row: int,
+                 source_shape: tuple[int, ...]):
+    """Write one tensor a block of rows at a time; yields the rows written each time. It is the
+    checkpoint tensor `source` (of source_shape) from first_row on (see checkpoint.source_of)."""
+    check_tensor(shard, source, source_shape)
     rows = layout.shape[0]
     cols = int(np.prod(layout.shape[1:]))
     step = max(1, BLOCK_VALUES // cols)
@@ -225,7 +230,8 @@ def write_tensor(shard: SafetensorsFile, tmp: Path, layout: TensorLayout):
     try:
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            block = shard.read_rows(layout.name, start, stop)
+            block = shard.read_rows(source, first_row + start, first_row + stop,
+                                    None if source == layout.name else layout.shape[-1])
             if layout.bits is None:
                 arrays = [np.ascontiguousarray(block, dtype=np.float32)]
             else:

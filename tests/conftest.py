@@ -33,6 +33,7 @@ FAMILIES = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+    "granitemoe": (transformers.GraniteMoeConfig, transformers.GraniteMoeForCausalLM),
 }
 # What the families' configs add to SMALL: experts narrower than a dense layer's MLP (Qwen), a
 # shared expert of its own width (Qwen2-MoE).
@@ -49,7 +50,7 @@ def make_hf_model(folder: Path, model_type: str = "mixtral", dtype=None, shard: 
     if model_type == "mistral":
         for key in ("num_local_experts", "num_experts_per_tok"):
             config.pop(key)
-    elif model_type != "mixtral":  # the others call the expert count num_experts
+    elif model_type not in ("mixtral", "granitemoe"):  # the others call the expert count num_experts
         config["num_experts"] = config.pop("num_local_experts")
     cls_config, cls_model = FAMILIES[model_type]
     config = cls_config(**config)

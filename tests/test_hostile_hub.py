@@ -337,7 +337,8 @@ def test_a_running_pull_holds_its_name_and_its_download(hub, env, tmp_path, monk
     {}, {"tie_word_embeddings": True, "head_dim": 32}, {"model_type": "mistral", "num_local_experts": None},
     {"model_type": "qwen3_moe", "moe_intermediate_size": 48, "mlp_only_layers": [0], "head_dim": 32},
     {"model_type": "qwen2_moe", "moe_intermediate_size": 48, "shared_expert_intermediate_size": 80},
-    {"model_type": "olmoe", "num_experts": 4, "num_local_experts": None}])
+    {"model_type": "olmoe", "num_experts": 4, "num_local_experts": None},
+    {"model_type": "granitemoe", "attention_bias": True, "tie_word_embeddings": True}])
 def test_parameter_count_agrees_with_the_tensor_table(overrides):
     """The hub's size checks count a config's parameters without listing its tensors (a lying
     config may describe millions); the count must be the converter's table's, for every family."""

@@ -1,5 +1,5 @@
 """The float forward pass against transformers' MixtralForCausalLM, MistralForCausalLM,
-Qwen3MoeForCausalLM, Qwen2MoeForCausalLM and OlmoeForCausalLM.
+Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, OlmoeForCausalLM and GraniteMoeForCausalLM.
 
 Tolerance: both sides compute in float32 with the same operation order, so the remaining
 difference is summation order inside matrix products (numpy's BLAS versus torch's), a few float32
@@ -50,6 +50,13 @@ CASES = {
     # OLMoE: q and k RMSNorm over the whole projection, no renormalization; clip_qkv where set.
     "olmoe": dict(model_type="olmoe", num_local_experts=8, num_experts_per_tok=2),
     "olmoe-clip-qkv-mha": dict(model_type="olmoe", num_key_value_heads=4, clip_qkv=0.8, norm_topk_prob=True),
+    # GraniteMoE: experts stacked in two tensors per layer, top-k of the logits then their softmax,
+    # embedding, residual and attention multipliers and a logits divisor (granite-3.0-1b-a400m's values).
+    "granitemoe": dict(model_type="granitemoe", num_local_experts=8, num_experts_per_tok=3, embedding_multiplier=12.0,
+                       residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=6.0,
+                       tie_word_embeddings=True),
+    "granitemoe-bf16-sharded-bias": dict(model_type="granitemoe", attention_bias=True, dtype=torch.bfloat16,
+                                         shard="200KB"),
 }
 
 
@@ -70,7 +77,7 @@ def test_logits_match_transformers(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["gqa2-top2of4", "sliding-window-5", "dense-mistral-window-7", "qwen3-moe",
-                                  "qwen2-moe", "olmoe"])
+                                  "qwen2-moe", "olmoe", "granitemoe"])
 def test_kv_cache_decoding_equals_full_pass(tmp_path, case):
     reference = make_hf_model(tmp_path, **CASES[case])
     ids = np.random.default_rng(2).integers(0, 32000, 19)

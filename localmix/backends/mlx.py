@@ -152,7 +152,7 @@ class MLXOps(Ops):
         x = self.to_mlx(x)
         eps = args.rms_norm_eps
         x = x + self.attention(self.rms_norm(x, layer.attention_norm, eps), layer, args, cache, index,
-                               np.asarray(positions))
+                               np.asarray(positions)) * args.residual_multiplier
         return x, self.rms_norm(x, layer.ffn_norm, eps)
 
     def attention(self, x: mx.array, layer, args, cache: MLXKVCache, index: int, positions: np.ndarray) -> mx.array:
@@ -176,7 +176,8 @@ class MLXOps(Ops):
         k = mx.fast.rope(k, dim, traditional=False, base=args.rope_theta, scale=1.0, offset=int(positions[0]))
         keys, values = cache.update(index, k, v)
         mask = attention_mask(positions, keys.shape[2], args.sliding_window, x.dtype)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=dim ** -0.5, mask=mask)
+        scale = dim ** -0.5 if args.attention_multiplier is None else args.attention_multiplier
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
         out = self.linear(out.transpose(0, 2, 1, 3).reshape(T, heads * dim), layer.wo)
         return out + self.vector(layer.bo, x.dtype) if args.o_bias else out
 

@@ -122,10 +122,11 @@ class FusedPlan(NamedTuple):
 def fused_plan(layer, args) -> FusedPlan | None:
     """The kernel tables of a layer's attention matrices and its formats; None where the fused
     kernels do not take the layer: float weights, q, k and v in different formats, widths the vector
-    kernels do not take, or a family's attention extras (biases, q/k norms, clamping), which go
-    operation by operation."""
+    kernels do not take, or a family's attention extras (biases, q/k norms, clamping, GraniteMoE's
+    multipliers), which go operation by operation."""
     matrices = [layer.wq, layer.wk, layer.wv, layer.wo]
-    plain = not (args.qkv_bias or args.o_bias or args.qk_norm or args.clip_qkv is not None)
+    plain = not (args.qkv_bias or args.o_bias or args.qk_norm or args.clip_qkv is not None
+                 or args.attention_multiplier is not None or args.residual_multiplier != 1)
     if not (plain and all(is_quantized(m) for m in matrices) and kernels.has_vector_kernels()):
         return None
 
