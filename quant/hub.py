@@ -189,7 +189,7 @@ class HubSource:
         it needs in the index, and weight files that can hold its parameters and no more than they
         justify (4 bytes each, plus a header)."""
         args = self.config
-        params = parameter_count(args)
+        params = args.parameter_count()
         source = f"{self.repo}/config.json"
         # At least 2 bytes a parameter (bf16); mlx-lm repositories stack their experts (the index
         # does not count them) and pack them in as few as 2 bits.
@@ -370,16 +370,6 @@ def weight_map_of(index, source: str) -> dict[str, str]:
         if not isinstance(file, str) or len(tensor) > 1024:
             raise LocalmixError(f"{source}: weight_map entry {tensor!r:.80} is not a file name")
     return weight_map
-
-
-def parameter_count(args: ModelArgs) -> int:
-    """Parameters the config describes, counted without listing its tensors (a lying config may
-    describe billions of them)."""
-    H, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
-    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-    experts = max(args.num_local_experts, 1)
-    layer = 2 * H + 2 * q * H + 2 * kv * H + args.num_local_experts * H + 3 * experts * F * H
-    return args.num_hidden_layers * layer + V * H * (1 if args.tie_word_embeddings else 2) + H
 
 
 def fetch(url: str, part: Path, headers: dict, size: int | None, limit: int | None, what: str,
