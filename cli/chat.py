@@ -33,10 +33,11 @@ PARAMETERS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float
 
 class ChatSession:
     def __init__(self, model: Model, name: str, params: SamplingParams, max_tokens: int,
-                 system: str | None, verbose: bool, load_s: float, console: Console, stats: bool = False):
+                 system: str | None, verbose: bool, load_s: float, console: Console, stats: bool = False,
+                 trace=None):
         self.model, self.name, self.params, self.max_tokens = model, name, params, max_tokens
         self.system, self.verbose, self.load_s, self.console = system, verbose, load_s, console
-        self.stats = stats
+        self.stats, self.trace = stats, trace  # trace: gets each answer's routing records (--trace)
         self.history: list[dict] = []
 
     def messages(self, user_text: str) -> list[dict]:
@@ -58,7 +59,7 @@ class ChatSession:
         with CtrlC() as ctrl_c:
             try:
                 text, last = stream_answer(self.model, self.messages(user_text), self.max_tokens, self.params,
-                                           cancelled=ctrl_c)
+                                           cancelled=ctrl_c, trace=self.trace)
             except LocalmixError as e:
                 self.console.print(f"error: {e}", markup=False)
                 return
@@ -180,13 +181,13 @@ def read_message() -> str | None:
 
 
 def chat_loop(model: Model, name: str, params: SamplingParams, max_tokens: int, system: str | None,
-              verbose: bool, load_s: float, stats: bool = False) -> None:
+              verbose: bool, load_s: float, stats: bool = False, trace=None) -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    session = ChatSession(model, name, params, max_tokens, system, verbose, load_s, console, stats)
+    session = ChatSession(model, name, params, max_tokens, system, verbose, load_s, console, stats, trace)
     if model.base_model:
         print(f"{name} is a base model: it continues the text of the conversation (your messages and its "
               f"continuations) rather than answering it; /clear starts a new text.")

@@ -81,7 +81,7 @@ def sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty
 
 def load_model(name: str, experts_per_token: int | None, backend: str, threads: int | None,
                kv_cache: str, memory: str | None = None, policy: str = "lfu", min_expert_weight: float = 0.0,
-               fallback_margin: float = 0.0, trace: str | None = None, shadow_bits: int = 0) -> tuple[Model, float]:
+               fallback_margin: float = 0.0, shadow_bits: int = 0) -> tuple[Model, float]:
     start = time.perf_counter()
     Steering(min_expert_weight, fallback_margin).check()  # bad values before a long load
     with err.status(f"loading {name} (the first start compiles the kernels: about {FIRST_START})") as status:
@@ -91,8 +91,6 @@ def load_model(name: str, experts_per_token: int | None, backend: str, threads: 
         model = load(name, experts_per_token=experts_per_token, backend=backend, threads=threads, kv_cache=kv_cache,
                      memory=memory, expert_policy=policy, min_expert_weight=min_expert_weight,
                      fallback_margin=fallback_margin, shadow_bits=shadow_bits, on_progress=progress)
-    if trace:
-        model.transformer.trace = TraceFile(trace)
     if model.memory_note:
         err.print(model.memory_note, style="dim", markup=False)
     if model.compile_s > 5:
@@ -123,12 +121,13 @@ def run(model: str = typer.Argument(..., help="Model name or Hugging Face folder
         raise LocalmixError("--system needs the chat template; leave out --raw")
     start = time.perf_counter()
     llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, min_expert_weight,
-                             fallback_margin, trace, shadow_bits)
+                             fallback_margin, shadow_bits)
+    sink = TraceFile(trace) if trace else None  # given to each answer's model calls
     # A base model (llm.base_model) continues the messages' text instead of a chat template: see api.base_text.
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     before = usage_snapshot(llm)
     with CtrlC() as ctrl_c:  # Ctrl-C stops the answer between two kernel calls
-        _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params, cancelled=ctrl_c)
+        _, last = stream_answer(llm, prompt if raw else messages, max_tokens, params, cancelled=ctrl_c, trace=sink)
     if ctrl_c.pressed:
         raise typer.Exit(130)  # as a shell reports a command ended by Ctrl-C
     if verbose and last:
@@ -149,8 +148,8 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
     """Chat in the terminal (/? for help)."""
     params = sampling_params(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     llm, load_s = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, min_expert_weight,
-                             fallback_margin, trace, shadow_bits)
-    chat_loop(llm, model, params, max_tokens, system, verbose, load_s, stats)
+                             fallback_margin, shadow_bits)
+    chat_loop(llm, model, params, max_tokens, system, verbose, load_s, stats, TraceFile(trace) if trace else None)
 
 
 @app.command()
@@ -168,9 +167,10 @@ def serve(model: str = typer.Argument(..., help="Model name or folder."),
     if not 0 < port < 65536:
         raise LocalmixError(f"--port must be between 1 and 65535, got {port}")
     sock = listening_socket(host, port)  # a busy port or a bad address: one error line, before the long load
-    llm, _ = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy, trace=trace)
+    llm, _ = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy)
     served = name or Path(str(llm.path)).name
-    server = uvicorn.Server(uvicorn.Config(create_app(llm, served), log_level="warning"))  # sets up its loggers
+    app = create_app(llm, served, trace=TraceFile(trace) if trace else None)  # every request's answer is traced
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))  # sets up its loggers
     logging.getLogger("uvicorn.error").addFilter(QuietCancellations())
     err.print(f"serving {served} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)", markup=False)
     try:

@@ -73,11 +73,12 @@ def stats_line(model: Model, before: tuple) -> str:
     return "; ".join(parts)
 
 
-def stream_answer(model: Model, prompt, max_tokens: int, params: SamplingParams, cancelled=None):
+def stream_answer(model: Model, prompt, max_tokens: int, params: SamplingParams, cancelled=None, trace=None):
     """Print the answer as it comes; return its text and the last response (finish_reason
-    "cancelled" once cancelled() said so: see interrupts.CtrlC)."""
+    "cancelled" once cancelled() said so: see interrupts.CtrlC). trace: gets its routing records
+    (--trace: a routing.TraceFile)."""
     parts, last = [], None
-    for last in model.stream(prompt, max_tokens, on_prefill=prefill_progress(), cancelled=cancelled,
+    for last in model.stream(prompt, max_tokens, on_prefill=prefill_progress(), cancelled=cancelled, trace=trace,
                              **vars(params)):
         parts.append(last.text)
         sys.stdout.write(last.text)

@@ -13,8 +13,8 @@ from localmix.checkpoint import Checkpoint, read_weights
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.experts import POLICIES, CachedExperts, ExpertCache, check_shadow_bits, plan_memory
-from localmix.routing import Steering, hot_experts, read_routing
-from localmix.generate import GenerationResponse, stream_generate
+from localmix.routing import RoutingOptions, Steering, hot_experts, read_routing
+from localmix.generate import Generation, GenerationResponse, responses
 from localmix.home import resolve_model
 from localmix.kv_cache import KV_DTYPES
 from localmix.backends import NumbaOps, backend_ops, resolve_backend
@@ -112,8 +112,9 @@ class Model:
             self.expert_cache.routers = [layer.router for layer in weights.layers]
             for i in self.config.moe_layers:
                 weights.layers[i].experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
-        self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache])
-        self.transformer.routing.steering = Steering(min_expert_weight, fallback_margin).check()
+        # The routing of a call that sets none of its own (a call's settings are arguments, never state it sets).
+        routing = RoutingOptions(self.config.num_experts_per_tok, Steering(min_expert_weight, fallback_margin).check())
+        self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache], routing)
         # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.
         self.compile_s = 0.0
         if isinstance(ops, NumbaOps):
@@ -141,38 +142,38 @@ class Model:
             return self.tokenizer.encode(base_text(prompt), bos=True), False
         return self.tokenizer.apply_chat_template(prompt), True
 
+    def routing_options(self, experts_per_token: int | None = None, min_expert_weight: float | None = None,
+                        fallback_margin: float | None = None, trace=None) -> RoutingOptions:
+        """A call's routing, checked: the model's as loaded, with what the call sets. trace: called
+        with each model call's routing records (see routing.trace_records), e.g. a routing.TraceFile."""
+        default = self.transformer.default_routing
+        k, steering = default.experts_per_token, default.steering
+        if experts_per_token is not None:  # checked against the model; its config stays as it is
+            k = self.config.with_experts_per_token(experts_per_token).num_experts_per_tok
+        steering = Steering(steering.min_weight if min_expert_weight is None else min_expert_weight,
+                            steering.fallback_margin if fallback_margin is None else fallback_margin).check()
+        return RoutingOptions(k, steering, trace)
+
+    def start(self, ids: list[int], max_tokens: int = 256, params: SamplingParams | None = None,
+              options: RoutingOptions | None = None, new_text: bool = False, cancelled=None) -> Generation:
+        """An answer to the prompt's ids (see encode_prompt), not yet prefilled, routed by `options`
+        (default: the model's): how every answer starts, one at a time in `stream`, or decoded
+        together with others by the server."""
+        return Generation(self.transformer, self.tokenizer, ids, max_tokens, params, strip_leading_space=new_text,
+                          cancelled=cancelled, options=options)
+
     def stream(self, prompt, max_tokens: int = 256, on_prefill=None, experts_per_token: int | None = None,
                min_expert_weight: float | None = None, fallback_margin: float | None = None, trace=None,
                cancelled=None, **sampling) -> Iterator[GenerationResponse]:
         """Generate, one response per token. experts_per_token, min_expert_weight, fallback_margin:
         routing for this call only (default: the model's). trace: called with each model call's
-        routing records (see routing.trace_records), e.g. a routing.TraceFile (default: the
-        model's `transformer.trace`, if any). cancelled(): asked between model calls; once it
-        returns True the last response has finish_reason "cancelled"."""
+        routing records (see routing.trace_records), e.g. a routing.TraceFile. cancelled(): asked
+        between model calls; once it returns True the last response has finish_reason "cancelled".
+        Streams may interleave: each keeps its own settings."""
         ids, new_text = self.encode_prompt(prompt)
-        t = self.transformer
-        steering = t.routing.steering
-        steering = Steering(steering.min_weight if min_expert_weight is None else min_expert_weight,
-                            steering.fallback_margin if fallback_margin is None else fallback_margin).check()
-        args = self.config.with_experts_per_token(experts_per_token)
-        params = SamplingParams(**sampling)
-        return self._with_routing(args, steering, trace or t.trace, self.tuner.timed(stream_generate(
-            t, self.tokenizer, ids, max_tokens, params, strip_leading_space=new_text, on_prefill=on_prefill,
-            cancelled=cancelled)))
-
-    def _with_routing(self, args, steering, trace, responses) -> Iterator[GenerationResponse]:
-        """The responses, generated with these routing settings, which are undone at the end."""
-        t = self.transformer
-        saved = t.args, t.routing.steering, t.trace
-        t.args, t.routing.steering, t.trace = args, steering, trace
-        if self.expert_cache:
-            self.expert_cache.experts_per_token = args.num_experts_per_tok
-        try:
-            yield from responses
-        finally:
-            t.args, t.routing.steering, t.trace = saved
-            if self.expert_cache:
-                self.expert_cache.experts_per_token = saved[0].num_experts_per_tok
+        options = self.routing_options(experts_per_token, min_expert_weight, fallback_margin, trace)
+        generation = self.start(ids, max_tokens, SamplingParams(**sampling), options, new_text, cancelled)
+        return self.tuner.timed(responses(generation, on_prefill=on_prefill))
 
     def generate(self, prompt, max_tokens: int = 256, **sampling) -> str:
         return "".join(r.text for r in self.stream(prompt, max_tokens, **sampling))

@@ -13,6 +13,7 @@ import numpy as np
 
 from localmix.errors import LocalmixError
 from localmix.model import Transformer
+from localmix.routing import RoutingOptions
 from localmix.sampling import Sampler, SamplingParams
 from localmix.tokenizer import ModelTokenizer
 
@@ -109,11 +110,15 @@ class Generation:
     cancelled: asked between prefill chunks and before each token (never inside a model call, so
     compiled code is never interrupted); once it answers True the generation ends with one last
     response whose finish_reason is "cancelled" (no token; its text is what was held back, such as
-    a possible start of a stop string). Ctrl-C in the CLI and a client gone from the server use it."""
+    a possible start of a stop string). Ctrl-C in the CLI and a client gone from the server use it.
+
+    options: this answer's routing (experts per token, steering, trace), given to each of its model
+    calls (None: the transformer's default_routing); the server decodes answers with equal options
+    together (Transformer.step)."""
 
     def __init__(self, transformer: Transformer, tokenizer: ModelTokenizer, prompt: list[int], max_tokens: int = 256,
                  params: SamplingParams | None = None, strip_leading_space: bool = True,
-                 cancelled: Callable[[], bool] | None = None):
+                 cancelled: Callable[[], bool] | None = None, options: RoutingOptions | None = None):
         args = transformer.args
         if max_tokens < 0:
             raise LocalmixError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -125,6 +130,7 @@ class Generation:
         if max(prompt) >= args.vocab_size or min(prompt) < 0:
             raise LocalmixError(f"token ids must be in [0, {args.vocab_size})")
         self.transformer, self.tokenizer, self.prompt, self.max_tokens = transformer, tokenizer, prompt, max_tokens
+        self.options = options
         self.sampler = Sampler(params or SamplingParams())
         self.stops = StopStrings(self.sampler.params.stop)
         self.decoder = tokenizer.stream_decoder(strip_leading_space)
@@ -146,7 +152,8 @@ class Generation:
             if self.is_cancelled():
                 self.cancelled = True
                 break  # next() reports it
-            self.logits = self.transformer(self.prompt[i:i + step], self.cache, last_only=True)[-1]
+            self.logits = self.transformer(self.prompt[i:i + step], self.cache, last_only=True,
+                                           options=self.options)[-1]
             if on_prefill:
                 on_prefill(min(i + step, len(self.prompt)), len(self.prompt))
         self.prompt_tps = len(self.prompt) / max(time.perf_counter() - start, 1e-9)
@@ -186,16 +193,26 @@ def stream_generate(transformer: Transformer, tokenizer: ModelTokenizer, prompt:
                     params: SamplingParams | None = None, strip_leading_space: bool = True,
                     prefill_step: int = 256,
                     on_prefill: Callable[[int, int], None] | None = None,
-                    cancelled: Callable[[], bool] | None = None) -> Iterator[GenerationResponse]:
+                    cancelled: Callable[[], bool] | None = None,
+                    options: RoutingOptions | None = None) -> Iterator[GenerationResponse]:
     """Yield one response per generated token; the last one carries the finish reason.
     The prompt is processed in chunks of prefill_step tokens, calling on_prefill(done, total)
     after each. cancelled(): asked between prefill chunks and between tokens; when it returns
-    True the last response has finish_reason "cancelled" (see Generation)."""
-    generation = Generation(transformer, tokenizer, prompt, max_tokens, params, strip_leading_space, cancelled)
+    True the last response has finish_reason "cancelled" (see Generation). options: the routing
+    of every model call of this answer."""
+    generation = Generation(transformer, tokenizer, prompt, max_tokens, params, strip_leading_space, cancelled, options)
+    yield from responses(generation, prefill_step, on_prefill)
+
+
+def responses(generation: Generation, prefill_step: int = 256,
+              on_prefill: Callable[[int, int], None] | None = None) -> Iterator[GenerationResponse]:
+    """A generation's responses, one model call per token (the server instead decodes several
+    answers' tokens together: server.Engine)."""
     generation.prefill(prefill_step, on_prefill)
     while True:
         response = generation.next()
         yield response
         if response.finish_reason:
             return
-        generation.logits = transformer(np.array([response.token]), generation.cache, last_only=True)[-1]
+        generation.logits = generation.transformer(np.array([response.token]), generation.cache, last_only=True,
+                                                   options=generation.options)[-1]

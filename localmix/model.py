@@ -294,7 +294,8 @@ class Transformer:
     """Embedding, decoder layers (attention then mixture of experts, each pre-normed and added to
     the residual stream), final norm and language-model head."""
 
-    def __init__(self, args: ModelArgs, weights: Weights, ops: Ops | None = None, kv_dtype=np.float32):
+    def __init__(self, args: ModelArgs, weights: Weights, ops: Ops | None = None, kv_dtype=np.float32,
+                 default_routing: RoutingOptions = EXACT):
         self.args = args
         self.weights = weights
         self.ops = ops or Ops()
@@ -304,14 +305,15 @@ class Transformer:
         self.routing = Routing(args.num_hidden_layers, args.num_local_experts if args.is_moe else 1)
         for layer, routing in zip(weights.layers, self.routing.layers):
             layer.routing = routing
+        self.default_routing = default_routing  # a call's that gives no options (the model's, as loaded)
 
     def new_cache(self, capacity: int) -> KVCache:
         return self.ops.kv_cache(self.args, capacity, self.kv_dtype)
 
     def __call__(self, ids: np.ndarray, cache: KVCache, last_only: bool = False,
-                 options: RoutingOptions = EXACT) -> np.ndarray:
+                 options: RoutingOptions | None = None) -> np.ndarray:
         """Logits ([T, vocab], or [1, vocab] with last_only) for tokens that follow the cache's,
-        routed as `options` say (experts per token, steering, trace)."""
+        routed as `options` say (experts per token, steering, trace; default: default_routing)."""
         w = self.weights
         ids = np.asarray(ids, dtype=np.int64)
         positions = cache.length + np.arange(len(ids))
@@ -322,7 +324,7 @@ class Transformer:
         cache.advance(len(ids))
         return self.head(x[-1:] if last_only else x)
 
-    def step(self, ids: list[int], caches: list[KVCache], options: RoutingOptions = EXACT) -> np.ndarray:
+    def step(self, ids: list[int], caches: list[KVCache], options: RoutingOptions | None = None) -> np.ndarray:
         """Logits [len(ids), vocab] for the next token of each of several sequences at once (a
         server's concurrent answers): each weight is read once for all of them. One call routes
         all its rows alike: sequences with other options go in a step of their own."""
@@ -339,8 +341,9 @@ class Transformer:
         return self.head(x)
 
     def layers(self, x: np.ndarray, ids: np.ndarray, cache, positions: np.ndarray,
-               options: RoutingOptions) -> np.ndarray:
+               options: RoutingOptions | None) -> np.ndarray:
         # This call's routing, its own: rows of several sequences (a SequenceBatch) count no reuse.
+        options = options or self.default_routing
         call = RoutingCall(options, options.experts_per_token or self.args.num_experts_per_tok,
                            len(self.weights.layers), batched=isinstance(cache, SequenceBatch))
         for index, layer in enumerate(self.weights.layers):

@@ -6,7 +6,8 @@ layer, collected in `Routing`); `localmix stats` runs a text and shows them, `--
 counts in the model's folder for the expert cache's "pinned" policy, and `--trace` writes every
 token's choice.
 
-Steered (`Steering`, all off by default, when routing is exact):
+Steered (`Steering`, all off by default, when routing is exact; set per call in `RoutingOptions`,
+beside experts per token and the trace):
 - min_weight: drop an expert whose renormalized weight is below the threshold (the first one
   always stays), so that tokens the router is sure of use one expert;
 - fallback_margin: under a memory budget, while decoding, replace a chosen expert that is not in
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from localmix.validate import read_json
 ROUTING_FILE = "routing.json"  # routing statistics in a model's folder, written by `localmix stats --save`
 
 
-@dataclass
+@dataclass(frozen=True)
 class Steering:
     min_weight: float = 0.0
     fallback_margin: float = 0.0
@@ -41,6 +42,31 @@ class Steering:
         if not 0 <= self.fallback_margin <= 1:
             raise LocalmixError(f"--fallback-margin must be in [0, 1], got {self.fallback_margin}")
         return self
+
+
+@dataclass(frozen=True)
+class RoutingOptions:
+    """One call's routing settings, passed down as an argument (Model.stream, the server's requests,
+    the CLI): never stored on the model, so that calls with different settings can interleave.
+    Hashable: the server decodes answers with equal options together."""
+    experts_per_token: int | None = None  # None: the model's num_experts_per_tok
+    steering: Steering = Steering()
+    # Gets each token's routing records (trace_records); left out of the hash, as a list's bound
+    # `extend` cannot be hashed (equality still tells sinks apart).
+    trace: Callable[[list[dict]], None] | None = field(default=None, hash=False)
+
+
+EXACT = RoutingOptions()  # the router's choice, untraced
+
+
+class RoutingCall:
+    """What one model call's layers share about routing: its options, its experts per token, whether
+    its rows are one token of each of several sequences (Transformer.step: no reuse between them
+    is counted), and, while tracing, each layer's choice. Made afresh for every call."""
+
+    def __init__(self, options: RoutingOptions, experts_per_token: int, layers: int, batched: bool = False):
+        self.options, self.experts_per_token, self.batched = options, experts_per_token, batched
+        self.routes: list | None = [None] * layers if options.trace else None  # (chosen, weights, cached)
 
 
 class LayerRouting:
@@ -55,30 +81,27 @@ class LayerRouting:
         # one by one, even in plain Python, they cost 3-5% of the demo model's tokens.
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []  # [1, k] each
 
-    @property
-    def steers(self) -> bool:
-        """Whether the choice may differ from the router's (else routing is exact)."""
-        return self.routing.steering.min_weight > 0 or self.routing.steering.fallback_margin > 0
-
-    def __call__(self, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray, layer) -> tuple[np.ndarray, np.ndarray]:
-        """The router's choice ([T, k] experts, weights) after steering, counted. A dropped expert
-        is marked with the index len(experts), weight 0."""
-        r, experts = self.routing, len(layer.experts)
-        if r.steering.min_weight > 0:
-            chosen, weights = drop_light_experts(chosen, weights, r.steering.min_weight, experts)
-        if r.steering.fallback_margin > 0 and len(h) == 1 and layer.experts.on_demand:
-            chosen, weights = fall_back_to_resident(h, chosen, layer, r.steering.fallback_margin)
-        if len(chosen) == 1 and not r.batched:
+    def __call__(self, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray, layer,
+                 call: RoutingCall) -> tuple[np.ndarray, np.ndarray]:
+        """The router's choice ([T, k] experts, weights) after the call's steering, counted (and
+        kept in call.routes while tracing). A dropped expert is marked with the index
+        len(experts), weight 0."""
+        steering, experts = call.options.steering, len(layer.experts)
+        if steering.min_weight > 0:
+            chosen, weights = drop_light_experts(chosen, weights, steering.min_weight, experts)
+        if steering.fallback_margin > 0 and len(h) == 1 and layer.experts.on_demand:
+            chosen, weights = fall_back_to_resident(h, chosen, layer, steering.fallback_margin)
+        if len(chosen) == 1 and not call.batched:
             if self.pending and (len(self.pending) >= self.PENDING or self.pending[-1][0].shape != chosen.shape):
                 self.flush()
             self.pending.append((chosen, weights))
         else:
             self.flush()
-            self._count(chosen, weights, consecutive=not r.batched)
-        if r.trace is not None:
+            self._count(chosen, weights, consecutive=not call.batched)
+        if call.routes is not None:
             source = layer.experts
-            r.trace[self.index] = (chosen, weights, None if not source.on_demand else
-                                   [[source.is_resident(int(e)) for e in row] for row in chosen])
+            call.routes[self.index] = (chosen, weights, None if not source.on_demand else
+                                       [[source.is_resident(int(e)) for e in row] for row in chosen])
         return chosen, weights
 
     def flush(self) -> None:
@@ -110,21 +133,19 @@ class LayerRouting:
 
 
 class Routing:
-    """The model's routing statistics since the start, [layers, experts] each: tokens routed to
+    """The model's routing statistics since the start (they accumulate over calls by design; what a
+    call sets travels in its RoutingOptions), [layers, experts] each: tokens routed to
     each expert (`routed`), the sum of their router weights (`weight`), and per layer the tokens
     (`tokens`) and the experts a token shared with the token before it (`reused`, out of the
     `followed` experts of the tokens before)."""
 
     COUNTS = ("routed", "weight", "tokens", "reused", "followed")
 
-    def __init__(self, layers: int, experts: int, steering: Steering | None = None):
+    def __init__(self, layers: int, experts: int):
         self.experts = experts
         self._routed = np.zeros((layers, experts), np.int64)
         self._weight = np.zeros((layers, experts), np.float64)
         self._tokens, self._reused, self._followed = (np.zeros(layers, np.int64) for _ in range(3))
-        self.steering = steering or Steering()
-        self.trace: list | None = None  # per layer, this call's (chosen, weights, cached), while tracing
-        self.batched = False  # whether the call's rows are several sequences' tokens (Transformer.step)
         self.layers = [LayerRouting(self, i) for i in range(layers)]
 
     def _counted(name: str):  # the counts, with the decoded tokens not yet counted added first

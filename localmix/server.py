@@ -1,10 +1,12 @@
 """`localmix serve`: OpenAI and Ollama HTTP routes over one loaded model (Starlette on uvicorn).
 
-Requests share the model through one engine thread: it prefills each new request's prompt, then
-decodes every active answer together, one token each per step (Transformer.step), so that each
-weight read serves all of them. Answers stream back to the request handlers through asyncio
-queues; a client that goes away (mid-stream, or while waiting for a whole answer) cancels its
-answer before the engine's next token.
+Requests share the model through one engine thread: it starts each new request's answer as the
+API does (Model.start, with the request's sampling and routing), prefills its prompt, then decodes
+every active answer together, one token each per step (Transformer.step), so that each weight read
+serves all of them; answers whose routing differs (localmix's experts_per_token, min_expert_weight,
+fallback_margin request fields) are decoded in a step of their own. Answers stream back to the
+request handlers through asyncio queues; a client that goes away (mid-stream, or while waiting for
+a whole answer) cancels its answer before the engine's next token.
 
 Every request is untrusted. Its body is read up to a size limit (413 beyond) and within a time
 limit (408); more answers waiting than MAX_WAITING is a 503. Parsing the body, checking
@@ -36,6 +38,7 @@ from starlette.routing import Route
 from localmix import validate
 from localmix.errors import LocalmixError
 from localmix.generate import Generation, GenerationResponse
+from localmix.routing import RoutingOptions
 from localmix.sampling import SamplingParams
 
 log = logging.getLogger("localmix.server")
@@ -54,6 +57,7 @@ class Job:
     prompt: list[int]
     max_tokens: int
     params: SamplingParams
+    options: RoutingOptions
     chat: bool
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
@@ -111,8 +115,8 @@ class Engine:
         if job.cancelled:
             return
         try:
-            job.generation = Generation(self.model.transformer, self.model.tokenizer, job.prompt, job.max_tokens,
-                                        job.params, strip_leading_space=job.chat, cancelled=lambda: job.cancelled)
+            job.generation = self.model.start(job.prompt, job.max_tokens, job.params, job.options, new_text=job.chat,
+                                              cancelled=lambda: job.cancelled)
             job.generation.prefill()  # asks `cancelled` between chunks of the prompt
         except LocalmixError as e:
             job.send(e)
@@ -145,12 +149,21 @@ class Engine:
         self.active = [job for job, _ in going]
         if not going:
             return
-        self.widest = max(self.widest, len(going))
+        # A model call routes all its rows alike: answers with equal routing options are decoded
+        # together, each other set in a call of its own (one call where all requests leave routing be).
+        groups: dict[RoutingOptions, list[tuple[Job, int]]] = {}
+        for job, token in going:
+            groups.setdefault(job.generation.options, []).append((job, token))
+        self.widest = max(self.widest, *(len(group) for group in groups.values()))
         try:
-            start = time.perf_counter()
-            logits = self.model.transformer.step([token for _, token in going], [job.generation.cache for job, _ in going])
-            if len(going) == 1:  # the tuner compares token times, so only steps of one answer count
-                self.model.tuner.record(time.perf_counter() - start)
+            for options, group in groups.items():
+                start = time.perf_counter()
+                logits = self.model.transformer.step([token for _, token in group],
+                                                     [job.generation.cache for job, _ in group], options)
+                if len(going) == 1:  # the tuner compares token times, so only steps of one answer count
+                    self.model.tuner.record(time.perf_counter() - start)
+                for (job, _), row in zip(group, logits):
+                    job.generation.logits = row
         except Exception as e:  # noqa: BLE001
             log.exception("internal error in a decoding step")
             for job, _ in going:
@@ -158,8 +171,6 @@ class Engine:
                 job.generation = None
             self.active = []
             return
-        for (job, _), row in zip(going, logits):
-            job.generation.logits = row
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
@@ -184,6 +195,7 @@ class Ask:
     """A request, checked: the prompt's ids and how to answer it."""
     ids: list[int]
     params: SamplingParams
+    options: RoutingOptions  # the answer's routing: the model's, with the request's localmix fields
     length: int           # max tokens of the answer
     stream: bool
     chat: bool            # the answer starts a new text (after [/INST]) rather than continuing the prompt
@@ -244,6 +256,18 @@ def sampling(body: dict, ollama: bool) -> tuple[SamplingParams, int | None]:
     return params, optional(body, key, None, validate.integer, 0, validate.MAX_CONTEXT)
 
 
+def routing_fields(body: dict, ollama: bool, experts: int) -> dict:
+    """localmix's routing fields (None where absent: the model's): in Ollama's options object, or
+    beside OpenAI's fields (the OpenAI client sends them with extra_body). As Model.stream takes them."""
+    o = (body.get("options") or {}) if ollama else body  # options: an object, as sampling() checked
+    fields = {"experts_per_token": optional(o, "experts_per_token", None, validate.integer, 1, max(experts, 1)),
+              "min_expert_weight": optional(o, "min_expert_weight", None, validate.number, 0.0, 1.0),
+              "fallback_margin": optional(o, "fallback_margin", None, validate.number, 0.0, 1.0)}
+    if fields["min_expert_weight"] == 1.0:  # a weight of 1 would drop every expert but the first of every token
+        raise BadRequest(400, "request: min_expert_weight must be below 1, got 1.0")
+    return fields
+
+
 def content_of(value, where: str) -> str:
     """A message's text: a string, null, or OpenAI's list of parts (text parts only)."""
     if value is None:
@@ -278,9 +302,11 @@ def messages_of(value) -> list[dict]:
 
 
 class Server:
-    def __init__(self, model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS):
+    def __init__(self, model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS,
+                 trace=None):
         self.model, self.name, self.created = model, name, int(time.time())
         self.max_body, self.body_seconds = max_body, body_seconds
+        self.trace = trace  # gets every answer's routing records (serve --trace), as Model.stream's trace
         self.engine = Engine(model)
         self.context = model.config.max_position_embeddings
         # Parsing, checking and tokenizing a request: off the event loop. Two threads: a huge prompt
@@ -341,6 +367,8 @@ class Server:
         if optional(body, "n", 1, validate.integer, 1, 1 << 31) != 1:
             raise BadRequest(400, "request: n must be 1 (one answer per request)")
         params, length = sampling(body, ollama)
+        experts = self.model.config.num_local_experts
+        options = checked(self.model.routing_options, **routing_fields(body, ollama, experts), trace=self.trace)
         ids, new_text = self.prompt(body, chat, ollama)
         room = self.context - len(ids)
         if room < 1:
@@ -355,7 +383,7 @@ class Server:
             raise BadRequest(400, f"the prompt has {len(ids)} tokens and {name} asks for {length}: "
                                   f"{len(ids) + length} is more than the model's context of {self.context} tokens",
                              "context_length_exceeded")
-        return Ask(ids, params, length, stream, new_text, include_usage)
+        return Ask(ids, params, options, length, stream, new_text, include_usage)
 
     def prompt(self, body: dict, chat: bool, ollama: bool) -> tuple[list[int], bool]:
         """(ids, whether the answer starts a new text) for the request's messages or prompt."""
@@ -377,7 +405,7 @@ class Server:
 
     def submit(self, ask: Ask) -> Job:
         """The request's answer, queued for the engine (503 if too many wait already)."""
-        job = Job(ask.ids, ask.length, ask.params, ask.chat, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(ask.ids, ask.length, ask.params, ask.options, ask.chat, asyncio.get_running_loop(), asyncio.Queue())
         self.engine.submit(job)
         return job
 
@@ -580,8 +608,10 @@ class QuietCancellations(logging.Filter):
         return not str(record.msg).rstrip().endswith("asyncio.exceptions.CancelledError")
 
 
-def create_app(model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS) -> Starlette:
-    server = Server(model, name, max_body, body_seconds)
+def create_app(model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS,
+               trace=None) -> Starlette:
+    """The app serving `model` as `name`. trace: gets every answer's routing records (a routing.TraceFile)."""
+    server = Server(model, name, max_body, body_seconds, trace)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

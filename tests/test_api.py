@@ -87,16 +87,16 @@ def test_eos_stops_generation(model, monkeypatch):
     real = model.transformer.__call__
     calls = []
 
-    def forward(ids, cache, last_only=False):
-        logits = real(ids, cache, last_only)
+    def forward(ids, cache, last_only=False, options=None):
+        logits = real(ids, cache, last_only, options)
         calls.append(1)
         if len(calls) >= 3:
             logits[:, model.tokenizer.eos_id] = 1e9
         return logits
     monkeypatch.setattr(model, "transformer", type("T", (), {"__call__": staticmethod(forward),
                                                               "new_cache": model.transformer.new_cache,
-                                                              "args": model.config, "trace": None,
-                                                              "routing": model.transformer.routing})())
+                                                              "args": model.config,
+                                                              "default_routing": model.transformer.default_routing})())
     responses = list(model.stream("Hi", max_tokens=50, **GREEDY))
     assert responses[-1].finish_reason == "stop" and responses[-1].token == model.tokenizer.eos_id
     assert len(responses) == 3

@@ -28,11 +28,12 @@ IDS = np.random.default_rng(2).integers(0, 32000, 20)
 
 
 def traced(model, ids=IDS):
-    """Prompt (6 tokens) then one token at a time, recording every token's routing."""
-    records = []
-    model.transformer.trace = records.extend
-    logits = prompt_then_decode(model, ids)
-    model.transformer.trace = None
+    """Prompt (6 tokens) then one token at a time, recording every token's routing (the model's
+    routing as loaded, with a trace: an argument of each call)."""
+    records, t = [], model.transformer
+    options, cache = model.routing_options(trace=records.extend), t.new_cache(len(ids))
+    logits = np.concatenate([t(ids[:6], cache, options=options)] +
+                            [t(ids[i:i + 1], cache, options=options) for i in range(6, len(ids))])
     return logits, records
 
 
@@ -188,9 +189,7 @@ def test_batched_decoding_counts_routes_but_no_reuse(q4):
         t(list(range(start, start + 4)), cache)
     before = t.routing.snapshot()
     records = []
-    t.trace = records.extend
-    t.step([7, 8, 9], caches)
-    t.trace = None
+    t.step([7, 8, 9], caches, model.routing_options(trace=records.extend))
     stats = t.routing.since(before)
     assert (stats["tokens"] == 3).all() and (stats["routed"].sum(axis=1) == 6).all()
     assert (stats["reused"] == 0).all() and (stats["followed"] == 0).all()

@@ -49,7 +49,7 @@ class ExpertCache:
             raise LocalmixError(f"unknown expert cache policy {policy!r}: use {' or '.join(POLICIES)}")
         pinned = list(hot)[:max(0, slots - max(2 * experts_per_token, slots // 4))] if policy == "pinned" else []
         self.folder, self.policy = model.folder, Pinned(pinned) if policy == "pinned" else POLICIES[policy]()
-        self.experts_per_token, self.policy_name, self.guess_ahead = experts_per_token, policy, prefetch
+        self.policy_name, self.guess_ahead = policy, prefetch
         # Every shape, offset and size below sizes a slot, a read or a view the kernels write through:
         # they come from the manifest as check_manifest checked it against the config and the layout rule
         # when the folder was opened (ModelFolder.layouts).
@@ -201,14 +201,13 @@ class ExpertCache:
                 self._start_load(key, slot, guess=True)
                 self.prefetches += 1
 
-    def speculate(self, layer: int, h: np.ndarray) -> None:
-        """Guess the next layer's experts from this layer's normed hidden state and the next
-        layer's router (as Eliseev and Mazur do), and prefetch them: a wrong guess costs reads,
-        never correctness."""
+    def speculate(self, layer: int, h: np.ndarray, k: int) -> None:
+        """Guess the next layer's k experts (the call's experts per token) from this layer's normed
+        hidden state and the next layer's router (as Eliseev and Mazur do), and prefetch them: a
+        wrong guess costs reads, never correctness."""
         if self.guess_ahead and layer + 1 < len(self.routers) and self.routers[layer + 1] is not None:
             from localmix.kernels import route_tokens
-            chosen, _ = route_tokens(np.ascontiguousarray(h, np.float32), self.routers[layer + 1],
-                                     self.experts_per_token, False)
+            chosen, _ = route_tokens(np.ascontiguousarray(h, np.float32), self.routers[layer + 1], k, False)
             self.prefetch(layer + 1, chosen[0])
 
     def _start_load(self, key, slot: int, guess: bool = False) -> None:
@@ -317,8 +316,8 @@ class CachedExperts(ExpertSource):
     def shapes(self) -> set[tuple[int, int]]:
         return self.cache.shapes
 
-    def speculate(self, h: np.ndarray) -> None:
-        self.cache.speculate(self.layer, h)
+    def speculate(self, h: np.ndarray, k: int) -> None:
+        self.cache.speculate(self.layer, h, k)
 
     def for_token(self, experts) -> list[Expert]:
         """A decoded token's experts (shadow copies for those not in the cache, where kept)."""

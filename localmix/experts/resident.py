@@ -54,5 +54,5 @@ class ResidentExperts(ExpertSource):
     def shapes(self) -> set[tuple[int, int]]:
         return {(m.bits, m.group_size) for e in self.experts for m in (e.w1, e.w2, e.w3) if is_quantized(m)}
 
-    def speculate(self, h: np.ndarray) -> None:
+    def speculate(self, h: np.ndarray, k: int) -> None:
         pass

@@ -62,6 +62,7 @@ class ExpertSource(Sequence):
         experts in."""
 
     @abstractmethod
-    def speculate(self, h: np.ndarray) -> None:
-        """A hint from this layer's normed hidden state of one token: the source may start reading
-        the next layer's likely experts (nothing to do where all are resident)."""
+    def speculate(self, h: np.ndarray, k: int) -> None:
+        """A hint from this layer's normed hidden state of one token, routed to k experts per token
+        (the call's): the source may start reading the next layer's likely experts (nothing to do
+        where all are resident)."""
