@@ -1,4 +1,5 @@
-"""Import a Mixtral GGUF file (llama.cpp's format).
+"""Import a mixture-of-experts GGUF file (llama.cpp's format): Mixtral (architecture `llama` with
+experts), Qwen2-MoE (`qwen2moe`), Qwen3-MoE (`qwen3moe`) and OLMoE (`olmoe`).
 
 llama.cpp's common 4- and 8-bit types are affine in groups of 32, as localmix's format is, so
 they are copied, not quantized again:
@@ -9,9 +10,13 @@ they are copied, not quantized again:
   -dmin*m, rounded to float16 (the only change).
 The multiplications by 8 and 128 are exact in float16. Other types (Q6_K, Q5_*, F16, ...) are
 dequantized (by the `gguf` package llama.cpp maintains) and quantized again at 8 bits, and the
-import says so. llama.cpp stores q and k rows in its own rotary order; they are put back in
-transformers' (rows move, values do not). The tokenizer is rebuilt from the GGUF vocabulary as a
-sentencepiece model.
+import says so. llama.cpp's converter stores q and k rows in its own rotary order for `llama`
+only (the others use NEOX rotation, transformers' order); they are put back in transformers'
+(rows move, values do not). What llama.cpp's graph hard-codes per architecture rather than reads
+from the file is taken as it does: top-k weights renormalized for llama and qwen3moe, not for
+qwen2moe and olmoe; softmax routing. The tokenizer is rebuilt from the GGUF vocabulary: a
+sentencepiece model (`tokenizer.ggml.model = "llama"`), or a tokenizer.json with its
+tokenizer_config.json and chat template (`"gpt2"`, byte-level BPE: gguf_bpe.py).
 
 A GGUF file is untrusted input, and `gguf.GGUFReader` trusts it: it reads every array eagerly, one
 numpy object per element, sized by counts the file states (a patched count grows it to gigabytes),
@@ -25,7 +30,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,15 +45,29 @@ from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.affine import pack, quantize
 from localmix.quant.convert import check_disk, write_arrays, write_model
+from localmix.quant.gguf_bpe import tokenizer_config, tokenizer_json
 from localmix.store import expert_matrix, plan_layout, stays_float
-from localmix.tokenizer import check_tokenizer
+from localmix.tokenizer import HF_TOKENIZER, SENTENCEPIECE, check_tokenizer
 
 GROUP = 32
 COPIED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}
-LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-               "ffn_gate_inp": "block_sparse_moe.gate"}
-EXPERT_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
+# llama.cpp architecture -> transformers model_type, and its class.
+ARCHITECTURES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe"}
+CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+           "olmoe": "OlmoeForCausalLM"}
+# Whether llama.cpp's graph renormalizes the chosen experts' weights (build_moe_ffn's norm_w): a
+# constant of each architecture, not read from the file.
+NORM_TOPK = {"qwen3_moe": True, "qwen2_moe": False, "olmoe": False}
+# A layer's transformers module -> its llama.cpp tensor (gguf's tensor_mapping.py)
+LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
+               "block_sparse_moe.gate": "ffn_gate_inp", "mlp.gate": "ffn_gate_inp",
+               "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+               "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+               "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down", "mlp.up_proj": "ffn_up"}
+EXPERT_NAMES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 # Far above any real file (a Mixtral GGUF has ~40 keys and ~300 tensors), low enough that a lying
 # count is refused before a loop runs for it.
@@ -55,7 +77,8 @@ MAX_NAME = 1024          # a key or tensor name, in bytes (llama.cpp's tensor na
 MAX_STRING = 1 << 20     # a string value kept (chat templates are a few KB)
 MAX_ALIGNMENT = 1 << 16
 # Array values kept; every other array is bounds-checked and skipped, never materialized.
-KEPT_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"}
+KEPT_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+               "tokenizer.ggml.merges"}
 
 # GGUF's value types (gguf.GGUFValueType): struct format of each scalar.
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
@@ -273,10 +296,15 @@ class GGUFFile:
         return value
 
     def integer(self, key: str, low: int, high: int, default=REQUIRED) -> int:
-        return validate.integer(self.get(key, INTEGERS, "an integer", default), key, str(self.path), low, high)
+        """The key's integer, bounded; the default (as it is) where the file leaves the key out."""
+        if key not in self.metadata and default is not REQUIRED:
+            return default
+        return validate.integer(self.get(key, INTEGERS, "an integer"), key, str(self.path), low, high)
 
     def number(self, key: str, low: float, high: float, default=REQUIRED) -> float:
-        return validate.number(self.get(key, FLOATS | INTEGERS, "a number", default), key, str(self.path),
+        if key not in self.metadata and default is not REQUIRED:
+            return default
+        return validate.number(self.get(key, FLOATS | INTEGERS, "a number"), key, str(self.path),
                                low, high, low_open=True)
 
     def string(self, key: str, default=REQUIRED) -> str:
@@ -317,59 +345,97 @@ class GGUFFile:
 
 def hf_config(g: GGUFFile) -> dict:
     """A transformers config.json of the GGUF's metadata, every value typed and bounded; it then goes
-    through ModelArgs.from_hf_config like any other config."""
+    through ModelArgs.from_hf_config like any other config. What llama.cpp reads from tensors'
+    presence is read so too: q/k/v biases, a separate output matrix."""
     arch = g.string("general.architecture", None)
+    model_type = ARCHITECTURES.get(arch)
     experts = g.metadata.get(f"{arch}.expert_count", (None, None))[1]
-    if arch != "llama" or not experts:
-        raise LocalmixError(f"{g.path}: not a Mixtral GGUF (architecture {arch!r}, expert count {experts!r}); "
-                            f"localmix imports Mixtral")
-    p = "llama."
+    if model_type is None or not experts:
+        raise LocalmixError(f"{g.path}: not a mixture-of-experts GGUF localmix imports (architecture {arch!r:.40}, "
+                            f"expert count {experts!r:.20}); localmix imports Mixtral (llama with experts), "
+                            f"Qwen2-MoE (qwen2moe), Qwen3-MoE (qwen3moe) and OLMoE (olmoe)")
+    p = arch + "."
     heads = g.integer(p + "attention.head_count", 1, validate.MAX_HEADS)
     hidden = g.integer(p + "embedding_length", 1, validate.MAX_DIM)
-    n_experts = g.integer(p + "expert_count", 1, validate.MAX_EXPERTS)
-    rope_dims = g.integer(p + "rope.dimension_count", 1, validate.MAX_DIM, hidden // heads)
-    if rope_dims != hidden // heads:  # partial rotary: other math than Mixtral's
-        raise LocalmixError(f"{g.path}: {p}rope.dimension_count is {rope_dims}, not the head size {hidden // heads}")
+    layers = g.integer(p + "block_count", 1, validate.MAX_LAYERS)
+    head_dim = g.integer(p + "attention.key_length", 1, validate.MAX_DIM, max(hidden // heads, 1))
+    if g.integer(p + "attention.value_length", 1, validate.MAX_DIM, head_dim) != head_dim:
+        raise LocalmixError(f"{g.path}: {p}attention.value_length differs from key_length ({head_dim})")
+    rope_dims = g.integer(p + "rope.dimension_count", 1, validate.MAX_DIM, head_dim)
+    if rope_dims != head_dim:  # partial rotary: other math than these families'
+        raise LocalmixError(f"{g.path}: {p}rope.dimension_count is {rope_dims}, not the head size {head_dim}")
     if g.string(p + "rope.scaling.type", "none") not in ("none", ""):
         raise LocalmixError(f"{g.path}: scaled RoPE ({g.string(p + 'rope.scaling.type')}) is not supported")
+    n_experts = g.integer(p + "expert_count", 1, validate.MAX_EXPERTS)
+    used = g.integer(p + "expert_used_count", 1, n_experts)
+    width = g.integer(p + "feed_forward_length", 1, validate.MAX_DIM)
+    # llama.cpp's routing options, where a file sets them: localmix routes by softmax, unscaled.
+    if g.integer(p + "expert_gating_func", 0, 1 << 32, 1) not in (0, 1):  # 0: unset, 1: softmax
+        raise LocalmixError(f"{g.path}: {p}expert_gating_func is not softmax; localmix routes by softmax")
+    if g.number(p + "expert_weights_scale", -1, 1e9, 1.0) not in (0.0, 1.0):  # 0: unset
+        raise LocalmixError(f"{g.path}: {p}expert_weights_scale scales the experts' weights; localmix does not")
     model = g.string("tokenizer.ggml.model", None)
-    if model != "llama":
-        raise LocalmixError(f"{g.path}: tokenizer.ggml.model is {model!r}; localmix rebuilds only sentencepiece "
-                            f"('llama') vocabularies")
+    if model not in ("llama", "gpt2"):
+        raise LocalmixError(f"{g.path}: tokenizer.ggml.model is {model!r:.40}; localmix rebuilds sentencepiece "
+                            f"('llama') and byte-level BPE ('gpt2') vocabularies")
     vocab = len(g.array("tokenizer.ggml.tokens", {STRING}, "strings"))
     if vocab == 0:
         raise LocalmixError(f"{g.path}: tokenizer.ggml.tokens is empty")
-    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": hidden,
-            "intermediate_size": g.integer(p + "feed_forward_length", 1, validate.MAX_DIM),
-            "num_hidden_layers": g.integer(p + "block_count", 1, validate.MAX_LAYERS),
-            "num_attention_heads": heads,
-            "num_key_value_heads": g.integer(p + "attention.head_count_kv", 1, validate.MAX_HEADS, heads),
-            "num_local_experts": n_experts,
-            "num_experts_per_tok": g.integer(p + "expert_used_count", 1, n_experts),
-            "vocab_size": vocab,
-            "max_position_embeddings": g.integer(p + "context_length", 1, validate.MAX_CONTEXT, 32768),
-            "rms_norm_eps": g.number(p + "attention.layer_norm_rms_epsilon", 0, 1, 1e-5),
-            "rope_theta": g.number(p + "rope.freq_base", 0, 1e12, 1e6), "sliding_window": None,
-            "tie_word_embeddings": "output.weight" not in g.tensors,
-            "bos_token_id": g.integer("tokenizer.ggml.bos_token_id", 0, vocab - 1, 1),
-            "eos_token_id": g.integer("tokenizer.ggml.eos_token_id", 0, vocab - 1, 2), "torch_dtype": "float16"}
+    sentencepiece = model == "llama"
+    config = {"architectures": [CLASSES[model_type]], "model_type": model_type, "hidden_size": hidden,
+              "intermediate_size": width, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": g.integer(p + "attention.head_count_kv", 1, validate.MAX_HEADS, heads),
+              "head_dim": head_dim, "num_experts_per_tok": used, "vocab_size": vocab, "hidden_act": "silu",
+              "max_position_embeddings": g.integer(p + "context_length", 1, validate.MAX_CONTEXT, 32768),
+              "rms_norm_eps": g.number(p + "attention.layer_norm_rms_epsilon", 0, 1, 1e-5 if sentencepiece else 1e-6),
+              "rope_theta": g.number(p + "rope.freq_base", 0, 1e12, 1e6 if model_type == "mixtral" else 1e4),
+              "tie_word_embeddings": "output.weight" not in g.tensors,
+              "bos_token_id": g.integer("tokenizer.ggml.bos_token_id", 0, vocab - 1, 1 if sentencepiece else None),
+              "eos_token_id": g.integer("tokenizer.ggml.eos_token_id", 0, vocab - 1, 2 if sentencepiece else None),
+              "torch_dtype": "float16"}
+    bias = "blk.0.attn_q.bias" in g.tensors
+    if model_type == "mixtral":
+        config.update(num_local_experts=n_experts, sliding_window=None)
+    else:
+        config.update(num_experts=n_experts, norm_topk_prob=NORM_TOPK[model_type], use_sliding_window=False)
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        # llama.cpp's own fallback where the expert width is not stated
+        config["moe_intermediate_size"] = g.integer(p + "expert_feed_forward_length", 1, validate.MAX_DIM,
+                                                    max(width // used, 1))
+        config.update(decoder_sparse_step=1, mlp_only_layers=[])  # llama.cpp's graph: experts in every layer
+        config["qkv_bias" if model_type == "qwen2_moe" else "attention_bias"] = bias
+    if model_type == "qwen2_moe":
+        config["shared_expert_intermediate_size"] = g.integer(p + "expert_shared_feed_forward_length", 1,
+                                                              validate.MAX_DIM, width)
+    if model_type == "olmoe":
+        config["attention_bias"] = bias
+        if p + "attention.clamp_kqv" in g.metadata:
+            config["clip_qkv"] = g.number(p + "attention.clamp_kqv", 0, 1e9)
+    return config
+
+
+def same_dims(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Equal as ggml compares shapes: trailing dimensions of 1 left out or not (a shared expert's
+    gate is [hidden] or [hidden, 1])."""
+    def strip(d):
+        while len(d) > 1 and d[-1] == 1:
+            d = d[:-1]
+        return d
+    return strip(tuple(a)) == strip(tuple(b))
 
 
 def gguf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every GGUF tensor a Mixtral of these args has, with its dimensions (GGUF order, columns
-    first; experts stacked). Checked before tensor_table is built, whose length grows with the
-    config's expert count: the file's stacks must hold the experts the config counts."""
-    H, F, E = args.hidden_size, args.intermediate_size, args.num_local_experts
-    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-    shapes = {"token_embd.weight": (H, args.vocab_size), "output_norm.weight": (H,)}
-    if not args.tie_word_embeddings:
-        shapes["output.weight"] = (H, args.vocab_size)
-    for i in range(args.num_hidden_layers):
-        shapes.update({f"blk.{i}.attn_norm.weight": (H,), f"blk.{i}.ffn_norm.weight": (H,),
-                       f"blk.{i}.attn_q.weight": (H, q), f"blk.{i}.attn_k.weight": (H, kv),
-                       f"blk.{i}.attn_v.weight": (H, kv), f"blk.{i}.attn_output.weight": (q, H),
-                       f"blk.{i}.ffn_gate_inp.weight": (H, E), f"blk.{i}.ffn_gate_exps.weight": (H, F, E),
-                       f"blk.{i}.ffn_up_exps.weight": (H, F, E), f"blk.{i}.ffn_down_exps.weight": (F, H, E)})
+    """Every GGUF tensor a model of these args has, with its dimensions (GGUF order, columns
+    first; experts stacked). The table it is made from is bounded by the config's checks (layers
+    x experts at most MAX_TOTAL_EXPERTS)."""
+    shapes = {}
+    for name, shape in tensor_table(args):
+        source, expert = gguf_name(name)
+        if expert is None:
+            shapes[source] = tuple(reversed(shape))
+        else:  # the layer's experts in one stack
+            rows, cols = shape
+            shapes[source] = (cols, rows, args.num_local_experts)
     return shapes
 
 
@@ -382,10 +448,9 @@ def gguf_name(name: str) -> tuple[str, int | None]:
     matrix = expert_matrix(name)
     if matrix:
         layer, expert, part = matrix
-        return f"blk.{layer}.{ {v: k for k, v in EXPERT_NAMES.items()}[part] }_exps.weight", expert
-    parts = name.split(".")
-    layer, module = int(parts[2]), ".".join(parts[3:-1])
-    return f"blk.{layer}.{ {v: k for k, v in LAYER_NAMES.items()}[module] }.weight", None
+        return f"blk.{layer}.{EXPERT_NAMES[part]}.weight", expert
+    m = _LAYER_TENSOR.match(name)
+    return f"blk.{m[1]}.{LAYER_NAMES[m[2]]}.{m[3]}", None
 
 
 _readable: dict[str, bool] = {}
@@ -478,8 +543,9 @@ def sentencepiece_model(g: GGUFFile, vocab: int) -> bytes:
 
 
 def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
-    """A localmix model from a Mixtral GGUF file. The header, the metadata (as a config through
-    ModelArgs) and every tensor's type, shape and place are checked before any tensor is read."""
+    """A localmix model from a mixture-of-experts GGUF file. The header, the metadata (as a config
+    through ModelArgs) and every tensor's type, shape and place are checked before any tensor is
+    read."""
     gguf = _gguf()
     g = GGUFFile(path)
     raw_config = hf_config(g)
@@ -487,13 +553,14 @@ def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
     shapes = gguf_shapes(args)
     extra = sorted(set(g.tensors) - set(shapes))
     if extra:  # as llama.cpp refuses them: a file with more tensors than its metadata describes is not what it says
-        raise LocalmixError(f"{path}: tensor {extra[0]} is not part of the Mixtral its metadata describes"
+        raise LocalmixError(f"{path}: tensor {extra[0]} is not part of the {args.model_type} model its metadata "
+                            f"describes"
                             + (f" ({len(extra)} such tensors)" if len(extra) > 1 else ""))
     for source, dims in shapes.items():
         if source not in g.tensors:
             raise LocalmixError(f"{path}: no tensor {source}")
         t = g.tensors[source]
-        if t.dims != dims:
+        if not same_dims(t.dims, dims):
             raise LocalmixError(f"{path}: tensor {source} has dimensions {list(t.dims)}, expected {list(dims)} "
                                 f"from the file's metadata")
         if not readable(t.kind):
@@ -524,8 +591,10 @@ def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
             if layout.bits is None:  # norms and routers: float32
                 values = data if t.kind in ("F32", "F16") else gguf.quants.dequantize(data, ggml_type)
                 return finite([np.asarray(values, np.float32).reshape(layout.shape)], source)
-            heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads}.get(
-                layout.name.split(".")[-2])
+            heads = None
+            if args.model_type == "mixtral":  # only llama's q and k rows are in llama.cpp's rotary order
+                heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads}.get(
+                    layout.name.split(".")[-2])
             if t.kind in COPIED:
                 arrays = affine_blocks(t.kind, np.asarray(data))
                 q, scales, biases = (unpermute(a, heads) for a in arrays) if heads else arrays
@@ -538,14 +607,43 @@ def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
         except Exception as e:  # the gguf package's decoders on data they did not expect: one error, not a traceback
             raise LocalmixError(f"{path}: cannot decode tensor {source} ({t.kind}): {str(e)[:200]}") from None
 
-    tokenizer = Path(out_dir).parent / f".{Path(out_dir).name}.tokenizer.model"
+    folder = Path(tempfile.mkdtemp(prefix=f".{Path(out_dir).name}.tokenizer.", dir=Path(out_dir).parent))
     try:
-        tokenizer.write_bytes(sentencepiece_model(g, args.vocab_size))
-        check_tokenizer(tokenizer, args.vocab_size, f"{path} (its vocabulary)")
+        tokenizer = tokenizer_files(g, args.vocab_size, folder)
         return write_model(Path(out_dir), sizes, lambda tmp: write_arrays(tmp, layouts, arrays_of, on_progress),
-                           {"tokenizer.model": tokenizer}, raw_config,
+                           tokenizer, raw_config,
                            {"repo": str(Path(path).resolve()), "revision": None, "format": "gguf"},
                            {"bits": "/".join(sorted({str(COPIED.get(k, 8)) for k in kinds.values()})),
                             "group_size": GROUP, "method": "gguf (imported)", "gguf_types": sorted(set(kinds.values()))})
     finally:
-        tokenizer.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def tokenizer_files(g: GGUFFile, vocab: int, folder: Path) -> dict[str, Path]:
+    """The GGUF's tokenizer as files in folder (as tokenizer.tokenizer_files names them): a
+    sentencepiece tokenizer.model, or tokenizer.json and tokenizer_config.json (its chat template,
+    BOS and EOS) for a byte-level BPE vocabulary. write_model checks them again as it copies them."""
+    if g.string("tokenizer.ggml.model") == "llama":
+        path = folder / SENTENCEPIECE
+        path.write_bytes(sentencepiece_model(g, vocab))
+        check_tokenizer(path, vocab, f"{g.path} (its vocabulary)")
+        return {SENTENCEPIECE: path}
+    tokens = g.array("tokenizer.ggml.tokens", {STRING}, "strings")
+    types = g.array("tokenizer.ggml.token_type", INTEGERS, "integers", vocab).astype(np.int64)
+    if not np.isin(types, TOKEN_TYPES).all():
+        raise LocalmixError(f"{g.path}: tokenizer.ggml.token_type holds types outside 1-6 "
+                            f"(normal, unknown, control, user-defined, unused, byte)")
+    merges = g.array("tokenizer.ggml.merges", {STRING}, "strings")
+    special = {what: g.integer(f"tokenizer.ggml.{what}_token_id", 0, vocab - 1, None)
+               for what in ("bos", "eos", "padding")}
+    add_bos = g.get("tokenizer.ggml.add_bos_token", {BOOL}, "a bool", False)
+    if g.get("tokenizer.ggml.add_eos_token", {BOOL}, "a bool", False):
+        raise LocalmixError(f"{g.path}: tokenizer.ggml.add_eos_token is true; localmix does not end prompts with EOS")
+    chat_template = g.string("tokenizer.chat_template", None)
+    files = {HF_TOKENIZER: folder / HF_TOKENIZER, "tokenizer_config.json": folder / "tokenizer_config.json"}
+    files[HF_TOKENIZER].write_text(tokenizer_json(g.path, tokens, types, merges, g.string("tokenizer.ggml.pre"),
+                                                  special["bos"], add_bos), encoding="utf-8")
+    files["tokenizer_config.json"].write_text(tokenizer_config(tokens, special["bos"], special["eos"],
+                                                               special["padding"], add_bos, chat_template),
+                                              encoding="utf-8")
+    return files

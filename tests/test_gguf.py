@@ -4,6 +4,7 @@ The GGUF files are made here with the gguf package's writer and quantizers, from
 Mixtral, with llama.cpp's q/k row order (as its converter writes them); Q4_K blocks, which the
 gguf package cannot make, are drawn at random."""
 
+import json
 import struct
 
 import numpy as np
@@ -184,7 +185,7 @@ def test_bad_gguf_files(hf, tmp_path):
     w.write_tensors_to_file()
     w.close()
     assert_one_line_error(localmix_cli("pull", tmp_path / "dense.gguf", env={"LOCALMIX_HOME": str(tmp_path / "home")}),
-                          "not a Mixtral GGUF")
+                          "not a mixture-of-experts GGUF localmix imports (architecture 'llama'")
 
 
 def test_pull_a_gguf_file_of_a_hub_repository(hf, tmp_path):
@@ -267,3 +268,220 @@ def test_array_counts_and_skipped_arrays_cost_no_more_than_the_file(tmp_path):
     for count in (2**20, 2**40, 2**64 - 1):
         with pytest.raises(LocalmixError, match="tokenizer.ggml.tokens"):
             GGUFFile(patched(path, tmp_path / "count.gguf", [(count_at, "<Q", count)]))
+
+
+# -- Qwen2-MoE, Qwen3-MoE, OLMoE: llama.cpp's qwen2moe, qwen3moe and olmoe, with byte-level BPE ----------
+
+ARCHES = {"qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "olmoe": gguf.MODEL_ARCH.OLMOE}
+# Expert and shared widths a multiple of 32 (GGUF's blocks); the routing llama.cpp hard-codes for
+# each architecture (norm_topk_prob: Qwen3-MoE renormalizes, the others do not).
+NEW_FAMILIES = {
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=32, num_hidden_layers=3, num_local_experts=8,
+                      num_experts_per_tok=3, norm_topk_prob=True, moe_intermediate_size=64),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_local_experts=6, num_experts_per_tok=2, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=96),
+    "olmoe": dict(model_type="olmoe", num_local_experts=8, num_experts_per_tok=2, intermediate_size=64,
+                  eos_token_id=2),
+}
+EXPERT_TYPES = {"qwen3_moe": T.Q8_0, "qwen2_moe": T.Q4_1, "olmoe": T.Q4_0}
+
+
+def original_tokenizer(folder, pre: str):
+    """A byte-level BPE tokenizer folder as the hub has them: Qwen2's split (ChatML, no BOS) or
+    GPT-2's (OLMoE: GPT-NeoX's tokenizer, <|endoftext|> as BOS, added before each text)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, \
+        trainers
+    from test_hf_tokenizer import CHATML, CORPUS, OLMOE, PATTERN
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PATTERN), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+                         if pre == "qwen2" else pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=700, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if pre == "qwen2":
+        specials, extra = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<think>", "</think>"]
+        config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}
+    else:
+        specials, extra = ["<|endoftext|>", "<|padding|>"], ["<|system|>", "<|user|>", "<|assistant|>"]
+        config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",
+                  "chat_template": OLMOE}
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in extra])
+    if pre != "qwen2":
+        bos = ("<|endoftext|>", tok.token_to_id("<|endoftext|>"))
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B",
+                                                           special_tokens=[bos])
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "clean_up_tokenization_spaces": False, **config}))
+    return folder
+
+
+def add_bpe_vocabulary(w, folder, vocab_size: int, pre: str):
+    """The tokenizer metadata as llama.cpp's convert_hf_to_gguf writes it (_set_vocab_gpt2): every
+    id up to the embeddings' rows ([PAD<i>] unused where the tokenizer has none), added tokens as
+    CONTROL when special or when they look special (<|...|>), else USER_DEFINED; merges as "a b"."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    added = tok.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            looks_special = by_id[i].startswith("<|") and by_id[i].endswith("|>")
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special or looks_special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]])
+    for key, add in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id),
+                     ("pad_token", w.add_pad_token_id)):
+        if config.get(key):
+            add(tok.token_to_id(config[key]))
+    w.add_add_bos_token(config.get("bos_token") is not None)
+    w.add_chat_template(config["chat_template"])
+
+
+def write_family_gguf(hf, path, tokenizer, experts=T.Q4_0, pre=None):
+    """A qwen2moe / qwen3moe / olmoe GGUF of the HF folder's weights, named by gguf's own tensor map
+    (convert_hf_to_gguf's), rows in transformers' order (llama.cpp permutes llama's q/k only);
+    vectors and routers F32, other matrices Q8_0, experts stacked in `experts`. Returns the path and
+    the weights as the file holds them (dequantized by the gguf package), by transformers name."""
+    checkpoint = Checkpoint(hf)
+    c = checkpoint.config
+    arch = ARCHES[c.model_type]
+    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
+    state = {name: checkpoint._file(shard).load(name) for name, shard in checkpoint.weight_map.items()}
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_expert_count(c.num_local_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    if c.model_type != "olmoe":
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if c.shared_expert_intermediate_size:
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    add_bpe_vocabulary(w, tokenizer, c.vocab_size, pre or ("olmo" if c.model_type == "olmoe" else "qwen2"))
+    held = {}
+
+    def add(name, value, kind):
+        if kind == T.F32:
+            w.add_tensor(name, value.astype(np.float32))
+            return value.astype(np.float32)
+        data = gguf.quants.quantize(value, kind)
+        w.add_tensor(name, data, raw_dtype=kind)
+        return gguf.quants.dequantize(data, kind)
+
+    stacks = {}
+    for name, value in state.items():
+        if ".experts." in name:
+            parts = name.split(".")
+            stacks.setdefault((int(parts[2]), parts[-2]), {})[int(parts[5])] = value
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        small = value.ndim == 1 or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
+        held[name] = add(target, value, T.F32 if small else T.Q8_0)
+    for (layer, part), by_expert in stacks.items():
+        stacked = add(f"blk.{layer}.ffn_{part.removesuffix('_proj')}_exps.weight",
+                      np.stack([by_expert[e] for e in range(len(by_expert))]), experts)
+        for e in range(len(by_expert)):
+            held[f"model.layers.{layer}.mlp.experts.{e}.{part}.weight"] = stacked[e]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, held
+
+
+@pytest.fixture(scope="module", params=list(NEW_FAMILIES))
+def family_gguf(request, tmp_path_factory):
+    """(family, the float HF folder, the same model holding the GGUF's values as floats, the GGUF,
+    its original tokenizer folder, the pulled model)."""
+    from safetensors.numpy import save_file
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    hf = root / "hf"
+    make_hf_model(hf, dtype=torch.bfloat16, **NEW_FAMILIES[family])
+    tokenizer = original_tokenizer(root / "tokenizer", "olmo" if family == "olmoe" else "qwen2")
+    path, held = write_family_gguf(hf, root / f"tiny-{family}.gguf", tokenizer, EXPERT_TYPES[family])
+    as_held = root / "as-held"
+    as_held.mkdir()
+    save_file(held, str(as_held / "model.safetensors"))
+    for name in ("config.json", "tokenizer.model"):
+        (as_held / name).write_bytes((hf / name).read_bytes())
+    _, folder = pull(path, root)
+    return family, hf, as_held, path, tokenizer, folder
+
+
+def test_new_families_import_the_files_values(family_gguf):
+    """The pulled model computes what the file holds: its logits are those of the float model
+    holding the GGUF's values (every type here is copied, not quantized again), and near the
+    original float model's (so no tensor went to the wrong place on both sides)."""
+    family, hf, as_held, path, _, folder = family_gguf
+    model = localmix.load(folder, backend="numpy")
+    assert model.config.model_type == family
+    assert model.config.norm_topk_prob == {"qwen3_moe": True, "qwen2_moe": False, "olmoe": False}[family]
+    ours, held = model.logits(IDS), localmix.load(as_held).logits(IDS)
+    assert np.abs(ours - held).max() <= 1e-4 * np.abs(held).max()
+    exact = localmix.load(hf).logits(IDS)
+    assert kl_divergence(exact, ours) < 0.05 and top1_agreement(exact, ours) >= 0.8
+    layer = model.transformer.weights.layers[0]
+    reader = gguf.GGUFReader(str(path))
+    np.testing.assert_array_equal(layer.experts[1].w3.dequantize(), gguf_matrix(reader, "blk.0.ffn_up_exps.weight", 1))
+    np.testing.assert_array_equal(layer.wq.dequantize(), gguf_matrix(reader, "blk.0.attn_q.weight"))  # not permuted
+    assert localmix_cli("verify", folder).returncode == 0
+
+
+def test_the_byte_level_bpe_tokenizer_gives_the_originals_ids(family_gguf):
+    """The tokenizer rebuilt from the GGUF's vocabulary, merges and pre-tokenizer name gives the
+    original tokenizer.json's ids (transformers on the original folder) on text and chats."""
+    import transformers
+    from test_hf_tokenizer import CORPUS, TEXTS, conversations
+
+    from localmix.tokenizer import load_tokenizer
+    family, _, _, _, original, folder = family_gguf
+    ours = load_tokenizer(folder, 32000)
+    reference = transformers.AutoTokenizer.from_pretrained(original)
+    for text in TEXTS + CORPUS[:6] + ["a<|endoftext|>b <|im_start|>"]:
+        for bos in (False, True):
+            want = reference(text, add_special_tokens=bos, split_special_tokens=True)["input_ids"]
+            assert ours.encode(text, bos=bos) == want, text
+        assert ours.decode(ours.encode(text)) == text
+    added = set(reference.get_added_vocab())
+    compared = 0
+    for messages in conversations():
+        if any(t in m["content"] for m in messages if m["role"] != "assistant" for t in added):
+            continue  # a user's typed control tokens: test_hf_tokenizer covers them
+        want = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert ours.apply_chat_template(messages) == want, messages
+        compared += 1
+    assert compared > 30
+    assert ours.eos_id == reference.eos_token_id and ours.eos_id in ours.stop_ids
+
+
+def test_an_unknown_pre_tokenizer_is_one_error(family_gguf, tmp_path):
+    _, hf, _, _, tokenizer, _ = family_gguf
+    path, _ = write_family_gguf(hf, tmp_path / "llama-bpe.gguf", tokenizer, pre="llama-bpe")
+    result = localmix_cli("pull", path, env={"LOCALMIX_HOME": str(tmp_path / "home")})
+    assert_one_line_error(result, "tokenizer.ggml.pre is 'llama-bpe'")
