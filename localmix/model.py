@@ -153,6 +153,8 @@ def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, inde
         q = ops.rms_norm(q.reshape(T * heads, dim), layer.q_norm, args.rms_norm_eps).reshape(T, heads, dim)
         k = ops.rms_norm(k.reshape(T * kv_heads, dim), layer.k_norm, args.rms_norm_eps).reshape(T, kv_heads, dim)
     q, k = ops.apply_rope(q, positions, inv_freq), ops.apply_rope(k, positions, inv_freq)
+    if args.attention_multiplier is not None:  # GraniteMoE scales scores by its own factor, not 1/sqrt(dim)
+        q = q * np.float32(args.attention_multiplier * dim ** 0.5)
     if isinstance(cache, SequenceBatch):  # a token of each sequence, each attending to its own cache
         out = np.concatenate([ops.attend(q[i:i + 1], *c.update(index, k[i:i + 1], v[i:i + 1]), positions[i:i + 1],
                                          args.sliding_window) for i, c in enumerate(cache.caches)])
@@ -235,8 +237,9 @@ def attention_block(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache
                     positions: np.ndarray, inv_freq: np.ndarray, ops: Ops) -> tuple[np.ndarray, np.ndarray]:
     """The attention half of a layer: x plus the attention of its norm; and that, normed for the
     MoE block."""
-    x = x + attention(ops.rms_norm(x, layer.attention_norm, args.rms_norm_eps), layer, args, cache, index,
-                      positions, inv_freq, ops)
+    attended = attention(ops.rms_norm(x, layer.attention_norm, args.rms_norm_eps), layer, args, cache, index,
+                         positions, inv_freq, ops)
+    x = x + attended * args.residual_multiplier  # (GraniteMoE's; 1 elsewhere)
     return x, ops.rms_norm(x, layer.ffn_norm, args.rms_norm_eps)
 
 
@@ -244,7 +247,7 @@ def decoder_layer(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, 
                   positions: np.ndarray, inv_freq: np.ndarray, ops: Ops, call: RoutingCall) -> np.ndarray:
     """Attention then the MoE block, each pre-normed and added to the residual stream."""
     x, h = ops.attention_block(x, layer, args, cache, index, positions, inv_freq, ops)
-    return x + moe_block(h, layer, args, ops, call)
+    return x + moe_block(h, layer, args, ops, call) * args.residual_multiplier
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -346,6 +349,7 @@ class Transformer:
         options = options or self.default_routing
         call = RoutingCall(options, options.experts_per_token or self.args.num_experts_per_tok,
                            len(self.weights.layers), batched=isinstance(cache, SequenceBatch))
+        x = x * self.args.embedding_multiplier  # (GraniteMoE's; 1 elsewhere)
         for index, layer in enumerate(self.weights.layers):
             x = decoder_layer(x, layer, self.args, cache, index, positions, self.inv_freq, self.ops, call)
         if call.routes is not None and self.args.is_moe:
@@ -353,4 +357,5 @@ class Transformer:
         return x
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        return self.ops.logits(x, self.weights.norm, self.weights.lm_head, self.args.rms_norm_eps)
+        logits = self.ops.logits(x, self.weights.norm, self.weights.lm_head, self.args.rms_norm_eps)
+        return logits / self.args.logits_scaling if self.args.logits_scaling != 1 else logits
