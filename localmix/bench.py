@@ -14,6 +14,7 @@ import numpy as np
 
 from localmix.errors import LocalmixError
 from localmix.generate import peak_memory_gb
+from localmix.store import nbytes
 from localmix.threads import physical_cores
 
 
@@ -25,20 +26,19 @@ def bench_prompt(length: int, vocab_size: int, sequence: int = 0) -> list[int]:
     return [1] + [((i + 104729 * sequence) * 7919) % span + 500 for i in range(length - 1)]
 
 
-def nbytes(w) -> int:
-    return w.nbytes if isinstance(w, np.ndarray) else w.words.nbytes + w.scales.nbytes + w.biases.nbytes
-
-
 def bytes_per_token(model) -> int:
     """Weight bytes one decoded token must read: every dense matrix, one embedding row, and in
-    each layer the experts it is routed to (the model's experts per token)."""
+    each layer its MLP, or the experts it is routed to (the model's experts per token) and its
+    shared expert."""
     w, args = model.transformer.weights, model.config
     total = nbytes(w.lm_head) + nbytes(w.norm) + nbytes(w.embed) // args.vocab_size
     for layer in w.layers:
-        total += sum(nbytes(m) for m in (layer.attention_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.ffn_norm))
-        total += nbytes(layer.router) if layer.router is not None else 0
-        expert = sum(nbytes(m) for m in (layer.experts[0].w1, layer.experts[0].w2, layer.experts[0].w3))
-        total += expert * (args.num_experts_per_tok if args.is_moe else 1)
+        dense = [layer.attention_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.ffn_norm, layer.router,
+                 layer.bq, layer.bk, layer.bv, layer.bo, layer.q_norm, layer.k_norm, layer.shared_expert_gate]
+        if layer.shared_expert is not None:
+            dense += [layer.shared_expert.w1, layer.shared_expert.w2, layer.shared_expert.w3]
+        total += sum(nbytes(m) for m in dense if m is not None)
+        total += layer.experts.expert_bytes() * (args.num_experts_per_tok if layer.router is not None else 1)
     return total
 
 

@@ -174,6 +174,11 @@ def is_quantized(m) -> bool:
     return isinstance(m, QuantizedMatrix)
 
 
+def nbytes(m) -> int:
+    """The bytes of a float or quantized weight."""
+    return m.nbytes if isinstance(m, np.ndarray) else m.words.nbytes + m.scales.nbytes + m.biases.nbytes
+
+
 def sha256_of(path: Path, offset: int = 0, size: int | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -316,6 +316,9 @@ class CachedExperts(ExpertSource):
     def shapes(self) -> set[tuple[int, int]]:
         return self.cache.shapes
 
+    def expert_bytes(self) -> int:
+        return self.cache.slot_bytes
+
     def speculate(self, h: np.ndarray, k: int) -> None:
         self.cache.speculate(self.layer, h, k)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from localmix.experts.source import ExpertSource
-from localmix.store import is_quantized
+from localmix.store import is_quantized, nbytes
 
 
 class ResidentExperts(ExpertSource):
@@ -53,6 +53,9 @@ class ResidentExperts(ExpertSource):
 
     def shapes(self) -> set[tuple[int, int]]:
         return {(m.bits, m.group_size) for e in self.experts for m in (e.w1, e.w2, e.w3) if is_quantized(m)}
+
+    def expert_bytes(self) -> int:
+        return max((sum(nbytes(m) for m in (e.w1, e.w2, e.w3)) for e in self.experts), default=0)
 
     def speculate(self, h: np.ndarray, k: int) -> None:
         pass

@@ -62,6 +62,11 @@ class ExpertSource(Sequence):
         experts in."""
 
     @abstractmethod
+    def expert_bytes(self) -> int:
+        """The bytes of one expert's weights as a decoded token reads them (the largest expert's),
+        found without bringing experts in."""
+
+    @abstractmethod
     def speculate(self, h: np.ndarray, k: int) -> None:
         """A hint from this layer's normed hidden state of one token, routed to k experts per token
         (the call's): the source may start reading the next layer's likely experts (nothing to do
