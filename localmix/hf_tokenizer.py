@@ -33,6 +33,49 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 # transformers' private-use markers around the control tokens a user typed (chat_template_utils)
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 
+# transformers 5 builds these tokenizer classes from tokenizer.json's vocabulary, merges and added
+# tokens only, with the class's own normalizer, pre-tokenizer and BPE options (GPT-NeoX: its own
+# post-processor too) and its own default special tokens: the ids follow the class, not the rest
+# of the file, so localmix builds them the same way (_as_class). Any other class (TokenizersBackend,
+# PreTrainedTokenizerFast, ...) uses tokenizer.json as it is. The class is tokenizer_config.json's
+# tokenizer_class, or else the one transformers maps config.json's model_type to.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CLASS_OF_MODEL_TYPE = {"qwen2": "Qwen2Tokenizer", "qwen2_moe": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer",
+                       "qwen3_moe": "Qwen2Tokenizer", "olmoe": "GPTNeoXTokenizer", "olmo": "GPTNeoXTokenizer",
+                       "gpt_neox": "GPTNeoXTokenizer"}
+ENDOFTEXT = "<|endoftext|>"
+SPECIAL_DEFAULTS = {
+    "Qwen2Tokenizer": {"unk_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT},
+    "GPT2Tokenizer": {"unk_token": ENDOFTEXT, "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT},
+    "GPTNeoXTokenizer": {"unk_token": ENDOFTEXT, "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT,
+                         "pad_token": "<|padding|>"},
+}
+
+
+def _as_class(tok, cls: str, add_prefix_space: bool) -> None:
+    """The tokenizer's pipeline made the one transformers gives class cls (see SPECIAL_DEFAULTS)."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
+
+    if isinstance(tok.model, models.BPE):  # the class's BPE options (transformers passes no others)
+        model = tok.model
+        model.dropout, model.unk_token, model.fuse_unk, model.byte_fallback = None, None, False, False
+        model.continuing_subword_prefix, model.end_of_word_suffix, model.ignore_merges = "", "", False
+    tok.decoder = decoders.ByteLevel()
+    if cls == "Qwen2Tokenizer":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False)])
+    elif cls == "GPT2Tokenizer":
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    else:  # GPTNeoXTokenizer, which also sets its post-processor (no BOS, no EOS: transformers drops
+        # tokenizer_config's add_bos_token/add_eos_token when there is a tokenizer.json)
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True)
+        tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from bytes to the printable characters byte-level BPE writes them as."""
@@ -99,14 +142,13 @@ class HFTokenizer:
     embeddings. files: name -> path, tokenizer.json and any of tokenizer_config.json,
     chat_template.jinja, generation_config.json. config_eos: config.json's eos_token_id."""
 
-    def __init__(self, files: dict[str, Path], vocab_size: int, source: str, config_eos=None):
+    def __init__(self, files: dict[str, Path], vocab_size: int, source: str, config_eos=None,
+                 model_type: str | None = None):
         import tokenizers
 
         path = Path(files["tokenizer.json"])
         text = _read_text(path, "tokenizer.json", MAX_TOKENIZER_BYTES)
-        validate.json_object(validate.parse_json(text, f"{source}: tokenizer.json", "JSON"),
-                             f"{source}: tokenizer.json", "tokenizer.json")
-        try:
+        try:  # (its parser bounds nesting at 128 levels; Python's json would hold a second copy as objects)
             # Two copies, so that no call switches a shared setting (the server encodes in threads):
             # one reads special tokens in text as text, the other matches them (chat template output).
             self._text = tokenizers.Tokenizer.from_str(text)
@@ -117,6 +159,23 @@ class HFTokenizer:
             raise LocalmixError(f"{source}: not a tokenizer.json the tokenizers library reads "
                                 f"({str(e)[:200]})") from None
         self._text.encode_special_tokens = True
+
+        config = {}
+        where = f"{source}: tokenizer_config.json"
+        if "tokenizer_config.json" in files:
+            config = validate.json_object(validate.read_json(files["tokenizer_config.json"], "tokenizer_config.json",
+                                                             MAX_CONFIG_BYTES), where, "tokenizer_config.json")
+        cls = config.get("tokenizer_class")
+        if cls is not None:
+            cls = validate.string(cls, "tokenizer_class", where, 200).removesuffix("Fast")
+        else:
+            cls = CLASS_OF_MODEL_TYPE.get(model_type)
+        if cls in SPECIAL_DEFAULTS:
+            add_prefix_space = config.get("add_prefix_space")
+            add_prefix_space = False if add_prefix_space is None else \
+                validate.boolean(add_prefix_space, "add_prefix_space", where)
+            for tok in (self._text, self._chat):
+                _as_class(tok, cls, add_prefix_space)
         if not isinstance(self._chat.decoder, tokenizers.decoders.ByteLevel):
             raise LocalmixError(f"{source}: tokenizer.json's decoder is {type(self._chat.decoder).__name__}; "
                                 f"localmix reads byte-level BPE tokenizers (or a sentencepiece tokenizer.model)")
@@ -131,16 +190,15 @@ class HFTokenizer:
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
         self._added = {t.content: i for i, t in added.items()}
 
-        config = {}
-        if "tokenizer_config.json" in files:
-            where = f"{source}: tokenizer_config.json"
-            config = validate.json_object(validate.read_json(files["tokenizer_config.json"], "tokenizer_config.json",
-                                                             MAX_CONFIG_BYTES), where, "tokenizer_config.json")
-        where = f"{source}: tokenizer_config.json"
-        # The strings the template sees as bos_token, eos_token, ... (transformers' special_tokens_map)
+        # The strings the template sees as bos_token, eos_token, ... (transformers' special_tokens_map):
+        # the config's (null: none), else the class's default where the vocabulary has it.
         self.special_tokens = {}
         for key in SPECIAL_TOKENS:
-            token = _token_string(config.get(key), key, where)
+            if key in config:
+                token = _token_string(config[key], key, where)
+            else:
+                token = SPECIAL_DEFAULTS.get(cls, {}).get(key)
+                token = token if token is not None and self._chat.token_to_id(token) is not None else None
             if token is not None:
                 self.special_tokens[key] = token
         self.bos_id = self._id_of(self.special_tokens.get("bos_token"), "bos_token", where)
@@ -215,7 +273,7 @@ class HFTokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """transformers' tokenizer(text, add_special_tokens=bos, split_special_tokens=True): bos adds
         what tokenizer.json's post-processor adds (often nothing: Qwen has no BOS)."""
-        ids = self._text.encode(text, add_special_tokens=bos).ids
+        ids = self._text.encode(text, add_special_tokens=bool(bos)).ids
         return ids + ([self.eos_id] if eos and self.eos_id is not None else [])
 
     def decode(self, ids) -> str:

@@ -83,16 +83,21 @@ def tokenizer_files(folder: str | Path) -> dict[str, Path]:
     return {name: folder / name for name in (HF_TOKENIZER, *HF_SIDE_FILES) if (folder / name).is_file()}
 
 
-def read_tokenizer(files: dict[str, Path], vocab_size: int, source: str, config_eos=None) -> ModelTokenizer:
+def read_tokenizer(files: dict[str, Path], vocab_size: int, source: str,
+                   config: dict | None = None) -> ModelTokenizer:
     """The tokenizer these files make (as tokenizer_files names them), checked against a model of
-    vocab_size tokens: every id it can produce indexes the embeddings. config_eos: config.json's
-    eos_token_id (a tokenizer.json's stop ids include it). One LocalmixError naming source."""
+    vocab_size tokens: every id it can produce indexes the embeddings. config: the model's
+    config.json (a tokenizer.json's stop ids include its eos_token_id; its model_type names the
+    tokenizer class where tokenizer_config.json does not). One LocalmixError naming source."""
     if SENTENCEPIECE in files:
         return check_tokenizer(files[SENTENCEPIECE], vocab_size, source)
     if HF_TOKENIZER not in files:
         raise LocalmixError(f"{source}: no tokenizer (localmix reads tokenizer.model or tokenizer.json)")
     from localmix.hf_tokenizer import HFTokenizer  # imports tokenizers and jinja2 only when needed
-    return HFTokenizer(files, vocab_size, source, config_eos)
+    config = config if isinstance(config, dict) else {}
+    model_type = config.get("model_type")
+    return HFTokenizer(files, vocab_size, source, config.get("eos_token_id"),
+                       model_type if isinstance(model_type, str) else None)
 
 
 def load_tokenizer(folder: str | Path, vocab_size: int, source: str | None = None,
@@ -105,11 +110,10 @@ def load_tokenizer(folder: str | Path, vocab_size: int, source: str | None = Non
     files = tokenizer_files(folder) if files is None else files
     if not files:
         raise LocalmixError(f"{source}: no tokenizer.model or tokenizer.json")
-    config_eos = None
+    config = None
     if SENTENCEPIECE not in files and (folder / "config.json").is_file():
         config = validate.read_json(folder / "config.json", "config")
-        config_eos = config.get("eos_token_id") if isinstance(config, dict) else None
-    return read_tokenizer(files, vocab_size, source, config_eos)
+    return read_tokenizer(files, vocab_size, source, config)
 
 
 def check_tokenizer(path: str | Path, vocab_size: int, source: str | None = None) -> "Tokenizer":

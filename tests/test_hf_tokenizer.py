@@ -73,7 +73,10 @@ def train(specials: list[str], extra: list[str], bos_processor: str | None = Non
     return tok
 
 
-def write_folder(folder: Path, kind: str, template_file: bool = False) -> Path:
+def write_folder(folder: Path, kind: str, template_file: bool = False, tokenizer_class: str | None = None,
+                 model_type: str | None = None) -> Path:
+    """A tokenizer folder. tokenizer_class: tokenizer_config.json's (default: PreTrainedTokenizerFast,
+    tokenizer.json as it is; "" none); model_type: config.json's (transformers' class when there is none)."""
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "olmoe":
         tok = train(["<|endoftext|>", "<|padding|>"], ["<|system|>", "<|user|>", "<|assistant|>"], "<|endoftext|>")
@@ -91,21 +94,35 @@ def write_folder(folder: Path, kind: str, template_file: bool = False) -> Path:
         if template_file:
             (folder / "chat_template.jinja").write_text(template)
             config["chat_template"] = "{{ 'the file wins over this' }}"
+    if tokenizer_class is not None:
+        config["tokenizer_class"] = tokenizer_class
+        if not tokenizer_class:
+            del config["tokenizer_class"]
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "generation_config.json").write_text(json.dumps(generation))
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
-    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": tok.token_to_id("<|endoftext|>")}))
+    config = {**config, "eos_token_id": tok.token_to_id("<|endoftext|>")}
+    if model_type:
+        config["model_type"] = model_type
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
-KINDS = ["chatml", "olmoe", "jsonish", "chatml-file"]
+# transformers 5 builds Qwen2Tokenizer, GPTNeoXTokenizer and GPT2Tokenizer with their own normalizer,
+# pre-tokenizer (GPT-NeoX: post-processor) and default special tokens, whatever tokenizer.json says: the
+# OLMoE-like tokenizer.json adds a BOS and the ChatML one splits like Qwen, which GPT-NeoX and GPT-2 do not.
+KINDS = {"chatml": {}, "olmoe": {}, "jsonish": {}, "chatml-file": {"template_file": True},
+         "chatml-qwen2": {"tokenizer_class": "Qwen2TokenizerFast"}, "olmoe-neox": {"tokenizer_class": "GPTNeoXTokenizer"},
+         "chatml-neox": {"tokenizer_class": "GPTNeoXTokenizer"}, "chatml-gpt2": {"tokenizer_class": "GPT2Tokenizer"},
+         "olmoe-by-model-type": {"tokenizer_class": "", "model_type": "olmoe"},
+         "chatml-by-model-type": {"tokenizer_class": "", "model_type": "qwen3_moe"}}
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=list(KINDS))
 def pair(request, tmp_path_factory):
     kind = request.param
-    folder = write_folder(tmp_path_factory.mktemp(kind), kind.removesuffix("-file"), kind.endswith("-file"))
+    folder = write_folder(tmp_path_factory.mktemp(kind), kind.split("-")[0], **KINDS[kind])
     return kind, load_tokenizer(folder, 1024), transformers.AutoTokenizer.from_pretrained(folder)
 
 
@@ -271,7 +288,7 @@ LOAD_ERRORS = {
     "garbage": (lambda f: (f / "tokenizer.json").write_bytes(b"\x00\xff garbage"), "tokenizer.json"),
     "not a tokenizer": (lambda f: (f / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3}}'),
                         "tokenizers library"),
-    "deeply nested": (lambda f: (f / "tokenizer.json").write_text("[" * 100000 + "]" * 100000), "nested"),
+    "deeply nested": (lambda f: (f / "tokenizer.json").write_text("[" * 100000 + "]" * 100000), "tokenizers library"),
     "ids beyond the vocabulary": (lambda f: edit_json(f / "tokenizer.json", lambda d: d["model"]["vocab"].update(
         zzz=5000)), "ids up to"),
     "eos not a string": (set_config("eos_token", 7), "eos_token"),
