@@ -124,7 +124,7 @@ def write_model(out_dir: Path, sizes: dict[str, int], write, tokenizer: dict[str
     into place at the very end."""
     vocab_size = raw_config.get("vocab_size")
     read_tokenizer(tokenizer, vocab_size if isinstance(vocab_size, int) else 0,
-                   f"the tokenizer of {source_info.get('repo')}", raw_config.get("eos_token_id"))
+                   f"the tokenizer of {source_info.get('repo')}", raw_config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:

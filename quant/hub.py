@@ -125,7 +125,7 @@ class HubSource:
                                             "config")
         self.config = ModelArgs.from_hf_config(self._config, f"{self.repo}/config.json")
         self.tokenizer_files = self._tokenizer()
-        read_tokenizer(self.tokenizer_files, self.config.vocab_size, self.repo, self._config.get("eos_token_id"))
+        read_tokenizer(self.tokenizer_files, self.config.vocab_size, self.repo, self._config)
         try:
             index = self._read_json("model.safetensors.index.json", "safetensors index")
         except FileNotFoundError:
