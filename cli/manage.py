@@ -104,6 +104,8 @@ def show(model: str = typer.Argument(..., help="Model name or folder."),
         print(json.dumps(s, indent=2))
         return
     experts = f"{s['experts']} experts, {s['experts_per_token']} per token" if s["experts"] else "dense"
+    experts += " and a shared expert" if s["shared_expert"] else ""
+    experts += f" ({s['dense_layers']} dense layer{'s' * (s['dense_layers'] > 1)})" if s["dense_layers"] else ""
     if is_demo(folder):
         s["name"], source = "demo", "built in: a small base model trained for localmix"
     else:
@@ -225,24 +227,38 @@ def stats(model: str = typer.Argument(..., help="Model name or folder."),
         print(json.dumps({**{k: v.tolist() for k, v in arrays.items()}, "tokens": len(ids)}))
         return
     console = Console(highlight=False)
-    console.width = max(console.width, 60 + 6 * routed.shape[1])  # one line per layer, also in a narrow pipe
-    console.print(heatmap_table(routed, measures, len(ids)))
+    console.width = max(console.width, 60 + 6 * min(routed.shape[1], HEATMAP_EXPERTS))  # a line per layer
+    console.print(heatmap_table(routed, measures, len(ids), llm.config.sparse_layers))
 
 
-def heatmap_table(routed, measures: dict, tokens: int) -> Table:
-    """Layers x experts, each cell the expert's share of the layer's routes on a colour scale."""
+HEATMAP_EXPERTS = 32  # up to this many experts a layer, a cell each; beyond (64, 128), the busiest few
+
+
+def heatmap_table(routed, measures: dict, tokens: int, sparse_layers) -> Table:
+    """Layers x experts, each cell the expert's share of the layer's routes on a colour scale (the
+    busiest experts only, where a layer has too many for a line); a dense layer says so."""
     experts = routed.shape[1]
-    table = Table("layer", *[f"E{e}" for e in range(experts)], "max/mean", "CV", "entropy", "experts/token", "reuse",
+    wide = experts > HEATMAP_EXPERTS
+    columns = ["busiest experts (share %)"] if wide else [f"E{e}" for e in range(experts)]
+    table = Table("layer", *columns, "max/mean", "CV", "entropy", "experts/token", "reuse",
                   title=f"share of {tokens} tokens' routes per layer (%)", box=None,
                   caption="reuse: the share of a token's experts that the next token uses again")
     shares = 100 * routed / np.maximum(routed.sum(axis=1, keepdims=True), 1)
     top = max(shares.max(), 1e-9)
+
+    def cell(text: str, share: float) -> str:
+        heat = int(215 * share / top) + 40
+        return f"[{'black' if heat > 150 else 'white'} on rgb({heat},{heat // 3},{255 - heat})]{text}[/]"
+
     for layer, row in enumerate(shares):
-        cells = []
-        for share in row:
-            heat = int(215 * share / top) + 40
-            cells.append(f"[{'black' if heat > 150 else 'white'} on rgb({heat},{heat // 3},{255 - heat})]"
-                         f"{share:4.0f}[/]")
+        if not sparse_layers[layer]:
+            table.add_row(f"{layer} dense", *[""] * (len(columns) + 5))
+            continue
+        if wide:
+            busiest = np.argsort(-row, kind="stable")[:6]
+            cells = [" ".join(cell(f"E{e}:{row[e]:.0f}", row[e]) for e in busiest)]
+        else:
+            cells = [cell(f"{share:4.0f}", share) for share in row]
         table.add_row(str(layer), *cells, *(f"{measures[k][layer]:.2f}" for k in
                                             ("max_over_mean", "cv", "entropy", "experts_per_token", "reuse")))
     return table

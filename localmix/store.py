@@ -409,6 +409,8 @@ def model_summary(folder: str | Path) -> dict:
         "layers": layers, "hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
         "attention_heads": args.num_attention_heads, "kv_heads": args.num_key_value_heads,
         "experts": args.num_local_experts, "experts_per_token": args.num_experts_per_tok,
+        "dense_layers": args.num_hidden_layers - len(args.moe_layers) if args.is_moe else 0,
+        "shared_expert": args.shared_expert_intermediate_size > 0,
         "context": args.max_position_embeddings, "vocab_size": args.vocab_size,
         "parameters": dense_params + expert_params,
         "active_parameters": int(dense_params + expert_params * share),
