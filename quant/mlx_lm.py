@@ -1,10 +1,14 @@
-"""Interop with mlx-lm's quantized Mixtral folders, as `mlx_lm.convert -q` writes them.
+"""Interop with mlx-lm's quantized folders of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, as
+`mlx_lm.convert -q` writes them.
 
 Both use MLX's affine quantization, so nothing is quantized again either way: an mlx-lm folder
 keeps each layer's experts stacked ([experts, rows, ...] under `block_sparse_moe.switch_mlp.
-{gate_proj,up_proj,down_proj}`), localmix one file per expert (`experts.E.{w1,w3,w2}`); import
-slices the stacks, export stacks the files, bit for bit. The quantization settings live in
-config.json's "quantization" block: bits and group size, and per module where one differs.
+{gate_proj,up_proj,down_proj}` for Mixtral, `mlp.switch_mlp.*` for the others), localmix one file
+per expert (`experts.E.{w1,w3,w2}` or `experts.E.{gate,up,down}_proj`); import slices the stacks,
+export stacks the files, bit for bit. Every other tensor has the same name in both (shared experts,
+q/k norms, the shared expert's gate); biases of linear layers are `<module>.bias` beside the
+quantized `<module>.biases`. The quantization settings live in config.json's "quantization" block:
+bits and group size, and per module where one differs.
 """
 
 from __future__ import annotations
@@ -38,12 +42,40 @@ def is_mlx_lm_folder(folder: Path) -> bool:
 
 
 def mlx_module(name: str) -> tuple[str, int | None]:
-    """The mlx-lm module holding a localmix tensor, and the expert's index in its stack."""
+    """The mlx-lm module holding a localmix tensor's weight, and the expert's index in its stack.
+    A linear layer's bias is a float tensor of the same name (is_bias)."""
     matrix = expert_matrix(name)
     if matrix:
         layer, expert, part = matrix
-        return f"model.layers.{layer}.block_sparse_moe.switch_mlp.{SWITCH[part]}", expert
+        block = "block_sparse_moe" if ".block_sparse_moe." in name else "mlp"
+        return f"model.layers.{layer}.{block}.switch_mlp.{SWITCH[part]}", expert
     return name.removesuffix(".weight"), None
+
+
+def is_bias(name: str) -> bool:
+    return name.endswith(".bias")
+
+
+def mlx_lm_config(config: dict, args: ModelArgs, source: str) -> dict:
+    """config.json for mlx-lm: the keys its ModelArgs require, which transformers may leave to their
+    defaults or save elsewhere (rope_theta in rope_parameters, Qwen3-MoE's expert count as
+    num_local_experts), written out. A model mlx-lm's module for its family cannot hold is refused
+    rather than exported to give other logits there."""
+    cannot = {"qwen2_moe": [(not args.qkv_bias, "q/k/v without biases"),
+                            (not all(args.sparse_layers), "dense layers among sparse ones")],
+              "qwen3_moe": [(args.qkv_bias, "attention biases")],
+              "olmoe": [(args.clip_qkv is not None, "clip_qkv")]}.get(args.model_type, [])
+    for refused, what in cannot:
+        if refused:
+            raise LocalmixError(f"{source}: mlx-lm's {args.model_type} has no place for {what}")
+    extra = {"head_dim": args.head_dim, "rope_theta": args.rope_theta, "tie_word_embeddings": args.tie_word_embeddings,
+             "max_position_embeddings": args.max_position_embeddings, "num_key_value_heads": args.num_key_value_heads}
+    if args.model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        extra.update(num_experts=args.num_local_experts, norm_topk_prob=args.norm_topk_prob,
+                     moe_intermediate_size=args.moe_intermediate_size)
+    if args.model_type == "qwen3_moe":
+        extra.update(decoder_sparse_step=1, mlp_only_layers=[i for i, s in enumerate(args.sparse_layers) if not s])
+    return {**config, **extra}
 
 
 def quantization_settings(block, source: str) -> tuple[dict, dict]:
@@ -100,13 +132,15 @@ class MLXFolder:
 
     def locate(self, name: str, dtypes) -> tuple[str, tuple[int, ...]]:
         if name not in self.files:
-            raise LocalmixError(f"{self.folder}: no tensor {name}; not an mlx-lm Mixtral folder?")
+            raise LocalmixError(f"{self.folder}: no tensor {name}; not an mlx-lm folder of the model its "
+                                f"config.json describes?")
         dtype, shape, _ = self.files[name].locate(name, {d: RAW_DTYPES[d] for d in dtypes})
         return dtype, shape
 
     def raw(self, name: str) -> tuple[np.ndarray, str]:
         if name not in self.files:
-            raise LocalmixError(f"{self.folder}: no tensor {name}; not an mlx-lm Mixtral folder?")
+            raise LocalmixError(f"{self.folder}: no tensor {name}; not an mlx-lm folder of the model its "
+                                f"config.json describes?")
         return self.files[name].raw(name, RAW_DTYPES)
 
     def quantization(self, module: str) -> dict | None:
@@ -146,14 +180,22 @@ class MLXFolder:
         return q
 
 
+# float16's smallest normal number: below it float16 has fewer significant bits than bfloat16.
+F16_NORMAL = 2.0 ** -14
+
+
 def half(raw: np.ndarray, dtype: str, what: str) -> np.ndarray:
-    """Scales or biases as float16; bfloat16 ones must convert exactly (they do within float16's range)."""
+    """Scales or biases as float16; bfloat16 ones must convert exactly (they do within float16's
+    normal range). Below that range they are rounded: MLX gives a group of zeros (a padding row
+    of the embeddings) the scale -1e-7, which float16 holds only as a subnormal; the rounding moves
+    each of that group's values by at most 255 * 2^-25 (8e-6)."""
     if dtype == "F16":
         values = raw
     else:
         values = to_float32(raw, dtype)
         converted = values.astype(np.float16)
-        if not np.array_equal(converted.astype(np.float32), values):
+        inexact = converted.astype(np.float32) != values
+        if (inexact & ~(np.abs(values) < F16_NORMAL)).any():
             raise LocalmixError(f"{what}: {dtype} scales or biases that float16 cannot hold exactly")
         values = converted
     if not np.isfinite(values).all():
@@ -168,23 +210,30 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
     args = ModelArgs.from_hf_config(raw_config, str(Path(folder) / "config.json"))
     # tensor_table lists every expert matrix the config counts: first make sure the files could
     # hold that many (4 bits a value at least), so a lying count cannot size that list.
-    values = args.num_hidden_layers * max(args.num_local_experts, 1) * 3 * args.hidden_size * args.intermediate_size
+    values = 3 * args.hidden_size * sum(args.mlp_widths)
     held = sum(f.size for f in {id(f): f for f in source.files.values()}.values())
     if values // 2 > held:
         raise LocalmixError(f"{folder}: config.json describes {values} expert weights, more than the safetensors "
                             f"files ({held} bytes) hold")
     table = tensor_table(args)
     modules: dict[str, tuple[tuple[int, ...], int | None]] = {}
+    biases = {name: shape for name, shape in table if is_bias(name)}
     for name, shape in table:
-        module, expert = mlx_module(name)
-        modules[module] = (shape, None if expert is None else args.num_local_experts)
+        if not is_bias(name):
+            module, expert = mlx_module(name)
+            modules[module] = (shape, None if expert is None else args.num_local_experts)
     settings = {module: source.check(module, shape, experts) for module, (shape, experts) in modules.items()}
-    parts = {f"{module}.{p}" for module in modules for p in ("weight", "scales", "biases")}
+    for name, shape in biases.items():
+        _, found = source.locate(name, FLOATS)
+        if tuple(found) != shape:
+            raise LocalmixError(f"{folder}: {name} has shape {list(found)}, expected {list(shape)} from config.json")
+    parts = {f"{module}.{p}" for module in modules for p in ("weight", "scales", "biases")} | set(biases)
     extra = sorted(set(source.files) - parts)
     if extra:  # as mlx-lm's strict load refuses them: tensors the config has no place for mean it is not this model
         raise LocalmixError(f"{folder}: tensor {extra[0]} is not part of the model config.json describes"
                             + (f" ({len(extra)} such tensors)" if len(extra) > 1 else ""))
-    groups = {s["group_size"] for name, _ in table if not stays_float(name) and (s := settings[mlx_module(name)[0]])}
+    groups = {s["group_size"] for name, _ in table
+              if not stays_float(name) and (s := settings[mlx_module(name)[0]])}
     if len(groups) > 1:
         raise LocalmixError(f"{folder}: group sizes {sorted(groups)} differ between tensors; localmix keeps one")
     group_size = groups.pop() if groups else source.default["group_size"]
@@ -208,6 +257,8 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
         return values
 
     def arrays_of(layout) -> list:
+        if is_bias(layout.name):
+            return [floats(to_float32(*source.raw(layout.name)), layout.name)]
         module, expert = mlx_module(layout.name)
         if layout.bits is None:  # norms and routers, float32 here
             q = settings[module]
@@ -235,12 +286,13 @@ def export_mlx_lm(model_folder: Path, out: Path) -> Path:
     out = Path(out)
     if out.exists():
         raise LocalmixError(f"{out} exists already")
+    config = mlx_lm_config(model.manifest["config"], model.config, str(model_folder))
     tensors, modules = {}, {}
     stacks: dict[str, list] = {}
     for name, entry in model.manifest["tensors"].items():
         module, expert = mlx_module(name)
         value = model.tensor(name, tuple(entry["shape"]))
-        if not is_quantized(value):  # norms and routers
+        if not is_quantized(value):  # norms, routers, biases
             tensors[name] = value
             continue
         arrays = {"weight": value.words, "scales": value.scales, "biases": value.biases}
@@ -263,7 +315,7 @@ def export_mlx_lm(model_folder: Path, out: Path) -> Path:
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}, tmp / "model.safetensors",
                   metadata={"format": "mlx"})
-        config = {**model.manifest["config"], "quantization": quantization}
+        config = {**config, "quantization": quantization}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name, path in model.tokenizer_files.items():  # a tokenizer.json comes with its own tokenizer_config.json
             shutil.copyfile(path, tmp / name)

@@ -150,3 +150,75 @@ def test_lying_mlx_lm_folders_are_one_error_line_and_list_nothing(hf, tmp_path):
     save_file(arrays, str(source / "model.safetensors"))
     assert_one_line_error(localmix_cli("pull", source, env=env), f"{stack} has shape")
     assert not [p for p in (tmp_path / "home" / "models").iterdir() if not p.name.endswith(".lock")]
+
+
+# -- Qwen3-MoE, Qwen2-MoE, OLMoE: mlx-lm's qwen3_moe, qwen2_moe, olmoe ------------------------------
+
+# Widths a multiple of mlx-lm's default group of 64; a dense layer among Qwen3-MoE's sparse ones.
+NEW_FAMILIES = {
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=32, num_hidden_layers=3, num_experts_per_tok=2,
+                      norm_topk_prob=True, mlp_only_layers=[1], moe_intermediate_size=64, intermediate_size=128),
+    "qwen2_moe": dict(model_type="qwen2_moe", moe_intermediate_size=64, shared_expert_intermediate_size=128),
+    "olmoe": dict(model_type="olmoe", intermediate_size=64, eos_token_id=2),
+}
+
+
+@pytest.fixture(scope="module", params=list(NEW_FAMILIES))
+def family_hf(request, tmp_path_factory):
+    """A random model of the family with a byte-level BPE tokenizer.json (as the hub has them)."""
+    from test_gguf import original_tokenizer
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    make_hf_model(root / "hf", dtype=torch.bfloat16, tokenizer=None, **NEW_FAMILIES[family])
+    tokenizer = original_tokenizer(root / "tokenizer", "olmo" if family == "olmoe" else "qwen2")
+    for path in tokenizer.iterdir():
+        (root / "hf" / path.name).write_bytes(path.read_bytes())
+    # The keys the hub's configs have (written by transformers 4) and mlx-lm reads: transformers 5
+    # saves Qwen3-MoE's expert count as num_local_experts and rope_theta inside rope_parameters.
+    config = json.loads((root / "hf" / "config.json").read_text())
+    config.update(num_experts=config.get("num_experts", config.get("num_local_experts")),
+                  rope_theta=config["rope_parameters"]["rope_theta"])
+    (root / "hf" / "config.json").write_text(json.dumps(config))
+    return family, root / "hf"
+
+
+def mlx_lm_logits(folder) -> np.ndarray:
+    mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
+    model, _ = mlx_lm.load(str(folder))
+    model.set_dtype(mx.float32)
+    return np.array(model(mx.array([IDS]))[0].astype(mx.float32))
+
+
+def test_new_families_export_to_mlx_lm_and_back(family_hf, tmp_path):
+    """mlx-lm's own model code, loading our export, computes our logits; pulled back, every tensor
+    is the same bytes."""
+    family, hf = family_hf
+    original = convert(LocalSource(hf), tmp_path / "q4", bits="4")
+    exported = tmp_path / f"{family}-mlx"
+    result = localmix_cli("export", original, exported, "--format", "mlx-lm")
+    assert result.returncode == 0, result.stderr
+    ours = localmix.load(original, backend="numpy").logits(IDS)
+    theirs = mlx_lm_logits(exported)
+    assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-4
+    again = tmp_path / "home" / "models" / "back"
+    result = localmix_cli("pull", exported, "--name", "back", env={"LOCALMIX_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    a, b = read_manifest(original), read_manifest(again)
+    assert {n: t["sha256"] for n, t in a["tensors"].items()} == {n: t["sha256"] for n, t in b["tensors"].items()}
+    assert (again / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+
+
+def test_new_families_import_what_mlx_lm_convert_writes(family_hf, tmp_path):
+    """A folder made by mlx_lm.convert itself (its own names, stacks, per-module settings such as
+    Qwen3-MoE's 8-bit router) pulls, and our logits are mlx-lm's on it."""
+    mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
+    family, hf = family_hf
+    source = tmp_path / f"{family}-4bit-mlx"
+    mlx_lm.convert(str(hf), str(source), quantize=True, q_bits=4, q_group_size=64)
+    result = localmix_cli("pull", source, env={"LOCALMIX_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "home" / "models" / source.name
+    assert read_manifest(folder)["source"]["format"] == "mlx-lm"
+    ours = localmix.load(folder, backend="numpy").logits(IDS)
+    theirs = mlx_lm_logits(source)
+    assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-4
