@@ -186,10 +186,6 @@ class HFTokenizer:
         if self.vocab_size > vocab_size:
             raise LocalmixError(f"{source}: the tokenizer has ids up to {self.vocab_size - 1} but the model only "
                                 f"{vocab_size} tokens")
-        added = self._chat.get_added_tokens_decoder()
-        self.special_ids = frozenset(i for i, t in added.items() if t.special)
-        self._added = {t.content: i for i, t in added.items()}
-
         # The strings the template sees as bos_token, eos_token, ... (transformers' special_tokens_map):
         # the config's (null: none), else the class's default where the vocabulary has it.
         self.special_tokens = {}
@@ -201,6 +197,21 @@ class HFTokenizer:
                 token = token if token is not None and self._chat.token_to_id(token) is not None else None
             if token is not None:
                 self.special_tokens[key] = token
+        for key, token in self.special_tokens.items():
+            self._id_of(token, key, where)
+        # transformers makes the named special tokens special (skipped in decoding, text when typed),
+        # whatever tokenizer.json says of them
+        added = self._chat.get_added_tokens_decoder()
+        for token in set(self.special_tokens.values()):
+            same = [t for t in added.values() if t.content == token]
+            if not same or not same[0].special:
+                flags = dict(single_word=same[0].single_word, lstrip=same[0].lstrip, rstrip=same[0].rstrip,
+                             normalized=same[0].normalized) if same else dict(normalized=False)
+                for tok in (self._text, self._chat):
+                    tok.add_special_tokens([tokenizers.AddedToken(token, special=True, **flags)])
+        added = self._chat.get_added_tokens_decoder()
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        self._added = {t.content: i for i, t in added.items()}
         self.bos_id = self._id_of(self.special_tokens.get("bos_token"), "bos_token", where)
         self.eos_id = self._id_of(self.special_tokens.get("eos_token"), "eos_token", where)
 

@@ -228,6 +228,29 @@ def test_stream_decode_equals_decode_whole_characters(pair):
             assert "\ufffd" not in "".join(parts[:-1])  # a character split across pieces is held back, never broken
 
 
+@pytest.mark.parametrize("token", ["</think>", "own"])
+def test_named_special_tokens_are_special(tmp_path, token):
+    """A token tokenizer_config.json names (here the EOS) is special as transformers makes it, whether
+    tokenizer.json has it as an added token that is not special or as a plain token of the vocabulary."""
+    folder = write_folder(tmp_path / "q", "chatml")
+    edit_json(folder / "tokenizer_config.json", lambda d: d.update(eos_token=token))
+    tok, ref = load_tokenizer(folder, 1024), transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.eos_id == ref.eos_token_id and tok.eos_id in tok.special_ids
+    for text in (f"a{token}b", f"x {token} brown {token}"):
+        ids = ref(text)["input_ids"]
+        assert tok.encode(text) == ref(text, split_special_tokens=True)["input_ids"]
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+        messages = [{"role": "user", "content": text}]
+        if token == "own":  # a special token BPE makes from text cannot be kept text: both refuse
+            with pytest.raises(ValueError, match="Can't sanitize"):
+                ref.apply_chat_template(messages, add_generation_prompt=True, sanitize_control_tokens=True)
+            with pytest.raises(LocalmixError, match="cannot be kept as text"):
+                tok.apply_chat_template(messages)
+            continue
+        assert tok.apply_chat_template(messages) == ref.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, sanitize_control_tokens=True)
+
+
 def test_stop_ids_and_special_tokens(tmp_path):
     folder = write_folder(tmp_path / "q", "chatml")
     tok = load_tokenizer(folder, 1024)
@@ -399,6 +422,13 @@ def test_float_and_quantized_models_chat_with_the_template_and_stop_at_generatio
     (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [first.token]}))
     stopped = list(localmix.load(copy).stream(messages, max_tokens=5, temperature=0))
     assert [(r.token, r.finish_reason, r.text) for r in stopped] == [(first.token, "stop", "")]
+
+    # to mlx-lm and back: the tokenizer files travel (mlx-lm reads them with transformers)
+    from localmix.quant.mlx_lm import export_mlx_lm, import_mlx_lm
+    exported = export_mlx_lm(out, tmp_path / "mlx")
+    assert transformers.AutoTokenizer.from_pretrained(exported).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False, sanitize_control_tokens=True) == want
+    assert localmix.load(import_mlx_lm(exported, tmp_path / "back")).encode_prompt(messages) == (want, True)
 
     (out / "tokenizer_config.json").write_text("{}")  # a file the manifest hashed, changed
     assert any("tokenizer_config.json: " in p for p in verify(out))
