@@ -22,7 +22,7 @@ from datetime import datetime
 from localmix.errors import LocalmixError
 
 MAX_TEMPLATE_CHARS = 256 * 1024    # real templates are 1-20 KB
-MAX_RENDER_LINES = 1_000_000       # template lines executed in one rendering (a long chat takes ~100 per message)
+MAX_RENDER_LINES = 500_000         # template lines executed in one rendering (a chat takes ~10-40 per message)
 MAX_RENDER_SECONDS = 5.0
 MAX_ARGUMENT = 1_000_000           # the largest number a filter or a method may be given (widths, counts)
 MAX_INT_BITS = 4096
@@ -171,7 +171,7 @@ class ChatTemplate:
         documents None), within the bounds (LocalmixError past them)."""
         import jinja2
 
-        budget = _Budget()
+        budget = _Budget(self.max_chars)
         try:
             chunks, size = [], 0
             with budget:
@@ -199,13 +199,19 @@ class ChatTemplate:
 
 class _Budget:
     """Counts the template's executed lines (jinja compiles a template into Python functions whose
-    file is "<template>") and the time, raising TemplateLimit past either. sys.settrace is per
-    thread, so a server rendering in several threads gives each its own budget; the tracer in place
-    before (a debugger, coverage) is put back."""
+    file is "<template>") and the time, raising TemplateLimit past either; and at each line, the
+    size of the strings and lists the template holds in its variables and namespaces, which `~`
+    (concatenation, which no sandbox hook sees) could otherwise double until memory runs out.
+    sys.settrace is per thread, so a server rendering in several threads gives each its own budget;
+    the tracer in place before (a debugger, coverage) is put back."""
 
-    def __init__(self):
+    def __init__(self, max_chars: int):
+        import jinja2.utils
+
         self.lines = 0
         self.deadline = 0.0
+        self.max_chars = max_chars
+        self.namespace = jinja2.utils.Namespace
 
     def __enter__(self):
         self.saved = sys.gettrace()
@@ -229,5 +235,10 @@ class _Budget:
                 raise TemplateLimit(f"more than {MAX_RENDER_LINES} template steps")
             if not self.lines % 4096 and time.monotonic() > self.deadline:
                 raise TemplateLimit(f"more than {MAX_RENDER_SECONDS:g} seconds")
+            for value in frame.f_locals.values():
+                values = object.__getattribute__(value, "_Namespace__attrs").values() \
+                    if isinstance(value, self.namespace) else (value,)
+                if any(isinstance(v, (str, list, tuple)) and len(v) > self.max_chars for v in values):
+                    raise TemplateLimit(f"a value of more than {self.max_chars} items")
         return self._line
 

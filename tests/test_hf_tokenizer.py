@@ -354,6 +354,9 @@ RENDER_ERRORS = {
     "huge power": ("{{ 7 ** 123456789 }}", "limit"),
     "huge doubling": ("{% set ns = namespace(s='xx') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
                       "{% endfor %}{{ ns.s }}", "limit"),
+    "huge concatenation": ("{% set ns = namespace(s='xx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                           "{% endfor %}{{ ns.s }}", "limit"),
+    "huge concatenation unrolled": ("{% set s = 'xx' %}" + "{% set s = s ~ s %}" * 64 + "{{ s }}", "limit"),
     "huge width": ("{{ 'a' | center(10**9) }}", "limit"),
     "huge format": ("{{ '%01000000000d' % 1 }}", "limit"),
     "huge method": ("{{ 'a'.ljust(10**9) }}", "limit"),
