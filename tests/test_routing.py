@@ -10,6 +10,7 @@ import torch
 import localmix
 from localmix import routing
 from localmix.experts import CachedExperts
+from localmix.model import Ops
 from localmix.quant.convert import LocalSource, convert
 
 from conftest import make_hf_model
@@ -115,6 +116,47 @@ def test_per_call_routing_settings(q4):
         model.generate("Once upon", min_expert_weight=1.5)
 
 
+ROUTINGS = [dict(experts_per_token=1), dict(min_expert_weight=0.4), dict(experts_per_token=3, min_expert_weight=0.3), {}]
+
+
+def tokens_and_text(responses):
+    responses = list(responses)
+    return [r.token for r in responses], "".join(r.text for r in responses)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_interleaved_streams_keep_their_own_routing(q4, backend):
+    """Streams with different per-call routing, advanced a token each in turn: each gives exactly
+    what it gives alone (tokens, text, and its own trace: no record of another), and the model's
+    config and default routing are as loaded afterwards."""
+    model = localmix.load(q4, backend=backend)
+    config, default = model.config, model.transformer.default_routing
+    kw = dict(max_tokens=8, temperature=0, repeat_penalty=1.0)
+    alone, alone_records = [], []
+    for routing in ROUTINGS:
+        records = []
+        alone.append(tokens_and_text(model.stream("Once upon", trace=records.extend, **kw, **routing)))
+        alone_records.append(records)
+    assert len({tuple(tokens) for tokens, _ in alone}) > 1  # the settings change the answer: mixing them would show
+    per_token = [{len(layer["experts"]) for r in records for layer in r["layers"]} for records in alone_records]
+    assert per_token[0] == {1} and per_token[2] <= {1, 2, 3} and 3 in per_token[2] and per_token[3] == {2}
+
+    together_records = [[] for _ in ROUTINGS]
+    streams = [model.stream("Once upon", trace=records.extend, **kw, **routing)
+               for records, routing in zip(together_records, ROUTINGS)]
+    together, going = [[] for _ in ROUTINGS], list(range(len(ROUTINGS)))
+    while going:  # a token of each in turn
+        for i in going:
+            together[i].append(next(streams[i]))
+        going = [i for i in going if not together[i][-1].finish_reason]
+    assert [tokens_and_text(responses) for responses in together] == alone
+    assert together_records == alone_records
+    assert model.config is config and model.config.num_experts_per_tok == 2 and model.transformer.args is config
+    assert model.transformer.default_routing == default == localmix.routing.RoutingOptions(2)
+    # A call after them, with no settings of its own, routes as the model was loaded: the last one's.
+    assert tokens_and_text(model.stream("Once upon", **kw)) == alone[-1]
+
+
 def test_fallback_uses_resident_experts_while_decoding(q4):
     slots = 12
     exact_model = localmix.load(q4, memory=budget(q4, slots), prefetch=False)
@@ -171,6 +213,43 @@ def test_cli_trace_stats_and_plot(q4, tmp_path):
                           (["--fallback-margin", "-1"], "--fallback-margin must be in [0, 1]"),
                           (["--trace", tmp_path / "no" / "t.jsonl"], "cannot write the trace")]:
         assert_one_line_error(localmix_cli("run", q4, "Hi", *args), message)
+
+
+def test_a_trace_argument_records_what_the_routers_chose(q4, tmp_path, monkeypatch):
+    """A trace given to Model.stream gets, for every token the model ran, each layer's choice as
+    the routers made it (Ops.route_tokens, seen from outside routing.py): the experts in index
+    order with their weights. `run --trace FILE` writes the same records; a call without a trace
+    records nothing."""
+    model = localmix.load(q4, backend="numpy")
+    seen = []  # (chosen, weights) of each route_tokens call: a model call's layers in order
+
+    class Seen(Ops):
+        def route_tokens(self, h, router, k, renormalize=True):
+            seen.append(Ops.route_tokens(h, router, k, renormalize))
+            return seen[-1]
+
+    monkeypatch.setattr(model.transformer, "ops", Seen())
+    records = []
+    greedy = dict(temperature=0, repeat_penalty=1.0)
+    responses = list(model.stream("Once upon", max_tokens=5, trace=records.extend, **greedy))
+    ran = model.tokenizer.encode("Once upon", bos=True) + [r.token for r in responses[:-1]]
+    assert [r["token"] for r in records] == ran and [r["position"] for r in records] == list(range(len(ran)))
+    layers = model.config.num_hidden_layers
+    for layer in range(layers):
+        chosen = np.concatenate([c for c, _ in seen[layer::layers]])
+        weights = np.concatenate([w for _, w in seen[layer::layers]])
+        for record, c, w in zip(records, chosen, weights, strict=True):
+            order = np.argsort(c)
+            assert record["layers"][layer]["experts"] == c[order].tolist()
+            np.testing.assert_allclose(record["layers"][layer]["weights"], w[order], atol=1e-6)
+    model.generate("Once upon", max_tokens=3, **greedy)
+    assert len(records) == len(ran)  # that call had no trace
+
+    trace = tmp_path / "trace.jsonl"
+    result = localmix_cli("run", q4, "Once upon", "--raw", "-n", "5", "--temperature", "0", "--repeat-penalty", "1",
+                          "--backend", "numpy", "--trace", trace)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in trace.read_text().splitlines()] == json.loads(json.dumps(records))
 
 
 def test_stats_saves_what_pinning_reads(q4, tmp_path):

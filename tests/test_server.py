@@ -1,5 +1,6 @@
 """`localmix serve`: the OpenAI routes through the official client, the Ollama ones as plain HTTP."""
 
+import asyncio
 import json
 import socket
 import threading
@@ -165,3 +166,72 @@ def test_load_forty_requests_four_at_a_time(server, client):
     same = sum(a == e for a, e in zip(answers, expected))
     print(f"{same}/40 answers equal to the API's; up to {model.server_engine.widest} decoded together")
     assert same == 40 and model.server_engine.widest >= 2  # concurrent answers were batched
+
+
+ROUTINGS = [dict(experts_per_token=1), dict(min_expert_weight=0.4), dict(experts_per_token=3), {}]
+
+
+def test_requests_choose_their_routing(server, client):
+    """localmix's routing fields, beside OpenAI's (the client's extra_body) or in Ollama's options:
+    each answer is Model.stream's with the same settings, also while answers with other settings
+    are decoded at the same time; bad values are a 400 naming the field."""
+    url, model = server
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    expected = [model.chat(messages, max_tokens=8, **GREEDY, **routing) for routing in ROUTINGS]
+    assert len(set(expected)) > 1  # the settings change the answer: a request given another's would show
+
+    def ask(routing):
+        answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                extra_body=routing)
+        return answer.choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, ROUTINGS * 3)) == expected * 3
+    status, text = post(url + "/api/chat", {"model": "tiny", "messages": messages, "stream": False,
+                                            "options": {"temperature": 0, "num_predict": 8, "repeat_penalty": 1,
+                                                        **ROUTINGS[0]}})
+    assert status == 200 and json.loads(text)["message"]["content"] == expected[0]
+    assert model.config.num_experts_per_tok == 2 and model.chat(messages, max_tokens=8, **GREEDY) == expected[-1]
+
+    for field, value in [("experts_per_token", 5), ("experts_per_token", 0), ("experts_per_token", "2"),
+                         ("min_expert_weight", 1), ("min_expert_weight", -0.1), ("fallback_margin", 1.5)]:
+        status, text = post(url + "/api/generate", {"model": "tiny", "prompt": "Hi", "options": {field: value}})
+        assert status == 400 and field in json.loads(text)["error"], (field, value, text)
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={field: value})
+
+
+def test_one_engine_step_decodes_each_routing_apart(q4, monkeypatch):
+    """Answers with different routing active in the engine together: one model call per routing in
+    each step (a call routes all its rows alike), those with equal routing in the same call, and
+    each answer is Model.stream's with its settings."""
+    from localmix.sampling import SamplingParams
+    from localmix.server import Engine, Job
+
+    model = localmix.load(q4)
+    engine = Engine(model)
+    engine.stop()  # driven by hand below, not by its thread
+    engine.thread.join(10)
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    expected = [model.chat(messages, max_tokens=8, **GREEDY, **routing) for routing in ROUTINGS]
+    calls = []
+    step = model.transformer.step
+    monkeypatch.setattr(model.transformer, "step", lambda ids, caches, options=None:
+                        calls.append((len(ids), options)) or step(ids, caches, options))
+    loop = asyncio.new_event_loop()
+    ids, _ = model.encode_prompt(messages)
+    jobs = [Job(ids, 8, SamplingParams(**GREEDY), model.routing_options(**routing), True, loop, asyncio.Queue())
+            for routing in ROUTINGS * 2]
+    for job in jobs:
+        engine.start(job)
+    engine.step()
+    assert len(calls) == 4 and set(calls) == {(2, model.routing_options(**routing)) for routing in ROUTINGS}
+    while engine.active:
+        engine.step()
+    loop.run_until_complete(asyncio.sleep(0))  # the responses the engine sent
+    answers = []
+    for job in jobs:
+        responses = [job.queue.get_nowait() for _ in range(job.queue.qsize())]
+        answers.append("".join(r.text for r in responses))
+    loop.close()
+    assert answers == expected * 2
