@@ -67,13 +67,15 @@ def base_reader(path: str):
     return gguf.GGUFReader(path)
 
 
-def rewrite(meta: dict | None = None, drop=(), tensors=None, alignment: int | None = None, arch: str = "llama"):
-    """The base GGUF written again: metadata keys in meta set to (value, type[, item type]), keys in
-    drop left out, tensors(list of [name, data, raw_dtype]) changing the tensor list in place."""
+def rewrite(meta: dict | None = None, drop=(), tensors=None, alignment: int | None = None, arch: str | None = None,
+            base: str = "gguf"):
+    """The base GGUF (ctx[base]) written again: metadata keys in meta set to (value, type[, item
+    type]), keys in drop left out, tensors(list of [name, data, raw_dtype]) changing the tensor list
+    in place; arch: another architecture than the base's."""
     def make(ctx, work):
-        r = base_reader(ctx["gguf"])
+        r = base_reader(ctx[base])
         path = work / "model.gguf"
-        w = gguf.GGUFWriter(str(path), arch)
+        w = gguf.GGUFWriter(str(path), arch or r.fields["general.architecture"].contents())
         if alignment:
             w.data_alignment = alignment
         for key, f in r.fields.items():
@@ -95,12 +97,12 @@ def rewrite(meta: dict | None = None, drop=(), tensors=None, alignment: int | No
     return make
 
 
-def patch(*edits):
-    """The base GGUF with bytes replaced: each edit is where(reader) -> offset, and a struct format
-    and value (or raw bytes) to write there."""
+def patch(*edits, base: str = "gguf"):
+    """The base GGUF (ctx[base]) with bytes replaced: each edit is where(reader) -> offset, and a
+    struct format and value (or raw bytes) to write there."""
     def make(ctx, work):
-        r = base_reader(ctx["gguf"])
-        data = bytearray(Path(ctx["gguf"]).read_bytes())
+        r = base_reader(ctx[base])
+        data = bytearray(Path(ctx[base]).read_bytes())
         for where, fmt, value in edits:
             at = where(r)
             raw = value if fmt is None else struct.pack(fmt, value)
@@ -172,8 +174,8 @@ def patch_tensor_offset(name: str, value):
     return make
 
 
-def pieces(ctx) -> list[str]:
-    return base_reader(ctx["gguf"]).fields["tokenizer.ggml.tokens"].contents()
+def pieces(ctx, base: str = "gguf", key: str = "tokenizer.ggml.tokens") -> list[str]:
+    return base_reader(ctx[base]).fields[key].contents()
 
 
 def duplicate_key(ctx, work):
@@ -408,6 +410,101 @@ case("gguf norms as I32 (not weights)", LIE, rewrite(tensors=lambda listed: [
     t.__setitem__(slice(1, 3), [np.ones(t[1].shape, np.int32), T.I32]) for t in listed if t[0].endswith("norm.weight")]))
 
 
+# -- GGUF of another architecture: qwen2moe (biases, a shared expert and its gate), byte-level BPE ----
+Q2 = "gguf_qwen2"       # hidden 64, 4 heads of 16, 4 experts 64 wide, a shared expert 96 wide, 2 layers
+
+
+def q2(**kwargs):
+    return rewrite(base=Q2, **kwargs)
+
+
+def q2_patch(*edits):
+    return patch(*edits, base=Q2)
+
+
+def q2_list(key, change):
+    """The base's array `key` (strings) changed by change(list) -> list, rewritten."""
+    return lambda ctx, work: q2(meta={key: (change(pieces(ctx, Q2, key)), V.ARRAY, V.STRING)})(ctx, work)
+
+
+MERGES, PRE = "tokenizer.ggml.merges", "tokenizer.ggml.pre"
+SHEXP_GATE = "blk.1.ffn_gate_inp_shexp.weight"
+case("gguf qwen2moe unchanged", HARMLESS, lambda ctx, work: Path(ctx[Q2]))
+case("gguf qwen2moe rewritten unchanged", HARMLESS, q2())
+case("gguf qwen2moe merges: count 2^64-1", LIE, q2_patch((kv(MERGES, 4), "<Q", U64_MAX)))
+case("gguf qwen2moe merges: count 2^40", LIE, q2_patch((kv(MERGES, 4), "<Q", 1 << 40)))
+case("gguf qwen2moe merges: item type uint32", LIE, q2_patch((kv(MERGES, 3), "<I", int(V.UINT32))))
+case("gguf qwen2moe merges missing", LIE, q2(drop={MERGES}))
+case("gguf qwen2moe merges: one of tokens not in the vocabulary", LIE, q2_list(MERGES, lambda m: ["zzq qqz"] + m))
+case("gguf qwen2moe merges: one of three parts", LIE, q2_list(MERGES, lambda m: ["a b c"] + m))
+case("gguf qwen2moe merges: one without a space", LIE, q2_list(MERGES, lambda m: ["ab"] + m))
+case("gguf qwen2moe merges: only the first 100", HARMLESS, q2_list(MERGES, lambda m: m[:100]))
+case("gguf qwen2moe pre 'llama-bpe' (unknown here)", LIE, q2(meta={PRE: ("llama-bpe", V.STRING)}))
+case("gguf qwen2moe pre as uint32", LIE, q2(meta={PRE: (2, V.UINT32)}))
+case("gguf qwen2moe pre missing", LIE, q2(drop={PRE}))
+case("gguf qwen2moe pre 'gpt-2' (another known split)", HARMLESS, q2(meta={PRE: ("gpt-2", V.STRING)}))
+case("gguf qwen2moe token types: a type 9", LIE, q2_patch((kv("tokenizer.ggml.token_type", 5), "<i", 9)))
+case("gguf qwen2moe token types missing", LIE, q2(drop={"tokenizer.ggml.token_type"}))
+case("gguf qwen2moe tokens: a duplicate", LIE, q2_list("tokenizer.ggml.tokens", lambda t: t[:1] + t[:1] + t[2:]))
+case("gguf qwen2moe tokens: an empty one", LIE, q2_list("tokenizer.ggml.tokens", lambda t: t[:5] + [""] + t[6:]))
+case("gguf qwen2moe eos id on an unused [PAD] row", LIE, q2(meta={"tokenizer.ggml.eos_token_id": (31999, V.UINT32)}))
+case("gguf qwen2moe eos id 32000", LIE, q2(meta={"tokenizer.ggml.eos_token_id": (32000, V.UINT32)}))
+case("gguf qwen2moe eos id missing", HARMLESS, q2(drop={"tokenizer.ggml.eos_token_id"}))
+case("gguf qwen2moe add_bos_token without a BOS id", LIE, q2(meta={"tokenizer.ggml.add_bos_token": (True, V.BOOL)},
+                                                             drop={"tokenizer.ggml.bos_token_id"}))
+case("gguf qwen2moe add_bos_token as uint8", LIE, q2(meta={"tokenizer.ggml.add_bos_token": (1, V.UINT8)}))
+case("gguf qwen2moe add_eos_token true", LIE, q2(meta={"tokenizer.ggml.add_eos_token": (True, V.BOOL)}))
+case("gguf qwen2moe chat template missing (a base model)", HARMLESS, q2(drop={"tokenizer.chat_template"}))
+case("gguf qwen2moe chat template as uint32", LIE, q2(meta={"tokenizer.chat_template": (3, V.UINT32)}))
+case("gguf qwen2moe chat template not jinja", LIE, q2(meta={"tokenizer.chat_template": ("{% if %}", V.STRING)}))
+for key, values in {
+    "qwen2moe.expert_feed_forward_length": [(32, LIE), (0, LIE), (10**9, LIE), (64, HARMLESS)],
+    "qwen2moe.expert_shared_feed_forward_length": [(64, LIE), (0, LIE), (96, HARMLESS)],
+    "qwen2moe.attention.key_length": [(8, LIE), (32, LIE), (16, HARMLESS)],
+    "qwen2moe.attention.value_length": [(32, LIE)],
+    "qwen2moe.expert_gating_func": [(2, LIE), (1, HARMLESS)],
+}.items():
+    for value, verdict in values:
+        case(f"gguf qwen2moe {key} = {value}", verdict, q2(meta={key: (value, U32)}))
+case("gguf qwen2moe expert_feed_forward_length missing (llama.cpp's n_ff / n_expert_used: 48)", LIE,
+     q2(drop={"qwen2moe.expert_feed_forward_length"}))
+case("gguf qwen2moe expert_shared_feed_forward_length missing (n_ff: 96)", HARMLESS,
+     q2(drop={"qwen2moe.expert_shared_feed_forward_length"}))
+case("gguf qwen2moe expert_weights_scale 2.5", LIE, q2(meta={"qwen2moe.expert_weights_scale": (2.5, V.FLOAT32)}))
+case("gguf qwen2moe expert_weights_scale 1.0", HARMLESS, q2(meta={"qwen2moe.expert_weights_scale": (1.0, V.FLOAT32)}))
+case("gguf qwen2moe expert_weights_scale as a string", LIE,
+     q2(meta={"qwen2moe.expert_weights_scale": ("1", V.STRING)}))
+case("gguf qwen2moe a k bias missing", LIE, q2(tensors=drop_tensor("blk.1.attn_k.bias")))
+case("gguf qwen2moe layer 0's q bias missing (the others then extra)", LIE, q2(tensors=drop_tensor("blk.0.attn_q.bias")))
+case("gguf qwen2moe every q/k/v bias missing (a model without)", HARMLESS, q2(tensors=lambda listed: listed.__setitem__(
+    slice(None), [t for t in listed if not t[0].endswith(".bias")])))
+case("gguf qwen2moe shared expert gate missing", LIE, q2(tensors=drop_tensor(SHEXP_GATE)))
+case("gguf qwen2moe shared expert missing", LIE, q2(tensors=drop_tensor("blk.0.ffn_up_shexp.weight")))
+
+
+def shexp_gate(shape):
+    def change(listed):
+        t = next(t for t in listed if t[0] == SHEXP_GATE)
+        t[1] = np.resize(t[1], shape).astype(np.float32)
+    return change
+
+
+case("gguf qwen2moe shared expert gate as [64] (llama.cpp's shape)", HARMLESS, q2(tensors=shexp_gate((64,))))
+case("gguf qwen2moe shared expert gate as [64, 2]", LIE, q2(tensors=shexp_gate((2, 64))))
+case("gguf qwen2moe a dense MLP beside the experts", LIE, q2(tensors=lambda listed: listed.append(
+    ["blk.0.ffn_gate.weight", np.zeros((96, 64), np.float32), T.F32])))
+case("gguf qwen2moe a q norm (qwen3moe's)", LIE, q2(tensors=lambda listed: listed.append(
+    ["blk.0.attn_q_norm.weight", np.ones(16, np.float32), T.F32])))
+case("gguf qwen2moe relabelled qwen3moe", LIE, q2(arch="qwen3moe", meta={
+    f"qwen3moe.{k}": v for k, v in {"block_count": (2, U32), "embedding_length": (64, U32),
+                                      "feed_forward_length": (96, U32), "attention.head_count": (4, U32),
+                                      "expert_count": (4, U32), "expert_used_count": (2, U32)}.items()}))
+case("gguf qwen2moe relabelled olmoe", LIE, q2(arch="olmoe", meta={
+    f"olmoe.{k}": v for k, v in {"block_count": (2, U32), "embedding_length": (64, U32),
+                                   "feed_forward_length": (64, U32), "attention.head_count": (4, U32),
+                                   "expert_count": (4, U32), "expert_used_count": (2, U32)}.items()}))
+
+
 # -- mlx-lm folders ---------------------------------------------------------------------------------
 
 def mlx_folder(config=None, tensors=None, files=None, tokenizer: bytes | None = None):
@@ -620,10 +717,10 @@ case("mlx-lm unchanged", HARMLESS, mlx_folder())
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """One small random Mixtral as a GGUF file and as an mlx-lm folder."""
+    """One small random Mixtral as a GGUF file and as an mlx-lm folder; a Qwen2-MoE as a GGUF file."""
     import torch
     from conftest import make_hf_model
-    from test_gguf import write_gguf
+    from test_gguf import original_tokenizer, write_family_gguf, write_gguf
 
     from localmix.quant.convert import LocalSource, convert
     from localmix.quant.mlx_lm import export_mlx_lm
@@ -633,7 +730,11 @@ def inputs(tmp_path_factory):
     make_hf_model(hf, dtype=torch.bfloat16, hidden_size=64, intermediate_size=64, num_key_value_heads=2)
     path = write_gguf(hf, root / "base.gguf")
     export_mlx_lm(convert(LocalSource(hf), root / "base-q4", bits="4"), root / "base-mlx")
-    return {"gguf": str(path), "mlx": str(root / "base-mlx")}
+    make_hf_model(root / "hf-qwen2", "qwen2_moe", dtype=torch.bfloat16, moe_intermediate_size=64,
+                  shared_expert_intermediate_size=96)
+    tokenizer = original_tokenizer(root / "tokenizer-qwen2", "qwen2")
+    qwen2, _ = write_family_gguf(root / "hf-qwen2", root / "base-qwen2moe.gguf", tokenizer)
+    return {"gguf": str(path), "mlx": str(root / "base-mlx"), Q2: str(qwen2)}
 
 
 def test_crafted_gguf_files_and_mlx_lm_folders(inputs, tmp_path):
