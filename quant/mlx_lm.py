@@ -185,17 +185,18 @@ F16_NORMAL = 2.0 ** -14
 
 
 def half(raw: np.ndarray, dtype: str, what: str) -> np.ndarray:
-    """Scales or biases as float16; bfloat16 ones must convert exactly (they do within float16's
-    normal range). Below that range they are rounded: MLX gives a group of zeros (a padding row
-    of the embeddings) the scale -1e-7, which float16 holds only as a subnormal; the rounding moves
-    each of that group's values by at most 255 * 2^-25 (8e-6)."""
+    """Scales or biases as float16; bfloat16 (or float32) ones must convert exactly (bfloat16 ones
+    do within float16's normal range). Below that range bfloat16 ones are rounded: MLX gives a
+    group of zeros (a padding row of a bfloat16 model's embeddings) the scale -1e-7, which float16
+    holds only as a subnormal; the rounding moves each of that group's values by at most
+    255 * 2^-25 (8e-6)."""
     if dtype == "F16":
         values = raw
     else:
         values = to_float32(raw, dtype)
         converted = values.astype(np.float16)
         inexact = converted.astype(np.float32) != values
-        if (inexact & ~(np.abs(values) < F16_NORMAL)).any():
+        if (inexact & ~((np.abs(values) < F16_NORMAL) & (dtype == "BF16"))).any():
             raise LocalmixError(f"{what}: {dtype} scales or biases that float16 cannot hold exactly")
         values = converted
     if not np.isfinite(values).all():
