@@ -13,6 +13,7 @@ import math
 import re
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -200,31 +201,72 @@ class Checkpoint:
     def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """One of the model's tensors (see source_of) as float32, checked against the shape the
         config implies: a view of the file for float32, a converted copy of its rows otherwise."""
-        source, start, source_shape = source_of(name, shape, self.config)
-        file = self.file_of(source, source_shape)
-        if source == name:
+        source = source_of(name, shape, self.config)
+        file = self.file_of(source.name, source.shape)
+        if source.whole:
             return file.load(name)
-        raw, dtype = file.raw(source)
-        return to_float32(raw.reshape(-1, shape[-1])[start:start + shape[0]], dtype)
+        raw, dtype = file.raw(source.name)
+        block = to_float32(raw.reshape(-1, source.cols)[source.first:source.first + source.rows], dtype)
+        return source.take(block).reshape(shape)
+
+
+class Source(NamedTuple):
+    """Where one of the model's tensors lies in a checkpoint tensor (`name`, of `shape`): seen as
+    rows of `cols` values, its rows [first, first + rows), of which ours is every `step`-th column
+    from `column` on, transposed where `transpose` says. One expert's matrix of a stacked tensor is
+    such a block (GraniteMoE's rows, gpt-oss's transposed and interleaved columns): a reader brings
+    in that block, never the whole stacked tensor."""
+    name: str
+    shape: tuple[int, ...]
+    first: int = 0
+    rows: int = 0
+    cols: int = 0
+    column: int = 0
+    step: int = 1
+    transpose: bool = False
+
+    @property
+    def whole(self) -> bool:
+        return self.rows == 0
+
+    def take(self, block: np.ndarray) -> np.ndarray:
+        """Ours, out of the block of rows (a copy: contiguous)."""
+        if self.step != 1:
+            block = block[:, self.column::self.step]
+        return np.ascontiguousarray(block.T if self.transpose else block)
 
 
 _STACKED_EXPERT = re.compile(r"(model\.layers\.\d+\.block_sparse_moe\.)experts\.(\d+)\.(w[123])\.weight$")
+_GPT_OSS_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.(weight|bias)$")
 
 
-def source_of(name: str, shape: tuple[int, ...], args: ModelArgs) -> tuple[str, int, tuple[int, ...]]:
-    """Where one of the model's tensors lies in a checkpoint: (checkpoint tensor, first row, that
-    tensor's shape), its rows counted as the model tensor's [rows, cols]. Most tensors are a
-    checkpoint tensor whole; GraniteMoE stacks a layer's experts in two tensors, input_linear
+def source_of(name: str, shape: tuple[int, ...], args: ModelArgs) -> Source:
+    """Where one of the model's tensors lies in a checkpoint (see Source). Most tensors are a
+    checkpoint tensor whole. GraniteMoE stacks a layer's experts in two tensors, input_linear
     [experts, gate rows then up rows, hidden] and output_linear [experts, hidden, width], of which an
-    expert's w1, w3 or w2 is a block of rows."""
-    stacked = _STACKED_EXPERT.match(name) if args.model_type == "granitemoe" else None
-    if not stacked:
-        return name, 0, tuple(shape)
-    prefix, expert, part = stacked[1], int(stacked[2]), stacked[3]
+    expert's w1, w3 or w2 is a block of rows. gpt-oss (as transformers saves it) stacks them
+    transposed, gate and up interleaved: gate_up_proj [experts, hidden, 2 x width] (gate the even
+    columns, up the odd), down_proj [experts, width, hidden], and their biases gate_up_proj_bias
+    [experts, 2 x width], down_proj_bias [experts, hidden]."""
     E, F, H = args.num_local_experts, args.moe_intermediate_size, args.hidden_size
-    if part == "w2":
-        return prefix + "output_linear.weight", expert * H, (E, H, F)
-    return prefix + "input_linear.weight", expert * 2 * F + (F if part == "w3" else 0), (E, 2 * F, H)
+    stacked = _STACKED_EXPERT.match(name) if args.model_type == "granitemoe" else None
+    if stacked:
+        prefix, expert, part = stacked[1], int(stacked[2]), stacked[3]
+        if part == "w2":
+            return Source(prefix + "output_linear.weight", (E, H, F), expert * H, H, F)
+        return Source(prefix + "input_linear.weight", (E, 2 * F, H), expert * 2 * F + (F if part == "w3" else 0), F, H)
+    stacked = _GPT_OSS_EXPERT.match(name) if args.model_type == "gpt_oss" else None
+    if stacked:
+        prefix, expert, part, kind = stacked[1], int(stacked[2]), stacked[3], stacked[4]
+        bias = "_bias" if kind == "bias" else ""
+        if part == "down":
+            return (Source(prefix + "down_proj_bias", (E, H), expert, 1, H) if bias else
+                    Source(prefix + "down_proj", (E, F, H), expert * F, F, H, transpose=True))
+        column = 0 if part == "gate" else 1
+        if bias:
+            return Source(prefix + "gate_up_proj_bias", (E, 2 * F), expert, 1, 2 * F, column, 2)
+        return Source(prefix + "gate_up_proj", (E, H, 2 * F), expert * H, H, 2 * F, column, 2, transpose=True)
+    return Source(name, tuple(shape))
 
 
 def checkpoint_tensor_floor(args: ModelArgs) -> int:
@@ -233,6 +275,8 @@ def checkpoint_tensor_floor(args: ModelArgs) -> int:
     is built."""
     if args.model_type == "granitemoe":
         return 2 * len(args.moe_layers)
+    if args.model_type == "gpt_oss":
+        return 4 * len(args.moe_layers)
     return 3 * len(args.mlp_widths)
 
 
@@ -265,17 +309,23 @@ def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None, experts:
     expert cache brings them in on demand)."""
     # Imported here: localmix.experts imports localmix.store, which imports this module.
     from localmix.experts.resident import ResidentExperts
-    from localmix.model import Expert, Layer, Weights
+    from localmix.model import Expert, Layer, Weights, expert_activation
 
     args = args or checkpoint.config
     H, V = args.hidden_size, args.vocab_size
     q_rows, kv_rows = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     get = checkpoint.tensor
 
-    def mlp(prefix: str, width: int, names=("gate_proj", "down_proj", "up_proj")) -> Expert:
+    glu = expert_activation(args)
+
+    def mlp(prefix: str, width: int, names=("gate_proj", "down_proj", "up_proj"), biased: bool = False) -> Expert:
         gate, down, up = names
+        biases = {}
+        if biased:  # gpt-oss's (named as our unstacked experts are: see source_of)
+            biases = dict(b1=get(f"{prefix}{gate}.bias", (width,)), b2=get(f"{prefix}{down}.bias", (H,)),
+                          b3=get(f"{prefix}{up}.bias", (width,)))
         return Expert(w1=get(f"{prefix}{gate}.weight", (width, H)), w2=get(f"{prefix}{down}.weight", (H, width)),
-                      w3=get(f"{prefix}{up}.weight", (width, H)))
+                      w3=get(f"{prefix}{up}.weight", (width, H)), **biases, glu=glu)
 
     def bias(name: str, rows: int, present: bool):
         return get(name, (rows,)) if present else None
@@ -288,11 +338,12 @@ def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None, experts:
         # do once unstacked (source_of); the other families' in mlp, named as their dense MLPs are.
         moe, names = (p + "block_sparse_moe.", ("w1", "w2", "w3")) if args.model_type in ("mixtral", "granitemoe") \
             else (p + "mlp.", ("gate_proj", "down_proj", "up_proj"))
-        router, shared, shared_gate = None, None, None
+        router, router_bias, shared, shared_gate = None, None, None, None
         if args.sparse_layers[i]:
-            router_name = moe + ("router.layer.weight" if args.model_type == "granitemoe" else "gate.weight")
-            router = get(router_name, (args.num_local_experts, H))
-            layer_experts = [mlp(f"{moe}experts.{e}.", args.moe_intermediate_size, names)
+            router_name = moe + {"granitemoe": "router.layer", "gpt_oss": "router"}.get(args.model_type, "gate")
+            router = get(router_name + ".weight", (args.num_local_experts, H))
+            router_bias = bias(router_name + ".bias", args.num_local_experts, args.router_bias)
+            layer_experts = [mlp(f"{moe}experts.{e}.", args.moe_intermediate_size, names, args.expert_bias)
                              for e in range(args.num_local_experts)] if experts else []
             if args.shared_expert_intermediate_size:
                 shared = mlp(moe + "shared_expert.", args.shared_expert_intermediate_size)
@@ -315,8 +366,9 @@ def read_weights(checkpoint: Checkpoint, args: ModelArgs | None = None, experts:
             bv=bias(a + "v_proj.bias", kv_rows, args.qkv_bias),
             bo=bias(a + "o_proj.bias", H, args.o_bias),
             q_norm=q_norm, k_norm=k_norm,
+            sinks=get(a + "sinks", (args.num_attention_heads,)) if args.attention_sinks else None,
             ffn_norm=get(p + "post_attention_layernorm.weight", (H,)),
-            router=router, experts=ResidentExperts(layer_experts),
+            router=router, router_bias=router_bias, experts=ResidentExperts(layer_experts),
             shared_expert=shared, shared_expert_gate=shared_gate))
 
     embed = get("model.embed_tokens.weight", (V, H))

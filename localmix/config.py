@@ -8,6 +8,7 @@ Tensor names are mapped in one place, checkpoint.read_weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class Family:
     o_bias: bool = False             # whether that bool also puts one on o
     window_key: str | None = "sliding_window"
     multipliers: bool = False        # GraniteMoE's embedding, residual, attention and logits multipliers
+    gpt_oss: bool = False            # per-layer windows (layer_types), attention sinks, router and expert biases,
+                                     # the clamped SwiGLU, YaRN rotary scaling
 
 
 _QWEN = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "tie_word_embeddings": False,
@@ -59,9 +62,30 @@ FAMILIES = {
                      "tie_word_embeddings": False, "norm_topk_prob": False, "attention_bias": False, "clip_qkv": None},
                     experts_key="num_experts", qk_norm="projection", qkv_bias_key="attention_bias", o_bias=True,
                     window_key=None),
+    # rope_parameters: what transformers' GptOssConfig puts there when a config gives none.
+    "gpt_oss": Family({"rope_theta": 150000.0, "rms_norm_eps": 1e-5, "sliding_window": 128,
+                       "max_position_embeddings": 131072, "tie_word_embeddings": False, "attention_bias": True,
+                       "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+                       "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                           "truncate": False, "original_max_position_embeddings": 4096}},
+                      experts_key="num_local_experts", renormalize=True, qkv_bias_key="attention_bias", o_bias=True,
+                      gpt_oss=True),
 }
 _REQUIRED = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size"]
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN rotary scaling (rope_type "yarn"), the values transformers' _compute_yarn_parameters
+    reads, with its defaults; attention_factor resolved as it resolves it (cos and sin are scaled
+    by it)."""
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,17 @@ class ModelArgs:
     residual_multiplier: float = 1.0     # each layer's attention and MoE outputs times this,
     attention_multiplier: float | None = None  # attention scores times this (None: 1 / sqrt(head_dim)),
     logits_scaling: float = 1.0          # and the logits divided by this
+    layer_windows: tuple[int | None, ...] = ()  # each layer's window (gpt-oss's layer_types); (): sliding_window
+    attention_sinks: bool = False        # a learned logit per head joins each softmax and is dropped (gpt-oss)
+    router_bias: bool = False            # the router's logits have a bias (gpt-oss)
+    expert_bias: bool = False            # each expert's gate, up and down projections have biases (gpt-oss)
+    swiglu_limit: float | None = None    # gpt-oss's clamped SwiGLU: gate clamped above, up to [-limit, limit],
+    swiglu_alpha: float = 1.0            # (up + 1) * gate * sigmoid(alpha * gate); None: silu(gate) * up
+    rope_scaling: Yarn | None = None     # None: plain RoPE
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of a layer's attention (None: full attention)."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
     @property
     def is_moe(self) -> bool:
@@ -124,8 +159,11 @@ class ModelArgs:
         attention = 2 * H + 2 * q * H + 2 * kv * H
         attention += {"head": 2 * self.head_dim, "projection": q + kv, None: 0}[self.qk_norm]
         attention += (q + 2 * kv if self.qkv_bias else 0) + (H if self.o_bias else 0)
+        attention += self.num_attention_heads if self.attention_sinks else 0
         routers = len(self.moe_layers) * (self.num_local_experts + (1 if self.shared_expert_intermediate_size else 0)) * H
+        routers += len(self.moe_layers) * self.num_local_experts if self.router_bias else 0
         mlps = 3 * H * sum(self.mlp_widths)
+        mlps += sum(2 * width + H for width in self.mlp_widths) if self.expert_bias else 0
         return self.num_hidden_layers * attention + routers + mlps + V * H * (1 if self.tie_word_embeddings else 2) + H
 
     @classmethod
@@ -147,7 +185,7 @@ class ModelArgs:
             if config.get(key) is None:
                 raise LocalmixError(f"{source}: missing key {key!r}")
         act = config.get("hidden_act", "silu")
-        if act != "silu":
+        if act != "silu":  # (gpt-oss's config says silu too: its clamped SwiGLU is the family's, below)
             raise LocalmixError(f"{source}: unsupported hidden_act {act!r:.60} (localmix runs SwiGLU, 'silu')")
 
         defaults = family.defaults
@@ -195,7 +233,7 @@ class ModelArgs:
             num_key_value_heads=positive("num_key_value_heads", MAX_HEADS),
             head_dim=head_dim,
             vocab_size=positive("vocab_size", MAX_DIM),
-            rope_theta=validate.number(_rope_theta(config, defaults["rope_theta"], source), "rope_theta", source,
+            rope_theta=validate.number(_rope_theta(config, family, source), "rope_theta", source,
                                        low=0.0, low_open=True),
             rms_norm_eps=validate.number(get("rms_norm_eps"), "rms_norm_eps", source, low=0.0, high=1.0,
                                          low_open=True),
@@ -220,6 +258,13 @@ class ModelArgs:
                            residual_multiplier=multiplier("residual_multiplier"),
                            attention_multiplier=multiplier("attention_multiplier"),
                            logits_scaling=multiplier("logits_scaling"))
+        if family.gpt_oss:
+            args = replace(args, layer_windows=_layer_windows(config, layers, sliding_window, source),
+                           attention_sinks=True, router_bias=True, expert_bias=True,
+                           swiglu_alpha=validate.number(get("swiglu_alpha"), "swiglu_alpha", source),
+                           swiglu_limit=validate.number(get("swiglu_limit"), "swiglu_limit", source, low=0.0,
+                                                        low_open=True),
+                           rope_scaling=_yarn(config, family, args.max_position_embeddings, source))
         # localmix's own key (a base model, such as the demo): a real bool or nothing.
         if config.get("localmix_base_model") is not None:
             validate.boolean(config["localmix_base_model"], "localmix_base_model", source)
@@ -296,12 +341,12 @@ def _sparse_layers(config: dict, family: Family, layers: int, experts: int, sour
     return tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
 
 
-def _rope_theta(config: dict, default: float, source: str) -> float:
-    """rope_theta sits at the top level (the real Mixtral config) or in rope_parameters (newer
-    transformers). Only plain RoPE is supported: a scaled variant would silently change the math.
-    Every place a value can sit is checked, also the one that another overrides: a config that
-    lies anywhere is refused."""
-    theta = None
+def _rope_dicts(config: dict, family: Family, source: str) -> list[tuple[str, dict]]:
+    """The rope parameter objects a config gives (rope_parameters, or the older rope_scaling), each
+    checked to be an object of a rope_type the family runs: plain RoPE, and YaRN for gpt-oss (a
+    scaled variant that we do not compute would silently change the math). A family whose
+    transformers config fills in rope_parameters (gpt-oss) gets those when the config gives none."""
+    found = []
     for key in ("rope_parameters", "rope_scaling"):
         params = config.get(key)
         if params is None:
@@ -309,11 +354,69 @@ def _rope_theta(config: dict, default: float, source: str) -> float:
         if not isinstance(params, dict):
             raise LocalmixError(f"{source}: {key} must be null or a JSON object, got {params!r:.60}")
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise LocalmixError(f"{source}: unsupported rope_type {rope_type!r:.60} (only plain RoPE)")
+        if rope_type != "default" and not (rope_type == "yarn" and family.gpt_oss):
+            raise LocalmixError(f"{source}: unsupported rope_type {rope_type!r:.60} "
+                                f"({'plain RoPE or YaRN' if family.gpt_oss else 'only plain RoPE'})")
+        if params.get("partial_rotary_factor") not in (None, 1, 1.0):
+            raise LocalmixError(f"{source}: {key}.partial_rotary_factor is not supported")
+        found.append((key, params))
+    if not found and "rope_parameters" in family.defaults:
+        found.append(("rope_parameters", family.defaults["rope_parameters"]))
+    return found
+
+
+def _rope_theta(config: dict, family: Family, source: str) -> float:
+    """rope_theta sits at the top level (the real Mixtral config) or in rope_parameters (newer
+    transformers). Every place a value can sit is checked, also the one that another overrides: a
+    config that lies anywhere is refused."""
+    theta = None
+    for key, params in _rope_dicts(config, family, source):
         if params.get("rope_theta") is not None and theta is None:
             theta = validate.number(params["rope_theta"], f"{key}.rope_theta", source, low=0.0, low_open=True)
     top = config.get("rope_theta")
     if top is not None:
         top = validate.number(top, "rope_theta", source, low=0.0, low_open=True)
-    return theta if theta is not None else top if top is not None else default
+    return theta if theta is not None else top if top is not None else family.defaults["rope_theta"]
+
+
+def _yarn(config: dict, family: Family, max_positions: int, source: str) -> Yarn | None:
+    """The YaRN parameters where the (first) rope object says yarn, read as transformers'
+    _compute_yarn_parameters reads them: factor (missing: max_position_embeddings over the original
+    length), beta_fast and beta_slow (missing or zero: 32 and 1), truncate (missing: true), the
+    attention factor (missing: 0.1 ln(factor) + 1, or the ratio of mscale's and mscale_all_dim's)."""
+    dicts = _rope_dicts(config, family, source)
+    if not dicts or dicts[0][1].get("rope_type", dicts[0][1].get("type", "default")) != "yarn":
+        return None
+    key, params = dicts[0]
+
+    def number(name, default=None, **bounds):
+        value = params.get(name)
+        return default if value is None else validate.number(value, f"{key}.{name}", source, **bounds)
+
+    original = params.get("original_max_position_embeddings", max_positions)
+    original = validate.integer(original, f"{key}.original_max_position_embeddings", source, 1, MAX_CONTEXT)
+    factor = number("factor", max_positions / original, low=0.0, low_open=True)
+    beta_fast, beta_slow = number("beta_fast") or 32.0, number("beta_slow") or 1.0
+    truncate = validate.boolean(params.get("truncate", True), f"{key}.truncate", source)
+    mscale, mscale_all_dim = number("mscale"), number("mscale_all_dim")
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    attention_factor = number("attention_factor", low=0.0, low_open=True)
+    if attention_factor is None:
+        attention_factor = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+                            else get_mscale(factor))
+    return Yarn(float(factor), original, float(beta_fast), float(beta_slow), truncate, float(attention_factor))
+
+
+def _layer_windows(config: dict, layers: int, window: int | None, source: str) -> tuple[int | None, ...]:
+    """Each layer's window from layer_types ("sliding_attention": the sliding window; "full_attention":
+    none); missing, transformers' GptOssConfig alternates them, sliding first."""
+    types = config.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or any(
+            t not in ("sliding_attention", "full_attention") for t in types):
+        raise LocalmixError(f"{source}: layer_types must list 'sliding_attention' or 'full_attention' for each of "
+                            f"the {layers} layers, got {types!r:.80}")
+    return tuple(window if t == "sliding_attention" else None for t in types)

@@ -10,6 +10,7 @@ step by step (same operation order, float32 softmax), so that logits agree to ab
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,12 +24,40 @@ if TYPE_CHECKING:
     from localmix.experts import ExpertSource
 
 
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's activation of gate and up: the gate clamped above at limit, up to [-limit, limit],
+    then (up + 1) * gate * sigmoid(alpha * gate), in transformers' order of operations."""
+    alpha: float
+    limit: float
+
+    def __call__(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        limit = np.float32(self.limit)
+        gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+        return (up + np.float32(1.0)) * (gate * sigmoid(gate * np.float32(self.alpha)))
+
+
+def expert_activation(args: ModelArgs) -> ClampedSwiGLU | None:
+    """The experts' activation where it is not SwiGLU's silu(gate) * up (gpt-oss's)."""
+    return None if args.swiglu_limit is None else ClampedSwiGLU(args.swiglu_alpha, args.swiglu_limit)
+
+
 @dataclass
 class Expert:
-    """One SwiGLU feed-forward network: w2(silu(w1 x) * w3 x). Matrices are [out, in]."""
+    """One SwiGLU feed-forward network: w2(silu(w1 x) * w3 x). Matrices are [out, in]. gpt-oss's
+    experts add biases to the three products and clamp their SwiGLU (glu)."""
     w1: np.ndarray  # gate
     w2: np.ndarray  # down
     w3: np.ndarray  # up
+    b1: np.ndarray | None = None  # float32 biases of gate, down and up (gpt-oss)
+    b2: np.ndarray | None = None
+    b3: np.ndarray | None = None
+    glu: ClampedSwiGLU | None = None  # None: silu(gate) * up
+
+    @property
+    def plain(self) -> bool:
+        """SwiGLU without biases: what the Numba kernels compute."""
+        return self.glu is None and self.b1 is None
 
 
 @dataclass
@@ -50,6 +79,8 @@ class Layer:
     k_norm: np.ndarray | None = None
     shared_expert: Expert | None = None          # run for every token beside the routed ones (Qwen2-MoE),
     shared_expert_gate: np.ndarray | None = None  # scaled by sigmoid(shared_expert_gate h) [1, hidden]
+    sinks: np.ndarray | None = None        # [heads]: a logit per head that joins each softmax (gpt-oss)
+    router_bias: np.ndarray | None = None  # [experts] (gpt-oss)
     routing: object = None     # localmix.routing.LayerRouting: statistics and steering (set by Transformer)
 
 
@@ -92,8 +123,36 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def rope_inverse_frequencies(args: ModelArgs) -> np.ndarray:
     # float32 throughout, as transformers computes them: a float64 table would be more accurate
     # at long positions but would no longer match the reference.
-    exponents = np.arange(0, args.head_dim, 2, dtype=np.float32) / np.float32(args.head_dim)
-    return (np.float32(1.0) / (np.float32(args.rope_theta) ** exponents)).astype(np.float32)
+    dim = args.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(args.rope_theta) ** exponents)).astype(np.float32)
+    yarn = args.rope_scaling
+    if yarn is None:
+        return inv_freq
+    # YaRN, as transformers' _compute_yarn_parameters: the frequencies that turn fewer than beta_slow
+    # times over the original context are interpolated (divided by factor), those that turn more
+    # than beta_fast times are kept, with a linear ramp between; the bounds in float64, the rest in float32.
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+            2 * math.log(args.rope_theta))
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # (transformers': no division by zero)
+    pos_freqs = np.float32(args.rope_theta) ** exponents
+    extrapolation = np.float32(1.0) / pos_freqs
+    interpolation = np.float32(1.0) / (np.float32(yarn.factor) * pos_freqs)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = np.float32(1.0) - ramp.astype(np.float32)
+    return (interpolation * (np.float32(1.0) - keep) + extrapolation * keep).astype(np.float32)
+
+
+def rope_attention_factor(args: ModelArgs) -> float:
+    """What rotary scaling multiplies cos and sin by (YaRN's attention factor; 1 for plain RoPE):
+    the same as multiplying the rotated q and k by it."""
+    return 1.0 if args.rope_scaling is None else args.rope_scaling.attention_factor
 
 
 def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
@@ -119,9 +178,10 @@ def attention_mask(query_positions: np.ndarray, key_count: int, sliding_window: 
 
 
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.ndarray,
-           sliding_window: int | None) -> np.ndarray:
+           sliding_window: int | None, sinks: np.ndarray | None = None) -> np.ndarray:
     """softmax(q k^T / sqrt(d)) v for q [T, heads, dim] over cached keys and values
-    [S, kv_heads, dim], masked by position; returns [T, heads * dim]."""
+    [S, kv_heads, dim], masked by position; returns [T, heads * dim]. sinks [heads]: a logit per
+    head that joins the softmax as one more key with no value (gpt-oss)."""
     T, heads, dim = q.shape
     kv_heads = keys.shape[1]
     keys = keys.astype(np.float32, copy=False).transpose(1, 0, 2)
@@ -131,7 +191,12 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.nd
     q = q.reshape(T, kv_heads, heads // kv_heads, dim).transpose(1, 2, 0, 3)
     scores = (q @ keys[:, None].transpose(0, 1, 3, 2)) * np.float32(dim ** -0.5)
     scores = np.where(attention_mask(positions, keys.shape[1], sliding_window), scores, -np.inf)
-    out = softmax(scores) @ values[:, None]            # [kv_heads, group, T, dim]
+    if sinks is None:
+        probs = softmax(scores)
+    else:
+        sink = np.broadcast_to(sinks.astype(np.float32).reshape(kv_heads, -1, 1, 1), scores.shape[:3] + (1,))
+        probs = softmax(np.concatenate([scores, sink], axis=-1))[..., :-1]
+    out = probs @ values[:, None]                      # [kv_heads, group, T, dim]
     return out.transpose(2, 0, 1, 3).reshape(T, heads * dim)
 
 
@@ -141,6 +206,7 @@ def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, inde
     (with their biases; q and k RMS-normed over the projection or each head where the family says;
     clamped where it says), rotary embedding, attention, output projection."""
     T, heads, kv_heads, dim = x.shape[0], args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    window = args.window(index)
     q, k, v = ops.linears(x, [layer.wq, layer.wk, layer.wv])
     if args.qkv_bias:
         q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
@@ -153,20 +219,29 @@ def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, inde
         q = ops.rms_norm(q.reshape(T * heads, dim), layer.q_norm, args.rms_norm_eps).reshape(T, heads, dim)
         k = ops.rms_norm(k.reshape(T * kv_heads, dim), layer.k_norm, args.rms_norm_eps).reshape(T, kv_heads, dim)
     q, k = ops.apply_rope(q, positions, inv_freq), ops.apply_rope(k, positions, inv_freq)
+    if args.rope_scaling is not None:  # transformers scales cos and sin by YaRN's attention factor
+        factor = np.float32(rope_attention_factor(args))
+        q, k = q * factor, k * factor
     if args.attention_multiplier is not None:  # GraniteMoE scales scores by its own factor, not 1/sqrt(dim)
         q = q * np.float32(args.attention_multiplier * dim ** 0.5)
     if isinstance(cache, SequenceBatch):  # a token of each sequence, each attending to its own cache
         out = np.concatenate([ops.attend(q[i:i + 1], *c.update(index, k[i:i + 1], v[i:i + 1]), positions[i:i + 1],
-                                         args.sliding_window) for i, c in enumerate(cache.caches)])
+                                         window, layer.sinks) for i, c in enumerate(cache.caches)])
     else:
         keys, values = cache.update(index, k, v)
-        out = ops.attend(q, keys, values, positions, args.sliding_window)
+        out = ops.attend(q, keys, values, positions, window, layer.sinks)
     out = ops.linears(out, [layer.wo])[0]
     return out + layer.bo if args.o_bias else out
 
 
 def expert_ffn(x: np.ndarray, expert: Expert) -> np.ndarray:
-    return linear(silu(linear(x, expert.w1)) * linear(x, expert.w3), expert.w2)
+    if expert.plain:
+        return linear(silu(linear(x, expert.w1)) * linear(x, expert.w3), expert.w2)
+    gate, up = linear(x, expert.w1), linear(x, expert.w3)
+    if expert.b1 is not None:
+        gate, up = gate + expert.b1, up + expert.b3
+    out = linear(silu(gate) * up if expert.glu is None else expert.glu(gate, up), expert.w2)
+    return out if expert.b2 is None else out + expert.b2
 
 
 def experts_ffn(x: np.ndarray, experts: list[Expert], counts: list[int]) -> np.ndarray:
@@ -175,13 +250,15 @@ def experts_ffn(x: np.ndarray, experts: list[Expert], counts: list[int]) -> np.n
     return np.concatenate([expert_ffn(x[a:b], e) for e, a, b in zip(experts, starts[:-1], starts[1:])])
 
 
-def route_tokens(x: np.ndarray, router: np.ndarray, k: int, renormalize: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def route_tokens(x: np.ndarray, router: np.ndarray, k: int, renormalize: bool = True,
+                 bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The routing rule, the one every backend follows: each token's k most probable experts
     ([T, k], most probable first, the lower index first on ties) and their weights, the softmax over
-    all experts' logits (float32), renormalized to sum to one where the family does (Mixtral always;
-    the others by norm_topk_prob)."""
-    probs = softmax(x @ router.T)
+    all experts' logits (float32; plus the router's bias where it has one), renormalized to sum to
+    one where the family does (Mixtral always; the others by norm_topk_prob). Renormalized, that is
+    the softmax of the k largest logits (GraniteMoE's and gpt-oss's rule)."""
+    logits = x @ router.T
+    probs = softmax(logits if bias is None else logits + bias)
     chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(probs, chosen, axis=-1)
     return chosen, (weights / np.sum(weights, axis=-1, keepdims=True) if renormalize else weights)
@@ -222,7 +299,7 @@ def moe_block(h: np.ndarray, layer: Layer, args: ModelArgs, ops: Ops, call: Rout
     family has one."""
     if layer.router is None:
         return ops.experts_ffn(h, layer.experts.for_token([0]), [len(h)])
-    chosen, weights = ops.route_tokens(h, layer.router, call.experts_per_token, args.norm_topk_prob)
+    chosen, weights = ops.route_tokens(h, layer.router, call.experts_per_token, args.norm_topk_prob, layer.router_bias)
     if layer.routing is not None:  # counted, and steered where asked: a dropped expert is len(experts)
         chosen, weights = layer.routing(h, chosen, weights, layer, call)
     layer.experts.speculate(h, call.experts_per_token)  # an expert cache starts reading the next layer's

@@ -36,15 +36,19 @@ PART_ALIGN = 64
 FILE_ALIGN = 4096
 
 # A routed expert's matrix: Mixtral's block_sparse_moe.experts.E.w1/w2/w3, or the other families'
-# mlp.experts.E.gate_proj/down_proj/up_proj. w1, w2, w3 below mean gate, down, up.
+# mlp.experts.E.gate_proj/down_proj/up_proj. w1, w2, w3 below mean gate, down, up; b1, b2, b3 their
+# biases (gpt-oss's experts have them: float32 in the expert's own file).
 _EXPERT_MATRIX = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
-                            r"(w[123]|gate_proj|down_proj|up_proj)\.weight$")
-_PART = {"w1": "w1", "w2": "w2", "w3": "w3", "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+                            r"(w[123]\.weight|(?:gate_proj|down_proj|up_proj)\.(?:weight|bias))$")
+_PART = {"w1.weight": "w1", "w2.weight": "w2", "w3.weight": "w3", "gate_proj.weight": "w1",
+         "down_proj.weight": "w2", "up_proj.weight": "w3", "gate_proj.bias": "b1", "down_proj.bias": "b2",
+         "up_proj.bias": "b3"}
 _DENSE_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(?:gate|down|up)_proj\.weight$")
 
 
 def expert_matrix(name: str) -> tuple[int, int, str] | None:
-    """(layer, expert, "w1", "w2" or "w3") of a routed expert's matrix; None otherwise."""
+    """(layer, expert, "w1", "w2" or "w3") of a routed expert's matrix, (layer, expert, "b1", "b2" or
+    "b3") of its bias; None otherwise."""
     m = _EXPERT_MATRIX.match(name)
     return (int(m[1]), int(m[2]), _PART[m[3]]) if m else None
 
@@ -63,9 +67,10 @@ def tensor_file(name: str, args: ModelArgs) -> str:
 
 
 def stays_float(name: str) -> bool:
-    """Norms, routers (and the shared expert's gate) and biases are small and sensitive: they are kept
-    in float32."""
-    return name.endswith(("norm.weight", ".gate.weight", "shared_expert_gate.weight", "router.layer.weight", ".bias"))
+    """Norms, routers (and the shared expert's gate), biases and attention sinks are small and
+    sensitive: they are kept in float32."""
+    return name.endswith(("norm.weight", ".gate.weight", "shared_expert_gate.weight", "router.layer.weight",
+                          "mlp.router.weight", ".bias", "self_attn.sinks"))
 
 
 def align(n: int, to: int) -> int:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from localmix.checkpoint import (Checkpoint, SafetensorsFile, check_tensor, checkpoint_tensor_floor, source_of,
-                                 tensor_table)
+from localmix.checkpoint import (Checkpoint, SafetensorsFile, Source, check_tensor, checkpoint_tensor_floor,
+                                 source_of, tensor_table)
 from localmix.config import ModelArgs
 from localmix import validate
 from localmix.errors import LocalmixError
@@ -76,8 +76,8 @@ class LocalSource:
         load_tokenizer(self.folder, self.config.vocab_size, files=self.tokenizer_files)
         check_tensor_count(self.config, self.weight_map, str(self.folder / "config.json"))
         for name, shape in tensor_table(self.config):  # every tensor present and well shaped, up front
-            source, _, source_shape = source_of(name, shape, self.config)
-            self.checkpoint.file_of(source, source_shape)
+            source = source_of(name, shape, self.config)
+            self.checkpoint.file_of(source.name, source.shape)
 
     def raw_config(self) -> dict:
         return validate.read_json(self.folder / "config.json", "config")
@@ -181,7 +181,7 @@ def write_tensors(source, tmp: Path, layouts: list[TensorLayout], on_progress) -
     manifest's tensor entries."""
     by_shard: dict[str, list[TensorLayout]] = {}
     for layout in layouts:
-        checkpoint_name = source_of(layout.name, layout.shape, source.config)[0]
+        checkpoint_name = source_of(layout.name, layout.shape, source.config).name
         by_shard.setdefault(source.weight_map[checkpoint_name], []).append(layout)
     total = sum(int(np.prod(layout.shape)) for layout in layouts)
     done = 0
@@ -189,7 +189,7 @@ def write_tensors(source, tmp: Path, layouts: list[TensorLayout], on_progress) -
     for shard_name in sorted(by_shard):
         shard = source.shard(shard_name)
         for layout in by_shard[shard_name]:
-            for rows in write_tensor(shard, tmp, layout, *source_of(layout.name, layout.shape, source.config)):
+            for rows in write_tensor(shard, tmp, layout, source_of(layout.name, layout.shape, source.config)):
                 done += rows * int(np.prod(layout.shape[1:]))
                 if on_progress:
                     on_progress(done, total)
@@ -218,20 +218,22 @@ def write_arrays(tmp: Path, layouts: list[TensorLayout], arrays_of, on_progress=
     return dict(sorted(entries.items()))
 
 
-def write_tensor(shard: SafetensorsFile, tmp: Path, layout: TensorLayout, source: str, first_row: int,
-                 source_shape: tuple[int, ...]):
+def write_tensor(shard: SafetensorsFile, tmp: Path, layout: TensorLayout, source: Source):
     """Write one tensor a block of rows at a time; yields the rows written each time. It is the
-    checkpoint tensor `source` (of source_shape) from first_row on (see checkpoint.source_of)."""
-    check_tensor(shard, source, source_shape)
+    checkpoint tensor source.name whole, or a block of it (see checkpoint.source_of): one expert's
+    matrix of a stacked tensor, read at once (its columns may be interleaved or transposed)."""
+    check_tensor(shard, source.name, source.shape)
     rows = layout.shape[0]
     cols = int(np.prod(layout.shape[1:]))
     step = max(1, BLOCK_VALUES // cols)
+    ours = None if source.whole else source.take(shard.read_rows(source.name, source.first,
+                                                                 source.first + source.rows, source.cols))
+    ours = None if ours is None else ours.reshape(rows, cols)
     fd = os.open(tmp / layout.file, os.O_WRONLY)
     try:
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            block = shard.read_rows(source, first_row + start, first_row + stop,
-                                    None if source == layout.name else layout.shape[-1])
+            block = shard.read_rows(source.name, start, stop) if ours is None else ours[start:stop]
             if layout.bits is None:
                 arrays = [np.ascontiguousarray(block, dtype=np.float32)]
             else:

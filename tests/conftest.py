@@ -34,6 +34,7 @@ FAMILIES = {
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
     "granitemoe": (transformers.GraniteMoeConfig, transformers.GraniteMoeForCausalLM),
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
 }
 # What the families' configs add to SMALL: experts narrower than a dense layer's MLP (Qwen), a
 # shared expert of its own width (Qwen2-MoE).
@@ -50,7 +51,7 @@ def make_hf_model(folder: Path, model_type: str = "mixtral", dtype=None, shard: 
     if model_type == "mistral":
         for key in ("num_local_experts", "num_experts_per_tok"):
             config.pop(key)
-    elif model_type not in ("mixtral", "granitemoe"):  # the others call the expert count num_experts
+    elif model_type not in ("mixtral", "granitemoe", "gpt_oss"):  # the others call the expert count num_experts
         config["num_experts"] = config.pop("num_local_experts")
     cls_config, cls_model = FAMILIES[model_type]
     config = cls_config(**config)
@@ -63,6 +64,8 @@ def make_hf_model(folder: Path, model_type: str = "mixtral", dtype=None, shard: 
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith("sinks"):  # gpt-oss's: about as large as the attention scores
+                p.copy_(torch.randn_like(p))
     kwargs = {"max_shard_size": shard} if shard else {}
     (model.to(dtype) if dtype else model).save_pretrained(folder, **kwargs)
     if tokenizer is not None:

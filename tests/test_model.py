@@ -57,6 +57,22 @@ CASES = {
                        tie_word_embeddings=True),
     "granitemoe-bf16-sharded-bias": dict(model_type="granitemoe", attention_bias=True, dtype=torch.bfloat16,
                                          shard="200KB"),
+    # gpt-oss: attention sinks, sliding windows on alternate layers (shorter than the prompt), YaRN,
+    # q/k/v/o biases, a router bias (top-k of the logits then their softmax), experts stacked
+    # transposed with gate and up interleaved, with biases, and the clamped SwiGLU (a limit the
+    # small model's activations cross, so that the clamps are exercised).
+    "gpt-oss": dict(model_type="gpt_oss", head_dim=16, sliding_window=6, num_local_experts=8, num_experts_per_tok=3,
+                    swiglu_limit=0.3),
+    "gpt-oss-yarn-truncated-mha-full-windows": dict(
+        model_type="gpt_oss", head_dim=32, num_key_value_heads=4, num_hidden_layers=3, sliding_window=4,
+        layer_types=["full_attention", "sliding_attention", "full_attention"], swiglu_limit=0.5, swiglu_alpha=1.3,
+        rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
+                         "original_max_position_embeddings": 64, "rope_theta": 1e4}),
+    "gpt-oss-plain-rope-gqa4": dict(model_type="gpt_oss", num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                                    sliding_window=3, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                    swiglu_limit=0.2),
+    "gpt-oss-bf16-sharded": dict(model_type="gpt_oss", sliding_window=9, num_local_experts=16, num_experts_per_tok=4,
+                                 swiglu_limit=0.3, dtype=torch.bfloat16, shard="300KB"),
 }
 
 
@@ -77,7 +93,7 @@ def test_logits_match_transformers(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["gqa2-top2of4", "sliding-window-5", "dense-mistral-window-7", "qwen3-moe",
-                                  "qwen2-moe", "olmoe", "granitemoe"])
+                                  "qwen2-moe", "olmoe", "granitemoe", "gpt-oss"])
 def test_kv_cache_decoding_equals_full_pass(tmp_path, case):
     reference = make_hf_model(tmp_path, **CASES[case])
     ids = np.random.default_rng(2).integers(0, 32000, 19)

@@ -152,12 +152,13 @@ class MLXOps(Ops):
         x = self.to_mlx(x)
         eps = args.rms_norm_eps
         x = x + self.attention(self.rms_norm(x, layer.attention_norm, eps), layer, args, cache, index,
-                               np.asarray(positions)) * args.residual_multiplier
+                               np.asarray(positions), inv_freq) * args.residual_multiplier
         return x, self.rms_norm(x, layer.ffn_norm, eps)
 
-    def attention(self, x: mx.array, layer, args, cache: MLXKVCache, index: int, positions: np.ndarray) -> mx.array:
-        """model.attention in MLX: the family's extras (biases, q/k norms, clamping), rotary
-        embedding, attention over the cache, output projection."""
+    def attention(self, x: mx.array, layer, args, cache: MLXKVCache, index: int, positions: np.ndarray,
+                  inv_freq: np.ndarray) -> mx.array:
+        """model.attention in MLX: the family's extras (biases, q/k norms, clamping, sinks), rotary
+        embedding (YaRN's through its frequencies), attention over the cache, output projection."""
         T, heads, kv_heads, dim = x.shape[0], args.num_attention_heads, args.num_key_value_heads, args.head_dim
         eps = args.rms_norm_eps
         q, k, v = self.linears(x, [layer.wq, layer.wk, layer.wv])
@@ -171,20 +172,31 @@ class MLXOps(Ops):
         if args.qk_norm == "head":
             q, k = self.rms_norm(q, layer.q_norm, eps), self.rms_norm(k, layer.k_norm, eps)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        # transformers' rotate-half RoPE is MLX's non-traditional one.
-        q = mx.fast.rope(q, dim, traditional=False, base=args.rope_theta, scale=1.0, offset=int(positions[0]))
-        k = mx.fast.rope(k, dim, traditional=False, base=args.rope_theta, scale=1.0, offset=int(positions[0]))
+        # transformers' rotate-half RoPE is MLX's non-traditional one; YaRN's frequencies are given
+        # as periods, and its attention factor (transformers scales cos and sin) scales q and k.
+        if args.rope_scaling is None:
+            rope = dict(base=args.rope_theta)
+        else:
+            rope = dict(base=None, freqs=self._made(inv_freq, "periods", lambda: mx.array(1.0 / inv_freq)))
+        q = mx.fast.rope(q, dim, traditional=False, scale=1.0, offset=int(positions[0]), **rope)
+        k = mx.fast.rope(k, dim, traditional=False, scale=1.0, offset=int(positions[0]), **rope)
+        if args.rope_scaling is not None:
+            q, k = q * args.rope_scaling.attention_factor, k * args.rope_scaling.attention_factor
         keys, values = cache.update(index, k, v)
-        mask = attention_mask(positions, keys.shape[2], args.sliding_window, x.dtype)
+        mask = attention_mask(positions, keys.shape[2], args.window(index), x.dtype)
         scale = dim ** -0.5 if args.attention_multiplier is None else args.attention_multiplier
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+        sinks = None if layer.sinks is None else self.vector(layer.sinks, x.dtype)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask, sinks=sinks)
         out = self.linear(out.transpose(0, 2, 1, 3).reshape(T, heads * dim), layer.wo)
         return out + self.vector(layer.bo, x.dtype) if args.o_bias else out
 
-    def route_tokens(self, h, router, k, renormalize=True):
+    def route_tokens(self, h, router, k, renormalize=True, bias=None):
         """model.route_tokens in float32, brought to numpy (statistics, steering and the expert
         cache need to know which experts a token chose before their weights are read)."""
-        probs = mx.softmax(h.astype(mx.float32) @ self.vector(router, mx.float32).T, axis=-1)
+        logits = self.to_mlx(h).astype(mx.float32) @ self.vector(router, mx.float32).T
+        if bias is not None:
+            logits = logits + self.vector(bias, mx.float32)
+        probs = mx.softmax(logits, axis=-1)
         chosen = mx.argsort(-probs, axis=-1)[:, :k]
         weights = mx.take_along_axis(probs, chosen, axis=-1)
         if renormalize:
@@ -194,7 +206,22 @@ class MLXOps(Ops):
 
     def expert_ffn(self, x: mx.array, expert) -> mx.array:
         gate, up = self.linear(x, expert.w1), self.linear(x, expert.w3)
-        return self.linear(gate * mx.sigmoid(gate) * up, expert.w2)
+        if expert.plain:
+            return self.linear(gate * mx.sigmoid(gate) * up, expert.w2)
+        # gpt-oss's: biases (an expert cache's lie in its slot, to be copied at each use as its
+        # matrices are) and the clamped SwiGLU, as model.expert_ffn
+        transient = is_quantized(expert.w1) and expert.w1.transient
+        bias = (lambda b: mlx_vector(b, x.dtype)) if transient else (lambda b: self.vector(b, x.dtype))
+        if expert.b1 is not None:
+            gate, up = gate + bias(expert.b1), up + bias(expert.b3)
+        if expert.glu is None:
+            hidden = gate * mx.sigmoid(gate) * up
+        else:
+            limit = expert.glu.limit
+            gate, up = mx.minimum(gate, limit), mx.clip(up, -limit, limit)
+            hidden = (up + 1) * (gate * mx.sigmoid(gate * expert.glu.alpha))
+        out = self.linear(hidden, expert.w2)
+        return out if expert.b2 is None else out + bias(expert.b2)
 
     def experts_ffn(self, x, experts, counts):
         starts = np.cumsum([0] + list(counts))

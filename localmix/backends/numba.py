@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from localmix import kernels
-from localmix.model import Ops, SequenceBatch, used_experts
+from localmix.model import Ops, SequenceBatch, expert_ffn, used_experts
 from localmix.store import is_quantized
 
 
@@ -31,10 +31,16 @@ class NumbaOps(Ops):
     def apply_rope(x, positions, inv_freq):
         return kernels.apply_rope(np.ascontiguousarray(x), np.asarray(positions, np.int64), inv_freq)
 
-    attend = staticmethod(kernels.attend)
+    @staticmethod
+    def attend(q, keys, values, positions, sliding_window, sinks=None):
+        if sinks is not None:  # gpt-oss's attention sinks: numpy's (correct first; no kernel yet)
+            return Ops.attend(q, keys, values, positions, sliding_window, sinks)
+        return kernels.attend(q, keys, values, positions, sliding_window)
 
     @staticmethod
-    def route_tokens(x, router, k, renormalize=True):
+    def route_tokens(x, router, k, renormalize=True, bias=None):
+        if bias is not None:  # gpt-oss's router bias: numpy's
+            return Ops.route_tokens(x, router, k, renormalize, bias)
         return kernels.route_tokens(np.ascontiguousarray(x, np.float32), router, k, renormalize)
 
     @staticmethod
@@ -45,7 +51,7 @@ class NumbaOps(Ops):
 
     @staticmethod
     def experts_ffn(x, experts, counts):
-        if is_quantized(experts[0].w1):
+        if is_quantized(experts[0].w1) and experts[0].plain:
             return kernels.experts_ffn(x, experts, counts)
         return Ops.experts_ffn(x, experts, counts)
 
@@ -62,7 +68,7 @@ class NumbaOps(Ops):
             return Ops.attention_block(x, layer, args, cache, index, positions, inv_freq, ops)
         heads, kv_heads, dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         positions = np.asarray(positions, np.int64)
-        eps, window = np.float32(args.rms_norm_eps), args.sliding_window or 0
+        eps, window = np.float32(args.rms_norm_eps), args.window(index) or 0
         x = np.ascontiguousarray(x, np.float32)
         q, k, v = kernels.decode_qkv(x, layer.attention_norm, eps, plan.qkv, *plan.qkv_format, heads, kv_heads, dim,
                                      positions, inv_freq)
@@ -90,6 +96,9 @@ class NumbaOps(Ops):
             groups = source.batches(used)
         out = np.zeros_like(h)
         for ids, experts in groups:
+            if not experts[0].plain:  # gpt-oss's biases and clamped SwiGLU: numpy's products (no kernel yet)
+                out = add_experts(out, h, chosen, weights, ids, experts)
+                continue
             formats: dict = {}  # one call for the experts of each format (shadow copies have their own)
             for e, expert in zip(ids, experts):
                 w1, w2 = expert.w1, expert.w2
@@ -101,6 +110,15 @@ class NumbaOps(Ops):
                 out = kernels.decode_experts(out, h, chosen, weights, np.array([e for e, _ in members], np.int64),
                                              up, up_bits, up_group, down, down_bits, down_group)
         return out
+
+
+def add_experts(out: np.ndarray, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray, ids, experts) -> np.ndarray:
+    """out plus each of these experts over the rows that chose it, by weight, in index order (as
+    model.mix_experts adds them), through the reference products."""
+    for e, expert in zip(ids, experts):
+        rows, slots = np.nonzero(chosen == e)
+        out[rows] += expert_ffn(h[rows], expert) * weights[rows, slots, None]
+    return out
 
 
 def one_token_rows(matrices, cols=None) -> np.ndarray:
@@ -123,10 +141,11 @@ def fused_plan(layer, args) -> FusedPlan | None:
     """The kernel tables of a layer's attention matrices and its formats; None where the fused
     kernels do not take the layer: float weights, q, k and v in different formats, widths the vector
     kernels do not take, or a family's attention extras (biases, q/k norms, clamping, GraniteMoE's
-    multipliers), which go operation by operation."""
+    multipliers, gpt-oss's sinks and YaRN), which go operation by operation."""
     matrices = [layer.wq, layer.wk, layer.wv, layer.wo]
     plain = not (args.qkv_bias or args.o_bias or args.qk_norm or args.clip_qkv is not None
-                 or args.attention_multiplier is not None or args.residual_multiplier != 1)
+                 or args.attention_multiplier is not None or args.residual_multiplier != 1
+                 or args.attention_sinks or args.rope_scaling is not None)
     if not (plain and all(is_quantized(m) for m in matrices) and kernels.has_vector_kernels()):
         return None
 

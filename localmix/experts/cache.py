@@ -10,6 +10,7 @@ model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import threading
@@ -24,7 +25,7 @@ from localmix.experts.policies import POLICIES, Pinned
 from localmix.experts.reads import read_into
 from localmix.experts.shadows import shadow_matrix
 from localmix.experts.source import ExpertSource
-from localmix.model import Expert
+from localmix.model import Expert, expert_activation
 from localmix.store import ModelFolder, QuantizedMatrix, TensorLayout, expert_matrix
 
 
@@ -64,6 +65,7 @@ class ExpertCache:
                                 f"expected {expected}; pull the model again")
         self.file_bytes = {key: model.manifest["files"][ls[0].file]["size"] for key, ls in self.layouts.items()}
         self.slot_bytes = max(self.file_bytes.values())
+        self.glu = expert_activation(model.config)  # the experts' activation, where not plain SwiGLU
         self.slots = slots
         # numpy's pages are taken as slots fill
         buffer = allocate((slots, self.slot_bytes)) if allocate else None
@@ -166,13 +168,17 @@ class ExpertCache:
     def _make_shadows(self, bits: int, on_progress=None) -> None:
         """Every expert read through the last slot (empty yet) and quantized again at `bits`."""
         from localmix.kernels import has_vector_kernels
-        widths = {t.shape[1] for layouts in self.layouts.values() for t in layouts}
+        widths = {t.shape[1] for layouts in self.layouts.values() for t in layouts if t.bits}
         if not has_vector_kernels() or None in self.formats or any(width % 128 for width in widths):
             raise LocalmixError("shadow copies need the experts' widths to be multiples of 128 (the 2-bit "
                                 "kernels' unit) on a CPU with AVX2")
         for i, key in enumerate(sorted(self.layouts)):
             full = self._read(key, self.free[0])
-            self.shadows[key] = Expert(*(shadow_matrix(m, bits) for m in (full.w1, full.w2, full.w3)))
+            biases = {part: np.array(b) for part, b in (("b1", full.b1), ("b2", full.b2), ("b3", full.b3))
+                      if b is not None}  # copied out of the slot, which will hold other experts
+            self.shadows[key] = dataclasses.replace(
+                full, w1=shadow_matrix(full.w1, bits), w2=shadow_matrix(full.w2, bits), w3=shadow_matrix(full.w3, bits),
+                **biases)
             if on_progress:
                 on_progress(i + 1, len(self.layouts))
         self.bytes_read = 0
@@ -260,12 +266,15 @@ class ExpertCache:
         matrices = {}
         for layout in layouts:
             views = {part: data[offset:offset + n] for part, offset, n in layout.parts}
+            if layout.bits is None:  # a float32 bias (gpt-oss's experts have them)
+                matrices[expert_matrix(layout.name)[2]] = views["data"].view(np.float32).reshape(layout.shape)
+                continue
             rows = layout.shape[0]
             matrices[expert_matrix(layout.name)[2]] = QuantizedMatrix(
                 views["words"].view(np.uint32).reshape(rows, -1), views["scales"].view(np.float16).reshape(rows, -1),
                 views["biases"].view(np.float16).reshape(rows, -1), layout.bits, layout.group_size, str(path),
                 transient=True)
-        return Expert(w1=matrices["w1"], w2=matrices["w2"], w3=matrices["w3"])
+        return Expert(**matrices, glu=self.glu)
 
     def counters(self) -> dict:
         """Running totals: lookups that found the expert resident (hits) or read it (misses),

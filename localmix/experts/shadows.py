@@ -33,7 +33,8 @@ def shadow_bytes(manifest: dict, bits: int) -> int:
     """The memory that `bits`-bit shadow copies of all the experts take (see shadow_matrix)."""
     total = 0
     for name, t in manifest["tensors"].items():
-        if expert_matrix(name):
+        matrix = expert_matrix(name)
+        if matrix and matrix[2].startswith("w"):  # (not an expert's bias: those stay float32)
             rows, cols = t["shape"]
             total += rows * cols * bits // 8 + rows * (cols // max(64, t["group_size"])) * 4
     return total
