@@ -32,6 +32,10 @@ FAMILIES = {
     "granitemoe": dict(model_type="granitemoe", num_local_experts=8, num_experts_per_tok=3, intermediate_size=128,
                        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
                        logits_scaling=6.0, tie_word_embeddings=True),
+    # sinks, a window shorter than the prompt on alternate layers, YaRN, biases everywhere, the
+    # clamped SwiGLU (a limit these activations cross)
+    "gpt_oss": dict(model_type="gpt_oss", num_local_experts=8, num_experts_per_tok=3, intermediate_size=128,
+                    sliding_window=4, swiglu_limit=0.3),
 }
 IDS = np.random.default_rng(3).integers(0, 32000, 10)
 

@@ -95,7 +95,7 @@ class ExpertCache:
     @property
     def shapes(self) -> set[tuple[int, int]]:
         """The (bits, group size) pairs of the experts' matrices."""
-        return {(t.bits, t.group_size) for layouts in self.layouts.values() for t in layouts}
+        return {(t.bits, t.group_size) for layouts in self.layouts.values() for t in layouts if t.bits}
 
     @functools.cached_property
     def formats(self) -> tuple:
