@@ -387,7 +387,9 @@ def hf_config(g: GGUFFile) -> dict:
               "num_key_value_heads": g.integer(p + "attention.head_count_kv", 1, validate.MAX_HEADS, heads),
               "head_dim": head_dim, "num_experts_per_tok": used, "vocab_size": vocab, "hidden_act": "silu",
               "max_position_embeddings": g.integer(p + "context_length", 1, validate.MAX_CONTEXT, 32768),
-              "rms_norm_eps": g.number(p + "attention.layer_norm_rms_epsilon", 0, 1, 1e-5 if sentencepiece else 1e-6),
+              # llama.cpp requires it of the others; Mixtral files have it too, older ones not always
+              "rms_norm_eps": g.number(p + "attention.layer_norm_rms_epsilon", 0, 1,
+                                       1e-5 if model_type == "mixtral" else REQUIRED),
               "rope_theta": g.number(p + "rope.freq_base", 0, 1e12, 1e6 if model_type == "mixtral" else 1e4),
               "tie_word_embeddings": "output.weight" not in g.tensors,
               "bos_token_id": g.integer("tokenizer.ggml.bos_token_id", 0, vocab - 1, 1 if sentencepiece else None),

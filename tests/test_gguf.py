@@ -274,14 +274,15 @@ def test_array_counts_and_skipped_arrays_cost_no_more_than_the_file(tmp_path):
 
 ARCHES = {"qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "olmoe": gguf.MODEL_ARCH.OLMOE}
 # Expert and shared widths a multiple of 32 (GGUF's blocks); the routing llama.cpp hard-codes for
-# each architecture (norm_topk_prob: Qwen3-MoE renormalizes, the others do not).
+# each architecture (norm_topk_prob: Qwen3-MoE renormalizes, the others do not); OLMoE's q, k and v
+# clamped (clip_qkv, llama.cpp's attention.clamp_kqv) where the values reach it.
 NEW_FAMILIES = {
     "qwen3_moe": dict(model_type="qwen3_moe", head_dim=32, num_hidden_layers=3, num_local_experts=8,
                       num_experts_per_tok=3, norm_topk_prob=True, moe_intermediate_size=64),
     "qwen2_moe": dict(model_type="qwen2_moe", num_local_experts=6, num_experts_per_tok=2, moe_intermediate_size=64,
                       shared_expert_intermediate_size=96),
     "olmoe": dict(model_type="olmoe", num_local_experts=8, num_experts_per_tok=2, intermediate_size=64,
-                  eos_token_id=2),
+                  eos_token_id=2, clip_qkv=0.3),
 }
 EXPERT_TYPES = {"qwen3_moe": T.Q8_0, "qwen2_moe": T.Q4_1, "olmoe": T.Q4_0}
 
@@ -382,6 +383,8 @@ def write_family_gguf(hf, path, tokenizer, experts=T.Q4_0, pre=None):
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
     if c.shared_expert_intermediate_size:
         w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    if c.clip_qkv is not None:
+        w.add_clamp_kqv(c.clip_qkv)
     add_bpe_vocabulary(w, tokenizer, c.vocab_size, pre or ("olmo" if c.model_type == "olmoe" else "qwen2"))
     held = {}
 
