@@ -475,7 +475,8 @@ case("gguf qwen2moe expert_weights_scale 1.0", HARMLESS, q2(meta={"qwen2moe.expe
 case("gguf qwen2moe expert_weights_scale as a string", LIE,
      q2(meta={"qwen2moe.expert_weights_scale": ("1", V.STRING)}))
 case("gguf qwen2moe a k bias missing", LIE, q2(tensors=drop_tensor("blk.1.attn_k.bias")))
-case("gguf qwen2moe layer 0's q bias missing (the others then extra)", LIE, q2(tensors=drop_tensor("blk.0.attn_q.bias")))
+case("gguf qwen2moe layer 0's q bias missing (the others then extra)", LIE,
+     q2(tensors=drop_tensor("blk.0.attn_q.bias")))
 case("gguf qwen2moe every q/k/v bias missing (a model without)", HARMLESS, q2(tensors=lambda listed: listed.__setitem__(
     slice(None), [t for t in listed if not t[0].endswith(".bias")])))
 case("gguf qwen2moe shared expert gate missing", LIE, q2(tensors=drop_tensor(SHEXP_GATE)))

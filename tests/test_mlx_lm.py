@@ -224,10 +224,11 @@ def test_new_families_import_what_mlx_lm_convert_writes(family_hf, tmp_path):
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-4
 
 
-@pytest.mark.parametrize("family, change, what", [("qwen3_moe", dict(attention_bias=True), "attention biases"),
-                                                   ("qwen2_moe", dict(qkv_bias=False), "q/k/v without biases"),
-                                                   ("qwen2_moe", dict(mlp_only_layers=[0], intermediate_size=128), "dense layers"),
-                                                   ("olmoe", dict(clip_qkv=2.0), "clip_qkv")])
+@pytest.mark.parametrize("family, change, what", [
+    ("qwen3_moe", dict(attention_bias=True), "attention biases"),
+    ("qwen2_moe", dict(qkv_bias=False), "q/k/v without biases"),
+    ("qwen2_moe", dict(mlp_only_layers=[0], intermediate_size=128), "dense layers"),
+    ("olmoe", dict(clip_qkv=2.0), "clip_qkv")])
 def test_exports_mlx_lm_would_compute_otherwise_are_refused(tmp_path, family, change, what):
     """mlx-lm's module of the family has no place for these (it would load the export and give
     other logits, or fail on a missing tensor): refused, and nothing written."""
