@@ -121,16 +121,21 @@ class SafetensorsFile:
         """Rows [start, stop) of a tensor as float32, read with pread rather than mapped: a converter
         streaming through a whole checkpoint then holds no more than these rows in memory. cols: read
         the tensor as rows of that many values (a block of a stacked tensor, see source_of)."""
-        dtype, shape, offset = self.locate(name)
+        return to_float32(*self.read_raw_rows(name, start, stop, cols))
+
+    def read_raw_rows(self, name: str, start: int, stop: int, cols: int | None = None,
+                      dtypes: dict = _DTYPES) -> tuple[np.ndarray, str]:
+        """read_rows' rows as stored (BF16 as uint16, MXFP4's U8 bytes as uint8), and their dtype."""
+        dtype, shape, offset = self.locate(name, dtypes)
         if cols is not None:
             shape = (math.prod(shape) // cols, cols)
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * _DTYPES[dtype].itemsize
-        raw = np.empty((stop - start,) + shape[1:], _DTYPES[dtype])
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtypes[dtype].itemsize
+        raw = np.empty((stop - start,) + shape[1:], dtypes[dtype])
         with open(self.path, "rb") as f:
             f.seek(offset + start * row_bytes)
             if f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
                 raise LocalmixError(f"{self.path}: truncated file while reading {name}")
-        return to_float32(raw, dtype)
+        return raw, dtype
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -202,28 +207,47 @@ class Checkpoint:
         """One of the model's tensors (see source_of) as float32, checked against the shape the
         config implies: a view of the file for float32, a converted copy of its rows otherwise."""
         source = source_of(name, shape, self.config)
-        file = self.file_of(source.name, source.shape)
         if source.whole:
-            return file.load(name)
-        raw, dtype = file.raw(source.name)
-        block = to_float32(raw.reshape(-1, source.cols)[source.first:source.first + source.rows], dtype)
-        return source.take(block).reshape(shape)
+            return self.file_of(source.name, source.shape).load(name)
+        return source.read(self.file_of).reshape(shape)
+
+
+# MXFP4 (OCP microscaling FP4, as gpt-oss ships its experts): 4-bit E2M1 codes, two per byte (the
+# low nibble first), and one 8-bit power-of-two exponent (biased by 127) per 32 values.
+MXFP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                        np.float32)
+MXFP4_GROUP = 32
+_U8 = {"U8": np.dtype("u1")}
+
+
+def mxfp4_to_float32(codes: np.ndarray, exponents: np.ndarray) -> np.ndarray:
+    """[rows, cols] E2M1 codes and [rows, cols / 32] exponents -> float32 [rows, cols], exactly
+    (float32's range holds every E2M1 value times 2^-127 .. 2^127 but the largest, which overflow
+    as they do in transformers' bfloat16)."""
+    rows = codes.shape[0]
+    values = MXFP4_VALUES[codes].reshape(rows, -1, MXFP4_GROUP)
+    with np.errstate(over="ignore"):
+        return np.ldexp(values, exponents[..., None].astype(np.int32)).astype(np.float32).reshape(rows, -1)
 
 
 class Source(NamedTuple):
     """Where one of the model's tensors lies in a checkpoint tensor (`name`, of `shape`): seen as
-    rows of `cols` values, its rows [first, first + rows), of which ours is every `step`-th column
-    from `column` on, transposed where `transpose` says. One expert's matrix of a stacked tensor is
-    such a block (GraniteMoE's rows, gpt-oss's transposed and interleaved columns): a reader brings
-    in that block, never the whole stacked tensor."""
+    rows of `cols` values, its rows [first, first + rows); transposed where `transpose` says, then
+    every `step`-th row from `offset` on is ours. One expert's matrix of a stacked tensor is such a
+    block (GraniteMoE's rows, gpt-oss's transposed and interleaved columns, or MXFP4 blocks of
+    interleaved rows): a reader brings in that block, never the whole stacked tensor. `scales`: the
+    tensor is MXFP4 blocks (uint8 [..., cols / 32, 16]) whose exponents are this tensor
+    (uint8 [..., cols / 32], of scales_shape)."""
     name: str
     shape: tuple[int, ...]
     first: int = 0
     rows: int = 0
     cols: int = 0
-    column: int = 0
+    offset: int = 0
     step: int = 1
     transpose: bool = False
+    scales: str = ""
+    scales_shape: tuple[int, ...] = ()
 
     @property
     def whole(self) -> bool:
@@ -231,9 +255,25 @@ class Source(NamedTuple):
 
     def take(self, block: np.ndarray) -> np.ndarray:
         """Ours, out of the block of rows (a copy: contiguous)."""
-        if self.step != 1:
-            block = block[:, self.column::self.step]
-        return np.ascontiguousarray(block.T if self.transpose else block)
+        block = block.T if self.transpose else block
+        return np.ascontiguousarray(block[self.offset::self.step] if self.step != 1 else block)
+
+    def read(self, file_of) -> np.ndarray:
+        """Ours as float32 (not reshaped), read with pread. file_of(name, shape): the file that
+        holds a checkpoint tensor, checked to hold it with that shape."""
+        if self.scales:
+            return mxfp4_to_float32(*self.read_mxfp4(file_of))
+        stop = self.first + self.rows
+        return self.take(file_of(self.name, self.shape).read_rows(self.name, self.first, stop, self.cols))
+
+    def read_mxfp4(self, file_of) -> tuple[np.ndarray, np.ndarray]:
+        """Ours as MXFP4: E2M1 codes [rows, cols] (uint8) and exponents [rows, cols / 32] (int32,
+        unbiased)."""
+        stop, groups = self.first + self.rows, self.cols // MXFP4_GROUP
+        blocks, _ = file_of(self.name, self.shape).read_raw_rows(self.name, self.first, stop, groups * 16, _U8)
+        scales, _ = file_of(self.scales, self.scales_shape).read_raw_rows(self.scales, self.first, stop, groups, _U8)
+        codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(self.rows, self.cols)
+        return self.take(codes), self.take(scales.astype(np.int32) - 127)
 
 
 _STACKED_EXPERT = re.compile(r"(model\.layers\.\d+\.block_sparse_moe\.)experts\.(\d+)\.(w[123])\.weight$")
@@ -247,7 +287,10 @@ def source_of(name: str, shape: tuple[int, ...], args: ModelArgs) -> Source:
     expert's w1, w3 or w2 is a block of rows. gpt-oss (as transformers saves it) stacks them
     transposed, gate and up interleaved: gate_up_proj [experts, hidden, 2 x width] (gate the even
     columns, up the odd), down_proj [experts, width, hidden], and their biases gate_up_proj_bias
-    [experts, 2 x width], down_proj_bias [experts, hidden]."""
+    [experts, 2 x width], down_proj_bias [experts, hidden]. As published (MXFP4, config.json's
+    quantization_config), its matrices are [experts, out, in] blocks and scales, gate and up
+    interleaved by rows: gate_up_proj_blocks [experts, 2 x width, hidden / 32, 16], gate_up_proj_scales
+    [experts, 2 x width, hidden / 32], down_proj_blocks and down_proj_scales likewise."""
     E, F, H = args.num_local_experts, args.moe_intermediate_size, args.hidden_size
     stacked = _STACKED_EXPERT.match(name) if args.model_type == "granitemoe" else None
     if stacked:
@@ -260,12 +303,19 @@ def source_of(name: str, shape: tuple[int, ...], args: ModelArgs) -> Source:
         prefix, expert, part, kind = stacked[1], int(stacked[2]), stacked[3], stacked[4]
         bias = "_bias" if kind == "bias" else ""
         if part == "down":
-            return (Source(prefix + "down_proj_bias", (E, H), expert, 1, H) if bias else
-                    Source(prefix + "down_proj", (E, F, H), expert * F, F, H, transpose=True))
-        column = 0 if part == "gate" else 1
+            if bias:
+                return Source(prefix + "down_proj_bias", (E, H), expert, 1, H)
+            if args.mxfp4_experts:  # as published: [experts, out, in], not transposed
+                return Source(prefix + "down_proj_blocks", (E, H, F // MXFP4_GROUP, 16), expert * H, H, F,
+                              scales=prefix + "down_proj_scales", scales_shape=(E, H, F // MXFP4_GROUP))
+            return Source(prefix + "down_proj", (E, F, H), expert * F, F, H, transpose=True)
+        offset = 0 if part == "gate" else 1
         if bias:
-            return Source(prefix + "gate_up_proj_bias", (E, 2 * F), expert, 1, 2 * F, column, 2)
-        return Source(prefix + "gate_up_proj", (E, H, 2 * F), expert * H, H, 2 * F, column, 2, transpose=True)
+            return Source(prefix + "gate_up_proj_bias", (E, 2 * F), expert, 1, 2 * F, offset, 2, transpose=True)
+        if args.mxfp4_experts:
+            return Source(prefix + "gate_up_proj_blocks", (E, 2 * F, H // MXFP4_GROUP, 16), expert * 2 * F, 2 * F, H,
+                          offset, 2, scales=prefix + "gate_up_proj_scales", scales_shape=(E, 2 * F, H // MXFP4_GROUP))
+        return Source(prefix + "gate_up_proj", (E, H, 2 * F), expert * H, H, 2 * F, offset, 2, transpose=True)
     return Source(name, tuple(shape))
 
 

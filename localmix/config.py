@@ -124,6 +124,7 @@ class ModelArgs:
     swiglu_limit: float | None = None    # gpt-oss's clamped SwiGLU: gate clamped above, up to [-limit, limit],
     swiglu_alpha: float = 1.0            # (up + 1) * gate * sigmoid(alpha * gate); None: silu(gate) * up
     rope_scaling: Yarn | None = None     # None: plain RoPE
+    mxfp4_experts: bool = False          # the checkpoint's experts are MXFP4 blocks and scales (gpt-oss as published)
 
     def window(self, layer: int) -> int | None:
         """The sliding window of a layer's attention (None: full attention)."""
@@ -264,7 +265,11 @@ class ModelArgs:
                            swiglu_alpha=validate.number(get("swiglu_alpha"), "swiglu_alpha", source),
                            swiglu_limit=validate.number(get("swiglu_limit"), "swiglu_limit", source, low=0.0,
                                                         low_open=True),
-                           rope_scaling=_yarn(config, family, args.max_position_embeddings, source))
+                           rope_scaling=_yarn(config, family, args.max_position_embeddings, source),
+                           mxfp4_experts=_mxfp4(config, source))
+        elif config.get("quantization_config") is not None:
+            raise LocalmixError(f"{source}: quantization_config: localmix reads float checkpoints of {model_type} "
+                                f"(and gpt-oss's MXFP4 experts)")
         # localmix's own key (a base model, such as the demo): a real bool or nothing.
         if config.get("localmix_base_model") is not None:
             validate.boolean(config["localmix_base_model"], "localmix_base_model", source)
@@ -407,6 +412,19 @@ def _yarn(config: dict, family: Family, max_positions: int, source: str) -> Yarn
         attention_factor = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
                             else get_mscale(factor))
     return Yarn(float(factor), original, float(beta_fast), float(beta_slow), truncate, float(attention_factor))
+
+
+def _mxfp4(config: dict, source: str) -> bool:
+    """Whether the experts are MXFP4 (quantization_config's quant_method "mxfp4", as gpt-oss is
+    published); another method is refused rather than read as floats it is not."""
+    quantization = config.get("quantization_config")
+    if quantization is None:
+        return False
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method != "mxfp4":
+        raise LocalmixError(f"{source}: quantization_config: unsupported quant_method {method!r:.60} "
+                            f"(localmix reads float checkpoints, and MXFP4 experts)")
+    return True
 
 
 def _layer_windows(config: dict, layers: int, window: int | None, source: str) -> tuple[int | None, ...]:

@@ -116,10 +116,14 @@ class TensorLayout:
 
 
 def plan_layout(table: list[tuple[str, tuple[int, ...]]], bits_for, group_size: int,
-                args: ModelArgs) -> tuple[list[TensorLayout], dict[str, int]]:
+                args: ModelArgs, fixed: dict[str, tuple[str, int]] | None = None
+                ) -> tuple[list[TensorLayout], dict[str, int]]:
     """Place every tensor of the table in its file. bits_for(name) gives 4 or 8 for a quantized
-    tensor. Returns the layouts and each file's (4 KiB-padded) size."""
+    tensor; fixed: the (dtype, group size) of tensors whose format is given (MXFP4 experts: 8 bits
+    in groups of 32, which hold them exactly). Returns the layouts and each file's (4 KiB-padded) size."""
     def format_of(name, shape):
+        if fixed and name in fixed:
+            return fixed[name]
         if stays_float(name):
             return "f32", None
         if shape[1] % group_size:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from localmix.checkpoint import (Checkpoint, SafetensorsFile, Source, check_tensor, checkpoint_tensor_floor,
-                                 source_of, tensor_table)
+from localmix.checkpoint import (MXFP4_GROUP, MXFP4_VALUES, Checkpoint, SafetensorsFile, Source, check_tensor,
+                                 checkpoint_tensor_floor, source_of, tensor_table)
 from localmix.config import ModelArgs
 from localmix import validate
 from localmix.errors import LocalmixError
-from localmix.quant.affine import GROUP_SIZES, quantize
+from localmix.quant.affine import GROUP_SIZES, pack, quantize
 from localmix.tokenizer import HF_TOKENIZER, SENTENCEPIECE, load_tokenizer, read_tokenizer
 from localmix.store import DENSE_FILE, FORMAT_VERSION, MANIFEST, TensorLayout, plan_layout, sha256_of, tensor_file
 
@@ -78,6 +78,8 @@ class LocalSource:
         for name, shape in tensor_table(self.config):  # every tensor present and well shaped, up front
             source = source_of(name, shape, self.config)
             self.checkpoint.file_of(source.name, source.shape)
+            if source.scales:
+                self.checkpoint.file_of(source.scales, source.scales_shape)
 
     def raw_config(self) -> dict:
         return validate.read_json(self.folder / "config.json", "config")
@@ -107,11 +109,15 @@ def convert(source, out_dir: str | Path, bits: str = "4", group_size: int = 64,
     args = source.config
     check_tensor_count(args, source.weight_map, f"{source.repo}: config.json")
     table = tensor_table(args)
-    layouts, sizes = plan_layout(table, bits_policy(bits, args), group_size, args)
+    # MXFP4 experts (gpt-oss as published) become 8-bit groups of 32, which hold them exactly
+    exact = {name: ("q8", MXFP4_GROUP) for name, shape in table if source_of(name, shape, args).scales}
+    layouts, sizes = plan_layout(table, bits_policy(bits, args), group_size, args, exact)
     check_disk(out_dir.parent, sum(sizes.values()) + source.download_bytes())
 
     source_info = {"repo": source.repo, "revision": source.revision}
     quantization = {"bits": bits, "group_size": group_size, "method": "least-squares search"}
+    if exact:
+        quantization["mxfp4_experts"] = "8-bit groups of 32, exact"
     return write_model(out_dir, sizes, lambda tmp: write_tensors(source, tmp, layouts, on_progress),
                        source.tokenizer_files, source.raw_config(), source_info, quantization)
 
@@ -186,14 +192,30 @@ def write_tensors(source, tmp: Path, layouts: list[TensorLayout], on_progress) -
     total = sum(int(np.prod(layout.shape)) for layout in layouts)
     done = 0
     entries = {}
+    # MXFP4 scales may lie in another shard than their blocks: such shards are opened once, and every
+    # shard is then kept until the end (released at once, a later block may need its scales).
+    opened: dict[str, SafetensorsFile] = {}
+    keep = source.config.mxfp4_experts
+
+    def file_of(name: str, shape: tuple[int, ...]) -> SafetensorsFile:
+        shard_name = source.weight_map[name]
+        if shard_name not in opened:
+            opened[shard_name] = source.shard(shard_name)
+        return checked(opened[shard_name], name, shape)
+
     for shard_name in sorted(by_shard):
-        shard = source.shard(shard_name)
+        shard = opened.setdefault(shard_name, source.shard(shard_name)) if keep else source.shard(shard_name)
         for layout in by_shard[shard_name]:
-            for rows in write_tensor(shard, tmp, layout, source_of(layout.name, layout.shape, source.config)):
+            for rows in write_tensor(shard, tmp, layout, source_of(layout.name, layout.shape, source.config),
+                                     file_of):
                 done += rows * int(np.prod(layout.shape[1:]))
                 if on_progress:
                     on_progress(done, total)
             entries[layout.name] = layout.to_json(sha256_of(tmp / layout.file, layout.offset, layout.nbytes))
+        if not keep:
+            opened.pop(shard_name, None)
+            source.release(shard_name)
+    for shard_name in sorted(by_shard) if keep else ():
         source.release(shard_name)
     return dict(sorted(entries.items()))
 
@@ -218,26 +240,56 @@ def write_arrays(tmp: Path, layouts: list[TensorLayout], arrays_of, on_progress=
     return dict(sorted(entries.items()))
 
 
-def write_tensor(shard: SafetensorsFile, tmp: Path, layout: TensorLayout, source: Source):
+def mxfp4_to_affine8(codes: np.ndarray, exponents: np.ndarray, what: str) -> list[np.ndarray]:
+    """MXFP4 values (E2M1 codes [rows, cols], exponents e [rows, cols / 32]) as 8-bit affine groups
+    of 32 that hold each one exactly: an E2M1 value v (0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6) times
+    2^e is q * 0.5 * 2^e - 6 * 2^e with q = 2 v + 12 (0 to 24), and both float16 numbers are exact
+    for e in [-23, 13]. A group whose e is smaller holds values below 2^-20: it is stored with
+    e = -23, each value rounded to the nearest multiple of 2^-24 (what float16 can still tell from
+    zero); a larger e (values beyond float16) is refused."""
+    if exponents.size and exponents.max() > 13:
+        raise LocalmixError(f"{what}: MXFP4 scales of 2^{int(exponents.max())} are beyond float16's range")
+    q = (2 * MXFP4_VALUES[codes] + 12).reshape(codes.shape[0], -1, MXFP4_GROUP)
+    tiny = exponents < -23
+    if tiny.any():  # round those groups' values onto the grid of e = -23
+        shift = np.where(tiny, -23 - exponents, 0)[..., None].astype(np.float32)
+        q = np.where(tiny[..., None], np.round((q - 12) * np.exp2(-shift)) + 12, q)
+    exponents = np.maximum(exponents, -23).astype(np.float32)
+    scales = (np.float32(0.5) * np.exp2(exponents)).astype(np.float16)
+    biases = (np.float32(-6.0) * np.exp2(exponents)).astype(np.float16)
+    return [pack(q.reshape(codes.shape).astype(np.uint8), 8), scales, biases]
+
+
+def checked(shard: SafetensorsFile, name: str, shape: tuple[int, ...]) -> SafetensorsFile:
+    check_tensor(shard, name, shape)
+    return shard
+
+
+def write_tensor(shard: SafetensorsFile, tmp: Path, layout: TensorLayout, source: Source, file_of):
     """Write one tensor a block of rows at a time; yields the rows written each time. It is the
     checkpoint tensor source.name whole, or a block of it (see checkpoint.source_of): one expert's
-    matrix of a stacked tensor, read at once (its columns may be interleaved or transposed)."""
+    matrix of a stacked tensor, read at once (its columns may be interleaved or transposed), from
+    the file file_of(name, shape) gives (MXFP4 scales may lie in another shard than their blocks)."""
     check_tensor(shard, source.name, source.shape)
     rows = layout.shape[0]
     cols = int(np.prod(layout.shape[1:]))
     step = max(1, BLOCK_VALUES // cols)
-    ours = None if source.whole else source.take(shard.read_rows(source.name, source.first,
-                                                                 source.first + source.rows, source.cols))
-    ours = None if ours is None else ours.reshape(rows, cols)
+    exact = None  # MXFP4 experts: their 8-bit words, scales and biases, exactly (mxfp4_to_affine8)
+    if source.scales and layout.bits == 8 and layout.group_size == MXFP4_GROUP:
+        exact = mxfp4_to_affine8(*source.read_mxfp4(file_of), f"{source.name} ({layout.name})")
+    ours = None if source.whole or exact is not None else source.read(file_of).reshape(rows, cols)
     fd = os.open(tmp / layout.file, os.O_WRONLY)
     try:
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            block = shard.read_rows(source.name, start, stop) if ours is None else ours[start:stop]
-            if layout.bits is None:
-                arrays = [np.ascontiguousarray(block, dtype=np.float32)]
+            if exact is not None:
+                arrays = [np.ascontiguousarray(a[start:stop]) for a in exact]
             else:
-                arrays = quantize(block, layout.bits, layout.group_size)
+                block = shard.read_rows(source.name, start, stop) if ours is None else ours[start:stop]
+                if layout.bits is None:
+                    arrays = [np.ascontiguousarray(block, dtype=np.float32)]
+                else:
+                    arrays = quantize(block, layout.bits, layout.group_size)
             for (_, offset, size), array in zip(layout.parts, arrays):
                 row_bytes = size // rows
                 os.pwrite(fd, array.tobytes(), offset + start * row_bytes)

@@ -8,13 +8,17 @@ it). We assert 1e-5, the project's aim (the hard limit is 1e-4), which leaves a 
 BLAS differences; the same argmax at every position must hold too.
 """
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import localmix
 from localmix.kv_cache import KVCache
-from conftest import make_hf_model, reference_logits
+from conftest import TOKENIZER_V1, make_hf_model, reference_logits
 
 RTOL = 1e-5
 
@@ -122,3 +126,113 @@ def test_experts_per_token_out_of_range(tmp_path):
     make_hf_model(tmp_path)
     with pytest.raises(localmix.LocalmixError, match="between 1 and 4"):
         localmix.load(tmp_path, experts_per_token=5)
+
+
+def mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., rows, cols] rounded to MXFP4 as gpt-oss ships it: per 32 values the smallest power of
+    two 2^e with max|w| / 2^e <= 6, each value the nearest E2M1 value (0, ±0.5, ±1, ±1.5, ±2, ±3,
+    ±4, ±6) times 2^e. Returns blocks [..., rows, cols / 32, 16] (two codes a byte, the low nibble
+    first) and scales [..., rows, cols / 32] (e + 127)."""
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    e = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-30) / 6)).to(torch.int32)
+    scaled = groups / torch.exp2(e.float())[..., None]
+    magnitude = (scaled.abs()[..., None] - grid).abs().argmin(-1)
+    codes = (magnitude + 8 * (scaled < 0)).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (e + 127).to(torch.uint8)
+
+
+MXFP4_QUANTIZATION = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+
+
+def save_mxfp4(model, folder, config: dict) -> None:
+    """The transformers gpt-oss model saved as OpenAI publishes gpt-oss: its experts MXFP4 blocks and
+    scales ([experts, out, in], gate and up rows interleaved), config.json `config` (which says
+    mxfp4). The model's experts become what transformers' own dequantizer (convert_moe_packed_tensors)
+    makes of the blocks: the reference."""
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    tensors = {}
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                blocks, scales = mxfp4(p.transpose(1, 2).contiguous())
+                tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+                p.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+            else:
+                tensors[name] = p.contiguous()
+    for f in folder.glob("model*.safetensors*"):
+        f.unlink()
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_mxfp4_experts_as_published(tmp_path):
+    """Read as floats, an MXFP4 checkpoint's logits are transformers' on the dequantized experts;
+    pulled, its experts become 8-bit groups of 32 that hold every MXFP4 value exactly."""
+    from localmix.quant.convert import LocalSource, convert
+    from localmix.store import read_manifest, verify
+
+    hf = tmp_path / "hf"
+    model = make_hf_model(hf, model_type="gpt_oss", sliding_window=6, num_local_experts=4, swiglu_limit=0.3)
+    config = {**json.loads((hf / "config.json").read_text()), "quantization_config": MXFP4_QUANTIZATION}
+    save_mxfp4(model, hf, config)
+    ids = np.random.default_rng(7).integers(0, 32000, 30)
+    assert_close(localmix.load(hf).logits(ids), reference_logits(model, ids), "mxfp4")
+
+    folder = convert(LocalSource(hf), tmp_path / "q4", bits="4")
+    assert verify(folder) == []
+    entries = read_manifest(folder)["tensors"]
+    assert entries["model.layers.0.self_attn.q_proj.weight"]["dtype"] == "q4"  # the rest as --bits says
+    pulled = localmix.load(folder, backend="numpy").transformer.weights.layers
+    for i, layer in enumerate(model.model.layers):
+        gate_up, down = layer.mlp.experts.gate_up_proj.detach(), layer.mlp.experts.down_proj.detach()
+        for e in range(4):
+            name = f"model.layers.{i}.mlp.experts.{e}."
+            assert [entries[name + f"{m}.weight"]["dtype"] for m in ("gate_proj", "up_proj", "down_proj")] == ["q8"] * 3
+            assert entries[name + "gate_proj.weight"]["group_size"] == 32
+            expert = pulled[i].experts.for_token([e])[0]
+            np.testing.assert_array_equal(expert.w1.dequantize(), gate_up[e, :, 0::2].T.numpy())
+            np.testing.assert_array_equal(expert.w3.dequantize(), gate_up[e, :, 1::2].T.numpy())
+            np.testing.assert_array_equal(expert.w2.dequantize(), down[e].T.numpy())
+
+
+# openai/gpt-oss-20b's config.json, key for key (transformers 4.55's: rope_scaling and a top-level
+# rope_theta, no swiglu_alpha, OpenAI's own experts_per_token and initial_context_length).
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
+    "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096,
+    "initializer_range": 0.02, "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4,
+    "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False,
+    "pad_token_id": 199999, "quantization_config": MXFP4_QUANTIZATION, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088}
+
+
+def test_published_gpt_oss_20b_config(tmp_path):
+    """gpt-oss-20b's config.json, shrunk (3 layers, windows of 5, 8 experts), with MXFP4 experts:
+    the logits are those of the model transformers builds from that config."""
+    config = {**GPT_OSS_20B, "hidden_size": 64, "intermediate_size": 64, "head_dim": 16, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "num_hidden_layers": 3, "layer_types": GPT_OSS_20B["layer_types"][:3],
+              "num_local_experts": 8, "sliding_window": 5, "vocab_size": 32000, "eos_token_id": 2, "pad_token_id": 0,
+              "initializer_range": 0.05}
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **{k: v for k, v in config.items() if k != "quantization_config"})).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(("bias", "sinks")):
+                p.copy_(0.3 * torch.randn_like(p))
+    save_mxfp4(model, tmp_path, config)
+    shutil.copy(TOKENIZER_V1, tmp_path / "tokenizer.model")
+    ids = np.random.default_rng(8).integers(0, 32000, 24)
+    assert_close(localmix.load(tmp_path).logits(ids), reference_logits(model, ids), "gpt-oss-20b config")
