@@ -113,7 +113,8 @@ def write_folder(folder: Path, kind: str, template_file: bool = False, tokenizer
 # pre-tokenizer (GPT-NeoX: post-processor) and default special tokens, whatever tokenizer.json says: the
 # OLMoE-like tokenizer.json adds a BOS and the ChatML one splits like Qwen, which GPT-NeoX and GPT-2 do not.
 KINDS = {"chatml": {}, "olmoe": {}, "jsonish": {}, "chatml-file": {"template_file": True},
-         "chatml-qwen2": {"tokenizer_class": "Qwen2TokenizerFast"}, "olmoe-neox": {"tokenizer_class": "GPTNeoXTokenizer"},
+         "chatml-qwen2": {"tokenizer_class": "Qwen2TokenizerFast"},
+         "olmoe-neox": {"tokenizer_class": "GPTNeoXTokenizer"},
          "chatml-neox": {"tokenizer_class": "GPTNeoXTokenizer"}, "chatml-gpt2": {"tokenizer_class": "GPT2Tokenizer"},
          "olmoe-by-model-type": {"tokenizer_class": "", "model_type": "olmoe"},
          "chatml-by-model-type": {"tokenizer_class": "", "model_type": "qwen3_moe"}}
