@@ -136,6 +136,27 @@ def _ids(value, key: str, source: str, vocab_size: int) -> list[int]:
     return [validate.integer(v, key, source, 0, vocab_size - 1) for v in values]
 
 
+def _template(config: dict, files: dict[str, Path], source: str) -> ChatTemplate | None:
+    """The chat template: chat_template.jinja (which wins, as in transformers), else tokenizer_config.json's
+    chat_template, a string or named templates (the default one: transformers' choice without tools)."""
+    if "chat_template.jinja" in files:
+        text = _read_text(Path(files["chat_template.jinja"]), "chat_template.jinja", 4 * MAX_TEMPLATE_CHARS)
+        return ChatTemplate(text, f"{source}: chat_template.jinja")
+    where = f"{source}: tokenizer_config.json chat_template"
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {}
+        for entry in template:
+            entry = validate.json_object(entry, where, "a named template")
+            named[validate.string(entry.get("name"), "name", where)] = entry.get("template")
+        if "default" not in named:
+            raise LocalmixError(f"{where}: named templates without a 'default' one")
+        template = named["default"]
+    elif template is not None and not isinstance(template, str):
+        raise LocalmixError(f"{where}: must be a string or a list of named templates")
+    return ChatTemplate(template, where) if template is not None else None
+
+
 class HFTokenizer:
     """A tokenizer.json with its configuration, checked against a model of vocab_size tokens:
     every id it can produce (its vocabulary, its special tokens, its stop ids) indexes the
@@ -144,41 +165,20 @@ class HFTokenizer:
 
     def __init__(self, files: dict[str, Path], vocab_size: int, source: str, config_eos=None,
                  model_type: str | None = None):
-        import tokenizers
-
-        path = Path(files["tokenizer.json"])
-        text = _read_text(path, "tokenizer.json", MAX_TOKENIZER_BYTES)
-        try:  # (its parser bounds nesting at 128 levels; Python's json would hold a second copy as objects)
-            # Two copies, so that no call switches a shared setting (the server encodes in threads):
-            # one reads special tokens in text as text, the other matches them (chat template output).
-            self._text = tokenizers.Tokenizer.from_str(text)
-            self._chat = tokenizers.Tokenizer.from_str(text)
-        except BaseException as e:  # noqa: BLE001 (tokenizers raises Exception, a Rust panic BaseException)
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise LocalmixError(f"{source}: not a tokenizer.json the tokenizers library reads "
-                                f"({str(e)[:200]})") from None
-        self._text.encode_special_tokens = True
-
+        """model_type: config.json's, which names the class where tokenizer_config.json does not."""
         config = {}
         where = f"{source}: tokenizer_config.json"
         if "tokenizer_config.json" in files:
             config = validate.json_object(validate.read_json(files["tokenizer_config.json"], "tokenizer_config.json",
                                                              MAX_CONFIG_BYTES), where, "tokenizer_config.json")
         cls = config.get("tokenizer_class")
-        if cls is not None:
-            cls = validate.string(cls, "tokenizer_class", where, 200).removesuffix("Fast")
-        else:
-            cls = CLASS_OF_MODEL_TYPE.get(model_type)
-        if cls in SPECIAL_DEFAULTS:
-            add_prefix_space = config.get("add_prefix_space")
-            add_prefix_space = False if add_prefix_space is None else \
-                validate.boolean(add_prefix_space, "add_prefix_space", where)
-            for tok in (self._text, self._chat):
-                _as_class(tok, cls, add_prefix_space)
-        if not isinstance(self._chat.decoder, tokenizers.decoders.ByteLevel):
-            raise LocalmixError(f"{source}: tokenizer.json's decoder is {type(self._chat.decoder).__name__}; "
-                                f"localmix reads byte-level BPE tokenizers (or a sentencepiece tokenizer.model)")
+        cls = CLASS_OF_MODEL_TYPE.get(model_type) if cls is None else \
+            validate.string(cls, "tokenizer_class", where, 200).removesuffix("Fast")
+        # Two copies, so that no call switches a shared setting (the server encodes in threads): one
+        # reads special tokens in text as text, the other matches them (a chat template's output).
+        text = _read_text(Path(files["tokenizer.json"]), "tokenizer.json", MAX_TOKENIZER_BYTES)
+        self._text, self._chat = (self._backend(text, source, config, cls, where) for _ in range(2))
+        self._text.encode_special_tokens = True
         vocab = self._chat.get_vocab(with_added_tokens=True)
         if not vocab:
             raise LocalmixError(f"{source}: tokenizer.json has no tokens")
@@ -186,84 +186,23 @@ class HFTokenizer:
         if self.vocab_size > vocab_size:
             raise LocalmixError(f"{source}: the tokenizer has ids up to {self.vocab_size - 1} but the model only "
                                 f"{vocab_size} tokens")
-        # The strings the template sees as bos_token, eos_token, ... (transformers' special_tokens_map):
-        # the config's (null: none), else the class's default where the vocabulary has it.
-        self.special_tokens = {}
-        for key in SPECIAL_TOKENS:
-            if key in config:
-                token = _token_string(config[key], key, where)
-            else:
-                token = SPECIAL_DEFAULTS.get(cls, {}).get(key)
-                token = token if token is not None and self._chat.token_to_id(token) is not None else None
-            if token is not None:
-                self.special_tokens[key] = token
-        for key, token in self.special_tokens.items():
-            self._id_of(token, key, where)
-        # transformers makes the named special tokens special (skipped in decoding, text when typed),
-        # whatever tokenizer.json says of them
-        added = self._chat.get_added_tokens_decoder()
-        for token in set(self.special_tokens.values()):
-            same = [t for t in added.values() if t.content == token]
-            if not same or not same[0].special:
-                flags = dict(single_word=same[0].single_word, lstrip=same[0].lstrip, rstrip=same[0].rstrip,
-                             normalized=same[0].normalized) if same else dict(normalized=False)
-                for tok in (self._text, self._chat):
-                    tok.add_special_tokens([tokenizers.AddedToken(token, special=True, **flags)])
+
+        self.special_tokens = self._special_tokens(config, cls, where)
         added = self._chat.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
         self._added = {t.content: i for i, t in added.items()}
         self.bos_id = self._id_of(self.special_tokens.get("bos_token"), "bos_token", where)
         self.eos_id = self._id_of(self.special_tokens.get("eos_token"), "eos_token", where)
 
-        template = config.get("chat_template")
-        if "chat_template.jinja" in files:  # as in transformers, the file wins over the config's entry
-            template = _read_text(Path(files["chat_template.jinja"]), "chat_template.jinja",
-                                  4 * MAX_TEMPLATE_CHARS)
-            where_template = f"{source}: chat_template.jinja"
-        else:
-            where_template = f"{source}: tokenizer_config.json chat_template"
-            if isinstance(template, list):  # named templates: the default one (transformers, no tools)
-                named = {}
-                for entry in template:
-                    entry = validate.json_object(entry, where_template, "a named template")
-                    named[validate.string(entry.get("name"), "name", where_template)] = entry.get("template")
-                if "default" not in named:
-                    raise LocalmixError(f"{where_template}: named templates without a 'default' one")
-                template = named["default"]
-            elif template is not None and not isinstance(template, str):
-                raise LocalmixError(f"{where_template}: must be a string or a list of named templates")
-        self.template = ChatTemplate(template, where_template) if template is not None else None
+        self.template = _template(config, files, source)
         self.has_chat_template = self.template is not None
         self.chat_version = "chat template" if self.template else "none (a base model)"
-
-        controls = config.get("chat_control_tokens")
-        if controls is not None:
-            if not isinstance(controls, list) or not all(isinstance(c, str) for c in controls):
-                raise LocalmixError(f"{where}: chat_control_tokens must be a list of strings")
-        # transformers' _get_control_tokens: the special tokens, and the added tokens the template
-        # writes (or those listed), whitespace tokens aside.
-        literal = self.template.literal_text if self.template else ""
-        control = [t.content for t in added.values() if t.special or (
-            t.content in controls if controls is not None else (t.content in literal and not t.content.isspace()))]
-        self._control_re = _alternation(control)
-        self._special_re = _alternation([t.content for t in added.values() if t.special])
-        self._markers_re = re.compile(f"{MARK_START}({_alternation(list(self._added)).pattern}){MARK_END}"
-                                      f"|[{MARK_START}{MARK_END}]")
+        self._control_re, self._special_re, self._markers_re = self._control_patterns(config, added, where)
         self._newline_ids = self._chat.encode("\n", add_special_tokens=False).ids
 
-        stops = set()
-        if self.eos_id is not None:
-            stops.add(self.eos_id)
-        if "generation_config.json" in files:
-            generation = validate.json_object(
-                validate.read_json(files["generation_config.json"], "generation_config.json", MAX_SMALL_JSON_BYTES),
-                f"{source}: generation_config.json", "generation_config.json")
-            stops.update(_ids(generation.get("eos_token_id"), "eos_token_id", f"{source}: generation_config.json",
-                              vocab_size))
-        stops.update(_ids(config_eos, "eos_token_id", f"{source}: config.json", vocab_size))
-        self.stop_ids = frozenset(stops)
-        if self.eos_id is None and stops:
-            self.eos_id = min(stops)
+        self.stop_ids = self._stop_ids(files, config_eos, vocab_size, source)
+        if self.eos_id is None and self.stop_ids:
+            self.eos_id = min(self.stop_ids)
 
         # What each id decodes to, for streaming: ids the model has beyond the tokenizer's decode to
         # nothing, as tokenizers' decode skips ids it does not know; special tokens are skipped.
@@ -272,6 +211,82 @@ class HFTokenizer:
             if i not in self.special_ids:
                 pieces[i] = _piece_bytes(token)
         self._piece_bytes = pieces
+
+    @staticmethod
+    def _backend(text: str, source: str, config: dict, cls: str | None, where: str):
+        """tokenizer.json read by the tokenizers library, built as transformers builds class cls."""
+        import tokenizers
+
+        try:  # (its parser bounds nesting at 128 levels; Python's json would hold a second copy as objects)
+            tok = tokenizers.Tokenizer.from_str(text)
+        except BaseException as e:  # noqa: BLE001 (tokenizers raises Exception, a Rust panic BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise LocalmixError(f"{source}: not a tokenizer.json the tokenizers library reads "
+                                f"({str(e)[:200]})") from None
+        if cls in SPECIAL_DEFAULTS:
+            add_prefix_space = config.get("add_prefix_space")
+            _as_class(tok, cls, add_prefix_space is not None and
+                      validate.boolean(add_prefix_space, "add_prefix_space", where))
+        if not isinstance(tok.decoder, tokenizers.decoders.ByteLevel):
+            raise LocalmixError(f"{source}: tokenizer.json's decoder is {type(tok.decoder).__name__}; "
+                                f"localmix reads byte-level BPE tokenizers (or a sentencepiece tokenizer.model)")
+        return tok
+
+    def _special_tokens(self, config: dict, cls: str | None, where: str) -> dict[str, str]:
+        """The strings the template sees as bos_token, eos_token, ... (transformers' special_tokens_map):
+        the config's (null: none), else the class's default where the vocabulary has it. Each one is
+        made special in both copies, as transformers makes them whatever tokenizer.json says (skipped
+        in decoding, text when typed)."""
+        import tokenizers
+
+        special = {}
+        for key in SPECIAL_TOKENS:
+            if key in config:
+                token = _token_string(config[key], key, where)
+            else:
+                token = SPECIAL_DEFAULTS.get(cls, {}).get(key)
+                token = token if token is not None and self._chat.token_to_id(token) is not None else None
+            if token is not None:
+                self._id_of(token, key, where)
+                special[key] = token
+        added = self._chat.get_added_tokens_decoder()
+        for token in sorted(set(special.values())):
+            same = [t for t in added.values() if t.content == token]
+            if not same or not same[0].special:
+                flags = dict(single_word=same[0].single_word, lstrip=same[0].lstrip, rstrip=same[0].rstrip,
+                             normalized=same[0].normalized) if same else dict(normalized=False)
+                for tok in (self._text, self._chat):
+                    tok.add_special_tokens([tokenizers.AddedToken(token, special=True, **flags)])
+        return special
+
+    def _control_patterns(self, config: dict, added: dict, where: str):
+        """Regexes of the control tokens (transformers' _get_control_tokens: the special tokens, and the
+        added tokens the template writes, or tokenizer_config.json's chat_control_tokens, whitespace
+        tokens aside), of the special tokens alone, and of transformers' markers around any added token."""
+        controls = config.get("chat_control_tokens")
+        if controls is not None:
+            if not isinstance(controls, list) or not all(isinstance(c, str) for c in controls):
+                raise LocalmixError(f"{where}: chat_control_tokens must be a list of strings")
+        literal = self.template.literal_text if self.template else ""
+        control = [t.content for t in added.values() if t.special or (
+            t.content in controls if controls is not None else (t.content in literal and not t.content.isspace()))]
+        markers = re.compile(f"{MARK_START}({_alternation(list(self._added)).pattern}){MARK_END}"
+                             f"|[{MARK_START}{MARK_END}]")
+        return _alternation(control), _alternation([t.content for t in added.values() if t.special]), markers
+
+    def _stop_ids(self, files: dict[str, Path], config_eos, vocab_size: int, source: str) -> frozenset[int]:
+        """The ids generation stops at: the tokenizer's EOS, generation_config.json's and config.json's
+        eos_token_id (an id or a list)."""
+        stops = {self.eos_id} if self.eos_id is not None else set()
+        if "generation_config.json" in files:
+            where = f"{source}: generation_config.json"
+            generation = validate.json_object(
+                validate.read_json(files["generation_config.json"], "generation_config.json", MAX_SMALL_JSON_BYTES),
+                where, "generation_config.json")
+            stops.update(_ids(generation.get("eos_token_id"), "eos_token_id", where, vocab_size))
+        stops.update(_ids(config_eos, "eos_token_id", f"{source}: config.json", vocab_size))
+        return frozenset(stops)
 
     def _id_of(self, token: str | None, key: str, where: str) -> int | None:
         if token is None:
