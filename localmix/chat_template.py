@@ -122,7 +122,17 @@ def _environment(max_chars: int):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Generation(jinja2.ext.Extension):
+        # transformers' `{% generation %}...{% endgeneration %}` (it marks the assistant's tokens for
+        # training masks): here its body renders as it is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.filters = {name: _guarded(f) for name, f in env.filters.items()}
     env.globals.pop("lipsum", None)  # lipsum(n=10**9): nothing a chat template needs

@@ -52,7 +52,9 @@ OLMOE = (
 JSONISH = (
     "{%- set ns = namespace(n=0) -%}"
     "{%- for m in messages -%}{%- if m.content == 'skip' %}{% continue %}{% endif -%}"
-    "{%- set ns.n = ns.n + 1 -%}<|im_start|>{{ m.role }} {{ ns.n }}\n{{ m.content | tojson }}<|im_end|>\n"
+    "{%- set ns.n = ns.n + 1 -%}<|im_start|>{{ m.role }} {{ ns.n }}\n"
+    "{%- if m.role == 'assistant' %}{% generation %}{{ m.content | tojson }}{% endgeneration %}"
+    "{%- else %}{{ m.content | tojson }}{% endif %}<|im_end|>\n"
     "{%- endfor -%}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}")
 
 
