@@ -205,6 +205,26 @@ def test_user_typed_specials_stay_text_in_chats(pair):
     assert template_ids
 
 
+def test_random_typed_control_tokens_match_transformers_sanitized(pair):
+    """Control tokens, partial ones and transformers' own private markers typed anywhere in user and
+    system messages, and plain assistant answers: transformers' sanitize_control_tokens=True ids."""
+    _, tokenizer, reference = pair
+    rng = random.Random(7)
+    atoms = TEXTS + USER_SPECIALS + ["\n", "\n\n", " ", "\U000f0000", "\U000f0001", "<|im_start|>", "<|endoftext|>",
+                                     "</think>", "<|user|>", "<|system|>", "é", "\t", "  \n", "<|padding|>"]
+    answers = [t for t in TEXTS if "<" not in t]
+    for _ in range(40):
+        messages = [{"role": "system", "content": "".join(rng.choices(atoms, k=rng.randint(0, 5)))}][:rng.randint(0, 1)]
+        for _ in range(rng.randint(1, 3)):
+            messages += [{"role": "user", "content": "".join(rng.choices(atoms, k=rng.randint(0, 6)))},
+                         {"role": "assistant", "content": "".join(rng.choices(answers, k=rng.randint(1, 3)))}]
+        messages.pop()
+        assert tokenizer.apply_chat_template(messages) == reference.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, sanitize_control_tokens=True)
+        text = messages[-1]["content"]
+        assert tokenizer.encode(text) == reference(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def test_decode_matches_transformers(pair):
     _, tokenizer, reference = pair
     rng = random.Random(1)
