@@ -263,7 +263,7 @@ def routing_fields(body: dict, ollama: bool, experts: int) -> dict:
     fields = {"experts_per_token": optional(o, "experts_per_token", None, validate.integer, 1, max(experts, 1)),
               "min_expert_weight": optional(o, "min_expert_weight", None, validate.number, 0.0, 1.0),
               "fallback_margin": optional(o, "fallback_margin", None, validate.number, 0.0, 1.0)}
-    if fields["min_expert_weight"] == 1.0:  # a weight of 1 would drop every expert but the first of every token
+    if fields["min_expert_weight"] == 1.0:  # [0, 1), as Steering.check says it for the CLI's flag
         raise BadRequest(400, "request: min_expert_weight must be below 1, got 1.0")
     return fields
 
