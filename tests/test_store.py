@@ -120,15 +120,16 @@ def test_decoding_kernels_with_a_sliding_window_and_other_formats(tmp_path, bits
 
 def test_widths_the_vector_kernels_do_not_take_are_not_fused(tmp_path):
     """4-bit groups of 32 on experts 96 wide: the vector kernels work in units of 64 values, so
-    such a layer decodes operation by operation (fused, it once lost the last 32 values of every
-    w2 row: logits 25% off)."""
+    such experts go through the grouped products, not decode_experts (fused, it once lost the last
+    32 values of every w2 row: logits 25% off); the attention, 64 wide, is still fused."""
     make_hf_model(tmp_path / "hf", dtype=torch.bfloat16, intermediate_size=96)
     folder = convert(LocalSource(tmp_path / "hf"), tmp_path / "model", bits="4", group_size=32)
     ids = np.random.default_rng(6).integers(0, 32000, 8)
     reference = prompt_then_decode(localmix.load(folder, backend="numpy"), ids, split=3)
     fast = localmix.load(folder)
     ours = prompt_then_decode(fast, ids, split=3)
-    assert fast.transformer.ops.plans[0] is None
+    assert fast.transformer.weights.layers[0].experts.formats()[1] is None  # w2: 96 values a row
+    assert (fast.transformer.ops.plans[0] is not None) == kernels.has_vector_kernels()
     assert np.abs(ours - reference).max() <= 1e-3 * np.abs(reference).max()
 
 
