@@ -216,3 +216,18 @@ def responses(generation: Generation, prefill_step: int = 256,
             return
         generation.logits = generation.transformer(np.array([response.token]), generation.cache, last_only=True,
                                                    options=generation.options)[-1]
+
+
+def decode_together(generations: list[Generation]) -> int:
+    """Run the model on each generation's token just sampled (by next()), setting its logits, as the
+    server decodes its answers: those with equal routing options in one call (Transformer.step reads
+    each weight once for all of them), each other set of options in a call of its own, since a model
+    call routes all its rows alike. Returns the most generations decoded in one call."""
+    groups: dict[RoutingOptions | None, list[Generation]] = {}
+    for generation in generations:
+        groups.setdefault(generation.options, []).append(generation)
+    for options, group in groups.items():
+        logits = group[0].transformer.step([g.history[-1] for g in group], [g.cache for g in group], options)
+        for generation, row in zip(group, logits):
+            generation.logits = row
+    return max(map(len, groups.values()), default=0)

@@ -2,8 +2,8 @@
 
 Requests share the model through one engine thread: it starts each new request's answer as the
 API does (Model.start, with the request's sampling and routing), prefills its prompt, then decodes
-every active answer together, one token each per step (Transformer.step), so that each weight read
-serves all of them; answers whose routing differs (localmix's experts_per_token, min_expert_weight,
+every active answer together, one token each per step (generate.decode_together: Transformer.step),
+so that each weight read serves all of them; answers whose routing differs (localmix's experts_per_token, min_expert_weight,
 fallback_margin request fields) are decoded in a step of their own. Answers stream back to the
 request handlers through asyncio queues; a client that goes away (mid-stream, or while waiting for
 a whole answer) cancels its answer before the engine's next token.
@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from localmix import validate
 from localmix.errors import LocalmixError
-from localmix.generate import Generation, GenerationResponse
+from localmix.generate import Generation, GenerationResponse, decode_together
 from localmix.routing import RoutingOptions
 from localmix.sampling import SamplingParams
 
@@ -128,8 +128,8 @@ class Engine:
         self.active.append(job)
 
     def step(self) -> None:
-        """Sample a token for each active answer, send it, then run the model once for all that go on.
-        An abandoned answer's next() says "cancelled" without sampling, and it leaves the batch here."""
+        """Sample a token for each active answer, send it, then run the model once for all that go on
+        (once per routing among them: decode_together). An abandoned answer's next() says "cancelled" without sampling, and it leaves the batch here."""
         going = []
         for job in self.active:
             try:
@@ -143,30 +143,20 @@ class Engine:
                 self.decoded += 1
             job.send(response)
             if response.finish_reason is None:
-                going.append((job, response.token))
+                going.append(job)
             else:
                 job.generation = None  # its KV cache goes now, not when the handler lets go of the job
-        self.active = [job for job, _ in going]
+        self.active = going
         if not going:
             return
-        # A model call routes all its rows alike: answers with equal routing options are decoded
-        # together, each other set in a call of its own (one call where all requests leave routing be).
-        groups: dict[RoutingOptions, list[tuple[Job, int]]] = {}
-        for job, token in going:
-            groups.setdefault(job.generation.options, []).append((job, token))
-        self.widest = max(self.widest, *(len(group) for group in groups.values()))
         try:
-            for options, group in groups.items():
-                start = time.perf_counter()
-                logits = self.model.transformer.step([token for _, token in group],
-                                                     [job.generation.cache for job, _ in group], options)
-                if len(going) == 1:  # the tuner compares token times, so only steps of one answer count
-                    self.model.tuner.record(time.perf_counter() - start)
-                for (job, _), row in zip(group, logits):
-                    job.generation.logits = row
+            start = time.perf_counter()
+            self.widest = max(self.widest, decode_together([job.generation for job in going]))
+            if len(going) == 1:  # the tuner compares token times, so only steps of one answer count
+                self.model.tuner.record(time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001
             log.exception("internal error in a decoding step")
-            for job, _ in going:
+            for job in going:
                 job.send(LocalmixError(f"internal error: {e}"))
                 job.generation = None
             self.active = []
