@@ -287,9 +287,12 @@ NEW_FAMILIES = {
 EXPERT_TYPES = {"qwen3_moe": T.Q8_0, "qwen2_moe": T.Q4_1, "olmoe": T.Q4_0}
 
 
-def original_tokenizer(folder, pre: str):
-    """A byte-level BPE tokenizer folder as the hub has them: Qwen2's split (ChatML, no BOS) or
-    GPT-2's (OLMoE: GPT-NeoX's tokenizer, <|endoftext|> as BOS, added before each text)."""
+def original_tokenizer(folder, pre: str, bos: bool = False):
+    """A byte-level BPE tokenizer folder as the hub has them: Qwen2's split (Qwen2Tokenizer, ChatML)
+    or GPT-2's (OLMoE's GPTNeoXTokenizer, its template writing <|endoftext|> as bos_token). The
+    classes are the hub's: transformers 5 builds their normalizer and pre-tokenizer itself, not
+    from tokenizer.json, so the reference ids are those of Qwen's and OLMoE's real tokenizers.
+    bos: instead, a tokenizer.json taken as it is whose post-processor puts BOS before each text."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, \
         trainers
     from test_hf_tokenizer import CHATML, CORPUS, OLMOE, PATTERN
@@ -304,31 +307,31 @@ def original_tokenizer(folder, pre: str):
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if pre == "qwen2":
         specials, extra = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<think>", "</think>"]
-        config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}
+        config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+                  "pad_token": "<|endoftext|>", "chat_template": CHATML}
     else:
         specials, extra = ["<|endoftext|>", "<|padding|>"], ["<|system|>", "<|user|>", "<|assistant|>"]
-        config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",
-                  "chat_template": OLMOE}
+        config = {"tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                  "pad_token": "<|padding|>", "chat_template": OLMOE}
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in extra])
-    if pre != "qwen2":
-        bos = ("<|endoftext|>", tok.token_to_id("<|endoftext|>"))
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B",
-                                                           special_tokens=[bos])
+    if bos:
+        first = (config["bos_token"], tok.token_to_id(config["bos_token"]))
+        tok.post_processor = processors.TemplateProcessing(single=f"{first[0]} $A", pair=f"{first[0]} $A $B",
+                                                           special_tokens=[first])
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
     folder.mkdir(parents=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                              "clean_up_tokenization_spaces": False, **config}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"clean_up_tokenization_spaces": False, **config}))
     return folder
 
 
-def add_bpe_vocabulary(w, folder, vocab_size: int, pre: str):
-    """The tokenizer metadata as llama.cpp's convert_hf_to_gguf writes it (_set_vocab_gpt2): every
-    id up to the embeddings' rows ([PAD<i>] unused where the tokenizer has none), added tokens as
-    CONTROL when special or when they look special (<|...|>), else USER_DEFINED; merges as "a b"."""
+def bpe_vocabulary(folder, vocab_size: int) -> tuple[list[str], list[int]]:
+    """The tokens and their types as llama.cpp's convert_hf_to_gguf writes them (_set_vocab_gpt2):
+    every id up to the embeddings' rows ([PAD<i>] unused where the tokenizer has none), added
+    tokens as CONTROL when special or when they look special (<|...|>), else USER_DEFINED."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    config = json.loads((folder / "tokenizer_config.json").read_text())
     by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
     added = tok.get_added_tokens_decoder()
     tokens, types = [], []
@@ -343,17 +346,18 @@ def add_bpe_vocabulary(w, folder, vocab_size: int, pre: str):
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def add_bpe_vocabulary(w, folder, vocab_size: int, pre: str):
+    """The tokenizer metadata as the converter writes it: the vocabulary, then the gguf package's own
+    SpecialVocab (merges, special ids, add_bos/add_eos, the chat template)."""
+    tokens, types = bpe_vocabulary(folder, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges([" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]])
-    for key, add in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id),
-                     ("pad_token", w.add_pad_token_id)):
-        if config.get(key):
-            add(tok.token_to_id(config[key]))
-    w.add_add_bos_token(config.get("bos_token") is not None)
-    w.add_chat_template(config["chat_template"])
+    gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
 
 
 def write_family_gguf(hf, path, tokenizer, experts=T.Q4_0, pre=None):
@@ -488,3 +492,28 @@ def test_an_unknown_pre_tokenizer_is_one_error(family_gguf, tmp_path):
     path, _ = write_family_gguf(hf, tmp_path / "llama-bpe.gguf", tokenizer, pre="llama-bpe")
     result = localmix_cli("pull", path, env={"LOCALMIX_HOME": str(tmp_path / "home")})
     assert_one_line_error(result, "tokenizer.ggml.pre is 'llama-bpe'")
+
+
+def test_add_bos_token_rebuilds_a_post_processor_that_adds_bos(tmp_path):
+    """A GGUF whose tokenizer adds BOS (tokenizer.ggml.add_bos_token, as the converter reads it off
+    the post-processor) gives a tokenizer.json that adds it as the original does."""
+    import transformers
+    from test_hf_tokenizer import TEXTS
+
+    from localmix.quant.gguf_bpe import tokenizer_config, tokenizer_json
+    from localmix.tokenizer import load_tokenizer
+    original = original_tokenizer(tmp_path / "original", "olmo", bos=True)
+    tokens, types = bpe_vocabulary(original, 1024)
+    special = gguf.SpecialVocab(original, load_merges=True, n_vocab=1024)
+    bos, eos = special.special_token_ids["bos"], special.special_token_ids["eos"]
+    assert special.add_special_token["bos"]
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir()
+    (rebuilt / "tokenizer.json").write_text(tokenizer_json(rebuilt, tokens, np.array(types), special.merges, "olmo",
+                                                           bos, True))
+    (rebuilt / "tokenizer_config.json").write_text(tokenizer_config(tokens, bos, eos, None, True, None))
+    ours, reference = load_tokenizer(rebuilt, 1024), transformers.AutoTokenizer.from_pretrained(original)
+    for text in TEXTS:
+        want = reference(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+        assert want[0] == bos and ours.encode(text, bos=True) == want, text
+        assert ours.encode(text) == want[1:]
