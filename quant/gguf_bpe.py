@@ -27,8 +27,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(1, 7)
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                  r"|\s+(?!\S)|\s+")
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-# tokenizer.ggml.pre -> (normalizer, pre-tokenizer) of tokenizer.json. "olmo" (OLMoE) and "gpt-2"
-# are GPT-2's own split, which ByteLevel makes with use_regex (GPT-NeoX's tokenizer.json, NFC).
+# tokenizer.ggml.pre -> (normalizer, pre-tokenizer) of tokenizer.json, as transformers 5 builds them
+# for the classes those models name: Qwen2Tokenizer (NFC, Qwen2's split), GPTNeoXTokenizer (OLMoE:
+# NFC, GPT-2's split, which ByteLevel makes with use_regex), GPT2Tokenizer (GPT-2's split alone).
 PRE_TOKENIZERS = {
     "qwen2": ({"type": "NFC"}, {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},

@@ -287,12 +287,13 @@ NEW_FAMILIES = {
 EXPERT_TYPES = {"qwen3_moe": T.Q8_0, "qwen2_moe": T.Q4_1, "olmoe": T.Q4_0}
 
 
-def original_tokenizer(folder, pre: str, bos: bool = False):
+def original_tokenizer(folder, pre: str, bos: bool = False, cls: str | None = None):
     """A byte-level BPE tokenizer folder as the hub has them: Qwen2's split (Qwen2Tokenizer, ChatML)
     or GPT-2's (OLMoE's GPTNeoXTokenizer, its template writing <|endoftext|> as bos_token). The
     classes are the hub's: transformers 5 builds their normalizer and pre-tokenizer itself, not
     from tokenizer.json, so the reference ids are those of Qwen's and OLMoE's real tokenizers.
-    bos: instead, a tokenizer.json taken as it is whose post-processor puts BOS before each text."""
+    bos: instead, a tokenizer.json taken as it is whose post-processor puts BOS before each text.
+    cls: another class (GPT2Tokenizer: GPT-2's split without NFC)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, \
         trainers
     from test_hf_tokenizer import CHATML, CORPUS, OLMOE, PATTERN
@@ -320,6 +321,7 @@ def original_tokenizer(folder, pre: str, bos: bool = False):
         tok.post_processor = processors.TemplateProcessing(single=f"{first[0]} $A", pair=f"{first[0]} $A $B",
                                                            special_tokens=[first])
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["tokenizer_class"] = cls or config["tokenizer_class"]
     folder.mkdir(parents=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"clean_up_tokenization_spaces": False, **config}))
@@ -494,26 +496,28 @@ def test_an_unknown_pre_tokenizer_is_one_error(family_gguf, tmp_path):
     assert_one_line_error(result, "tokenizer.ggml.pre is 'llama-bpe'")
 
 
-def test_add_bos_token_rebuilds_a_post_processor_that_adds_bos(tmp_path):
+@pytest.mark.parametrize("pre, bos, cls", [("olmo", True, None), ("gpt-2", False, "GPT2Tokenizer")])
+def test_other_pre_tokenizers_and_add_bos(tmp_path, pre, bos, cls):
     """A GGUF whose tokenizer adds BOS (tokenizer.ggml.add_bos_token, as the converter reads it off
-    the post-processor) gives a tokenizer.json that adds it as the original does."""
+    the post-processor) gives a tokenizer.json that adds it as the original does; "gpt-2" is GPT-2's
+    split without OLMoE's NFC (transformers' GPT2Tokenizer), which a decomposed é tells apart."""
     import transformers
     from test_hf_tokenizer import TEXTS
 
     from localmix.quant.gguf_bpe import tokenizer_config, tokenizer_json
     from localmix.tokenizer import load_tokenizer
-    original = original_tokenizer(tmp_path / "original", "olmo", bos=True)
+    original = original_tokenizer(tmp_path / "original", "olmo", bos=bos, cls=cls)
     tokens, types = bpe_vocabulary(original, 1024)
     special = gguf.SpecialVocab(original, load_merges=True, n_vocab=1024)
-    bos, eos = special.special_token_ids["bos"], special.special_token_ids["eos"]
-    assert special.add_special_token["bos"]
+    first, eos = special.special_token_ids["bos"], special.special_token_ids["eos"]
+    assert special.add_special_token.get("bos", False) == bos
     rebuilt = tmp_path / "rebuilt"
     rebuilt.mkdir()
-    (rebuilt / "tokenizer.json").write_text(tokenizer_json(rebuilt, tokens, np.array(types), special.merges, "olmo",
-                                                           bos, True))
-    (rebuilt / "tokenizer_config.json").write_text(tokenizer_config(tokens, bos, eos, None, True, None))
+    (rebuilt / "tokenizer.json").write_text(tokenizer_json(rebuilt, tokens, np.array(types), special.merges, pre,
+                                                           first, bos))
+    (rebuilt / "tokenizer_config.json").write_text(tokenizer_config(tokens, first, eos, None, bos, None))
     ours, reference = load_tokenizer(rebuilt, 1024), transformers.AutoTokenizer.from_pretrained(original)
-    for text in TEXTS:
+    for text in TEXTS + ["cafe\u0301 vs caf\u00e9"]:
         want = reference(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
-        assert want[0] == bos and ours.encode(text, bos=True) == want, text
-        assert ours.encode(text) == want[1:]
+        assert (want[:1] == [first]) == bos and ours.encode(text, bos=True) == want, text
+        assert ours.encode(text) == want[bos:]
