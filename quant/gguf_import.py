@@ -611,7 +611,7 @@ def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
 
     folder = Path(tempfile.mkdtemp(prefix=f".{Path(out_dir).name}.tokenizer.", dir=Path(out_dir).parent))
     try:
-        tokenizer = tokenizer_files(g, args.vocab_size, folder)
+        tokenizer = write_tokenizer(g, args.vocab_size, folder)
         return write_model(Path(out_dir), sizes, lambda tmp: write_arrays(tmp, layouts, arrays_of, on_progress),
                            tokenizer, raw_config,
                            {"repo": str(Path(path).resolve()), "revision": None, "format": "gguf"},
@@ -621,7 +621,7 @@ def import_gguf(path: Path, out_dir: Path, on_progress=None, say=print) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def tokenizer_files(g: GGUFFile, vocab: int, folder: Path) -> dict[str, Path]:
+def write_tokenizer(g: GGUFFile, vocab: int, folder: Path) -> dict[str, Path]:
     """The GGUF's tokenizer as files in folder (as tokenizer.tokenizer_files names them): a
     sentencepiece tokenizer.model, or tokenizer.json and tokenizer_config.json (its chat template,
     BOS and EOS) for a byte-level BPE vocabulary. write_model checks them again as it copies them."""
