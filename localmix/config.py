@@ -267,9 +267,6 @@ class ModelArgs:
                                                         low_open=True),
                            rope_scaling=_yarn(config, family, args.max_position_embeddings, source),
                            mxfp4_experts=_mxfp4(config, source))
-        elif config.get("quantization_config") is not None:
-            raise LocalmixError(f"{source}: quantization_config: localmix reads float checkpoints of {model_type} "
-                                f"(and gpt-oss's MXFP4 experts)")
         # localmix's own key (a base model, such as the demo): a real bool or nothing.
         if config.get("localmix_base_model") is not None:
             validate.boolean(config["localmix_base_model"], "localmix_base_model", source)

@@ -3,9 +3,11 @@ against.
 
 Reads top to bottom: building blocks (norm, rotary embedding, attention, router, experts), then the
 MoE block, then a decoder layer, then the model. A family is data (config.ModelArgs: q/k norms,
-biases, shared experts, dense layers, the routing rule), not code of its own. The math follows
-transformers' MixtralForCausalLM, Qwen3MoeForCausalLM, Qwen2MoeForCausalLM and OlmoeForCausalLM
-step by step (same operation order, float32 softmax), so that logits agree to about 1e-6.
+biases, shared experts, dense layers, the routing rule, attention sinks, per-layer windows, YaRN,
+the experts' activation), not code of its own. The math follows transformers' MixtralForCausalLM,
+Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, OlmoeForCausalLM, GraniteMoeForCausalLM and
+GptOssForCausalLM step by step (same operation order, float32 softmax), so that logits agree to
+about 1e-6.
 """
 
 from __future__ import annotations

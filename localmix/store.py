@@ -3,7 +3,8 @@
     NAME/manifest.json          format version, source, config, and for every tensor its file,
                                 offset, shape, dtype, group size, byte size and SHA-256
     NAME/dense.bin              embeddings, attention, norms, routers, lm_head
-    NAME/experts/L000-E000.bin  one routed expert's w1, w2, w3 (gate, down, up); a dense model's MLP is
+    NAME/experts/L000-E000.bin  one routed expert's w1, w2, w3 (gate, down, up), and their float32
+                                biases where it has them (gpt-oss); a dense model's MLP is
                                 expert 0 of its layer
     NAME/tokenizer.model, NAME/config.json
 

@@ -236,3 +236,41 @@ def test_published_gpt_oss_20b_config(tmp_path):
     shutil.copy(TOKENIZER_V1, tmp_path / "tokenizer.model")
     ids = np.random.default_rng(8).integers(0, 32000, 24)
     assert_close(localmix.load(tmp_path).logits(ids), reference_logits(model, ids), "gpt-oss-20b config")
+
+
+def test_gpt_oss_20b_config_read_as_transformers_reads_it():
+    """The full-size config: its windows, YaRN, activation and MXFP4 experts as transformers reads
+    them, and as many parameters as transformers' model of it has (built on the meta device)."""
+    from localmix.config import ModelArgs
+    args = ModelArgs.from_hf_config(GPT_OSS_20B)
+    config = transformers.GptOssConfig(**{k: v for k, v in GPT_OSS_20B.items() if k != "quantization_config"})
+    assert args.layer_windows == tuple(128 if t == "sliding_attention" else None for t in config.layer_types)
+    yarn, rope = args.rope_scaling, config.rope_parameters
+    assert (args.rope_theta, yarn.factor, yarn.beta_fast, yarn.beta_slow, yarn.truncate,
+            yarn.original_max_position_embeddings) == (rope["rope_theta"], rope["factor"], rope["beta_fast"],
+                                                       rope["beta_slow"], rope["truncate"],
+                                                       rope["original_max_position_embeddings"])
+    inv_freq, attention_factor = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"](config)
+    assert yarn.attention_factor == attention_factor
+    # to an ulp: torch's float32 pow is its own (the default RoPE's table differs alike)
+    np.testing.assert_allclose(localmix.model.rope_inverse_frequencies(args), inv_freq.numpy(), rtol=2.5e-7, atol=0)
+    assert (args.swiglu_alpha, args.swiglu_limit) == (config.swiglu_alpha, config.swiglu_limit)
+    assert args.mxfp4_experts and args.num_experts_per_tok == 4 and args.moe_intermediate_size == 2880
+    with torch.device("meta"):
+        model = transformers.GptOssForCausalLM(config)
+    assert args.parameter_count() == sum(p.numel() for p in model.parameters()) == 20_914_757_184
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(layer_types=["sliding_attention"] * 23), "layer_types must list"),
+    (dict(layer_types=["local"] * 24), "layer_types must list"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 32.0, "truncate": "no"}), "truncate must be true or false"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": -2.0}), "factor must be"),
+    (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "unsupported rope_type 'longrope'"),
+    (dict(quantization_config={"quant_method": "gptq"}), "unsupported quant_method 'gptq'"),
+    (dict(swiglu_limit=0), "swiglu_limit must be"),
+])
+def test_gpt_oss_config_lies_are_refused(change, message):
+    from localmix.config import ModelArgs
+    with pytest.raises(localmix.LocalmixError, match=message):
+        ModelArgs.from_hf_config({**GPT_OSS_20B, **change})
