@@ -236,13 +236,14 @@ def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, inde
     return out + layer.bo if args.o_bias else out
 
 
-def expert_ffn(x: np.ndarray, expert: Expert) -> np.ndarray:
+def expert_ffn(x: np.ndarray, expert: Expert, products=linears) -> np.ndarray:
+    """The expert over the rows of x; products(x, matrices): its matrix products (a backend's)."""
     if expert.plain:
         return linear(silu(linear(x, expert.w1)) * linear(x, expert.w3), expert.w2)
-    gate, up = linear(x, expert.w1), linear(x, expert.w3)
+    gate, up = products(x, [expert.w1, expert.w3])
     if expert.b1 is not None:
         gate, up = gate + expert.b1, up + expert.b3
-    out = linear(silu(gate) * up if expert.glu is None else expert.glu(gate, up), expert.w2)
+    out = products(silu(gate) * up if expert.glu is None else expert.glu(gate, up), [expert.w2])[0]
     return out if expert.b2 is None else out + expert.b2
 
 

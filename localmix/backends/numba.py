@@ -96,7 +96,7 @@ class NumbaOps(Ops):
             groups = source.batches(used)
         out = np.zeros_like(h)
         for ids, experts in groups:
-            if not experts[0].plain:  # gpt-oss's biases and clamped SwiGLU: numpy's products (no kernel yet)
+            if not experts[0].plain:  # gpt-oss's biases and clamped SwiGLU: not fused (no kernel yet)
                 out = add_experts(out, h, chosen, weights, ids, experts)
                 continue
             formats: dict = {}  # one call for the experts of each format (shadow copies have their own)
@@ -114,10 +114,10 @@ class NumbaOps(Ops):
 
 def add_experts(out: np.ndarray, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray, ids, experts) -> np.ndarray:
     """out plus each of these experts over the rows that chose it, by weight, in index order (as
-    model.mix_experts adds them), through the reference products."""
+    model.mix_experts adds them): the kernels' matrix products, the biases and activation in numpy."""
     for e, expert in zip(ids, experts):
         rows, slots = np.nonzero(chosen == e)
-        out[rows] += expert_ffn(h[rows], expert) * weights[rows, slots, None]
+        out[rows] += expert_ffn(h[rows], expert, NumbaOps.linears) * weights[rows, slots, None]
     return out
 
 
