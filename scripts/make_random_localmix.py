@@ -9,11 +9,12 @@ in minutes, one tensor block at a time, with little memory.
 Each family's defaults are its real shape: mixtral is Mixtral 8x7B (--ffn is each expert's width),
 qwen3_moe is Qwen3-30B-A3B (hidden 2048, 48 layers, 32 heads of 128, 4 KV heads, 128 experts of
 768, top-8, norm_topk_prob, q/k norms, vocabulary 151936). Weights come out uniform in about
-+-0.035 (standard deviation 0.02, as transformers initializes them), norms are ones, routers
-normal. The tokenizer: Mixtral's real one from mistral-common; for qwen3_moe a byte-level BPE
-tokenizer.json trained here with the `tokenizers` library on a small text (about 1,000 ids, all
-below the vocabulary; <|endoftext|>, <|im_start|> and <|im_end|> as special tokens) with a
-ChatML chat template, as Qwen ships them. Load it by folder (`localmix run OUT ...`) or move it
++-0.035 (standard deviation 0.02, as transformers initializes them; for qwen3_moe larger embeddings
+and a smaller output projection, so that tokens spread over the experts as in a trained model, see
+SPREADS), norms are ones, routers normal. The tokenizer: Mixtral's real one from mistral-common;
+for qwen3_moe a byte-level BPE tokenizer.json trained here with the `tokenizers` library on a small
+text (about 650 ids, all below the vocabulary; <|endoftext|>, <|im_start|> and <|im_end|> as
+special tokens) with a ChatML chat template, as Qwen ships them. Load it by folder (`localmix run OUT ...`) or move it
 under $LOCALMIX_HOME/models.
 """
 
@@ -33,7 +34,16 @@ from localmix.store import DENSE_FILE, plan_layout, sha256_of
 from localmix.tokenizer import SENTENCEPIECE
 from make_random_checkpoint import tokenizer_file  # beside this script
 
-SPREAD = 0.035       # weights uniform in [-SPREAD, SPREAD)
+SPREAD = 0.035       # weights uniform in [-SPREAD, SPREAD): standard deviation 0.02
+# Per family, the spread of the tensors that differ from SPREAD. qwen3_moe: with every weight at
+# 0.02 (transformers' initialization), what the attention adds to the residual stream (about an
+# average over the tokens before) swamps each token's own embedding, layer after layer, and every
+# token goes to the same few experts (17-48 of 128 per layer in 1,000 tokens, one expert 15x the
+# mean load): an expert cache would hit 97%. Embeddings of standard deviation 1 and an output
+# projection 8x smaller spread the routing as a trained router does (every expert used, the busiest
+# under 2x the mean load), so that benches within a budget read what a real model would. Mixtral
+# keeps its earlier weights (the benches already published were taken on them).
+SPREADS = {"mixtral": {}, "qwen3_moe": {"model.embed_tokens.weight": 1.73, "o_proj.weight": SPREAD / 8}}
 BLOCK = 64 << 20     # bytes drawn at a time
 
 # Each family's real shape: Mixtral 8x7B, Qwen3-30B-A3B. ffn: each routed expert's width.
@@ -132,10 +142,10 @@ def fill(fd: int, offset: int, size: int, draw) -> None:
         os.pwrite(fd, draw(n).tobytes(), offset + start)
 
 
-def write_tensors(tmp: Path, layouts, rng) -> dict:
+def write_tensors(tmp: Path, layouts, rng, spreads: dict[str, float]) -> dict:
     """Every tensor in table order. Open are the dense file and the expert file being written
     (an expert's three matrices come one after the other): a model of 6,144 expert files would
-    otherwise hold as many descriptors."""
+    otherwise hold as many descriptors. spreads: tensor name endings whose spread is not SPREAD."""
     entries = {}
     fds = {}
     try:
@@ -151,7 +161,8 @@ def write_tensors(tmp: Path, layouts, rng) -> dict:
                 os.pwrite(fd, values.tobytes(), layout.offset)
             else:
                 levels = (1 << layout.bits) - 1
-                scale, bias = np.float16(2 * SPREAD / levels), np.float16(-SPREAD)
+                spread = next((v for k, v in spreads.items() if layout.name.endswith(k)), SPREAD)
+                scale, bias = np.float16(2 * spread / levels), np.float16(-spread)
                 (_, w_off, w_size), (_, s_off, s_size), (_, b_off, b_size) = layout.parts
                 fill(fd, w_off, w_size, lambda n: rng.integers(0, 256, n, dtype=np.uint8))
                 fill(fd, s_off, s_size, lambda n: np.full(n // 2, scale, np.float16))
@@ -202,7 +213,7 @@ def main() -> None:
         check_disk(a.out.parent, sum(sizes.values()))
         print(f"writing {sum(sizes.values()) / 1e9:.1f} GB in {len(sizes)} files to {a.out}", file=sys.stderr)
         rng = np.random.default_rng(a.seed)
-        write_model(a.out, sizes, lambda tmp: write_tensors(tmp, layouts, rng), tokenizer, config,
+        write_model(a.out, sizes, lambda tmp: write_tensors(tmp, layouts, rng, SPREADS[a.family]), tokenizer, config,
                     {"repo": "random (scripts/make_random_localmix.py)", "revision": None},
                     {"bits": "4", "group_size": 64, "method": "random"})
 

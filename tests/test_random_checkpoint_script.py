@@ -72,8 +72,8 @@ def test_random_qwen3_moe_is_qwen3_with_a_byte_level_tokenizer(tmp_path):
             config.num_experts_per_tok, config.vocab_size, config.norm_topk_prob) == (128, 48, 64, 8, 3, 2048, True)
     model = localmix.load(out)
     assert model.config.qk_norm == "head" and model.config.norm_topk_prob
-    assert sorted(p.name for p in out.iterdir() if "token" in p.name) == \
-        ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".json") == \
+        ["config.json", "generation_config.json", "manifest.json", "tokenizer.json", "tokenizer_config.json"]
     reference = transformers.AutoTokenizer.from_pretrained(out)
     assert len(reference) <= 2048 and model.tokenizer.vocab_size == len(reference)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Größe? 日本語 🎉 <|im_end|>"}]
@@ -85,3 +85,23 @@ def test_random_qwen3_moe_is_qwen3_with_a_byte_level_tokenizer(tmp_path):
     assert model.tokenizer.stop_ids == {im_end, reference.convert_tokens_to_ids("<|endoftext|>")}
     assert model.tokenizer.decode(model.tokenizer.encode("Größe 日本語 🎉")) == "Größe 日本語 🎉"
     assert isinstance(model.chat(messages[1:], max_tokens=4), str)
+
+
+def test_random_qwen3_moe_spreads_tokens_over_the_experts(tmp_path):
+    """A trained router spreads tokens over every expert (the load-balancing loss sees to it); with
+    every weight at transformers' 0.02 the random model sends every token to the same few experts
+    from layer 1 on (here 13-20 of 32 experts, the busiest 7-8x the mean load), and an expert cache
+    would look far better on it than on a real model."""
+    script = Path(__file__).parents[1] / "scripts" / "make_random_localmix.py"
+    out = tmp_path / "random-qwen3"
+    subprocess.run([sys.executable, script, out, "--family", "qwen3_moe", "--hidden", "256", "--ffn", "64",
+                    "--layers", "6", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--experts", "32",
+                    "--top-k", "4", "--vocab", "2048"], check=True, capture_output=True)
+    model = localmix.load(out)
+    records = []
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, 2048, 128)]
+    list(model.stream(ids, max_tokens=1, trace=records.extend))
+    assert len(records) == 128
+    for layer in range(6):
+        loads = np.bincount([e for r in records for e in r["layers"][layer]["experts"]], minlength=32)
+        assert np.count_nonzero(loads) >= 28 and loads.max() < 3 * loads.mean(), (layer, loads)
