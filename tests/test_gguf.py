@@ -521,3 +521,24 @@ def test_other_pre_tokenizers_and_add_bos(tmp_path, pre, bos, cls):
         want = reference(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
         assert (want[:1] == [first]) == bos and ours.encode(text, bos=True) == want, text
         assert ours.encode(text) == want[bos:]
+
+
+def test_a_pulled_gguf_exports_to_mlx_lm(family_gguf, tmp_path):
+    """The config and tokenizer files an import writes are complete enough for mlx-lm: the export
+    of a pulled GGUF loads in mlx_lm and computes our logits (OLMoE's here clamps q, k and v, which
+    mlx-lm's olmoe does not: refused)."""
+    mx = pytest.importorskip("mlx.core", reason="MLX is not installed (pip install 'mlx[cpu]' on Linux)")
+    mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
+    family, _, _, _, _, folder = family_gguf
+    exported = tmp_path / "mlx"
+    result = localmix_cli("export", folder, exported, "--format", "mlx-lm")
+    if family == "olmoe":
+        assert_one_line_error(result, "mlx-lm's olmoe has no place for clip_qkv")
+        return
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = mlx_lm.load(str(exported))
+    model.set_dtype(mx.float32)
+    theirs = np.array(model(mx.array([IDS]))[0].astype(mx.float32))
+    ours = localmix.load(folder, backend="numpy").logits(IDS)
+    assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-4
+    assert tokenizer.encode("Hello world!") == localmix.load(folder).tokenizer.encode("Hello world!")
