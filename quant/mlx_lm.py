@@ -65,6 +65,8 @@ def mlx_lm_config(config: dict, args: ModelArgs, source: str) -> dict:
                             (not all(args.sparse_layers), "dense layers among sparse ones")],
               "qwen3_moe": [(args.qkv_bias, "attention biases")],
               "olmoe": [(args.clip_qkv is not None, "clip_qkv")]}.get(args.model_type, [])
+    if args.model_type == "gpt_oss":  # its sinks, biased experts and activation are not mapped to mlx-lm's yet
+        raise LocalmixError(f"{source}: exporting gpt_oss to mlx-lm is not supported yet")
     for refused, what in cannot:
         if refused:
             raise LocalmixError(f"{source}: mlx-lm's {args.model_type} has no place for {what}")
@@ -209,6 +211,8 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
     source = MLXFolder(folder)
     raw_config = {k: v for k, v in source.config.items() if k not in ("quantization", "quantization_config")}
     args = ModelArgs.from_hf_config(raw_config, str(Path(folder) / "config.json"))
+    if args.model_type == "gpt_oss":  # its sinks, biased experts and activation are not mapped to mlx-lm's yet
+        raise LocalmixError(f"{folder}: importing gpt_oss from mlx-lm is not supported yet; pull the Hugging Face model")
     # tensor_table lists every expert matrix the config counts: first make sure the files could
     # hold that many (4 bits a value at least), so a lying count cannot size that list.
     values = 3 * args.hidden_size * sum(args.mlp_widths)
