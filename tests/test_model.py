@@ -147,11 +147,12 @@ MXFP4_QUANTIZATION = {"modules_to_not_convert": ["model.layers.*.self_attn", "mo
                                                 "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
 
 
-def save_mxfp4(model, folder, config: dict) -> None:
+def save_mxfp4(model, folder, config: dict, split: bool = False) -> None:
     """The transformers gpt-oss model saved as OpenAI publishes gpt-oss: its experts MXFP4 blocks and
     scales ([experts, out, in], gate and up rows interleaved), config.json `config` (which says
     mxfp4). The model's experts become what transformers' own dequantizer (convert_moe_packed_tensors)
-    makes of the blocks: the reference."""
+    makes of the blocks: the reference. split: two shards, the blocks in the second and everything
+    else (their scales too) in the first, which a converter reaches first."""
     from safetensors.torch import save_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -166,24 +167,35 @@ def save_mxfp4(model, folder, config: dict) -> None:
                 tensors[name] = p.contiguous()
     for f in folder.glob("model*.safetensors*"):
         f.unlink()
-    save_file(tensors, folder / "model.safetensors")
+    if split:
+        shards = {"model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if not k.endswith("_blocks")},
+                  "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if k.endswith("_blocks")}}
+        for shard, part in shards.items():
+            save_file(part, folder / shard)
+        weight_map = {name: shard for shard, part in shards.items() for name in part}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        save_file(tensors, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(config))
 
 
 def test_mxfp4_experts_as_published(tmp_path):
     """Read as floats, an MXFP4 checkpoint's logits are transformers' on the dequantized experts;
-    pulled, its experts become 8-bit groups of 32 that hold every MXFP4 value exactly."""
+    pulled, its experts become 8-bit groups of 32 that hold every MXFP4 value exactly. Its blocks
+    and their scales in different shards: a pull that deletes each shard once converted keeps them
+    to the end (the scales' shard comes first)."""
     from localmix.quant.convert import LocalSource, convert
     from localmix.store import read_manifest, verify
 
     hf = tmp_path / "hf"
     model = make_hf_model(hf, model_type="gpt_oss", sliding_window=6, num_local_experts=4, swiglu_limit=0.3)
     config = {**json.loads((hf / "config.json").read_text()), "quantization_config": MXFP4_QUANTIZATION}
-    save_mxfp4(model, hf, config)
+    save_mxfp4(model, hf, config, split=True)
     ids = np.random.default_rng(7).integers(0, 32000, 30)
     assert_close(localmix.load(hf).logits(ids), reference_logits(model, ids), "mxfp4")
 
-    folder = convert(LocalSource(hf), tmp_path / "q4", bits="4")
+    folder = convert(LocalSource(hf, delete_shards=True), tmp_path / "q4", bits="4")
+    assert not list(hf.glob("*.safetensors"))
     assert verify(folder) == []
     entries = read_manifest(folder)["tensors"]
     assert entries["model.layers.0.self_attn.q_proj.weight"]["dtype"] == "q4"  # the rest as --bits says
