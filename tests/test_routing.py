@@ -138,6 +138,8 @@ def test_interleaved_streams_keep_their_own_routing(q4, backend):
         alone.append(tokens_and_text(model.stream("Once upon", trace=records.extend, **kw, **routing)))
         alone_records.append(records)
     assert len({tuple(tokens) for tokens, _ in alone}) > 1  # the settings change the answer: mixing them would show
+    ran = len(model.tokenizer.encode("Once upon", bos=True)) + kw["max_tokens"] - 1  # the prompt, all but the last
+    assert all(len(records) == ran for records in alone_records)  # each model call of the answer had its options
     per_token = [{len(layer["experts"]) for r in records for layer in r["layers"]} for records in alone_records]
     assert per_token[0] == {1} and per_token[2] <= {1, 2, 3} and 3 in per_token[2] and per_token[3] == {2}
 
