@@ -273,19 +273,21 @@ def used_experts(chosen: np.ndarray, experts: int) -> np.ndarray:
     return used[used < experts]
 
 
-def mix_experts(x: np.ndarray, chosen: np.ndarray, weights: np.ndarray, source: ExpertSource) -> np.ndarray:
-    """Each row's chosen experts applied to it and summed by weight: (row, slot) pairs grouped by
-    expert, so that each expert's weights are read once per call, then each row sums its experts in
-    index order, as transformers does. A dropped expert (index len(source)) adds nothing."""
+def mix_experts(x: np.ndarray, chosen: np.ndarray, weights: np.ndarray, groups, experts_ffn=experts_ffn) -> np.ndarray:
+    """Each row's chosen experts applied to it and summed by weight. groups: the chosen experts
+    (in index order) as (indices, experts) in memory together (see moe_block). (row, slot) pairs
+    are grouped by expert, so that each expert's weights are read once per call (experts_ffn: a
+    backend's), then each row sums its experts in index order, as transformers does. A dropped
+    expert (an index past the layer's) adds nothing."""
     k = chosen.shape[1]
     order = np.argsort(chosen.ravel(), kind="stable")
     rows, slots = np.divmod(order, k)
-    counts = np.bincount(chosen.ravel(), minlength=len(source))[:len(source)]
-    used = np.flatnonzero(counts)
-    y, start = [], 0
-    for batch, experts in source.batches(used):  # experts that are in memory together
-        size = counts[batch].sum()
-        y.append(experts_ffn(x[rows[start:start + size]], experts, counts[batch].tolist()))
+    counts = np.bincount(chosen.ravel())
+    used, y, start = [], [], 0
+    for ids, experts in groups:
+        size = counts[ids].sum()
+        y.append(experts_ffn(x[rows[start:start + size]], experts, counts[ids].tolist()))
+        used += list(ids)
         start += size
     y = np.concatenate(y) * weights[rows[:start], slots[:start], None]
     out, start = np.zeros_like(x), 0
@@ -305,8 +307,14 @@ def moe_block(h: np.ndarray, layer: Layer, args: ModelArgs, ops: Ops, call: Rout
     chosen, weights = ops.route_tokens(h, layer.router, call.experts_per_token, args.norm_topk_prob, layer.router_bias)
     if layer.routing is not None:  # counted, and steered where asked: a dropped expert is len(experts)
         chosen, weights = layer.routing(h, chosen, weights, layer, call)
-    layer.experts.speculate(h, call.experts_per_token)  # an expert cache starts reading the next layer's
-    out = ops.mix_experts(h, chosen, weights, layer.experts)
+    # The chosen experts, brought in: one token's at once (an expert cache may answer with low-bit
+    # shadow copies), more tokens' in batches that fit its slots together, each as it is reached.
+    source = layer.experts
+    used = used_experts(chosen, len(source))
+    groups = [(used, source.for_token(used))] if len(h) == 1 else source.batches(used)
+    if len(h) == 1 or call.batched:  # decoding, this token's experts in: the cache reads the next layer's meanwhile
+        source.speculate(h, call.experts_per_token)
+    out = ops.mix_experts(h, chosen, weights, source, groups)
     if layer.shared_expert is not None:
         gate = ops.sigmoid(ops.linears(h, [layer.shared_expert_gate])[0])
         out = out + gate * ops.experts_ffn(h, [layer.shared_expert], [len(h)])
@@ -346,7 +354,12 @@ class Ops:
     attend = staticmethod(attend)
     linears = staticmethod(linears)
     experts_ffn = staticmethod(experts_ffn)
-    mix_experts = staticmethod(mix_experts)
+
+    def mix_experts(self, x, chosen, weights, source: ExpertSource, groups):
+        """model.mix_experts with this backend's experts_ffn. source: the layer's experts (their
+        formats, whether they come on demand); groups: the chosen ones as moe_block brought them in."""
+        return mix_experts(x, chosen, weights, groups, self.experts_ffn)
+
     sigmoid = staticmethod(sigmoid)
     attention_block = staticmethod(attention_block)
     kv_cache = KVCache

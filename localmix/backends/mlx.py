@@ -17,7 +17,7 @@ import numpy as np
 
 from localmix.errors import LocalmixError
 from localmix.kv_cache import KVCache
-from localmix.model import Ops, used_experts
+from localmix.model import Ops
 from localmix.store import is_quantized
 
 
@@ -227,10 +227,10 @@ class MLXOps(Ops):
         starts = np.cumsum([0] + list(counts))
         return mx.concatenate([self.expert_ffn(x[int(a):int(b)], e) for e, a, b in zip(experts, starts[:-1], starts[1:])])
 
-    def mix_experts(self, h, chosen, weights, source):
+    def mix_experts(self, h, chosen, weights, source, groups):
         """Each chosen expert over its rows, added in index order."""
         out = mx.zeros(h.shape, h.dtype)
-        for batch, experts in source.batches(used_experts(chosen, len(source))):
+        for batch, experts in groups:
             for e, expert in zip(batch, experts):
                 rows, slots = np.nonzero(chosen == e)
                 scale = mx.array(weights[rows, slots].astype(np.float32)).astype(h.dtype)[:, None]

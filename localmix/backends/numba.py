@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from localmix import kernels
-from localmix.model import Ops, SequenceBatch, expert_ffn, used_experts
+from localmix.model import Ops, SequenceBatch, expert_ffn
 from localmix.store import is_quantized
 
 
@@ -80,20 +80,14 @@ class NumbaOps(Ops):
                                                   positions[i:i + 1], window) for i, c in enumerate(caches)])
         return kernels.attention_out(x, attended, *rest)
 
-    @staticmethod
-    def mix_experts(h, chosen, weights, source):
+    def mix_experts(self, h, chosen, weights, source, groups):
         """A few rows (decoded tokens) through decode_experts, one call per format of the chosen
         experts; more rows, float experts or widths the vector kernels do not take, through the
         grouped products of model.mix_experts."""
         if len(h) > NumbaOps.FUSED_ROWS or None in source.formats() or not kernels.has_vector_kernels():
-            return Ops.mix_experts(h, chosen, weights, source)
+            return Ops.mix_experts(self, h, chosen, weights, source, groups)
         h = np.ascontiguousarray(h, np.float32)
         chosen, weights = np.ascontiguousarray(chosen, np.int64), np.ascontiguousarray(weights, np.float32)
-        used = used_experts(chosen, len(source))
-        if len(h) == 1:  # an expert cache's shadow copies, where kept, stand in for experts not in it
-            groups = [(used, source.for_token(used))]
-        else:  # experts that are in memory together (an expert cache may hold fewer than were chosen)
-            groups = source.batches(used)
         out = np.zeros_like(h)
         for ids, experts in groups:
             if not experts[0].plain:  # gpt-oss's biases and clamped SwiGLU: not fused (no kernel yet)
