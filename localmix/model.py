@@ -365,10 +365,9 @@ class Ops:
     kv_cache = KVCache
     batched_decoding = True  # attention_block takes a SequenceBatch (Transformer.step)
 
-    @staticmethod
-    def logits(x, norm: np.ndarray, lm_head, eps: float) -> np.ndarray:
-        """The final norm and the language-model head, as float32 numpy [T, vocab]."""
-        return linears(rms_norm(x, norm, eps), [lm_head])[0]
+    def logits(self, x, norm: np.ndarray, lm_head, eps: float) -> np.ndarray:
+        """The final norm and the language-model head (this backend's), as float32 numpy [T, vocab]."""
+        return self.linears(self.rms_norm(x, norm, eps), [lm_head])[0]
 
     @staticmethod
     def allocate_slots(shape) -> np.ndarray | None:
