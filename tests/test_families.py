@@ -212,3 +212,20 @@ def test_published_configs_load_as_transformers_loads_them(name, tmp_path):
     reference = cls_model.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
     ids = np.random.default_rng(4).integers(0, 32000, 24)
     assert_close(localmix.load(tmp_path).logits(ids), reference_logits(reference, ids), name)
+
+
+def test_the_kernels_do_every_product(family, monkeypatch):
+    """On the Numba backend no quantized matrix is dequantized for a product (the numpy
+    reference's way), neither for a prompt nor for decoded tokens nor the head: a fallback to
+    numpy that slipped in once made decoding 15x slower without changing a logit."""
+    from localmix.store import QuantizedMatrix
+
+    _, _, folder = family
+    model = localmix.load(folder, backend="numba")
+    if not kernels.has_vector_kernels():
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+
+    def refuse(self, x):
+        raise AssertionError(f"{self.source}: dequantized for a product")
+    monkeypatch.setattr(QuantizedMatrix, "linear", refuse)
+    prompt_then_decode(model, IDS)
