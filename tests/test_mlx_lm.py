@@ -152,7 +152,7 @@ def test_lying_mlx_lm_folders_are_one_error_line_and_list_nothing(hf, tmp_path):
     assert not [p for p in (tmp_path / "home" / "models").iterdir() if not p.name.endswith(".lock")]
 
 
-# -- Qwen3-MoE, Qwen2-MoE, OLMoE: mlx-lm's qwen3_moe, qwen2_moe, olmoe ------------------------------
+# -- Qwen3-MoE, Qwen2-MoE, OLMoE, GraniteMoE: mlx-lm's qwen3_moe, qwen2_moe, olmoe, granitemoe -----
 
 # Widths a multiple of mlx-lm's default group of 64; a dense layer among Qwen3-MoE's sparse ones.
 NEW_FAMILIES = {
@@ -160,6 +160,9 @@ NEW_FAMILIES = {
                       norm_topk_prob=True, mlp_only_layers=[1], moe_intermediate_size=64, intermediate_size=128),
     "qwen2_moe": dict(model_type="qwen2_moe", moe_intermediate_size=64, shared_expert_intermediate_size=128),
     "olmoe": dict(model_type="olmoe", intermediate_size=64, eos_token_id=2),
+    "granitemoe": dict(model_type="granitemoe", intermediate_size=64, embedding_multiplier=12.0,
+                       residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=6.0,
+                       tie_word_embeddings=True),
 }
 
 
