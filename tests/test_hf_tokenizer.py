@@ -295,7 +295,7 @@ def test_stop_ids_and_special_tokens(tmp_path):
 
 
 def test_sentencepiece_wins_and_mixtral_stops_at_eos(tmp_path):
-    from tests.conftest import TOKENIZER_V1
+    from conftest import TOKENIZER_V1
     folder = write_folder(tmp_path / "m", "chatml")
     (folder / "tokenizer.model").write_bytes(TOKENIZER_V1.read_bytes())
     assert list(tokenizer_files(folder)) == ["tokenizer.model"]
