@@ -440,7 +440,8 @@ class Transformer:
         # This call's routing, its own: rows of several sequences (a SequenceBatch) count no reuse.
         options = options or self.default_routing
         call = RoutingCall(options, options.experts_per_token or self.args.num_experts_per_tok,
-                           len(self.weights.layers), batched=isinstance(cache, SequenceBatch))
+                           len(self.weights.layers), batched=isinstance(cache, SequenceBatch),
+                           renormalize=self.args.norm_topk_prob)
         x = x * self.args.embedding_multiplier  # (GraniteMoE's; 1 elsewhere)
         for index, layer in enumerate(self.weights.layers):
             x = decoder_layer(x, layer, self.args, cache, index, positions, self.inv_freq, self.ops, call)

@@ -64,8 +64,10 @@ class RoutingCall:
     its rows are one token of each of several sequences (Transformer.step: no reuse between them
     is counted), and, while tracing, each layer's choice. Made afresh for every call."""
 
-    def __init__(self, options: RoutingOptions, experts_per_token: int, layers: int, batched: bool = False):
+    def __init__(self, options: RoutingOptions, experts_per_token: int, layers: int, batched: bool = False,
+                 renormalize: bool = True):
         self.options, self.experts_per_token, self.batched = options, experts_per_token, batched
+        self.renormalize = renormalize  # the family's rule (norm_topk_prob): steered weights follow it too
         self.routes: list | None = [None] * layers if options.trace else None  # (chosen, weights, cached)
 
 
@@ -88,9 +90,9 @@ class LayerRouting:
         len(experts), weight 0."""
         steering, experts = call.options.steering, len(layer.experts)
         if steering.min_weight > 0:
-            chosen, weights = drop_light_experts(chosen, weights, steering.min_weight, experts)
+            chosen, weights = drop_light_experts(chosen, weights, steering.min_weight, experts, call.renormalize)
         if steering.fallback_margin > 0 and len(h) == 1 and layer.experts.on_demand:
-            chosen, weights = fall_back_to_resident(h, chosen, layer, steering.fallback_margin)
+            chosen, weights = fall_back_to_resident(h, chosen, layer, steering.fallback_margin, call.renormalize)
         if len(chosen) == 1 and not call.batched:
             if self.pending and (len(self.pending) >= self.PENDING or self.pending[-1][0].shape != chosen.shape):
                 self.flush()
@@ -174,22 +176,29 @@ class Routing:
             getattr(self, name)[...] = 0
 
 
-def drop_light_experts(chosen: np.ndarray, weights: np.ndarray, min_weight: float,
-                       experts: int) -> tuple[np.ndarray, np.ndarray]:
+def drop_light_experts(chosen: np.ndarray, weights: np.ndarray, min_weight: float, experts: int,
+                       renormalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Mark experts whose weight is below min_weight as dropped (index `experts`, weight 0),
-    keeping each token's heaviest, and renormalize the rest."""
+    keeping each token's heaviest; the rest weigh as if routed to them alone: renormalized where
+    the family renormalizes its top-k, the router's probabilities as they are where it does not."""
     light = weights < min_weight
     light[np.arange(len(weights)), np.argmax(weights, axis=1)] = False
     weights = np.where(light, 0, weights).astype(weights.dtype)
-    weights /= weights.sum(axis=1, keepdims=True)
+    if renormalize:
+        weights /= weights.sum(axis=1, keepdims=True)
     return np.where(light, experts, chosen), weights
 
 
-def fall_back_to_resident(h: np.ndarray, chosen: np.ndarray, layer, margin: float) -> tuple[np.ndarray, np.ndarray]:
+def fall_back_to_resident(h: np.ndarray, chosen: np.ndarray, layer, margin: float,
+                          renormalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """For one token: each chosen expert that the cache does not hold is replaced by the most
-    probable resident expert not chosen, if its router probability is within `margin` of it."""
+    probable resident expert not chosen, if its router probability (route_tokens': softmax of the
+    logits plus the router's bias) is within `margin` of it. The weights are then the router's
+    probabilities of the experts used, renormalized where the family renormalizes its top-k."""
     source = layer.experts
     logits = (np.asarray(h).astype(np.float64) @ layer.router.T.astype(np.float64))[0]
+    if layer.router_bias is not None:
+        logits = logits + layer.router_bias
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     row = [int(e) for e in chosen[0]]
@@ -201,7 +210,8 @@ def fall_back_to_resident(h: np.ndarray, chosen: np.ndarray, layer, margin: floa
         if spare is not None and probs[e] - probs[spare] <= margin:
             row[i] = spare
     kept = [e for e in row if e < len(probs)]
-    weights = np.array([[probs[e] / sum(probs[kept]) if e < len(probs) else 0.0 for e in row]], np.float32)
+    total = sum(probs[kept]) if renormalize else 1.0
+    weights = np.array([[probs[e] / total if e < len(probs) else 0.0 for e in row]], np.float32)
     return np.array([row]), weights
 
 

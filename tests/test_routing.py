@@ -185,6 +185,7 @@ def test_fallback_keeps_a_chosen_expert_that_is_resident():
 
     class Layer:
         experts, router = CachedExperts(Cache(), 0, 4), np.diag([4.0, 3.0, 2.9, 1.0]).astype(np.float32)
+        router_bias = None
 
     h = np.array([[1.0, 1.0, 1.0, 1.0]], np.float32)  # logits 4, 3, 2.9, 1
     chosen, weights = routing.fall_back_to_resident(h, np.array([[0, 1]]), Layer(), margin=0.2)
@@ -193,6 +194,12 @@ def test_fallback_keeps_a_chosen_expert_that_is_resident():
     chosen, weights = routing.fall_back_to_resident(h, np.array([[0, 1]]), Layer(), margin=0.9)
     assert chosen.tolist() == [[3, 1]]
     np.testing.assert_allclose(weights[0], [p[3] / (p[3] + p[1]), p[1] / (p[3] + p[1])], rtol=1e-6)
+    # A family that does not renormalize its top-k (Qwen2-MoE, OLMoE): the router's probabilities as they are.
+    chosen, weights = routing.fall_back_to_resident(h, np.array([[0, 1]]), Layer(), margin=0.9, renormalize=False)
+    np.testing.assert_allclose(weights[0], [p[3], p[1]], rtol=1e-6)
+    Layer.router_bias = np.array([0.0, 0.0, 0.0, 3.5])  # gpt-oss's: expert 3 becomes the most probable
+    chosen, weights = routing.fall_back_to_resident(h, np.array([[0, 1]]), Layer(), margin=0.0)
+    assert chosen.tolist() == [[3, 1]]
 
 
 def test_cli_trace_stats_and_plot(q4, tmp_path):
@@ -287,3 +294,15 @@ def test_the_built_in_demo_is_never_written():
     with pytest.raises(LocalmixError, match="read-only"):
         routing.save(DEMO, np.zeros((4, 8), np.int64), 0, "test")
     assert (DEMO / routing.ROUTING_FILE).read_bytes() == before
+
+
+def test_dropped_experts_leave_weights_as_the_family_routes():
+    """Dropping light experts weighs the rest as if routed to them alone: renormalized for a family
+    that renormalizes its top-k (Mixtral, Qwen3-MoE), the router's probabilities as they are for
+    one that does not (Qwen2-MoE, OLMoE)."""
+    chosen, weights = np.array([[2, 0, 5]]), np.array([[0.5, 0.2, 0.05]], np.float32)
+    dropped, renormalized = routing.drop_light_experts(chosen, weights, 0.1, 8)
+    assert dropped.tolist() == [[2, 0, 8]]
+    np.testing.assert_allclose(renormalized, [[0.5 / 0.7, 0.2 / 0.7, 0]], rtol=1e-6)
+    _, raw = routing.drop_light_experts(chosen, weights, 0.1, 8, renormalize=False)
+    np.testing.assert_allclose(raw, [[0.5, 0.2, 0]])
