@@ -108,8 +108,8 @@ class Model:
                 prefetch = (os.cpu_count() or 1) > self.threads
             self.expert_cache = ExpertCache(checkpoint, *shape, slots, expert_policy,
                                             hot, self.config.num_experts_per_tok, prefetch,
-                                            ops.allocate_slots, shadow_bits, on_progress)
-            self.expert_cache.routers = [layer.router for layer in weights.layers]
+                                            ops.allocate_slots, shadow_bits, on_progress,
+                                            routers=[(layer.router, layer.router_bias) for layer in weights.layers])
             for i in self.config.moe_layers:
                 weights.layers[i].experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
         # The routing of a call that sets none of its own (a call's settings are arguments, never state it sets).

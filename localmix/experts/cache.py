@@ -36,7 +36,7 @@ class ExpertCache:
 
     def __init__(self, model: ModelFolder, layers: int, experts: int, slots: int, policy: str = "lfu",
                  hot: list[tuple[int, int]] = (), experts_per_token: int = 2, prefetch: bool = True,
-                 allocate=None, shadow_bits: int = 0, on_progress=None):
+                 allocate=None, shadow_bits: int = 0, on_progress=None, routers=()):
         """model: the model folder, its manifest checked when it was opened. hot: for the "pinned" policy, experts hottest first; as many as leave a quarter of the
         slots (at least two tokens' experts) to the others are read in at the start and kept.
         prefetch: guess the next layer's experts and read them in the background (`speculate`).
@@ -45,7 +45,8 @@ class ExpertCache:
         shadow_bits: keep a copy of every expert at this many bits (2) beside the slots: a decoded
         token whose expert is not in a slot uses the copy at once, and the full expert is read in
         the background for the tokens after (see token_experts). on_progress(done, total): while
-        the copies are made."""
+        the copies are made. routers: each layer's (router, its bias or None), (None, None) for a
+        dense layer: what `speculate` guesses the next layer's experts with."""
         if policy not in POLICIES:
             raise LocalmixError(f"unknown expert cache policy {policy!r}: use {' or '.join(POLICIES)}")
         pinned = list(hot)[:max(0, slots - max(2 * experts_per_token, slots // 4))] if policy == "pinned" else []
@@ -83,7 +84,7 @@ class ExpertCache:
         self.hits, self.misses, self.prefetch_hits = (np.zeros((layers, experts), np.int64) for _ in range(3))
         self.bytes_read = self.prefetches = 0
         self.stall_s = 0.0  # time the model waited for reads
-        self.routers: list = []   # set by the model: for guessing the next layer's experts
+        self.routers = list(routers)
         self.shadow_bits, self.shadows = shadow_bits, {}
         self.shadow_uses = np.zeros((layers, experts), np.int64)  # misses answered by a shadow copy
         if shadow_bits:
@@ -211,10 +212,15 @@ class ExpertCache:
         """Guess the next layer's k experts (the call's experts per token) from this layer's normed
         hidden state and the next layer's router (as Eliseev and Mazur do), and prefetch them: a
         wrong guess costs reads, never correctness."""
-        if self.guess_ahead and layer + 1 < len(self.routers) and self.routers[layer + 1] is not None:
+        if not (self.guess_ahead and layer + 1 < len(self.routers) and self.routers[layer + 1][0] is not None):
+            return
+        router, bias = self.routers[layer + 1]
+        if bias is None:
             from localmix.kernels import route_tokens
-            chosen, _ = route_tokens(np.ascontiguousarray(h, np.float32), self.routers[layer + 1], k, False)
-            self.prefetch(layer + 1, chosen[0])
+            chosen = route_tokens(np.ascontiguousarray(h, np.float32), router, k, False)[0][0]
+        else:  # gpt-oss's router adds a bias to its logits
+            chosen = np.argsort(-(np.asarray(h, np.float32)[0] @ router.T + bias), kind="stable")[:k]
+        self.prefetch(layer + 1, chosen)
 
     def _start_load(self, key, slot: int, guess: bool = False) -> None:
         """Read an expert into a slot in the background thread. Called with the lock held."""
