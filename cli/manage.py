@@ -19,6 +19,7 @@ from localmix.quant.pull import pull as pull_model
 from localmix.config import ModelArgs
 from localmix.experts import minimum_memory
 from localmix.store import is_localmix_model, model_summary, read_manifest, verify as verify_model
+from localmix.tokenizer import HF_TOKENIZER, load_tokenizer
 from localmix.cli.output import PullProgress, err
 
 
@@ -111,6 +112,8 @@ def show(model: str = typer.Argument(..., help="Model name or folder."),
     else:
         source = f"{s['source']['repo']} {s['source'].get('revision') or ''}".strip()
     base = manifest["config"].get("localmix_base_model") is True
+    if not base and manifest.get("tokenizer") == HF_TOKENIZER:  # a tokenizer.json without a chat template: a base model
+        base = not load_tokenizer(folder, s["vocab_size"]).has_chat_template
     print(f"  name             {s['name']}\n"
           f"  architecture     {s['architecture']}: {s['layers']} layers, hidden {s['hidden_size']}, {experts}\n"
           f"  attention        {s['attention_heads']} heads, {s['kv_heads']} KV heads, context {s['context']}\n"
