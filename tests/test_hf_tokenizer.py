@@ -513,3 +513,21 @@ def test_hub_tokenizer_files_are_bounded(qwen_folder, tmp_path, file, message):
         hub.bodies[key] = sized(10 ** 10)
 
     assert_one_line_error(pull_from_fake_hub(qwen_folder, tmp_path, hostile)[1], message, after_progress=True)
+
+
+def test_show_calls_a_model_without_a_chat_template_a_base_model(qwen_folder, tmp_path):
+    """The API treats a tokenizer.json model without a chat template as a base model (it continues
+    text); `localmix show` says so, and says nothing of the kind for one with a template."""
+    import shutil
+    from test_cli import localmix_cli
+
+    base = tmp_path / "base"
+    shutil.copytree(qwen_folder, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    env = {"LOCALMIX_HOME": str(tmp_path / "home")}
+    for folder, name in ((qwen_folder, "chat"), (base, "base")):
+        assert localmix_cli("pull", folder, "--name", name, "--group-size", "32", env=env).returncode == 0
+    shown = {name: localmix_cli("show", name, env=env).stdout for name in ("chat", "base")}
+    assert "base model" in shown["base"] and "base model" not in shown["chat"]
