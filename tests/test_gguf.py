@@ -44,13 +44,8 @@ def q4_k_blocks(rows: int, cols: int, rng) -> np.ndarray:
     return np.concatenate([d, dmin, packed, qs], axis=1).reshape(rows, -1)
 
 
-def write_gguf(hf, path, embed=T.Q4_0, attention=T.Q8_0, experts=T.Q4_0, output=T.F16, q4_k=False, seed=0):
-    """A Mixtral GGUF of the HF folder's weights, as llama.cpp's converter lays it out."""
-    checkpoint = Checkpoint(hf)
-    c = checkpoint.config
-    state = {name: checkpoint._file(shard).load(name) for name, shard in checkpoint.weight_map.items()}
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
+def shape_header(w, c):
+    """The model's shape in a GGUF writer's metadata, as llama.cpp's converter writes it."""
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -59,6 +54,16 @@ def write_gguf(hf, path, embed=T.Q4_0, attention=T.Q8_0, experts=T.Q4_0, output=
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_theta)
+    return w
+
+
+def write_gguf(hf, path, embed=T.Q4_0, attention=T.Q8_0, experts=T.Q4_0, output=T.F16, q4_k=False, seed=0):
+    """A Mixtral GGUF of the HF folder's weights, as llama.cpp's converter lays it out."""
+    checkpoint = Checkpoint(hf)
+    c = checkpoint.config
+    state = {name: checkpoint._file(shard).load(name) for name, shard in checkpoint.weight_map.items()}
+    rng = np.random.default_rng(seed)
+    w = shape_header(gguf.GGUFWriter(str(path), "llama"), c)
     w.add_expert_count(c.num_local_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -372,17 +377,9 @@ def write_family_gguf(hf, path, tokenizer, experts=T.Q4_0, pre=None):
     arch = ARCHES[c.model_type]
     names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
     state = {name: checkpoint._file(shard).load(name) for name, shard in checkpoint.weight_map.items()}
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    w = shape_header(gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch]), c)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
     w.add_expert_count(c.num_local_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
     if c.model_type != "olmoe":
