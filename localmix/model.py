@@ -238,8 +238,6 @@ def attention(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, inde
 
 def expert_ffn(x: np.ndarray, expert: Expert, products=linears) -> np.ndarray:
     """The expert over the rows of x; products(x, matrices): its matrix products (a backend's)."""
-    if expert.plain:
-        return linear(silu(linear(x, expert.w1)) * linear(x, expert.w3), expert.w2)
     gate, up = products(x, [expert.w1, expert.w3])
     if expert.b1 is not None:
         gate, up = gate + expert.b1, up + expert.b3
@@ -247,10 +245,10 @@ def expert_ffn(x: np.ndarray, expert: Expert, products=linears) -> np.ndarray:
     return out if expert.b2 is None else out + expert.b2
 
 
-def experts_ffn(x: np.ndarray, experts: list[Expert], counts: list[int]) -> np.ndarray:
+def experts_ffn(x: np.ndarray, experts: list[Expert], counts: list[int], products=linears) -> np.ndarray:
     """Each expert over its run of rows of x: experts[0] the first counts[0] rows, and so on."""
     starts = np.cumsum([0] + list(counts))
-    return np.concatenate([expert_ffn(x[a:b], e) for e, a, b in zip(experts, starts[:-1], starts[1:])])
+    return np.concatenate([expert_ffn(x[a:b], e, products) for e, a, b in zip(experts, starts[:-1], starts[1:])])
 
 
 def route_tokens(x: np.ndarray, router: np.ndarray, k: int, renormalize: bool = True,

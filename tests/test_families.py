@@ -218,6 +218,7 @@ def test_the_kernels_do_every_product(family, monkeypatch):
     """On the Numba backend no quantized matrix is dequantized for a product (the numpy
     reference's way), neither for a prompt nor for decoded tokens nor the head: a fallback to
     numpy that slipped in once made decoding 15x slower without changing a logit."""
+    from localmix.backends import NumbaOps
     from localmix.store import QuantizedMatrix
 
     _, _, folder = family
@@ -229,3 +230,5 @@ def test_the_kernels_do_every_product(family, monkeypatch):
         raise AssertionError(f"{self.source}: dequantized for a product")
     monkeypatch.setattr(QuantizedMatrix, "linear", refuse)
     prompt_then_decode(model, IDS)
+    long_prompt = np.random.default_rng(9).integers(0, 32000, 2 * NumbaOps.FUSED_ROWS + 3)  # not decode_experts'
+    model.transformer(long_prompt, model.transformer.new_cache(len(long_prompt)))

@@ -51,9 +51,12 @@ class NumbaOps(Ops):
 
     @staticmethod
     def experts_ffn(x, experts, counts):
-        if is_quantized(experts[0].w1) and experts[0].plain:
+        if not is_quantized(experts[0].w1):
+            return Ops.experts_ffn(x, experts, counts)
+        if experts[0].plain:
             return kernels.experts_ffn(x, experts, counts)
-        return Ops.experts_ffn(x, experts, counts)
+        # gpt-oss's biases and clamped SwiGLU in numpy, its products on the kernels
+        return Ops.experts_ffn(x, experts, counts, NumbaOps.linears)
 
     def attention_block(self, x, layer, args, cache, index, positions, inv_freq, ops):
         """One decoded token (or one token of each of several sequences decoded together: a
