@@ -186,9 +186,15 @@ def test_routing_matches_the_model(k, renormalize):
     rng = np.random.default_rng(k)
     x, router = rng.standard_normal((9, 64)).astype(np.float32), rng.standard_normal((8, 64)).astype(np.float32)
     router[5] = router[2]  # a tie: the lower index goes first
-    chosen, weights = kernels.route_tokens(x, router, k, renormalize)
+    no_bias = np.zeros(len(router), np.float32)
+    chosen, weights = kernels.route_tokens(x, router, k, renormalize, no_bias)
     expected_chosen, expected_weights = model.route_tokens(x, router, k, renormalize)
     assert np.allclose(weights.sum(axis=1), 1) == (renormalize or k == 8)
+    np.testing.assert_array_equal(chosen, expected_chosen)
+    np.testing.assert_allclose(weights, expected_weights, rtol=1e-5)
+    bias = rng.standard_normal(len(router)).astype(np.float32)  # gpt-oss's router has one
+    chosen, weights = kernels.route_tokens(x, router, k, renormalize, bias)
+    expected_chosen, expected_weights = model.route_tokens(x, router, k, renormalize, bias)
     np.testing.assert_array_equal(chosen, expected_chosen)
     np.testing.assert_allclose(weights, expected_weights, rtol=1e-5)
 

@@ -39,9 +39,8 @@ class NumbaOps(Ops):
 
     @staticmethod
     def route_tokens(x, router, k, renormalize=True, bias=None):
-        if bias is not None:  # gpt-oss's router bias: numpy's
-            return Ops.route_tokens(x, router, k, renormalize, bias)
-        return kernels.route_tokens(np.ascontiguousarray(x, np.float32), router, k, renormalize)
+        bias = np.zeros(len(router), np.float32) if bias is None else np.asarray(bias, np.float32)
+        return kernels.route_tokens(np.ascontiguousarray(x, np.float32), router, k, renormalize, bias)
 
     @staticmethod
     def linears(x, ws):

@@ -215,11 +215,9 @@ class ExpertCache:
         if not (self.guess_ahead and layer + 1 < len(self.routers) and self.routers[layer + 1][0] is not None):
             return
         router, bias = self.routers[layer + 1]
-        if bias is None:
-            from localmix.kernels import route_tokens
-            chosen = route_tokens(np.ascontiguousarray(h, np.float32), router, k, False)[0][0]
-        else:  # gpt-oss's router adds a bias to its logits
-            chosen = np.argsort(-(np.asarray(h, np.float32)[0] @ router.T + bias), kind="stable")[:k]
+        from localmix.kernels import route_tokens
+        bias = np.zeros(len(router), np.float32) if bias is None else np.asarray(bias, np.float32)
+        chosen = route_tokens(np.ascontiguousarray(h, np.float32), router, k, False, bias)[0][0]
         self.prefetch(layer + 1, chosen)
 
     def _start_load(self, key, slot: int, guess: bool = False) -> None:

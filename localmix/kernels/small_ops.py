@@ -11,10 +11,10 @@ from localmix.kernels.features import HALF_TO_FLOAT
 
 
 @njit(cache=True, nogil=True)
-def route_tokens(x, router, k, renormalize):
-    """model.route_tokens in one call: softmax over the router's logits, the k largest, most
-    probable first (the lower index first on ties, as a stable sort puts them), renormalized where
-    asked."""
+def route_tokens(x, router, k, renormalize, bias):
+    """model.route_tokens in one call: softmax over the router's logits plus its bias (zeros where
+    the router has none), the k largest, most probable first (the lower index first on ties, as a
+    stable sort puts them), renormalized where asked."""
     T, E = x.shape[0], router.shape[0]
     chosen = np.empty((T, k), np.int64)
     weights = np.empty((T, k), np.float32)
@@ -24,7 +24,7 @@ def route_tokens(x, router, k, renormalize):
             total = np.float32(0.0)
             for d in range(x.shape[1]):
                 total += x[t, d] * router[e, d]
-            probs[e] = total
+            probs[e] = total + bias[e]
         peak = probs.max()
         probs = np.exp(probs - peak)
         probs /= probs.sum()

@@ -37,7 +37,7 @@ def warm_up(shapes, vector: bool | None = None) -> float:
     swiglu(np.ones((1, 2), np.float32))
     swiglu(np.ones((2, 2), np.float32))
     rms_norm(one, one[0], np.float32(1e-5))
-    route_tokens(np.ones((1, 2), np.float32), np.ones((2, 2), np.float32), 1, True)
+    route_tokens(np.ones((1, 2), np.float32), np.ones((2, 2), np.float32), 1, True, np.zeros(2, np.float32))
     apply_rope(np.ones((1, 1, 2), np.float32), np.zeros(1, np.int64), one[0])
     for dtype in (np.float32, np.float16):
         cache = np.ones((1, 1, 2), dtype)  # [length, kv_heads, dim]
