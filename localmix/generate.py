@@ -189,21 +189,6 @@ class Generation:
                                   self.generated / elapsed, peak_memory_gb(), finish)
 
 
-def stream_generate(transformer: Transformer, tokenizer: ModelTokenizer, prompt: list[int], max_tokens: int = 256,
-                    params: SamplingParams | None = None, strip_leading_space: bool = True,
-                    prefill_step: int = 256,
-                    on_prefill: Callable[[int, int], None] | None = None,
-                    cancelled: Callable[[], bool] | None = None,
-                    options: RoutingOptions | None = None) -> Iterator[GenerationResponse]:
-    """Yield one response per generated token; the last one carries the finish reason.
-    The prompt is processed in chunks of prefill_step tokens, calling on_prefill(done, total)
-    after each. cancelled(): asked between prefill chunks and between tokens; when it returns
-    True the last response has finish_reason "cancelled" (see Generation). options: the routing
-    of every model call of this answer."""
-    generation = Generation(transformer, tokenizer, prompt, max_tokens, params, strip_leading_space, cancelled, options)
-    yield from responses(generation, prefill_step, on_prefill)
-
-
 def responses(generation: Generation, prefill_step: int = 256,
               on_prefill: Callable[[int, int], None] | None = None) -> Iterator[GenerationResponse]:
     """A generation's responses, one model call per token (the server instead decodes several

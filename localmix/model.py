@@ -325,7 +325,7 @@ def attention_block(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache
     MoE block."""
     attended = attention(ops.rms_norm(x, layer.attention_norm, args.rms_norm_eps), layer, args, cache, index,
                          positions, inv_freq, ops)
-    x = x + attended * args.residual_multiplier  # (GraniteMoE's; 1 elsewhere)
+    x = x + (attended if args.residual_multiplier == 1 else attended * args.residual_multiplier)  # (GraniteMoE's)
     return x, ops.rms_norm(x, layer.ffn_norm, args.rms_norm_eps)
 
 
@@ -333,7 +333,8 @@ def decoder_layer(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, 
                   positions: np.ndarray, inv_freq: np.ndarray, ops: Ops, call: RoutingCall) -> np.ndarray:
     """Attention then the MoE block, each pre-normed and added to the residual stream."""
     x, h = ops.attention_block(x, layer, args, cache, index, positions, inv_freq, ops)
-    return x + moe_block(h, layer, args, ops, call) * args.residual_multiplier
+    out = moe_block(h, layer, args, ops, call)
+    return x + (out if args.residual_multiplier == 1 else out * args.residual_multiplier)  # (GraniteMoE's)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -440,7 +441,8 @@ class Transformer:
         call = RoutingCall(options, options.experts_per_token or self.args.num_experts_per_tok,
                            len(self.weights.layers), batched=isinstance(cache, SequenceBatch),
                            renormalize=self.args.norm_topk_prob)
-        x = x * self.args.embedding_multiplier  # (GraniteMoE's; 1 elsewhere)
+        if self.args.embedding_multiplier != 1:  # GraniteMoE's
+            x = x * self.args.embedding_multiplier
         for index, layer in enumerate(self.weights.layers):
             x = decoder_layer(x, layer, self.args, cache, index, positions, self.inv_freq, self.ops, call)
         if call.routes is not None and self.args.is_moe:

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from localmix import validate
-from localmix.checkpoint import RAW_DTYPES, SafetensorsFile, tensor_table, to_float32
+from localmix.checkpoint import RAW_DTYPES, SafetensorsFile, tensor_table, to_float32, tokenizer_files_in
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.convert import check_disk, write_arrays, write_model
 from localmix.quant.affine import BITS, GROUP_SIZES, dequantize
 from localmix.store import ModelFolder, expert_matrix, is_quantized, plan_layout, stays_float
-from localmix.tokenizer import SENTENCEPIECE, load_tokenizer, tokenizer_files
+from localmix.tokenizer import SENTENCEPIECE, load_tokenizer
 
 SWITCH = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 FLOATS = ("F32", "F16", "BF16")
@@ -250,9 +250,7 @@ def import_mlx_lm(folder: Path, out_dir: Path, on_progress=None) -> Path:
         return setting["bits"]
 
     layouts, sizes = plan_layout(table, bits_for, group_size, args)
-    tokenizer = tokenizer_files(folder)
-    if not tokenizer:
-        raise LocalmixError(f"{folder}: no tokenizer.model or tokenizer.json (the tokenizers localmix reads)")
+    tokenizer = tokenizer_files_in(Path(folder), "the tokenizers localmix reads")
     load_tokenizer(folder, args.vocab_size, files=tokenizer)
     check_disk(Path(out_dir).parent, sum(sizes.values()))
 

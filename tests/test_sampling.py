@@ -129,7 +129,7 @@ def test_stop_strings_take_linear_time():
 
 def test_cancelled_ends_generation_between_tokens_and_prefill_chunks(tiny_model_dir):
     import localmix
-    from localmix.generate import stream_generate
+    from localmix.generate import Generation, responses
 
     model = localmix.load(tiny_model_dir)
     ids = model.tokenizer.encode("Once upon a time there was", bos=True)
@@ -140,13 +140,12 @@ def test_cancelled_ends_generation_between_tokens_and_prefill_chunks(tiny_model_
         asked.append(1)
         return len(asked) >= 5
 
-    responses = list(stream_generate(model.transformer, model.tokenizer, ids, 50, params, cancelled=cancelled))
-    assert [r.finish_reason for r in responses] == [None, None, None, "cancelled"]
-    assert responses[-1].token is None and responses[-1].generation_tokens == 3
+    answer = list(responses(Generation(model.transformer, model.tokenizer, ids, 50, params, cancelled=cancelled)))
+    assert [r.finish_reason for r in answer] == [None, None, None, "cancelled"]
+    assert answer[-1].token is None and answer[-1].generation_tokens == 3
     # Between prefill chunks: 2-token chunks, cancelled after the first one; no token is sampled.
     chunks = []
-    responses = list(stream_generate(model.transformer, model.tokenizer, ids, 50, params, prefill_step=2,
-                                     on_prefill=lambda done, total: chunks.append(done),
-                                     cancelled=lambda: len(chunks) >= 1))
-    assert chunks == [2] and [r.finish_reason for r in responses] == ["cancelled"]
-    assert responses[0].generation_tokens == 0
+    generation = Generation(model.transformer, model.tokenizer, ids, 50, params, cancelled=lambda: len(chunks) >= 1)
+    answer = list(responses(generation, prefill_step=2, on_prefill=lambda done, total: chunks.append(done)))
+    assert chunks == [2] and [r.finish_reason for r in answer] == ["cancelled"]
+    assert answer[0].generation_tokens == 0

@@ -151,8 +151,9 @@ class MLXOps(Ops):
     def attention_block(self, x, layer, args, cache, index, positions, inv_freq, ops):
         x = self.to_mlx(x)
         eps = args.rms_norm_eps
-        x = x + self.attention(self.rms_norm(x, layer.attention_norm, eps), layer, args, cache, index,
-                               np.asarray(positions), inv_freq) * args.residual_multiplier
+        attended = self.attention(self.rms_norm(x, layer.attention_norm, eps), layer, args, cache, index,
+                                  np.asarray(positions), inv_freq)
+        x = x + (attended if args.residual_multiplier == 1 else attended * args.residual_multiplier)  # (GraniteMoE's)
         return x, self.rms_norm(x, layer.ffn_norm, eps)
 
     def attention(self, x: mx.array, layer, args, cache: MLXKVCache, index: int, positions: np.ndarray,

@@ -55,7 +55,8 @@ class ResidentExperts(ExpertSource):
         return {(m.bits, m.group_size) for e in self.experts for m in (e.w1, e.w2, e.w3) if is_quantized(m)}
 
     def expert_bytes(self) -> int:
-        return max((sum(nbytes(m) for m in (e.w1, e.w2, e.w3)) for e in self.experts), default=0)
+        return max((sum(nbytes(m) for m in (e.w1, e.w2, e.w3, e.b1, e.b2, e.b3) if m is not None)
+                    for e in self.experts), default=0)
 
     def speculate(self, h: np.ndarray, k: int) -> None:
         pass
