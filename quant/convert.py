@@ -197,14 +197,16 @@ def write_tensors(source, tmp: Path, layouts: list[TensorLayout], on_progress) -
     opened: dict[str, SafetensorsFile] = {}
     keep = source.config.mxfp4_experts
 
-    def file_of(name: str, shape: tuple[int, ...]) -> SafetensorsFile:
-        shard_name = source.weight_map[name]
+    def open_shard(shard_name: str) -> SafetensorsFile:  # each shard fetched and its header read once
         if shard_name not in opened:
             opened[shard_name] = source.shard(shard_name)
-        return checked(opened[shard_name], name, shape)
+        return opened[shard_name]
+
+    def file_of(name: str, shape: tuple[int, ...]) -> SafetensorsFile:
+        return checked(open_shard(source.weight_map[name]), name, shape)
 
     for shard_name in sorted(by_shard):
-        shard = opened.setdefault(shard_name, source.shard(shard_name)) if keep else source.shard(shard_name)
+        shard = open_shard(shard_name)
         for layout in by_shard[shard_name]:
             for rows in write_tensor(shard, tmp, layout, source_of(layout.name, layout.shape, source.config),
                                      file_of):
