@@ -332,7 +332,7 @@ def attention_block(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache
 def decoder_layer(x: np.ndarray, layer: Layer, args: ModelArgs, cache: KVCache, index: int,
                   positions: np.ndarray, inv_freq: np.ndarray, ops: Ops, call: RoutingCall) -> np.ndarray:
     """Attention then the MoE block, each pre-normed and added to the residual stream."""
-    x, h = ops.attention_block(x, layer, args, cache, index, positions, inv_freq, ops)
+    x, h = ops.attention_block(x, layer, args, cache, index, positions, inv_freq)
     out = moe_block(h, layer, args, ops, call)
     return x + (out if args.residual_multiplier == 1 else out * args.residual_multiplier)  # (GraniteMoE's)
 
@@ -360,7 +360,11 @@ class Ops:
         return mix_experts(x, chosen, weights, groups, self.experts_ffn)
 
     sigmoid = staticmethod(sigmoid)
-    attention_block = staticmethod(attention_block)
+
+    def attention_block(self, x, layer: Layer, args: ModelArgs, cache, index: int, positions, inv_freq):
+        """model.attention_block with this backend's operations."""
+        return attention_block(x, layer, args, cache, index, positions, inv_freq, self)
+
     kv_cache = KVCache
     batched_decoding = True  # attention_block takes a SequenceBatch (Transformer.step)
 

@@ -148,7 +148,7 @@ class MLXOps(Ops):
         """The head: float32 numpy logits, which evaluates the token's whole graph once."""
         return np.array(self.linear(self.rms_norm(x, norm, eps), lm_head).astype(mx.float32))
 
-    def attention_block(self, x, layer, args, cache, index, positions, inv_freq, ops):
+    def attention_block(self, x, layer, args, cache, index, positions, inv_freq):
         x = self.to_mlx(x)
         eps = args.rms_norm_eps
         attended = self.attention(self.rms_norm(x, layer.attention_norm, eps), layer, args, cache, index,

@@ -57,7 +57,7 @@ class NumbaOps(Ops):
         # gpt-oss's biases and clamped SwiGLU in numpy, its products on the kernels
         return Ops.experts_ffn(x, experts, counts, NumbaOps.linears)
 
-    def attention_block(self, x, layer, args, cache, index, positions, inv_freq, ops):
+    def attention_block(self, x, layer, args, cache, index, positions, inv_freq):
         """One decoded token (or one token of each of several sequences decoded together: a
         SequenceBatch, whose products read each weight once for all of them while attention is
         each sequence's own) in the fused kernels; prompts and layers they do not take go
@@ -67,7 +67,7 @@ class NumbaOps(Ops):
         plan = self.plans[index]
         caches = cache.caches if isinstance(cache, SequenceBatch) else [cache]
         if x.shape[0] != len(caches) or plan is None:
-            return Ops.attention_block(x, layer, args, cache, index, positions, inv_freq, ops)
+            return Ops.attention_block(self, x, layer, args, cache, index, positions, inv_freq)
         heads, kv_heads, dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         positions = np.asarray(positions, np.int64)
         eps, window = np.float32(args.rms_norm_eps), args.window(index) or 0
