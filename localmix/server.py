@@ -250,12 +250,10 @@ def routing_fields(body: dict, ollama: bool, experts: int) -> dict:
     """localmix's routing fields (None where absent: the model's): in Ollama's options object, or
     beside OpenAI's fields (the OpenAI client sends them with extra_body). As Model.stream takes them."""
     o = (body.get("options") or {}) if ollama else body  # options: an object, as sampling() checked
-    fields = {"experts_per_token": optional(o, "experts_per_token", None, validate.integer, 1, max(experts, 1)),
-              "min_expert_weight": optional(o, "min_expert_weight", None, validate.number, 0.0, 1.0),
-              "fallback_margin": optional(o, "fallback_margin", None, validate.number, 0.0, 1.0)}
-    if fields["min_expert_weight"] == 1.0:  # [0, 1), as Steering.check says it for the CLI's flag
-        raise BadRequest(400, "request: min_expert_weight must be below 1, got 1.0")
-    return fields
+    return {"experts_per_token": optional(o, "experts_per_token", None, validate.integer, 1, max(experts, 1)),
+            # [0, 1): a weight of 1 would drop every expert but the heaviest, as Steering.check says
+            "min_expert_weight": optional(o, "min_expert_weight", None, validate.number, 0.0, 1.0, False, True),
+            "fallback_margin": optional(o, "fallback_margin", None, validate.number, 0.0, 1.0)}
 
 
 def content_of(value, where: str) -> str:

@@ -91,13 +91,15 @@ def integer(value, key: str, source: str, low: int = 0, high: int = 1 << 62) -> 
 
 
 def number(value, key: str, source: str, low: float = -math.inf, high: float = math.inf,
-           low_open: bool = False) -> float:
-    """A finite int or float within [low, high] ((low, high] with low_open)."""
+           low_open: bool = False, high_open: bool = False) -> float:
+    """A finite int or float within [low, high] (excluding low with low_open, high with high_open)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LocalmixError(f"{source}: {key} must be a number, got {value!r:.60}")
     value = float(value)
-    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-        bound = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+    if (not math.isfinite(value) or value < low or value > high or (low_open and value == low)
+            or (high_open and value == high)):
+        bound = f"{'above' if low_open else 'at least'} {low:g}" + (
+            f" and {'below' if high_open else 'at most'} {high:g}" if high < math.inf else "")
         raise LocalmixError(f"{source}: {key} must be a finite number {bound}, got {value}")
     return value
 
