@@ -41,7 +41,7 @@ import numpy as np
 
 from localmix import validate
 from localmix.checkpoint import tensor_table
-from localmix.config import ModelArgs
+from localmix.config import FAMILIES, ModelArgs
 from localmix.errors import LocalmixError
 from localmix.quant.affine import pack, quantize
 from localmix.quant.convert import check_disk, write_arrays, write_model
@@ -405,14 +405,13 @@ def hf_config(g: GGUFFile) -> dict:
         config["moe_intermediate_size"] = g.integer(p + "expert_feed_forward_length", 1, validate.MAX_DIM,
                                                     max(width // used, 1))
         config.update(decoder_sparse_step=1, mlp_only_layers=[])  # llama.cpp's graph: experts in every layer
-        config["qkv_bias" if model_type == "qwen2_moe" else "attention_bias"] = bias
     if model_type == "qwen2_moe":
         config["shared_expert_intermediate_size"] = g.integer(p + "expert_shared_feed_forward_length", 1,
                                                               validate.MAX_DIM, width)
-    if model_type == "olmoe":
-        config["attention_bias"] = bias
-        if p + "attention.clamp_kqv" in g.metadata:
-            config["clip_qkv"] = g.number(p + "attention.clamp_kqv", 0, 1e9)
+    if FAMILIES[model_type].qkv_bias_key:  # the family's own key for q/k/v biases (Mixtral has none)
+        config[FAMILIES[model_type].qkv_bias_key] = bias
+    if model_type == "olmoe" and p + "attention.clamp_kqv" in g.metadata:
+        config["clip_qkv"] = g.number(p + "attention.clamp_kqv", 0, 1e9)
     return config
 
 
