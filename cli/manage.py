@@ -291,8 +291,10 @@ def draw_heatmap(routed, path: Path, title: str) -> None:
 
 
 def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder."),
-          prompt_tokens: int = typer.Option(128, "-p", help="Prompt tokens to process."),
-          gen_tokens: int = typer.Option(64, "-n", help="Tokens to generate."),
+          prompt_tokens: str = typer.Option("128", "-p", help="Prompt tokens to process; a list (128,512) "
+                                                              "gives a row for each."),
+          gen_tokens: str = typer.Option("64", "-n", help="Tokens to generate after the prompt; a list gives "
+                                                         "a row for each."),
           repeat: int = typer.Option(1, "--repeat", help="Runs to average."),
           experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token"),
           membw: bool = typer.Option(False, "--membw", help="Measure the memory read bandwidth instead."),
@@ -310,13 +312,17 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
                                                           "each run (reads then come from the disk)."),
           concurrency: int = typer.Option(1, "--concurrency", help="Decode this many sequences together (as "
                                                                     "`serve` batches concurrent answers)."),
-          as_json: bool = typer.Option(False, "--json", help="End with the figures as one JSON line.")):
-    """Prefill and decode speed, measured as llama.cpp's speed is: a synthetic prompt, then greedy decoding."""
+          as_json: bool = typer.Option(False, "--json", help="End with the figures as JSON, one line per row.")):
+    """Prefill and decode speed, measured as llama.cpp's speed is: a synthetic prompt, then greedy decoding.
+    A row for each prompt length and number of generated tokens, each a run of its own (decode follows its
+    row's prompt)."""
     from localmix import bench as benchmark
     if membw:
         gb_s = benchmark.memory_bandwidth(threads)
         print(json.dumps({"membw_gb_s": gb_s}) if as_json else f"memory read bandwidth {gb_s:.1f} GB/s")
         return
+    sizes = [(p, n) for p in benchmark.parse_counts(prompt_tokens, "-p")
+             for n in benchmark.parse_counts(gen_tokens, "-n")]
     if model is None:
         raise LocalmixError("name a model to benchmark (or pass --membw)")
     llm = localmix.load(model, experts_per_token=experts_per_token, backend=backend, threads=threads,
@@ -324,20 +330,34 @@ def bench(model: Optional[str] = typer.Argument(None, help="Model name or folder
                         prefetch=prefetch, shadow_bits=shadow_bits)
     if llm.memory_note:
         err.print(llm.memory_note, style="dim", markup=False)
-    with err.status(f"prefill {prompt_tokens} tokens, generate {gen_tokens}, {repeat} time(s)"):
-        r = benchmark.run(llm, prompt_tokens, gen_tokens, repeat, cold, concurrency)
-    columns = ["model", "threads", "prefill tok/s", "decode tok/s", "decode GB/s", "peak RSS MB", "TTFT s"]
-    cells = [str(model), str(r["threads"]), f"{r['prefill_tok_s']:.2f}", f"{r['decode_tok_s']:.2f}",
-             f"{r['decode_gb_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['ttft_s']:.3f}"]
-    if llm.expert_cache:  # its figures while decoding
-        columns += ["expert slots", "hit rate", "prefetch hits", "shadow uses", "read GB", "stalled s"]
-        cells += [f"{r['expert_slots']} {r['expert_policy']}", f"{r['expert_hit_rate']:.2f}",
-                  f"{r['prefetch_hit_rate']:.2f}", str(r["shadow_uses"]), f"{r['expert_bytes_read'] / 1e9:.2f}",
-                  f"{r['stall_s']:.2f}"]
-    table = Table(*columns, box=None)
-    table.add_row(*cells)
+    for p, n in sizes:  # every size checked before the first run: no error after minutes of measuring
+        benchmark.check(llm, p, n, repeat, concurrency)
+    results = []
+    for p, n in sizes:
+        with err.status(f"prefill {p} tokens, generate {n}, {repeat} time(s)"):
+            results.append(benchmark.run(llm, p, n, repeat, cold, concurrency))
     console = Console(highlight=False)
     console.width = max(console.width, 160)  # one line per row, also in a narrow pipe
-    console.print(table)
+    console.print(bench_table(str(model), benchmark.kernels_used(llm.backend), results, llm.expert_cache is not None))
     if as_json:
-        print(json.dumps(r))
+        for r in results:
+            print(json.dumps(r))
+
+
+def bench_table(model: str, kernels: str, results: list[dict], expert_cache: bool) -> Table:
+    """One row per run of `bench`; with an expert cache, its figures while decoding."""
+    columns = ["model", "kernels", "threads", "prompt", "generated", "prefill tok/s", "decode tok/s", "decode GB/s",
+               "peak RSS MB", "TTFT s"]
+    if expert_cache:
+        columns += ["expert slots", "hit rate", "prefetch hits", "shadow uses", "read GB", "stalled s"]
+    table = Table(*columns, box=None)
+    for r in results:
+        cells = [model, kernels, str(r["threads"]), str(r["prompt_tokens"]), str(r["gen_tokens"]),
+                 f"{r['prefill_tok_s']:.2f}", f"{r['decode_tok_s']:.2f}", f"{r['decode_gb_s']:.2f}",
+                 f"{r['peak_rss_mb']:.0f}", f"{r['ttft_s']:.3f}"]
+        if expert_cache:
+            cells += [f"{r['expert_slots']} {r['expert_policy']}", f"{r['expert_hit_rate']:.2f}",
+                      f"{r['prefetch_hit_rate']:.2f}", str(r["shadow_uses"]), f"{r['expert_bytes_read'] / 1e9:.2f}",
+                      f"{r['stall_s']:.2f}"]
+        table.add_row(*cells)
+    return table

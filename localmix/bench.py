@@ -5,6 +5,7 @@ same synthetic prompt, one timed prefill, then greedy decoding one token at a ti
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -53,15 +54,58 @@ def drop_page_cache(folder: Path) -> None:
             os.close(fd)
 
 
+MOST_COUNTS = 16  # values in one -p or -n list: each is a run of its own
+
+
+def parse_counts(text: str, option: str) -> list[int]:
+    """A comma-separated list of token counts, as llama-bench takes `-p 128,512`: digits only (no
+    sign, no underscore, no empty item), each at least 1, at most MOST_COUNTS of them."""
+    items = text.split(",")
+    if not all(re.fullmatch(r"[0-9]{1,9}", item.strip()) for item in items):
+        raise LocalmixError(f"{option} takes token counts separated by commas (e.g. 128,512), not {text!r}")
+    if len(items) > MOST_COUNTS:
+        raise LocalmixError(f"{option} takes at most {MOST_COUNTS} counts, not {len(items)}")
+    counts = [int(item) for item in items]
+    if min(counts) < 1:
+        raise LocalmixError(f"{option} counts must be at least 1, not {min(counts)}")
+    return counts
+
+
+def check(model, prompt_tokens: int, gen_tokens: int, repeat: int = 1, concurrency: int = 1) -> None:
+    """The checks run() makes, for a caller that runs several sizes to make them all before the first."""
+    if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1 or concurrency < 1:
+        raise LocalmixError("-p, -n, --repeat and --concurrency must be at least 1")
+    if prompt_tokens + gen_tokens > model.config.max_position_embeddings:
+        raise LocalmixError(f"-p plus -n ({prompt_tokens} + {gen_tokens}) exceed the model's context of "
+                            f"{model.config.max_position_embeddings}")
+
+
+def kernels_used(backend: str) -> str:
+    """What ran the model's products, for the bench table: on the numba backend the kernels this CPU
+    and LOCALMIX_KERNELS chose; other backends by name."""
+    if backend == "numba":
+        return kernel_name()
+    return "numpy (reference)" if backend == "numpy" else backend
+
+
+# TODO lead: kernels.kernel_name -- a stand-in until localmix.kernels has kernel_name(); then delete
+# it and call kernels.kernel_name() in kernels_used.
+def kernel_name() -> str:
+    from localmix import kernels  # numba: not for `bench --membw`
+    if not kernels.has_vector_kernels():
+        return "plain"
+    vnni = kernels.vnni_instruction()
+    if vnni is None:
+        return "avx2"
+    return "avx-vnni" if vnni.startswith("{vex}") else "avx512vl-vnni"
+
+
 def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, cold: bool = False,
         concurrency: int = 1) -> dict:
     """Speeds, peak RSS, and with an expert cache its figures while decoding. cold: drop the model
     files' pages from the page cache before each run. concurrency: decode that many sequences
     together (as the server batches concurrent answers); decode_tok_s is then their sum."""
-    if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1 or concurrency < 1:
-        raise LocalmixError("-p, -n, --repeat and --concurrency must be at least 1")
-    if prompt_tokens + gen_tokens > model.config.max_position_embeddings:
-        raise LocalmixError(f"-p plus -n exceed the model's context of {model.config.max_position_embeddings}")
+    check(model, prompt_tokens, gen_tokens, repeat, concurrency)
     prompts = [bench_prompt(prompt_tokens, model.config.vocab_size, i) for i in range(concurrency)]
     prefill, decode = [], []
     experts = model.expert_cache
