@@ -88,16 +88,13 @@ def kernels_used(backend: str) -> str:
     return "numpy (reference)" if backend == "numpy" else backend
 
 
-# TODO lead: kernels.kernel_name -- a stand-in until localmix.kernels has kernel_name(); then delete
-# it and call kernels.kernel_name() in kernels_used.
+# TODO lead: kernels.kernel_name -- a stand-in until localmix.kernels exports kernel_name() (the
+# names of features.kernel_name, less its 512-bit ones); then delete it and call kernels.kernel_name().
 def kernel_name() -> str:
     from localmix import kernels  # numba: not for `bench --membw`
     if not kernels.has_vector_kernels():
         return "plain"
-    vnni = kernels.vnni_instruction()
-    if vnni is None:
-        return "avx2"
-    return "avx-vnni" if vnni.startswith("{vex}") else "avx512vl-vnni"
+    return "avx2" if kernels.vnni_instruction() is None else "avx2-vnni"
 
 
 def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, cold: bool = False,
