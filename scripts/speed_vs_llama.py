@@ -152,15 +152,15 @@ def speed_table(runs: dict, bandwidth: dict, prompts: list[int]) -> str:
     return "\n".join(lines)
 
 
-def cpu_summary(cpuinfo: str) -> str:
-    """The CPU's model and which of FLAGS /proc/cpuinfo lists (listed is not usable: a virtual
-    machine may list AMX and fault on it)."""
+def cpu_summary(cpuinfo: str, cpus: int | None) -> str:
+    """The CPU's model (from /proc/cpuinfo's text) and which of FLAGS it lists: listed is not
+    usable, a virtual machine may list AMX and fault on it."""
     model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
     flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
     listed = set(flags.group(1).split()) if flags else set()
-    return (f"CPU: {model.group(1).strip() if model else 'unknown'}, {os.cpu_count()} logical CPUs; listed: "
-            + " ".join(f for f in FLAGS if f in listed) + "; not listed: " + (" ".join(f for f in FLAGS if f not in listed)
-                                                                            or "none"))
+    return (f"CPU: {model.group(1).strip() if model else 'unknown'}, {cpus} logical CPUs; flags listed: "
+            f"{' '.join(f for f in FLAGS if f in listed) or 'none'}; not listed: "
+            f"{' '.join(f for f in FLAGS if f not in listed) or 'none'}")
 
 
 def system_lines(peers_python: str, settings: list[str]) -> list[str]:
@@ -179,7 +179,7 @@ def system_lines(peers_python: str, settings: list[str]) -> list[str]:
         chosen[s] = out.strip()
     commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip() or "unknown"
-    return [cpu_summary(cpuinfo), f"llama.cpp system info: {llama}",
+    return [cpu_summary(cpuinfo, os.cpu_count()), f"llama.cpp system info: {llama}",
             "localmix kernels: " + ", ".join(f"{s} -> {name}" for s, name in chosen.items()) + f"; commit {commit}"]
 
 

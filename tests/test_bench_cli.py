@@ -1,0 +1,144 @@
+"""`localmix bench` with lists of sizes (`-p 128,512`): its rows, its JSON lines and the kernels it
+names; and the Speed table of scripts/speed_vs_llama.py, made from figures written here (no
+benchmark runs)."""
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_cli import assert_one_line_error, localmix_cli
+
+# What `bench --json` printed for a model without an expert cache before -p took lists: the scripts
+# (speed_vs_llama.py, busy_bench.py, offload_bench.py) read these from the last line.
+KEYS = {"cold", "prompt_tokens", "gen_tokens", "repeat", "threads", "tokens_per_thread_count", "concurrency",
+        "prefill_tok_s", "decode_tok_s", "decode_gb_s", "peak_rss_mb", "ttft_s"}
+
+
+def table_rows(stdout: str) -> list[tuple[int, int]]:
+    """(prompt, generated) of each row of bench's table on the float tiny model (numpy's row)."""
+    return [(int(p), int(n)) for p, n in re.findall(r"numpy \(reference\)\s+\d+\s+(\d+)\s+(\d+)\s", stdout)]
+
+
+def test_one_prompt_length_ends_in_the_json_line_it_always_did(tiny_model_dir):
+    result = localmix_cli("bench", tiny_model_dir, "-p", "8", "-n", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert set(figures) == KEYS
+    assert (figures["prompt_tokens"], figures["gen_tokens"]) == (8, 2)
+    assert not any(line.lstrip().startswith("{") for line in lines[:-1])  # the table, then one JSON line
+    assert table_rows(result.stdout) == [(8, 2)]
+
+
+def test_lists_give_a_row_and_a_json_line_per_size(tiny_model_dir):
+    result = localmix_cli("bench", tiny_model_dir, "-p", "4,8", "-n", "2,3", "--json")
+    assert result.returncode == 0, result.stderr
+    sizes = [(4, 2), (4, 3), (8, 2), (8, 3)]  # every prompt length with every -n, prompts outermost
+    assert table_rows(result.stdout) == sizes
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()[-4:]]
+    assert [(r["prompt_tokens"], r["gen_tokens"]) for r in rows] == sizes
+    assert all(set(r) == KEYS and r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    assert not result.stdout.strip().splitlines()[-5].lstrip().startswith("{")  # four lines, not five
+    # Without --json: the table alone, still a row per size.
+    plain = localmix_cli("bench", tiny_model_dir, "-p", "4,8", "-n", "2")
+    assert table_rows(plain.stdout) == [(4, 2), (8, 2)] and "{" not in plain.stdout, plain.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "0"], "at least 1"),
+    (["-p", "4,0"], "-p counts must be at least 1, not 0"),
+    (["-p", "abc"], "-p takes token counts separated by commas (e.g. 128,512), not 'abc'"),
+    (["-p", "128,,"], "not '128,,'"),
+    (["-p", ",128"], "not ',128'"),
+    (["-p", "-5"], "not '-5'"),
+    (["-p", "1_0"], "not '1_0'"),
+    (["-n", "2,x"], "-n takes token counts"),
+    (["-p", ",".join(["4"] * 17)], "-p takes at most 16 counts, not 17"),
+])
+def test_bad_lists_are_one_error_line(tiny_model_dir, args, message):
+    assert_one_line_error(localmix_cli("bench", tiny_model_dir, *args), message)
+
+
+def test_every_size_is_checked_before_the_first_run(tiny_model_dir):
+    """The tiny model's context is 512: 600 fails, and 4 (listed first) is not measured before."""
+    result = localmix_cli("bench", tiny_model_dir, "-p", "4,600", "-n", "2", "--json")
+    assert_one_line_error(result, "-p plus -n (600 + 2) exceed the model's context of 512")
+    assert result.stdout == ""
+
+
+def test_the_table_names_the_kernels(tiny_model_dir):
+    """A float checkpoint runs the numpy reference; on the numba backend the name follows
+    LOCALMIX_KERNELS (plain everywhere; avx2 where the CPU has it)."""
+    result = localmix_cli("bench", tiny_model_dir, "-p", "4", "-n", "2")
+    assert re.search(r"^\s*model\s+kernels\s+threads\s+prompt\s+generated\s", result.stdout, re.M), result.stdout
+    assert "numpy (reference)" in result.stdout
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    settings = ["plain"] + (["avx2"] if {"avx2", "fma", "f16c"} <= set(cpu.split()) else [])
+    for setting in settings:
+        named = subprocess.run([sys.executable, "-c", "from localmix.bench import kernels_used as k; "
+                                "print(k('numba'), k('numpy'), k('mlx'))"],
+                               capture_output=True, text=True, env={**os.environ, "LOCALMIX_KERNELS": setting})
+        assert named.stdout.split() == [setting, "numpy", "(reference)", "mlx"], named.stderr
+
+
+def speed_script():
+    path = Path(__file__).parents[1] / "scripts" / "speed_vs_llama.py"
+    spec = importlib.util.spec_from_file_location("speed_vs_llama", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rounds(*figures):
+    """(prefill at 128, prefill at 512, decode tok/s, decode GB/s or None) per round."""
+    return [{"prefill_tok_s": {128: a, 512: b}, "decode_tok_s": d, "decode_gb_s": g} for a, b, d, g in figures]
+
+
+def test_speed_table_medians_ratios_and_bandwidth():
+    script = speed_script()
+    runs = {
+        (2, "Q4_0", None): rounds((100, 80, 40, None), (90, 70, 44, None), (110, 90, 42, None)),
+        # 0.25 GB a token: 60 tok/s -> 15 GB/s
+        (2, "Q4_0", "default"): rounds((150, 240, 60, 15.0), (160, 250, 63, 15.75), (140, 230, 66, 16.5)),
+        (2, "Q4_0", "avx2"): rounds((120, 160, 42, 10.5)),
+        (1, "Q8_0", None): rounds((50, 40, 20, None)),
+        (1, "Q8_0", "default"): rounds((100, 100, 30, 13.5)),  # 0.45 GB a token
+    }
+    table = script.speed_table(runs, {2: 35.0, 1: 18.0}, [128, 512]).splitlines()
+    assert table == [
+        "| model | threads | prefill 128 tok/s | prefill 512 tok/s | decode tok/s | decode GB/s (% of bandwidth) "
+        "| vs llama.cpp prefill 128 | vs llama.cpp prefill 512 | vs llama.cpp decode |",
+        "|---|---|---|---|---|---|---|---|---|",
+        # medians 100, 80, 42; 42 tok/s at localmix's 0.25 GB a token: 10.5 GB/s, 30% of 35
+        "| llama.cpp Q4_0 | 2 | 100.0 | 80.0 | 42.0 | ~10.5 (30%) |  |  |  |",
+        # medians 150, 240, 63, 15.75 GB/s (45% of 35); 150/100, 240/80, 63/42
+        "| localmix 4-bit | 2 | 150.0 | 240.0 | 63.0 | 15.8 (45%) | 1.50x | 3.00x | 1.50x |",
+        "| localmix 4-bit (AVX2 kernels only) | 2 | 120.0 | 160.0 | 42.0 | 10.5 (30%) | 1.20x | 2.00x | 1.00x |",
+        # one thread against one thread's bandwidth: 0.45 GB x 20 = 9 GB/s, 50% of 18
+        "| llama.cpp Q8_0 | 1 | 50.0 | 40.0 | 20.0 | ~9.0 (50%) |  |  |  |",
+        "| localmix 8-bit | 1 | 100.0 | 100.0 | 30.0 | 13.5 (75%) | 2.00x | 2.50x | 1.50x |",
+    ]
+
+
+def test_speed_script_options_and_cpu_line():
+    script = speed_script()
+    assert script.counts("128,512") == [128, 512] and script.counts("2") == [2]
+    for bad in ("0", "128,,", ",1", "1,-2", "a", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            script.counts(bad)
+    assert script.kernel_settings("default,avx2") == ["default", "avx2"]
+    for bad in ("avx3", "default,default", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            script.kernel_settings(bad)
+    cpuinfo = "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni amx_tile\n"
+    assert script.cpu_summary(cpuinfo, 2) == ("CPU: Some Xeon, 2 logical CPUs; flags listed: avx2 avx512f "
+                                              "avx512_vnni amx_tile; not listed: avx512bw avx_vnni amx_int8 amx_bf16")
+    assert script.localmix_env("avx2")["LOCALMIX_KERNELS"] == "avx2"
+    assert "LOCALMIX_KERNELS" not in script.localmix_env("default")
