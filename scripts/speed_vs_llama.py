@@ -60,10 +60,11 @@ def localmix(*args: str, kernels: str = "default") -> str:
 
 
 def counts(text: str) -> list[int]:
-    """128,512 -> [128, 512] (argparse's type). Not localmix.bench.parse_counts: importing localmix
-    here would set NUMBA_CACHE_DIR for every process this script starts (see localmix_env)."""
-    if not re.fullmatch(r"[1-9][0-9]{0,8}(,[1-9][0-9]{0,8})*", text):
-        raise argparse.ArgumentTypeError(f"counts of at least 1 separated by commas (e.g. 128,512), not {text!r}")
+    """128,512 -> [128, 512] (argparse's type), each once. Not localmix.bench.parse_counts: importing
+    localmix here would set NUMBA_CACHE_DIR for every process this script starts (see localmix_env)."""
+    if not re.fullmatch(r"[1-9][0-9]{0,8}(,[1-9][0-9]{0,8})*", text) or len(set(text.split(","))) < text.count(",") + 1:
+        raise argparse.ArgumentTypeError(f"different counts of at least 1 separated by commas (e.g. 128,512), "
+                                         f"not {text!r}")
     return [int(item) for item in text.split(",")]
 
 
@@ -169,9 +170,12 @@ def system_lines(peers_python: str, settings: list[str]) -> list[str]:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    info = subprocess.run([peers_python, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
-                          capture_output=True, text=True)
-    llama = info.stdout.strip() if info.returncode == 0 else f"unavailable ({info.stderr.strip()[-200:]})"
+    try:
+        info = subprocess.run([peers_python, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                              capture_output=True, text=True)
+        llama = info.stdout.strip() if info.returncode == 0 else f"unavailable ({info.stderr.strip()[-200:]})"
+    except OSError as e:
+        llama = f"unavailable ({e})"
     chosen = {}
     for s in settings:
         out = run([sys.executable, "-c", "from localmix.bench import kernels_used; print(kernels_used('numba'))"],
