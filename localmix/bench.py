@@ -84,17 +84,9 @@ def kernels_used(backend: str) -> str:
     """What ran the model's products, for the bench table: on the numba backend the kernels this CPU
     and LOCALMIX_KERNELS chose; other backends by name."""
     if backend == "numba":
-        return kernel_name()
+        from localmix import kernels  # numba: not for `bench --membw`
+        return kernels.kernel_name()
     return "numpy (reference)" if backend == "numpy" else backend
-
-
-# TODO lead: kernels.kernel_name -- a stand-in until localmix.kernels exports kernel_name() (the
-# names of features.kernel_name, less its 512-bit ones); then delete it and call kernels.kernel_name().
-def kernel_name() -> str:
-    from localmix import kernels  # numba: not for `bench --membw`
-    if not kernels.has_vector_kernels():
-        return "plain"
-    return "avx2" if kernels.vnni_instruction() is None else "avx2-vnni"
 
 
 def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, cold: bool = False,
