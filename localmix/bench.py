@@ -98,6 +98,7 @@ def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, 
     prompts = [bench_prompt(prompt_tokens, model.config.vocab_size, i) for i in range(concurrency)]
     prefill, decode = [], []
     experts = model.expert_cache
+    used_before = dict(model.tuner.used)  # the tuner counts over its life: earlier sizes' rows too
     decoding = Counter()  # the expert cache's counters while decoding, summed over the runs
     # Warm up as llama_speed.py does (8 prompt tokens, then start again): the first touch of each
     # memory-mapped weight page is paid here, not in the timed prefill.
@@ -122,7 +123,8 @@ def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, 
     decode_tok_s = concurrency * gen_tokens / float(np.mean(decode))
     return {**(experts.stats(dict(decoding)) if experts else {}), "cold": cold,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "threads": model.threads,
-        "tokens_per_thread_count": model.tuner.used,  # decoded tokens (all runs) with each thread count
+        # decoded tokens (all this call's runs) with each thread count
+        "tokens_per_thread_count": {n: used - used_before.get(n, 0) for n, used in model.tuner.used.items()},
         "concurrency": concurrency,
         "prefill_tok_s": prompt_tokens / float(np.mean(prefill)),
         "decode_tok_s": decode_tok_s,

@@ -200,3 +200,19 @@ def test_speed_script_alternates_the_programs_and_prints_what_ran(tmp_path, monk
     assert "| localmix 4-bit | 2 | 200.0 | 200.0 | 58.0 | 14.5 (58%) | 1.98x | 1.97x | 1.45x |" in out
     assert "| localmix 8-bit (AVX2 kernels only) | 1 | 150.0 | 150.0 | 58.0 | 14.5 (116%) | 1.49x | 1.48x | 1.45x |" in out
     assert out.count("\n| ") == 1 + 2 * 2 * 3  # the head, then threads x quantizations x (llama.cpp, 2 settings)
+
+
+def test_thread_counts_are_each_rows_own(tiny_model_dir, monkeypatch):
+    """The tuner counts decoded tokens over its life; a row reports only its own (3, then 2 x 5)."""
+    import numba
+
+    import localmix
+    from localmix import bench
+    from localmix.threads import ThreadTuner
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("a tuner that chooses needs two threads")
+    llm = localmix.load(tiny_model_dir)
+    monkeypatch.setattr(llm, "tuner", ThreadTuner(2))  # one that counts: the numpy backend's is fixed
+    first, second = bench.run(llm, 4, 3), bench.run(llm, 4, 5, repeat=2)
+    assert sum(first["tokens_per_thread_count"].values()) == 3
+    assert sum(second["tokens_per_thread_count"].values()) == 10
