@@ -11,6 +11,7 @@ the order of float additions: 1e-5.
 """
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -264,3 +265,28 @@ def test_the_avx2_path_without_vnni(tmp_path):
            "PYTHONPATH": str(Path(__file__).parent)}
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux machine code")
+def test_an_instruction_that_faults_is_found_in_a_child_process():
+    """amx_usable tries AMX's tiles in a forked child: a listed instruction that faults there (as
+    ud2 always does) reports False, and this process lives on."""
+    from localmix.kernels.features import runs_in_child
+    assert runs_in_child(b"\xc3") is True            # ret
+    assert runs_in_child(b"\x0f\x0b\xc3") is False   # ud2: SIGILL in the child
+    assert isinstance(kernels.amx_usable(), bool)
+    if not kernels.amx_usable():
+        assert not any(on for name, on in kernels.cpu_features().items() if name.startswith("amx"))
+
+
+def test_each_kernels_setting_compiles_into_a_cache_folder_of_its_own(tmp_path):
+    """LOCALMIX_KERNELS changes what the kernels compile to (avx2: no vpdpwssd), and Numba's cache
+    knows only the source and the CPU: a cached default build must not answer for LOCALMIX_KERNELS=avx2."""
+    def folder(setting):
+        env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "LOCALMIX_KERNELS")}
+        env.update(LOCALMIX_HOME=str(tmp_path), **({"LOCALMIX_KERNELS": setting} if setting else {}))
+        return subprocess.run([sys.executable, "-c", "import localmix, os; print(os.environ['NUMBA_CACHE_DIR'])"],
+                              env=env, capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+    folders = [folder(None), folder("avx2"), folder("plain"), folder(None)]
+    assert folders[0] == folders[3] and len(set(folders)) == 3
+    assert all(f.startswith(str(tmp_path)) for f in folders)

@@ -1,8 +1,14 @@
-"""What the kernels run on: the CPU's features (AVX2, FMA, F16C, VNNI) and LOCALMIX_KERNELS, the
-formats the vector kernels take, and the sizes they are tuned to (tile, prefetch distance, block).
+"""What the kernels run on: the CPU's features (AVX2, FMA, F16C, VNNI) and LOCALMIX_KERNELS,
+the formats the vector kernels take, and the sizes they are tuned to (tile, prefetch distance, block).
 
 LOCALMIX_KERNELS=plain runs the plain Numba loops even where the CPU has AVX2; LOCALMIX_KERNELS=avx2
-leaves VNNI's vpdpwssd out. Both are read once, on first use.
+runs what a CPU with AVX2 alone would (no VNNI's vpdpwssd). Both are read once, on
+first use, and are part of the kernels' cache folder's name (localmix/__init__.py).
+
+A feature the CPU lists is used only where the operating system lets a program use it: LLVM's list
+already checks that the OS saves the registers it needs (XCR0), and AMX, which Linux also makes a
+process ask for (a virtual machine may list it and refuse it: llama.cpp's native build dies there
+with SIGILL), is asked for and tried in a child process (`amx_usable`) before it is reported.
 
 float16 scales arrive as their uint16 bits (Numba has no float16 arrays): the vector path converts
 them in LLVM (`fpext half`), the plain path through HALF_TO_FLOAT, a 65536-entry table.
@@ -27,24 +33,86 @@ PREFETCH = 8192       # bytes ahead of the row being read: with the hardware pre
 BLOCK_BYTES = 16384   # weight rows per block in prefill: a block stays in L1 while tiles of tokens pass
 
 
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
+# ldtilecfg [rdi]; tilezero tmm0; tilerelease; ret
+_AMX_PROBE = bytes.fromhex("c4e2784907" "c4e27b49c0" "c4e27849c0" "c3")
+
+
+@functools.cache
+def amx_usable() -> bool:
+    """Whether AMX's tiles work in this process: Linux (5.16 on) grants them only on request (a
+    process that does not ask dies with SIGILL on its first tile instruction), and a virtual machine
+    may list them and still fault. So: ask, then configure and zero a tile in a child process."""
+    import ctypes
+    import platform
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        if ctypes.CDLL(None).syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    return runs_in_child(_AMX_PROBE)
+
+
+def runs_in_child(code: bytes) -> bool:
+    """Whether x86-64 machine code (a function of one pointer argument: a zeroed 64-byte tile
+    configuration naming palette 1 with one 16 x 64-byte tile) returns normally in a forked child:
+    a fault there (SIGILL) ends only the child."""
+    import ctypes
+    import faulthandler
+    import mmap
+    try:
+        memory = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        memory.write(code)
+        function = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ctypes.addressof(ctypes.c_char.from_buffer(memory)))
+        config = (ctypes.c_uint8 * 64)(1)  # palette 1; tmm0: 16 rows of 64 bytes
+        config[16], config[48] = 64, 16
+        pid = os.fork()
+        if pid == 0:
+            faulthandler.disable()  # a fault here is an answer, not a crash to report
+            function(ctypes.addressof(config))
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    except (OSError, ValueError):
+        return False
+
+
 @functools.cache
 def cpu_features() -> dict:
-    return dict(llvm.get_host_cpu_features())
+    """LLVM's view of the host CPU, less AMX where it does not work (amx_usable)."""
+    features = dict(llvm.get_host_cpu_features())
+    if any(name.startswith("amx") and on for name, on in features.items()) and not amx_usable():
+        features = {name: on and not name.startswith("amx") for name, on in features.items()}
+    return features
+
+
+def _kernels_setting() -> str:
+    return os.environ.get("LOCALMIX_KERNELS", "")
 
 
 @functools.cache
 def has_vector_kernels() -> bool:
     """Whether this CPU runs the AVX2 kernels (and LOCALMIX_KERNELS=plain does not turn them off)."""
-    if os.environ.get("LOCALMIX_KERNELS", "") == "plain":
+    if _kernels_setting() == "plain":
         return False
     return all(cpu_features().get(f, False) for f in ("avx2", "fma", "f16c"))
+
+
+def kernel_name() -> str:
+    """What runs the quantized products here, in a word: avx2-vnni (256-bit vectors with vpdpwssd, VEX
+    or EVEX), avx2 or plain."""
+    if not has_vector_kernels():
+        return "plain"
+    return "avx2-vnni" if vnni_instruction() else "avx2"
 
 
 def vnni_instruction() -> str | None:
     """vpdpwssd (multiply int16 pairs, add them and accumulate: one instruction for pmaddwd and
     paddd) in 256 bits, VEX-encoded (AVX-VNNI) or EVEX (AVX512-VNNI with VL); None without."""
     f = cpu_features()
-    if os.environ.get("LOCALMIX_KERNELS", "") == "avx2":
+    if _kernels_setting() == "avx2":
         return None
     if f.get("avxvnni", False):
         return "{vex} vpdpwssd"
