@@ -155,7 +155,7 @@ def speed_table(runs: dict, bandwidth: dict, prompts: list[int]) -> str:
 
 def cpu_summary(cpuinfo: str, cpus: int | None) -> str:
     """The CPU's model (from /proc/cpuinfo's text) and which of FLAGS it lists: listed is not
-    usable, a virtual machine may list AMX and fault on it."""
+    usable (whether AMX works is tried: see system_lines)."""
     model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
     flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
     listed = set(flags.group(1).split()) if flags else set()
@@ -181,10 +181,13 @@ def system_lines(peers_python: str, settings: list[str]) -> list[str]:
         out = run([sys.executable, "-c", "from localmix.bench import kernels_used; print(kernels_used('numba'))"],
                   env=localmix_env(s))
         chosen[s] = out.strip()
+    amx = run([sys.executable, "-c", "from localmix.kernels import amx_usable; print(amx_usable())"],
+              env=localmix_env()).strip()
     commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip() or "unknown"
     return [cpu_summary(cpuinfo, os.cpu_count()), f"llama.cpp system info: {llama}",
-            "localmix kernels: " + ", ".join(f"{s} -> {name}" for s, name in chosen.items()) + f"; commit {commit}"]
+            "localmix kernels: " + ", ".join(f"{s} -> {name}" for s, name in chosen.items())
+            + f"; AMX tiles work here (asked for, tried): {amx}; commit {commit}"]
 
 
 def record(runs: dict, key: tuple, round_: int, figures: dict) -> None:

@@ -275,8 +275,6 @@ def test_an_instruction_that_faults_is_found_in_a_child_process():
     assert runs_in_child(b"\xc3") is True            # ret
     assert runs_in_child(b"\x0f\x0b\xc3") is False   # ud2: SIGILL in the child
     assert isinstance(kernels.amx_usable(), bool)
-    if not kernels.amx_usable():
-        assert not any(on for name, on in kernels.cpu_features().items() if name.startswith("amx"))
 
 
 def test_each_kernels_setting_compiles_into_a_cache_folder_of_its_own(tmp_path):

@@ -5,10 +5,11 @@ LOCALMIX_KERNELS=plain runs the plain Numba loops even where the CPU has AVX2; L
 runs what a CPU with AVX2 alone would (no VNNI's vpdpwssd). Both are read once, on
 first use, and are part of the kernels' cache folder's name (localmix/__init__.py).
 
-A feature the CPU lists is used only where the operating system lets a program use it: LLVM's list
-already checks that the OS saves the registers it needs (XCR0), and AMX, which Linux also makes a
-process ask for (a virtual machine may list it and refuse it: llama.cpp's native build dies there
-with SIGILL), is asked for and tried in a child process (`amx_usable`) before it is reported.
+A feature the CPU lists is not always one a program may use: LLVM's list already checks that the OS
+saves the registers it needs (XCR0), but AMX, which the kernels do not use, Linux also makes a
+process ask for (one that does not dies with SIGILL, as llama.cpp's native build did here), and a
+virtual machine may list it and fault. `amx_usable` asks and tries a tile in a child process; it
+is for reports (scripts/speed_vs_llama.py), not called on the way to a model's first token.
 
 float16 scales arrive as their uint16 bits (Numba has no float16 arrays): the vector path converts
 them in LLVM (`fpext half`), the plain path through HALF_TO_FLOAT, a 65536-entry table.
@@ -81,11 +82,7 @@ def runs_in_child(code: bytes) -> bool:
 
 @functools.cache
 def cpu_features() -> dict:
-    """LLVM's view of the host CPU, less AMX where it does not work (amx_usable)."""
-    features = dict(llvm.get_host_cpu_features())
-    if any(name.startswith("amx") and on for name, on in features.items()) and not amx_usable():
-        features = {name: on and not name.startswith("amx") for name, on in features.items()}
-    return features
+    return dict(llvm.get_host_cpu_features())
 
 
 def _kernels_setting() -> str:
