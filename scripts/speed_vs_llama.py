@@ -61,7 +61,8 @@ def localmix(*args: str, kernels: str = "default") -> str:
 
 def counts(text: str) -> list[int]:
     """128,512 -> [128, 512] (argparse's type), each once. Not localmix.bench.parse_counts: importing
-    localmix here would set NUMBA_CACHE_DIR for every process this script starts (see localmix_env)."""
+    localmix here would make its kernels' cache folder under the default LOCALMIX_HOME (main points
+    it at WORKDIR later) and put NUMBA_CACHE_DIR into the peers' processes' environment."""
     if not re.fullmatch(r"[1-9][0-9]{0,8}(,[1-9][0-9]{0,8})*", text) or len(set(text.split(","))) < text.count(",") + 1:
         raise argparse.ArgumentTypeError(f"different counts of at least 1 separated by commas (e.g. 128,512), "
                                          f"not {text!r}")
