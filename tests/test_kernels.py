@@ -238,6 +238,15 @@ def test_dequantize_kernel_matches_its_twin(bits):
     np.testing.assert_array_equal(kernels.dequantize(*m[:3], bits, 64), dequantize(*m[:3], bits, 64))
 
 
+def test_exp32_is_within_three_ulps_of_numpy_s_exp():
+    from localmix.kernels.exp import exp32_array, exp32_reference
+    x = np.concatenate([np.linspace(-100, 100, 400_001, dtype=np.float32), [0.0, -0.0, 1e-30, -1e-30]]).astype(np.float32)
+    ours, reference = exp32_array(x), exp32_reference(x)
+    assert np.isfinite(ours).all() and (ours > 0).all()
+    ulps = np.abs(ours.view(np.int32).astype(np.int64) - reference.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 3, x[np.argmax(ulps)]
+
+
 def test_half_table_decodes_every_float16():
     bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
     expected = bits.view(np.float16).astype(np.float32)
@@ -246,15 +255,16 @@ def test_half_table_decodes_every_float16():
 
 
 def test_the_avx2_path_without_vnni(tmp_path):
-    """CPUs with AVX2 but no VNNI run pmaddwd + paddd: compiled here in a separate process, with
-    its own Numba cache (the kernels compiled for this CPU are cached with VNNI)."""
+    """CPUs with AVX2 but no VNNI run pmaddwd + paddd, and with 16 vector registers a tile of one
+    row: compiled here for Haswell in a separate process, with its own Numba cache (the kernels
+    compiled for this CPU are cached with VNNI)."""
     needs(True)
     script = tmp_path / "check.py"
     script.write_text(
         "import numpy as np\n"
         "from localmix import kernels\n"
         "from test_kernels import packed_matrix, activations, assert_within_activation_rounding\n"
-        "assert kernels.vnni_instruction() is None\n"
+        "assert kernels.vnni_instruction() is None and kernels.TILE_ROWS == 1\n"
         "rng = np.random.default_rng(0)\n"
         "for bits, group_size in kernels.FORMATS:\n"
         "    m = packed_matrix(rng, (37, 256), bits, group_size)\n"
@@ -262,7 +272,8 @@ def test_the_avx2_path_without_vnni(tmp_path):
         "    assert_within_activation_rounding(kernels.matmul(x, m, vector=True), x, m)\n"
         "print('ok')\n")
     env = {**os.environ, "LOCALMIX_KERNELS": "avx2", "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
-           "PYTHONPATH": str(Path(__file__).parent)}
+           "NUMBA_CPU_NAME": "haswell", "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop("NUMBA_CPU_FEATURES", None)
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 

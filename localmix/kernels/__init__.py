@@ -6,8 +6,10 @@ One module per concern, each read on its own:
 
     features      what runs: CPU features, LOCALMIX_KERNELS, the formats, tile and block sizes
     activations   activations quantized to int16 once per product, in the order the kernels read
-    llvm_rows     the vector row product emitted as LLVM IR (AVX2 `vpmaddwd`, VNNI `vpdpwssd`)
+    llvm_rows     the vector row products emitted as LLVM IR (AVX2 `vpmaddwd`, VNNI `vpdpwssd`),
+                  one row by one token, or tiles of rows by tokens
     products      packed matrix products: a batch of matrices per call, vector or plain; dequantize
+    exp           a float32 exp that vectorizes (SwiGLU, attention's softmax)
     experts       SwiGLU and the experts' feed-forward
     small_ops     routing, RMSNorm, rotary embedding, attention
     fused_decode  a decoded token's layer in three compiled calls
@@ -22,7 +24,7 @@ was compiled with when only the callee's file changes. So the cache folder is na
 this package's source (localmix/__init__.py): any edit here compiles afresh.
 """
 
-from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, PREFETCH, TILE, amx_usable, cpu_features,
+from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, PREFETCH, TILE, TILE_ROWS, amx_usable, cpu_features,
                                        has_vector_kernels, kernel_name, values_per_lane, vnni_instruction)
 from localmix.kernels.activations import QuantizedActivations, quantize_activations
 from localmix.kernels.llvm_rows import row_products

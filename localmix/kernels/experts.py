@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from localmix.kernels.exp import exp32
 from localmix.kernels.products import Job, run_jobs
 
 
@@ -14,11 +15,12 @@ def _swiglu(gate_up):
     for t in prange(T):
         for n in range(N):
             g = gate_up[t, n]
-            out[t, n] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, N + n]
+            out[t, n] = g / (np.float32(1.0) + exp32(-g)) * gate_up[t, N + n]
     return out
 
 
-# Not fastmath: the one-row and many-row variants must round alike (see _quantizer).
+# Not fastmath: the one-row and many-row variants must round alike (see _quantizer); exp32 is
+# vectorized all the same.
 _swiglu_serial = njit(cache=True, nogil=True)(_swiglu)
 _swiglu_parallel = njit(cache=True, nogil=True, parallel=True)(_swiglu)
 

@@ -1,5 +1,6 @@
 """What the kernels run on: the CPU's features (AVX2, FMA, F16C, VNNI) and LOCALMIX_KERNELS,
-the formats the vector kernels take, and the sizes they are tuned to (tile, prefetch distance, block).
+the formats the vector kernels take, and the sizes they are tuned to (tile, prefetch distance, block,
+the rows per tile that the CPU's vector registers hold).
 
 LOCALMIX_KERNELS=plain runs the plain Numba loops even where the CPU has AVX2; LOCALMIX_KERNELS=avx2
 runs what a CPU with AVX2 alone would (no VNNI's vpdpwssd). Both are read once, on
@@ -85,6 +86,17 @@ def cpu_features() -> dict:
     return dict(llvm.get_host_cpu_features())
 
 
+def vector_registers() -> int:
+    """The vector registers of the CPU Numba compiles for: 32 with AVX-512 (also for 256-bit code),
+    16 with AVX2. A CPU named in NUMBA_CPU_NAME without NUMBA_CPU_FEATURES counts as 16."""
+    from numba.core import config
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        features = {f[1:]: f[0] == "+" for f in (config.CPU_FEATURES or "").split(",") if f}
+    else:
+        features = cpu_features()
+    return 32 if features.get("avx512f", False) else 16
+
+
 def _kernels_setting() -> str:
     return os.environ.get("LOCALMIX_KERNELS", "")
 
@@ -120,3 +132,10 @@ def vnni_instruction() -> str | None:
 
 def values_per_lane(bits: int) -> int:
     return 16 // bits
+
+
+# Rows of weights per full tile of prompt tokens: with two, each activation vector loaded serves
+# both rows, but the tile then holds 2 x TILE accumulators, 2 x TILE sums and both rows' unpacked
+# lanes, which fits in AVX-512's 32 vector registers and not in AVX2's 16 (4-bit prompts' products:
+# +30% on a Zen 5 with 32, -10% when compiled for Haswell's 16: scripts/kernel_gops.py).
+TILE_ROWS = 2 if vector_registers() == 32 else 1

@@ -10,7 +10,9 @@ registers, with no unpacking to bytes and no shuffles; in prompts `vpdpwssd` whe
 Per group, in float32: s dx (q . v) + b sum(x) + s m (sum(x) - sum(x~)): the weights centred on the
 middle m of their range (see quantize_activations). One token (decoding) sums eight groups' dot
 products across lanes together and converts their scales as one vector; a prompt multiplies tiles of
-TILE tokens per pass over a weight row (localmix.kernels.products passes tiles over blocks of rows).
+TILE tokens by TILE_ROWS rows per pass (localmix.kernels.products passes tiles over blocks of rows):
+each chunk of weights is unpacked once for the tile's tokens, each activation vector loaded once for
+its rows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from localmix.kernels.features import FORMATS, PREFETCH, TILE, values_per_lane, vnni_instruction
+from localmix.kernels.features import FORMATS, PREFETCH, TILE, TILE_ROWS, values_per_lane, vnni_instruction
 
 
 # Numba does not set up LLVM's assembly parser, which the inline vpdpwssd needs: whenever a kernel
@@ -50,7 +52,8 @@ class _RowEmitter:
     def __init__(self, builder, bits, group_size, args):
         self.b, self.bits = builder, bits
         (self.w_addr, self.s_addr, self.b_addr, self.x_addr, self.dx_addr, self.sums_addr, self.x_stride,
-         self.dx_stride, self.g_stride, self.out_addr, self.out_stride, self.units) = args
+         self.dx_stride, self.g_stride, self.out_addr, self.out_stride, self.units, self.w_row_stride,
+         self.s_row_stride) = args
         self.per_lane = values_per_lane(bits)
         self.chunk_values = 16 * self.per_lane
         unit_values = max(group_size, self.chunk_values)
@@ -101,30 +104,39 @@ class _RowEmitter:
         pair = self.b.insert_element(self.splat(values[0], 2), values[1], self.const(1, _i32))
         return self.b.shuffle_vector(pair, pair, ir.Constant(_vector(_i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
 
-    def unit_dots(self, u, tokens):
-        """[8 x i32] partial dot products of unit u with each token's activations."""
-        b, sums = self.b, [None] * tokens
+    def row_addr(self, addr, r, stride):  # row r of a tile of rows
+        return addr if r == 0 else self.b.add(addr, self.b.mul(self.const(r), stride))
+
+    def unit_dots(self, u, tokens, rows=1):
+        """[8 x i32] partial dot products of unit u of each row with each token's activations
+        (sums[r][t]): each weight chunk is unpacked once for all tokens, each activation vector
+        loaded once for all rows."""
+        b, sums = self.b, [[None] * tokens for _ in range(rows)]
         mask = ir.Constant(_vector(_i16, 16), [(1 << self.bits) - 1] * 16)
         for c in range(self.chunks_per_unit):
             chunk = b.add(b.mul(u, self.const(self.chunks_per_unit)), self.const(c))
-            w = self.load(self.at(self.w_addr, chunk, 32), _vector(_i16, 16))
-            ahead = b.add(self.at(self.w_addr, chunk, 32), self.const(PREFETCH))
-            b.call(self.prefetch, [b.inttoptr(ahead, ir.IntType(8).as_pointer()), self.const(0, _i32),
-                                   self.const(3, _i32), self.const(1, _i32)])
-            lanes = [b.and_(b.lshr(w, ir.Constant(_vector(_i16, 16), [self.bits * j] * 16)), mask)
-                     for j in range(self.per_lane)]
+            lanes = []
+            for r in range(rows):
+                w_chunk = self.at(self.row_addr(self.w_addr, r, self.w_row_stride), chunk, 32)
+                w = self.load(w_chunk, _vector(_i16, 16))
+                ahead = b.add(w_chunk, self.const(PREFETCH))
+                b.call(self.prefetch, [b.inttoptr(ahead, ir.IntType(8).as_pointer()), self.const(0, _i32),
+                                       self.const(3, _i32), self.const(1, _i32)])
+                lanes.append([b.and_(b.lshr(w, ir.Constant(_vector(_i16, 16), [self.bits * j] * 16)), mask)
+                              for j in range(self.per_lane)])
             x_chunk = self.at(self.x_addr, chunk, 2 * self.chunk_values)
             for t in range(tokens):
                 x_t = b.add(x_chunk, b.mul(self.const(t), self.x_stride))
                 for j in range(self.per_lane):
                     xj = self.load(x_t, _vector(_i16, 16), self.const(32 * j))
-                    # vpdpwssd for tiles only: alone, its chained accumulation is slower than
-                    # pmaddwd + paddd (one token streams 20 GB/s here with those, 17 with it)
-                    if self.dpwssd and tokens > 1 and sums[t] is not None:
-                        sums[t] = b.call(self.dpwssd, [sums[t], lanes[j], xj])
-                    else:
-                        p = b.call(self.maddwd, [lanes[j], xj])
-                        sums[t] = p if sums[t] is None else b.add(sums[t], p)
+                    for r in range(rows):
+                        # vpdpwssd for tiles only: alone, its chained accumulation is slower than
+                        # pmaddwd + paddd (one token streams 20 GB/s here with those, 17 with it)
+                        if self.dpwssd and tokens > 1 and sums[r][t] is not None:
+                            sums[r][t] = b.call(self.dpwssd, [sums[r][t], lanes[r][j], xj])
+                        else:
+                            p = b.call(self.maddwd, [lanes[r][j], xj])
+                            sums[r][t] = p if sums[r][t] is None else b.add(sums[r][t], p)
         return sums
 
     def loop(self, count, carried, body):
@@ -150,43 +162,50 @@ class _RowEmitter:
         b.position_at_end(done)
         return new
 
-    def store(self, t, value):
+    def store(self, t, value, r=0):  # out[t, r]
         b = self.b
-        b.store(value, b.inttoptr(b.add(self.out_addr, b.mul(self.const(t), self.out_stride)), _f32.as_pointer()))
+        at = b.add(b.add(self.out_addr, b.mul(self.const(t), self.out_stride)), self.const(4 * r))
+        b.store(value, b.inttoptr(at, _f32.as_pointer()))
 
     def zeros(self, n):
         return ir.Constant(_vector(_f32, n), [0.0] * n)
 
-    def tile(self, tokens):
-        """A tile of tokens: the weights are unpacked once per unit for all of them. The sums
+    def tile(self, tokens, rows):
+        """A tile of tokens times a tile of consecutive rows: the weights are unpacked once per
+        unit for all the tokens, the activations loaded once for all the rows. The sums
         (token-minor) give the biases' part of all the tile's tokens as one vector."""
         b = self.b
 
         def body(u, carried):
-            acc, bias_acc = carried[:tokens], carried[tokens]
-            sums = self.unit_dots(u, tokens)
+            acc, bias_acc = carried[:rows * tokens], carried[rows * tokens:]
+            sums = self.unit_dots(u, tokens, rows)
             groups = [b.add(b.mul(u, self.const(self.groups_per_unit)), self.const(k))
                       for k in range(self.groups_per_unit)]
-            scales = [self.halves(self.s_addr, g) for g in groups]
-            biases = [self.halves(self.b_addr, g) for g in groups]
-            scale = self.lanes_of(scales)
-            new_acc = []
-            for t in range(tokens):
-                dx_t = b.add(self.dx_addr, b.mul(self.const(t), self.dx_stride))
-                dx = self.lanes_of([self.load(self.at(dx_t, g, 4), _f32) for g in groups])
-                new_acc.append(self.fma(b.sitofp(sums[t], _vector(_f32, 8)), b.fmul(scale, dx), acc[t]))
-            for bias, scale_g, g in zip(biases, scales, groups):  # b sum(x) + s m (sum x - sum x~)
-                sums_g = b.add(self.sums_addr, b.mul(g, self.g_stride))
-                bias_acc = self.fma(self.splat(bias, tokens), self.load(sums_g, _vector(_f32, tokens)), bias_acc)
-                residual = self.load(sums_g, _vector(_f32, tokens), b.sdiv(self.g_stride, self.const(2)))
-                bias_acc = self.fma(self.splat(scale_g, tokens), residual, bias_acc)
-            return new_acc + [bias_acc]
+            dx = [self.lanes_of([self.load(self.at(b.add(self.dx_addr, b.mul(self.const(t), self.dx_stride)), g, 4),
+                                           _f32) for g in groups]) for t in range(tokens)]
+            new_acc, new_bias = [], []
+            for r in range(rows):
+                scales = [self.halves(self.row_addr(self.s_addr, r, self.s_row_stride), g) for g in groups]
+                biases = [self.halves(self.row_addr(self.b_addr, r, self.s_row_stride), g) for g in groups]
+                scale = self.lanes_of(scales)
+                for t in range(tokens):
+                    new_acc.append(self.fma(b.sitofp(sums[r][t], _vector(_f32, 8)), b.fmul(scale, dx[t]),
+                                            acc[r * tokens + t]))
+                row_bias = bias_acc[r]
+                for bias, scale_g, g in zip(biases, scales, groups):  # b sum(x) + s m (sum x - sum x~)
+                    sums_g = b.add(self.sums_addr, b.mul(g, self.g_stride))
+                    row_bias = self.fma(self.splat(bias, tokens), self.load(sums_g, _vector(_f32, tokens)), row_bias)
+                    residual = self.load(sums_g, _vector(_f32, tokens), b.sdiv(self.g_stride, self.const(2)))
+                    row_bias = self.fma(self.splat(scale_g, tokens), residual, row_bias)
+                new_bias.append(row_bias)
+            return new_acc + new_bias
 
-        final = self.loop(self.units, [self.zeros(8)] * tokens + [self.zeros(tokens)], body)
-        for t in range(tokens):
-            total = b.fadd(b.call(self.reduce, [self.const(-0.0, _f32), final[t]]),
-                           b.extract_element(final[tokens], self.const(t, _i32)))
-            self.store(t, total)
+        final = self.loop(self.units, [self.zeros(8)] * (rows * tokens) + [self.zeros(tokens)] * rows, body)
+        for r in range(rows):
+            for t in range(tokens):
+                total = b.fadd(b.call(self.reduce, [self.const(-0.0, _f32), final[r * tokens + t]]),
+                               b.extract_element(final[rows * tokens + r], self.const(t, _i32)))
+                self.store(t, total, r)
 
     def single(self):
         """One token (decoding). Where a unit is one group and the groups come in eights, eight
@@ -207,7 +226,7 @@ class _RowEmitter:
 
             def eight(i, carried):
                 acc, bias_acc = carried
-                dots = [self.unit_dots(b.add(b.mul(i, self.const(8)), self.const(k)), 1)[0] for k in range(8)]
+                dots = [self.unit_dots(b.add(b.mul(i, self.const(8)), self.const(k)), 1)[0][0] for k in range(8)]
                 for pattern in ([0, 8, 2, 10, 4, 12, 6, 14], [0, 1, 8, 9, 4, 5, 12, 13], [0, 1, 2, 3, 8, 9, 10, 11]):
                     other = [p + (1 if pattern[1] == 8 else 2 if pattern[2] == 8 else 4) for p in pattern]
                     dots = [b.add(b.shuffle_vector(dots[k], dots[k + 1], ir.Constant(_vector(_i32, 8), pattern)),
@@ -230,7 +249,7 @@ class _RowEmitter:
 
         def unit(u, carried):
             acc, bias_acc = carried
-            dot = self.unit_dots(u, 1)[0]
+            dot = self.unit_dots(u, 1)[0][0]
             groups = [b.add(b.mul(u, self.const(self.groups_per_unit)), self.const(k))
                       for k in range(self.groups_per_unit)]
             scales = [self.halves(self.s_addr, g) for g in groups]
@@ -252,28 +271,32 @@ class _RowEmitter:
 
 
 @intrinsic
-def row_products(typingctx, bits, group_size, tokens, w_addr, s_addr, b_addr, x_addr, dx_addr, sums_addr,
-                 x_stride, dx_stride, g_stride, out_addr, out_stride, units):
-    """row_products(bits, group_size, tokens, addresses and strides...): `tokens` (1 or TILE) dot
-    products of one packed weight row with consecutive quantized activation rows, stored as
-    float32. One loop per format and token count is emitted, and a switch on the three picks it:
-    the format is a runtime value so that the kernels calling this have no per-format closures,
-    which Numba's cache could not find again on the next start."""
-    sig = types.void(*[types.int64] * 15)
+def row_products(typingctx, bits, group_size, tokens, rows, w_addr, s_addr, b_addr, x_addr, dx_addr, sums_addr,
+                 x_stride, dx_stride, g_stride, out_addr, out_stride, units, w_row_stride, s_row_stride):
+    """row_products(bits, group_size, tokens, rows, addresses and strides...): the dot products of
+    `rows` consecutive packed weight rows (1, or TILE_ROWS in a full tile) with `tokens` (1 to TILE)
+    consecutive quantized activation rows, stored as float32. One loop per format and tile shape
+    is emitted, and a switch picks it: the format is a runtime value so that the kernels calling
+    this have no per-format closures, which Numba's cache could not find again on the next start."""
+    sig = types.void(*[types.int64] * 19)
+
+    def key(bits, group_size, tokens, rows):
+        return ((bits * 256 + group_size) * 16 + tokens) * 16 + rows
 
     def codegen(context, builder, signature, args):
-        key = builder.add(builder.add(builder.mul(args[0], ir.Constant(_i64, 4096)),
-                                      builder.mul(args[1], ir.Constant(_i64, 16))), args[2])
+        k = args[0]
+        for arg, size in zip(args[1:4], (256, 16, 16)):
+            k = builder.add(builder.mul(k, ir.Constant(_i64, size)), arg)
         done = builder.append_basic_block("formats_done")
         unsupported = builder.append_basic_block("unsupported")
-        switch = builder.switch(key, unsupported)
+        switch = builder.switch(k, unsupported)
         for bits, group_size in FORMATS:
-            for tokens in range(1, TILE + 1):
-                block = builder.append_basic_block(f"q{bits}_g{group_size}_t{tokens}")
-                switch.add_case(ir.Constant(_i64, bits * 4096 + group_size * 16 + tokens), block)
+            for tokens, rows in [(t, 1) for t in range(1, TILE + 1)] + [(TILE, TILE_ROWS)] * (TILE_ROWS > 1):
+                block = builder.append_basic_block(f"q{bits}_g{group_size}_t{tokens}_r{rows}")
+                switch.add_case(ir.Constant(_i64, key(bits, group_size, tokens, rows)), block)
                 builder.position_at_end(block)
-                emitter = _RowEmitter(builder, bits, group_size, args[3:])
-                emitter.single() if tokens == 1 else emitter.tile(tokens)
+                emitter = _RowEmitter(builder, bits, group_size, args[4:])
+                emitter.single() if tokens == 1 else emitter.tile(tokens, rows)
                 builder.branch(done)
         builder.position_at_end(unsupported)  # callers check the format first
         builder.branch(done)

@@ -14,7 +14,7 @@ from numba import njit, prange
 
 from localmix import kernels
 from localmix.kernels.activations import QuantizedActivations, quantize_activations
-from localmix.kernels.features import BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, values_per_lane
+from localmix.kernels.features import BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, TILE_ROWS, values_per_lane
 from localmix.kernels.llvm_rows import row_products
 from localmix.quant.affine import dequantize as dequantize_reference
 
@@ -74,10 +74,14 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
             # a tile reads the token-minor sums, one token the token-major ones
             s = xs.ctypes.data + row * 4 if width > 1 else xt.ctypes.data + row * xt.strides[0]
             o = out.ctypes.data + (job[OUT_ROW] + t) * o_stride + 4 * job[OUT_COL]
-            for n in range(blocks[i, 1], blocks[i, 2]):
+            n = blocks[i, 1]
+            while n < blocks[i, 2]:
+                rows = TILE_ROWS if width == TILE and n + TILE_ROWS <= blocks[i, 2] else 1
                 args = (job[W] + n * job[W_STRIDE], job[S] + n * job[S_STRIDE], job[B] + n * job[S_STRIDE],
-                        x, d, s, x_stride, d_stride, s_stride, o + 4 * n, o_stride, job[UNITS])
-                row_products(bits, group_size, width, *args)
+                        x, d, s, x_stride, d_stride, s_stride, o + 4 * n, o_stride, job[UNITS], job[W_STRIDE],
+                        job[S_STRIDE])
+                row_products(bits, group_size, width, rows, *args)
+                n += rows
             t += width
 
 
