@@ -76,8 +76,9 @@ def test_activations_are_int16_in_kernel_order(bits, group_size):
     x = activations(rng, 5, 512)
     q = kernels.quantize_activations(x, bits, group_size)
     per_lane = kernels.values_per_lane(bits)
-    # back to natural order: kernel order is [chunk][slot][lane], natural [chunk][lane][slot]
-    natural = q.values.reshape(5, -1, per_lane, 16).transpose(0, 1, 3, 2).reshape(5, -1)[:, :512]
+    # back to natural order: kernel order is [pair of chunks][slot][chunk][lane], natural
+    # [pair][chunk][lane][slot]
+    natural = q.values.reshape(5, -1, per_lane, 2, 16).transpose(0, 1, 3, 4, 2).reshape(5, -1)[:, :512]
     scale_per_value = np.repeat(q.scales, group_size, axis=1)
     assert np.abs(natural * scale_per_value - x).max() <= 0.5001 * scale_per_value.max()
     np.testing.assert_allclose(q.scales, np.abs(x).reshape(5, -1, group_size).max(axis=2) / 32767, rtol=1e-6)
@@ -264,7 +265,7 @@ def test_the_avx2_path_without_vnni(tmp_path):
         "import numpy as np\n"
         "from localmix import kernels\n"
         "from test_kernels import packed_matrix, activations, assert_within_activation_rounding\n"
-        "assert kernels.vnni_instruction() is None and kernels.TILE_ROWS == 1\n"
+        "assert kernels.vnni_instruction() is None and kernels.TILE_ROWS == 1 and not kernels.WIDE_TILES\n"
         "rng = np.random.default_rng(0)\n"
         "for bits, group_size in kernels.FORMATS:\n"
         "    m = packed_matrix(rng, (37, 256), bits, group_size)\n"
@@ -299,3 +300,21 @@ def test_each_kernels_setting_compiles_into_a_cache_folder_of_its_own(tmp_path):
     folders = [folder(None), folder("avx2"), folder("plain"), folder(None)]
     assert folders[0] == folders[3] and len(set(folders)) == 3
     assert all(f.startswith(str(tmp_path)) for f in folders)
+
+
+def test_serial_and_parallel_variants_are_cached_apart(tmp_path):
+    """SwiGLU's and the quantizer's one-row and many-row variants have the same code; Numba's cache,
+    which keys a function by its code and closure values and not by its options, must not hand the
+    variant compiled first (here the one-row one) to the other: each compiles its own, in a fresh cache."""
+    script = (
+        "import numpy as np\n"
+        "from localmix.kernels import activations, experts\n"
+        "experts.swiglu(np.ones((1, 4), np.float32)); experts.swiglu(np.ones((3, 4), np.float32))\n"
+        "activations.quantize_activations(np.ones((1, 64), np.float32), 4, 64)\n"
+        "activations.quantize_activations(np.ones((3, 64), np.float32), 4, 64)\n"
+        "many = [experts._swiglu_parallel, activations._QUANTIZERS[4, 64, True]]\n"
+        "print(*[sum(f.stats.cache_misses.values()) for f in many])\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1", "1"], result.stdout

@@ -37,13 +37,14 @@ def _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token):
         dx[t, g] = d
         sums[g, 0, t] = sums_by_token[t, 0, g] = total
         sums[g, 1, t] = sums_by_token[t, 1, g] = middle * (total - d * np.float32(rounded))
-    # value (lane, slot) of a chunk goes to slot * 16 + lane: every lane's value j side by side
+    # value (lane, slot) of chunk c goes to slot * 32 + (c % 2) * 16 + lane of c's pair of chunks:
+    # every lane's value j side by side, for a 32-byte chunk and for a 64-byte one (two chunks)
     for chunk in range(xq.shape[1] // per_chunk):
-        base = chunk * per_chunk
+        base, pair = chunk * per_chunk, (chunk // 2) * 2 * per_chunk + (chunk % 2) * 16
         for slot in range(per_lane):
             for lane in range(16):
                 k = base + lane * per_lane + slot
-                xq[t, base + slot * 16 + lane] = values[k] if k < K else 0
+                xq[t, pair + slot * 32 + lane] = values[k] if k < K else 0
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -53,28 +54,40 @@ def _quantize_serial(x, bits, group_size, xq, dx, sums, sums_by_token):
         _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token)
 
 
-def _quantizer(bits: int, group_size: int, parallel: bool):
-    # The format as constants: prompts quantize three times faster than with runtime values. The
-    # one-row and the many-row variants compile the same body, so a row comes out the same from
-    # both: an expert cache that splits a prompt's experts into batches changes no logit.
-    @njit(cache=True, nogil=True, fastmath=True, parallel=parallel)
+# The format as constants: prompts quantize three times faster than with runtime values. The
+# one-row and the many-row variants compile the same body, so a row comes out the same from both:
+# an expert cache that splits a prompt's experts into batches changes no logit. They are two
+# definitions, not one made twice with another `parallel`: Numba's cache tells functions apart by
+# their code and the closure values they read, not by their options, and handed whichever variant
+# it had compiled first to the other (prompts quantized on one thread, or each row started threads).
+def _quantizer(bits: int, group_size: int):
+    @njit(cache=True, nogil=True, fastmath=True)
     def quantize(x, xq, dx, sums, sums_by_token):
-        for t in prange(x.shape[0]):
+        for t in range(x.shape[0]):
             _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token)
 
     return quantize
 
 
-_QUANTIZERS = {(bits, group_size, parallel): _quantizer(bits, group_size, parallel)
+def _parallel_quantizer(bits: int, group_size: int):
+    @njit(cache=True, nogil=True, fastmath=True, parallel=True)
+    def quantize_rows(x, xq, dx, sums, sums_by_token):
+        for t in prange(x.shape[0]):
+            _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token)
+
+    return quantize_rows
+
+
+_QUANTIZERS = {(bits, group_size, parallel): (_parallel_quantizer if parallel else _quantizer)(bits, group_size)
                for bits in (2, 4, 8) for group_size in (32, 64, 128) for parallel in (False, True)}
 
 
 @njit(cache=True, nogil=True)
 def _activation_arrays(T, K, bits, group_size):
-    """The arrays of QuantizedActivations for T rows of K values: values in whole 32-byte chunks
-    of weights, zero-padded."""
-    per_chunk = 256 // bits
-    return (np.empty((T, (K + per_chunk - 1) // per_chunk * per_chunk), np.int16),
+    """The arrays of QuantizedActivations for T rows of K values: values in whole 64-byte blocks
+    of weights (two 32-byte chunks), zero-padded."""
+    per_block = 512 // bits
+    return (np.empty((T, (K + per_block - 1) // per_block * per_block), np.int16),
             np.empty((T, K // group_size), np.float32),
             np.empty((K // group_size, 2, T), np.float32),
             np.empty((T, 2, K // group_size), np.float32))
@@ -89,7 +102,7 @@ def _quantized(x, bits, group_size):
 
 
 class QuantizedActivations(NamedTuple):
-    values: np.ndarray         # int16 [T, K rounded up to 32 bytes of weights], in kernel order
+    values: np.ndarray         # int16 [T, K rounded up to 64 bytes of weights], in kernel order
     scales: np.ndarray         # float32 [T, groups]: x ~= scale * value within a group
     sums: np.ndarray           # float32 [groups, 2, T]: the sum of x, and m (sum x - sum x~), see below;
                                # token-minor, so that a tile of tokens loads them as one vector

@@ -9,20 +9,31 @@ from localmix.kernels.exp import exp32
 from localmix.kernels.products import Job, run_jobs
 
 
-def _swiglu(gate_up):
-    T, N = gate_up.shape[0], gate_up.shape[1] // 2
-    out = np.empty((T, N), np.float32)
-    for t in prange(T):
-        for n in range(N):
-            g = gate_up[t, n]
-            out[t, n] = g / (np.float32(1.0) + exp32(-g)) * gate_up[t, N + n]
-    return out
+@njit(inline="always")
+def _swiglu_row(gate_up, t, out):
+    N = out.shape[1]
+    for n in range(N):
+        g = gate_up[t, n]
+        out[t, n] = g / (np.float32(1.0) + exp32(-g)) * gate_up[t, N + n]
 
 
 # Not fastmath: the one-row and many-row variants must round alike (see _quantizer); exp32 is
-# vectorized all the same.
-_swiglu_serial = njit(cache=True, nogil=True)(_swiglu)
-_swiglu_parallel = njit(cache=True, nogil=True, parallel=True)(_swiglu)
+# vectorized all the same. Two definitions, not one compiled twice with another `parallel`: Numba's
+# cache keys a function by its code, not its options, and gave both the variant compiled first.
+@njit(cache=True, nogil=True)
+def _swiglu_serial(gate_up):
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+    for t in range(gate_up.shape[0]):
+        _swiglu_row(gate_up, t, out)
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _swiglu_parallel(gate_up):
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+    for t in prange(gate_up.shape[0]):
+        _swiglu_row(gate_up, t, out)
+    return out
 
 
 def swiglu(gate_up: np.ndarray) -> np.ndarray:

@@ -110,10 +110,13 @@ def has_vector_kernels() -> bool:
 
 
 def kernel_name() -> str:
-    """What runs the quantized products here, in a word: avx2-vnni (256-bit vectors with vpdpwssd, VEX
-    or EVEX), avx2 or plain."""
+    """What runs the quantized products here, in a word: avx512-vnni (prompts' full tiles in 512-bit
+    vectors, the rest as avx2-vnni), avx2-vnni (256-bit vectors with vpdpwssd, VEX or EVEX), avx2 or
+    plain."""
     if not has_vector_kernels():
         return "plain"
+    if WIDE_TILES:
+        return "avx512-vnni"
     return "avx2-vnni" if vnni_instruction() else "avx2"
 
 
@@ -139,3 +142,13 @@ def values_per_lane(bits: int) -> int:
 # lanes, which fits in AVX-512's 32 vector registers and not in AVX2's 16 (4-bit prompts' products:
 # +30% on a Zen 5 with 32, -10% when compiled for Haswell's 16: scripts/kernel_gops.py).
 TILE_ROWS = 2 if vector_registers() == 32 else 1
+
+
+# Full tiles (TILE tokens x 2 rows) in 512-bit vectors where the CPU multiplies int16 pairs in them
+# (AVX512-VNNI, BW) and the kernels may use them (not LOCALMIX_KERNELS=avx2, not a 16-register
+# target): the products' GOPS +10% on a Zen 5 (scripts/kernel_gops.py), where 512-bit vpdpwssd
+# runs at twice the 256-bit rate. Most of a tile's instructions are not multiplications: per 64
+# values of a row and token, one group's float32 scaling (convert, multiply, add) against 2 (8-bit)
+# or 4 (4-bit) vpdpwssd, plus unpacking and the biases' part.
+WIDE_TILES = (TILE_ROWS == 2 and _kernels_setting() == "" and
+              all(cpu_features().get(f, False) for f in ("avx512bw", "avx512vnni")))

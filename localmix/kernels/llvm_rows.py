@@ -22,7 +22,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from localmix.kernels.features import FORMATS, PREFETCH, TILE, TILE_ROWS, values_per_lane, vnni_instruction
+from localmix.kernels.features import FORMATS, PREFETCH, TILE, TILE_ROWS, WIDE_TILES, values_per_lane, vnni_instruction
 
 
 # Numba does not set up LLVM's assembly parser, which the inline vpdpwssd needs: whenever a kernel
@@ -49,26 +49,29 @@ def _llvm_function(module, name, ret, args):
 class _RowEmitter:
     """Builds the IR of one format's row products; `args` are the intrinsic's runtime operands."""
 
-    def __init__(self, builder, bits, group_size, args):
-        self.b, self.bits = builder, bits
+    def __init__(self, builder, bits, group_size, args, width=256):
+        self.b, self.bits, self.width = builder, bits, width
         (self.w_addr, self.s_addr, self.b_addr, self.x_addr, self.dx_addr, self.sums_addr, self.x_stride,
          self.dx_stride, self.g_stride, self.out_addr, self.out_stride, self.units, self.w_row_stride,
          self.s_row_stride) = args
+        # a chunk is one vector of weights: 32 bytes (256 bits) or 64 (512 bits, tiles only)
+        self.lanes = width // 32  # int32 (and float) lanes of a vector; twice as many int16 lanes
+        self.i16s, self.i32s, self.f32s = _vector(_i16, 2 * self.lanes), _vector(_i32, self.lanes), _vector(_f32, self.lanes)
         self.per_lane = values_per_lane(bits)
-        self.chunk_values = 16 * self.per_lane
+        self.chunk_values = 2 * self.lanes * self.per_lane
         unit_values = max(group_size, self.chunk_values)
         self.chunks_per_unit, self.groups_per_unit = unit_values // self.chunk_values, unit_values // group_size
         module = builder.module
         self.maddwd = _llvm_function(module, "llvm.x86.avx2.pmadd.wd", _vector(_i32, 8),
                                      [_vector(_i16, 16), _vector(_i16, 16)])
         # As inline assembly: LLVM turns its own vpdpwssd intrinsic back into pmaddwd + paddd here.
-        vnni = vnni_instruction()
-        self.dpwssd = vnni and ir.InlineAsm(
-            ir.FunctionType(_vector(_i32, 8), [_vector(_i32, 8), _vector(_i16, 16), _vector(_i16, 16)]),
-            f"{vnni} $3, $2, $0", "=x,0,x,x")
+        # 512 bits: EVEX, any of the 32 registers ("v").
+        vnni = "vpdpwssd" if width == 512 else vnni_instruction()
+        self.dpwssd = vnni and ir.InlineAsm(ir.FunctionType(self.i32s, [self.i32s, self.i16s, self.i16s]),
+                                            f"{vnni} $3, $2, $0", "=v,0,v,v" if width == 512 else "=x,0,x,x")
         self.prefetch = _llvm_function(module, "llvm.prefetch.p0", ir.VoidType(),
                                        [ir.IntType(8).as_pointer(), _i32, _i32, _i32])
-        self.reduce = _llvm_function(module, "llvm.vector.reduce.fadd.v8f32", _f32, [_f32, _vector(_f32, 8)])
+        self.reduce = _llvm_function(module, f"llvm.vector.reduce.fadd.v{self.lanes}f32", _f32, [_f32, self.f32s])
 
     def const(self, v, ty=_i64):
         return ir.Constant(ty, v)
@@ -97,12 +100,17 @@ class _RowEmitter:
         return self.b.shuffle_vector(one, one, ir.Constant(_vector(_i32, n), [0] * n))
 
     def lanes_of(self, values):
-        """One float per group of a unit as the 8 lanes' vector: lanes 0-3 come from a chunk's
-        first 128 bits, so with two groups per chunk they belong to the first group."""
+        """One float per group of a unit as a vector of the int32 lanes' floats: the groups of a
+        unit come in its lanes' order (with two groups per 32-byte chunk, lanes 0-3 hold the first:
+        they come from its first 128 bits; a 64-byte chunk's second half is the next chunk)."""
         if len(values) == 1:
-            return self.splat(values[0])
-        pair = self.b.insert_element(self.splat(values[0], 2), values[1], self.const(1, _i32))
-        return self.b.shuffle_vector(pair, pair, ir.Constant(_vector(_i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+            return self.splat(values[0], self.lanes)
+        b, n = self.b, len(values)
+        vector = ir.Constant(_vector(_f32, n), None)
+        for k, value in enumerate(values):
+            vector = b.insert_element(vector, value, self.const(k, _i32))
+        spread = [k for k in range(n) for _ in range(self.lanes // n)]
+        return b.shuffle_vector(vector, vector, ir.Constant(_vector(_i32, self.lanes), spread))
 
     def row_addr(self, addr, r, stride):  # row r of a tile of rows
         return addr if r == 0 else self.b.add(addr, self.b.mul(self.const(r), stride))
@@ -112,28 +120,34 @@ class _RowEmitter:
         (sums[r][t]): each weight chunk is unpacked once for all tokens, each activation vector
         loaded once for all rows."""
         b, sums = self.b, [[None] * tokens for _ in range(rows)]
-        mask = ir.Constant(_vector(_i16, 16), [(1 << self.bits) - 1] * 16)
+        mask = ir.Constant(self.i16s, [(1 << self.bits) - 1] * (2 * self.lanes))
         for c in range(self.chunks_per_unit):
             chunk = b.add(b.mul(u, self.const(self.chunks_per_unit)), self.const(c))
             lanes = []
             for r in range(rows):
-                w_chunk = self.at(self.row_addr(self.w_addr, r, self.w_row_stride), chunk, 32)
-                w = self.load(w_chunk, _vector(_i16, 16))
+                w_chunk = self.at(self.row_addr(self.w_addr, r, self.w_row_stride), chunk, self.width // 8)
+                w = self.load(w_chunk, self.i16s)
                 ahead = b.add(w_chunk, self.const(PREFETCH))
                 b.call(self.prefetch, [b.inttoptr(ahead, ir.IntType(8).as_pointer()), self.const(0, _i32),
                                        self.const(3, _i32), self.const(1, _i32)])
-                lanes.append([b.and_(b.lshr(w, ir.Constant(_vector(_i16, 16), [self.bits * j] * 16)), mask)
+                lanes.append([b.and_(b.lshr(w, ir.Constant(self.i16s, [self.bits * j] * (2 * self.lanes))), mask)
                               for j in range(self.per_lane)])
-            x_chunk = self.at(self.x_addr, chunk, 2 * self.chunk_values)
+            # activations in 64-byte blocks of weights: value j of the block's 32 lanes side by side
+            if self.width == 512:
+                x_chunk = self.at(self.x_addr, chunk, 2 * self.chunk_values)
+            else:  # a 32-byte chunk is half of a block
+                x_chunk = b.add(self.at(self.x_addr, b.ashr(chunk, self.const(1)), 4 * self.chunk_values),
+                                b.mul(b.and_(chunk, self.const(1)), self.const(32)))
             for t in range(tokens):
                 x_t = b.add(x_chunk, b.mul(self.const(t), self.x_stride))
                 for j in range(self.per_lane):
-                    xj = self.load(x_t, _vector(_i16, 16), self.const(32 * j))
+                    xj = self.load(x_t, self.i16s, self.const(64 * j))
                     for r in range(rows):
                         # vpdpwssd for tiles only: alone, its chained accumulation is slower than
                         # pmaddwd + paddd (one token streams 20 GB/s here with those, 17 with it)
-                        if self.dpwssd and tokens > 1 and sums[r][t] is not None:
-                            sums[r][t] = b.call(self.dpwssd, [sums[r][t], lanes[r][j], xj])
+                        if self.dpwssd and tokens > 1 and (sums[r][t] is not None or self.width == 512):
+                            start = ir.Constant(self.i32s, [0] * self.lanes) if sums[r][t] is None else sums[r][t]
+                            sums[r][t] = b.call(self.dpwssd, [start, lanes[r][j], xj])
                         else:
                             p = b.call(self.maddwd, [lanes[r][j], xj])
                             sums[r][t] = p if sums[r][t] is None else b.add(sums[r][t], p)
@@ -189,7 +203,7 @@ class _RowEmitter:
                 biases = [self.halves(self.row_addr(self.b_addr, r, self.s_row_stride), g) for g in groups]
                 scale = self.lanes_of(scales)
                 for t in range(tokens):
-                    new_acc.append(self.fma(b.sitofp(sums[r][t], _vector(_f32, 8)), b.fmul(scale, dx[t]),
+                    new_acc.append(self.fma(b.sitofp(sums[r][t], self.f32s), b.fmul(scale, dx[t]),
                                             acc[r * tokens + t]))
                 row_bias = bias_acc[r]
                 for bias, scale_g, g in zip(biases, scales, groups):  # b sum(x) + s m (sum x - sum x~)
@@ -200,7 +214,7 @@ class _RowEmitter:
                 new_bias.append(row_bias)
             return new_acc + new_bias
 
-        final = self.loop(self.units, [self.zeros(8)] * (rows * tokens) + [self.zeros(tokens)] * rows, body)
+        final = self.loop(self.units, [self.zeros(self.lanes)] * (rows * tokens) + [self.zeros(tokens)] * rows, body)
         for r in range(rows):
             for t in range(tokens):
                 total = b.fadd(b.call(self.reduce, [self.const(-0.0, _f32), final[r * tokens + t]]),
@@ -271,31 +285,37 @@ class _RowEmitter:
 
 
 @intrinsic
-def row_products(typingctx, bits, group_size, tokens, rows, w_addr, s_addr, b_addr, x_addr, dx_addr, sums_addr,
-                 x_stride, dx_stride, g_stride, out_addr, out_stride, units, w_row_stride, s_row_stride):
-    """row_products(bits, group_size, tokens, rows, addresses and strides...): the dot products of
-    `rows` consecutive packed weight rows (1, or TILE_ROWS in a full tile) with `tokens` (1 to TILE)
-    consecutive quantized activation rows, stored as float32. One loop per format and tile shape
-    is emitted, and a switch picks it: the format is a runtime value so that the kernels calling
-    this have no per-format closures, which Numba's cache could not find again on the next start."""
-    sig = types.void(*[types.int64] * 19)
+def row_products(typingctx, bits, group_size, tokens, rows, width, w_addr, s_addr, b_addr, x_addr, dx_addr,
+                 sums_addr, x_stride, dx_stride, g_stride, out_addr, out_stride, units, w_row_stride, s_row_stride):
+    """row_products(bits, group_size, tokens, rows, width, addresses and strides...): the dot
+    products of `rows` consecutive packed weight rows (1, or the tile's rows in a full tile) with
+    `tokens` (1 to TILE) consecutive quantized activation rows, stored as float32, in vectors of
+    `width` bits (256; 512 for full tiles where WIDE_TILES). One loop per format and tile shape is
+    emitted, and a switch picks it: the format is a runtime value so that the kernels calling this
+    have no per-format closures, which Numba's cache could not find again on the next start."""
+    sig = types.void(*[types.int64] * 20)
+    shapes = [(t, 1, 256) for t in range(1, TILE + 1)] + [(TILE, TILE_ROWS, 256)] * (TILE_ROWS > 1)
+    if WIDE_TILES:
+        shapes += [(TILE, 1, 512), (TILE, 2, 512)]
 
-    def key(bits, group_size, tokens, rows):
-        return ((bits * 256 + group_size) * 16 + tokens) * 16 + rows
+    def key(bits, group_size, tokens, rows, width):
+        return (((bits * 256 + group_size) * 16 + tokens) * 16 + rows) * 2 + (width == 512)
 
     def codegen(context, builder, signature, args):
         k = args[0]
         for arg, size in zip(args[1:4], (256, 16, 16)):
             k = builder.add(builder.mul(k, ir.Constant(_i64, size)), arg)
+        wide = builder.zext(builder.icmp_signed("==", args[4], ir.Constant(_i64, 512)), _i64)
+        k = builder.add(builder.mul(k, ir.Constant(_i64, 2)), wide)
         done = builder.append_basic_block("formats_done")
         unsupported = builder.append_basic_block("unsupported")
         switch = builder.switch(k, unsupported)
         for bits, group_size in FORMATS:
-            for tokens, rows in [(t, 1) for t in range(1, TILE + 1)] + [(TILE, TILE_ROWS)] * (TILE_ROWS > 1):
-                block = builder.append_basic_block(f"q{bits}_g{group_size}_t{tokens}_r{rows}")
-                switch.add_case(ir.Constant(_i64, key(bits, group_size, tokens, rows)), block)
+            for tokens, rows, width in shapes:
+                block = builder.append_basic_block(f"q{bits}_g{group_size}_t{tokens}_r{rows}_w{width}")
+                switch.add_case(ir.Constant(_i64, key(bits, group_size, tokens, rows, width)), block)
                 builder.position_at_end(block)
-                emitter = _RowEmitter(builder, bits, group_size, args[4:])
+                emitter = _RowEmitter(builder, bits, group_size, args[5:], width)
                 emitter.single() if tokens == 1 else emitter.tile(tokens, rows)
                 builder.branch(done)
         builder.position_at_end(unsupported)  # callers check the format first

@@ -14,7 +14,8 @@ from numba import njit, prange
 
 from localmix import kernels
 from localmix.kernels.activations import QuantizedActivations, quantize_activations
-from localmix.kernels.features import BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, TILE_ROWS, values_per_lane
+from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, TILE_ROWS, WIDE_TILES,
+                                       values_per_lane)
 from localmix.kernels.llvm_rows import row_products
 from localmix.quant.affine import dequantize as dequantize_reference
 
@@ -74,13 +75,17 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
             # a tile reads the token-minor sums, one token the token-major ones
             s = xs.ctypes.data + row * 4 if width > 1 else xt.ctypes.data + row * xt.strides[0]
             o = out.ctypes.data + (job[OUT_ROW] + t) * o_stride + 4 * job[OUT_COL]
+            # full tiles of rows that are whole 64-byte blocks in 512-bit vectors where the CPU can
+            vector = 512 if WIDE_TILES and width == TILE and job[W_STRIDE] % 64 == 0 else 256
+            units = job[W_STRIDE] * 8 // bits // max(group_size, 512 // bits) if vector == 512 else job[UNITS]
+            tile_rows = 1 if width < TILE else 2 if vector == 512 else TILE_ROWS
             n = blocks[i, 1]
             while n < blocks[i, 2]:
-                rows = TILE_ROWS if width == TILE and n + TILE_ROWS <= blocks[i, 2] else 1
+                rows = tile_rows if n + tile_rows <= blocks[i, 2] else 1
                 args = (job[W] + n * job[W_STRIDE], job[S] + n * job[S_STRIDE], job[B] + n * job[S_STRIDE],
-                        x, d, s, x_stride, d_stride, s_stride, o + 4 * n, o_stride, job[UNITS], job[W_STRIDE],
+                        x, d, s, x_stride, d_stride, s_stride, o + 4 * n, o_stride, units, job[W_STRIDE],
                         job[S_STRIDE])
-                row_products(bits, group_size, width, rows, *args)
+                row_products(bits, group_size, width, rows, vector if width == TILE else 256, *args)
                 n += rows
             t += width
 
@@ -119,7 +124,7 @@ def _plain_matmul(bits: int, group_size: int):
                         word = lanes[n, i]
                         for j in range(per_lane):
                             q = np.int32((word >> np.uint16(bits * j)) & mask)
-                            dot += q * np.int32(xq[t, chunk * 16 * per_lane + j * 16 + lane])
+                            dot += q * np.int32(xq[t, (chunk // 2) * 32 * per_lane + j * 32 + (chunk % 2) * 16 + lane])
                     scale = half[scales[n, g]]
                     total += scale * dx[t, g] * np.float32(dot) + half[biases[n, g]] * xsum[g, 0, t] + scale * xsum[g, 1, t]
                 out[t, n] = total
