@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 import llvmlite.binding as llvm
+from numba.extending import register_jitable
 
 
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -144,7 +145,8 @@ def values_per_lane(bits: int) -> int:
 TILE_ROWS = 2 if vector_registers() == 32 else 1
 
 
-# Full tiles (TILE tokens x 2 rows) in 512-bit vectors where the CPU multiplies int16 pairs in them
+# Full tiles (TILE tokens x 2 rows), and one token's rows of most formats (wide_decode), in
+# 512-bit vectors where the CPU multiplies int16 pairs in them
 # (AVX512-VNNI, BW) and the kernels may use them (not LOCALMIX_KERNELS=avx2, not a 16-register
 # target): the products' GOPS +10% on a Zen 5 (scripts/kernel_gops.py), where 512-bit vpdpwssd
 # runs at twice the 256-bit rate. Most of a tile's instructions are not multiplications: per 64
@@ -152,3 +154,10 @@ TILE_ROWS = 2 if vector_registers() == 32 else 1
 # or 4 (4-bit) vpdpwssd, plus unpacking and the biases' part.
 WIDE_TILES = (TILE_ROWS == 2 and _kernels_setting() == "" and
               all(cpu_features().get(f, False) for f in ("avx512bw", "avx512vnni")))
+
+
+@register_jitable
+def wide_decode(bits, group_size):
+    """Whether one token's row products take 512-bit vectors for this format (with WIDE_TILES):
+    where a 64-byte chunk holds one or two groups, whose dot products its 256-bit halves give."""
+    return group_size * bits >= 256

@@ -15,7 +15,7 @@ from numba import njit, prange
 from localmix import kernels
 from localmix.kernels.activations import QuantizedActivations, quantize_activations
 from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, TILE_ROWS, WIDE_TILES,
-                                       values_per_lane)
+                                       values_per_lane, wide_decode)
 from localmix.kernels.llvm_rows import row_products
 from localmix.quant.affine import dequantize as dequantize_reference
 
@@ -75,8 +75,11 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
             # a tile reads the token-minor sums, one token the token-major ones
             s = xs.ctypes.data + row * 4 if width > 1 else xt.ctypes.data + row * xt.strides[0]
             o = out.ctypes.data + (job[OUT_ROW] + t) * o_stride + 4 * job[OUT_COL]
-            # full tiles of rows that are whole 64-byte blocks in 512-bit vectors where the CPU can
-            vector = 512 if WIDE_TILES and width == TILE and job[W_STRIDE] % 64 == 0 else 256
+            # full tiles, and one token where a chunk is one or two groups and the groups come in
+            # eights, in 512-bit vectors where the CPU can, for rows of whole 64-byte chunks
+            groups = job[W_STRIDE] * 8 // bits // group_size
+            wide = width == TILE or (width == 1 and wide_decode(bits, group_size) and groups % 8 == 0)
+            vector = 512 if WIDE_TILES and wide and job[W_STRIDE] % 64 == 0 else 256
             units = job[W_STRIDE] * 8 // bits // max(group_size, 512 // bits) if vector == 512 else job[UNITS]
             tile_rows = 1 if width < TILE else 2 if vector == 512 else TILE_ROWS
             n = blocks[i, 1]
@@ -85,7 +88,7 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
                 args = (job[W] + n * job[W_STRIDE], job[S] + n * job[S_STRIDE], job[B] + n * job[S_STRIDE],
                         x, d, s, x_stride, d_stride, s_stride, o + 4 * n, o_stride, units, job[W_STRIDE],
                         job[S_STRIDE])
-                row_products(bits, group_size, width, rows, vector if width == TILE else 256, *args)
+                row_products(bits, group_size, width, rows, vector, *args)
                 n += rows
             t += width
 
