@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import NamedTuple
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, set_num_threads, types
@@ -24,16 +22,9 @@ from numba.extending import intrinsic
 from localmix import kernels
 from localmix.kernels import Job
 from localmix.quant.affine import quantize
+from localmix.store import QuantizedMatrix
 
 CHAINS = 12
-
-
-class Packed(NamedTuple):
-    words: np.ndarray
-    scales: np.ndarray
-    biases: np.ndarray
-    bits: int
-    group_size: int
 
 
 def peak_intrinsic(lanes: int, vnni: bool):
@@ -109,8 +100,8 @@ def products_gops(bits: int, group_size: int, tokens: int) -> list[tuple[str, fl
     rng = np.random.default_rng(0)
     rates = []
     for name, shape, count in (("w1, w3", (3584, 1024), 4), ("w2", (1024, 3584), 2)):
-        matrices = [Packed(*quantize((rng.standard_normal(shape) * 0.05).astype(np.float32), bits, group_size),
-                           bits, group_size) for _ in range(count)]
+        matrices = [QuantizedMatrix(*quantize((rng.standard_normal(shape) * 0.05).astype(np.float32), bits, group_size),
+                                    bits, group_size, "random") for _ in range(count)]
         x = kernels.quantize_activations(rng.standard_normal((tokens * count, shape[1])).astype(np.float32),
                                          bits, group_size)
         out = np.empty((tokens * count, shape[0]), np.float32)
