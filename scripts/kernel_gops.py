@@ -124,13 +124,13 @@ def main() -> None:
     wide = kernels.cpu_features().get("avx512bw", False)
     instruction = "vpdpwssd" if vnni else "pmaddwd + paddd"
     print(f"kernels {kernels.kernel_name()}, {a.threads} threads, full tiles of {kernels.TILE} tokens x "
-          f"{2 if kernels.WIDE_TILES else kernels.TILE_ROWS} rows")
+          f"{2 if kernels.WIDE_VECTORS else kernels.TILE_ROWS} rows")
     peaks = {256: peak_gops(16, vnni, a.threads)}
     if wide:
         peaks[512] = peak_gops(32, vnni, a.threads)
     for width, gops in peaks.items():
         print(f"peak {instruction} {width}-bit: {gops:.0f} GOPS")
-    width = 512 if kernels.WIDE_TILES else 256  # of the full tiles, which do nearly all the work
+    width = 512 if kernels.WIDE_VECTORS else 256  # of the full tiles, which do nearly all the work
     for bits in map(int, a.bits.split(",")):
         for shape, gops in products_gops(bits, a.group_size, a.tokens):
             print(f"{bits}-bit group {a.group_size}, {a.tokens} tokens, {shape}: {gops:.0f} GOPS = "

@@ -265,7 +265,7 @@ def test_the_avx2_path_without_vnni(tmp_path):
         "import numpy as np\n"
         "from localmix import kernels\n"
         "from test_kernels import packed_matrix, activations, assert_within_activation_rounding\n"
-        "assert kernels.vnni_instruction() is None and kernels.TILE_ROWS == 1 and not kernels.WIDE_TILES\n"
+        "assert kernels.vnni_instruction() is None and kernels.TILE_ROWS == 1 and not kernels.WIDE_VECTORS\n"
         "rng = np.random.default_rng(0)\n"
         "for bits, group_size in kernels.FORMATS:\n"
         "    m = packed_matrix(rng, (37, 256), bits, group_size)\n"

@@ -111,12 +111,12 @@ def has_vector_kernels() -> bool:
 
 
 def kernel_name() -> str:
-    """What runs the quantized products here, in a word: avx512-vnni (prompts' full tiles in 512-bit
-    vectors, the rest as avx2-vnni), avx2-vnni (256-bit vectors with vpdpwssd, VEX or EVEX), avx2 or
-    plain."""
+    """What runs the quantized products here, in a word: avx512-vnni (prompts' full tiles and most
+    formats' decoding in 512-bit vectors, the rest as avx2-vnni), avx2-vnni (256-bit vectors with
+    vpdpwssd, VEX or EVEX), avx2 or plain."""
     if not has_vector_kernels():
         return "plain"
-    if WIDE_TILES:
+    if WIDE_VECTORS:
         return "avx512-vnni"
     return "avx2-vnni" if vnni_instruction() else "avx2"
 
@@ -145,19 +145,18 @@ def values_per_lane(bits: int) -> int:
 TILE_ROWS = 2 if vector_registers() == 32 else 1
 
 
-# Full tiles (TILE tokens x 2 rows), and one token's rows of most formats (wide_decode), in
-# 512-bit vectors where the CPU multiplies int16 pairs in them
-# (AVX512-VNNI, BW) and the kernels may use them (not LOCALMIX_KERNELS=avx2, not a 16-register
-# target): the products' GOPS +10% on a Zen 5 (scripts/kernel_gops.py), where 512-bit vpdpwssd
-# runs at twice the 256-bit rate. Most of a tile's instructions are not multiplications: per 64
+# Full tiles (TILE tokens x 2 rows), and one token's rows of most formats (wide_decode), in 512-bit
+# vectors where the CPU multiplies int16 pairs in them (AVX512-VNNI, BW) and the kernels may use them
+# (not LOCALMIX_KERNELS=avx2, not a 16-register target): the products' GOPS +10% on a Zen 5
+# (scripts/kernel_gops.py), where 512-bit vpdpwssd runs at twice the 256-bit rate. Most of a tile's instructions are not multiplications: per 64
 # values of a row and token, one group's float32 scaling (convert, multiply, add) against 2 (8-bit)
 # or 4 (4-bit) vpdpwssd, plus unpacking and the biases' part.
-WIDE_TILES = (TILE_ROWS == 2 and _kernels_setting() == "" and
+WIDE_VECTORS = (TILE_ROWS == 2 and _kernels_setting() == "" and
               all(cpu_features().get(f, False) for f in ("avx512bw", "avx512vnni")))
 
 
 @register_jitable
 def wide_decode(bits, group_size):
-    """Whether one token's row products take 512-bit vectors for this format (with WIDE_TILES):
+    """Whether one token's row products take 512-bit vectors for this format (with WIDE_VECTORS):
     where a 64-byte chunk holds one or two groups, whose dot products its 256-bit halves give."""
     return group_size * bits >= 256

@@ -22,8 +22,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from localmix.kernels.features import (FORMATS, PREFETCH, TILE, TILE_ROWS, WIDE_TILES, values_per_lane, vnni_instruction,
-                                       wide_decode)
+from localmix.kernels.features import (FORMATS, PREFETCH, TILE, TILE_ROWS, WIDE_VECTORS, values_per_lane,
+                                       vnni_instruction, wide_decode)
 
 
 # Numba does not set up LLVM's assembly parser, which the inline vpdpwssd needs: whenever a kernel
@@ -234,7 +234,7 @@ class _RowEmitter:
         residuals = b.add(self.sums_addr, b.mul(groups_total, self.const(4)))
         done = b.append_basic_block("single_done")
         result = []
-        # 512 bits: a unit is one or two groups (callers see to it: WIDE_DECODE), its 256-bit halves
+        # 512 bits: a unit is one or two groups (callers see to it: wide_decode), its 256-bit halves
         # are two groups' [8 x i32] dot products or one's, and the groups come in eights
         units_per_eight = 8 // self.groups_per_unit
         reduce8 = _llvm_function(b.module, "llvm.vector.reduce.fadd.v8f32", _f32, [_f32, _vector(_f32, 8)])
@@ -313,12 +313,13 @@ def row_products(typingctx, bits, group_size, tokens, rows, width, w_addr, s_add
     """row_products(bits, group_size, tokens, rows, width, addresses and strides...): the dot
     products of `rows` consecutive packed weight rows (1, or the tile's rows in a full tile) with
     `tokens` (1 to TILE) consecutive quantized activation rows, stored as float32, in vectors of
-    `width` bits (256; 512 for full tiles where WIDE_TILES). One loop per format and tile shape is
-    emitted, and a switch picks it: the format is a runtime value so that the kernels calling this
-    have no per-format closures, which Numba's cache could not find again on the next start."""
+    `width` bits (256; 512 where WIDE_VECTORS, for full tiles and wide_decode formats). One loop per
+    format and tile shape is emitted, and a switch picks it: the format is a runtime value so that
+    the kernels calling this have no per-format closures, which Numba's cache could not find again
+    on the next start."""
     sig = types.void(*[types.int64] * 20)
     shapes = [(t, 1, 256) for t in range(1, TILE + 1)] + [(TILE, TILE_ROWS, 256)] * (TILE_ROWS > 1)
-    if WIDE_TILES:
+    if WIDE_VECTORS:
         shapes += [(1, 1, 512), (TILE, 1, 512), (TILE, 2, 512)]
 
     def key(bits, group_size, tokens, rows, width):

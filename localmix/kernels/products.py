@@ -14,7 +14,7 @@ from numba import njit, prange
 
 from localmix import kernels
 from localmix.kernels.activations import QuantizedActivations, quantize_activations
-from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, TILE_ROWS, WIDE_TILES,
+from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, TILE_ROWS, WIDE_VECTORS,
                                        values_per_lane, wide_decode)
 from localmix.kernels.llvm_rows import row_products
 from localmix.quant.affine import dequantize as dequantize_reference
@@ -79,7 +79,7 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
             # eights, in 512-bit vectors where the CPU can, for rows of whole 64-byte chunks
             groups = job[W_STRIDE] * 8 // bits // group_size
             wide = width == TILE or (width == 1 and wide_decode(bits, group_size) and groups % 8 == 0)
-            vector = 512 if WIDE_TILES and wide and job[W_STRIDE] % 64 == 0 else 256
+            vector = 512 if WIDE_VECTORS and wide and job[W_STRIDE] % 64 == 0 else 256
             units = job[W_STRIDE] * 8 // bits // max(group_size, 512 // bits) if vector == 512 else job[UNITS]
             tile_rows = 1 if width < TILE else 2 if vector == 512 else TILE_ROWS
             n = blocks[i, 1]
