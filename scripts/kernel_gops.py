@@ -108,7 +108,8 @@ def products_gops(bits: int, group_size: int, tokens: int) -> list[tuple[str, fl
         jobs = [Job(m, i * tokens, tokens, i * tokens, 0) for i, m in enumerate(matrices)]
         kernels.matmul_batch(x, jobs, out)
         best = min(timed(kernels.matmul_batch, x, jobs, out) for _ in range(5))
-        rates.append((f"{count} x {shape[0]} x {shape[1]} ({name})", 2 * shape[0] * shape[1] * tokens * count / best / 1e9))
+        ops = 2 * shape[0] * shape[1] * tokens * count
+        rates.append((f"{count} x {shape[0]} x {shape[1]} ({name})", ops / best / 1e9))
     return rates
 
 
@@ -123,7 +124,8 @@ def main() -> None:
     vnni = kernels.vnni_instruction() is not None
     wide = kernels.cpu_features().get("avx512bw", False)
     instruction = "vpdpwssd" if vnni else "pmaddwd + paddd"
-    print(f"kernels {kernels.kernel_name()}, {a.threads} threads, full tiles of {kernels.TILE} tokens x "
+    print(f"kernels {kernels.kernel_name()}, {a.threads} threads, full tiles of "
+          f"{kernels.WIDE_TILE if kernels.WIDE_VECTORS else kernels.TILE} tokens x "
           f"{2 if kernels.WIDE_VECTORS else kernels.TILE_ROWS} rows")
     peaks = {256: peak_gops(16, vnni, a.threads)}
     if wide:

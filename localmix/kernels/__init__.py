@@ -24,9 +24,9 @@ was compiled with when only the callee's file changes. So the cache folder is na
 this package's source (localmix/__init__.py): any edit here compiles afresh.
 """
 
-from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, PREFETCH, TILE, TILE_ROWS, WIDE_VECTORS,
-                                       amx_usable, cpu_features, has_vector_kernels, kernel_name, values_per_lane,
-                                       vnni_instruction)
+from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, PREFETCH, TILE, TILE_ROWS, WIDE_TILE,
+                                       WIDE_VECTORS, amx_usable, cpu_features, has_vector_kernels, kernel_name,
+                                       values_per_lane, vnni_instruction)
 from localmix.kernels.activations import QuantizedActivations, quantize_activations
 from localmix.kernels.llvm_rows import row_products
 from localmix.kernels.products import (B, BLOCK, OUT_COL, OUT_ROW, ROWS, S, S_STRIDE, TOKENS, UNITS, W, W_STRIDE,

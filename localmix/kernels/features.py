@@ -145,12 +145,16 @@ def values_per_lane(bits: int) -> int:
 TILE_ROWS = 2 if vector_registers() == 32 else 1
 
 
-# Full tiles (TILE tokens x 2 rows), and one token's rows of most formats (wide_decode), in 512-bit
-# vectors where the CPU multiplies int16 pairs in them (AVX512-VNNI, BW) and the kernels may use them
-# (not LOCALMIX_KERNELS=avx2, not a 16-register target): the products' GOPS +10% on a Zen 5
-# (scripts/kernel_gops.py), where 512-bit vpdpwssd runs at twice the 256-bit rate. Most of a tile's instructions are not multiplications: per 64
-# values of a row and token, one group's float32 scaling (convert, multiply, add) against 2 (8-bit)
-# or 4 (4-bit) vpdpwssd, plus unpacking and the biases' part.
+# Full tiles (2 rows), and one token's rows of most formats (wide_decode), in 512-bit vectors where
+# the CPU multiplies int16 pairs in them (AVX512-VNNI, BW) and the kernels may use them (not
+# LOCALMIX_KERNELS=avx2, not a 16-register target): the products' GOPS +10% on a Zen 5
+# (scripts/kernel_gops.py), where 512-bit vpdpwssd runs at twice the 256-bit rate. Most of a tile's
+# instructions are not multiplications: per 64 values of a row and token, one group's float32
+# scaling (convert, multiply, add) against 2 (8-bit) or 4 (4-bit) vpdpwssd, plus unpacking and the
+# biases' part. So in 512 bits a tile takes WIDE_TILE tokens: the weights' unpacking, scales and
+# biases serve twice as many (4-bit products +7-13%, a 512-token prompt +8% on a Zen 5), though its
+# 16 sums and 16 accumulators no longer all fit in registers.
+WIDE_TILE = 8
 WIDE_VECTORS = (TILE_ROWS == 2 and _kernels_setting() == "" and
               all(cpu_features().get(f, False) for f in ("avx512bw", "avx512vnni")))
 

@@ -22,8 +22,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from localmix.kernels.features import (FORMATS, PREFETCH, TILE, TILE_ROWS, WIDE_VECTORS, values_per_lane,
-                                       vnni_instruction, wide_decode)
+from localmix.kernels.features import (FORMATS, PREFETCH, TILE, TILE_ROWS, WIDE_TILE, WIDE_VECTORS,
+                                       values_per_lane, vnni_instruction, wide_decode)
 
 
 # Numba does not set up LLVM's assembly parser, which the inline vpdpwssd needs: whenever a kernel
@@ -57,14 +57,15 @@ class _RowEmitter:
          self.s_row_stride) = args
         # a chunk is one vector of weights: 32 bytes (256 bits) or 64 (512 bits, tiles only)
         self.lanes = width // 32  # int32 (and float) lanes of a vector; twice as many int16 lanes
-        self.i16s, self.i32s, self.f32s = _vector(_i16, 2 * self.lanes), _vector(_i32, self.lanes), _vector(_f32, self.lanes)
+        self.i16s, self.i32s = _vector(_i16, 2 * self.lanes), _vector(_i32, self.lanes)
+        self.f32s = _vector(_f32, self.lanes)
         self.per_lane = values_per_lane(bits)
         self.chunk_values = 2 * self.lanes * self.per_lane
         unit_values = max(group_size, self.chunk_values)
         self.chunks_per_unit, self.groups_per_unit = unit_values // self.chunk_values, unit_values // group_size
         module = builder.module
-        self.maddwd = _llvm_function(module, "llvm.x86.avx512.pmaddw.d.512" if width == 512 else "llvm.x86.avx2.pmadd.wd",
-                                     self.i32s, [self.i16s, self.i16s])
+        maddwd = "llvm.x86.avx512.pmaddw.d.512" if width == 512 else "llvm.x86.avx2.pmadd.wd"
+        self.maddwd = _llvm_function(module, maddwd, self.i32s, [self.i16s, self.i16s])
         # As inline assembly: LLVM turns its own vpdpwssd intrinsic back into pmaddwd + paddd here.
         # 512 bits: EVEX, any of the 32 registers ("v").
         vnni = "vpdpwssd" if width == 512 else vnni_instruction()
@@ -227,8 +228,9 @@ class _RowEmitter:
         units' dot products are summed across lanes together (a transpose by shuffles), so that
         scales, biases and activation sums are read and converted eight at a time, as vectors;
         otherwise unit by unit. In 512 bits (one token's 4-bit products on one core +14% on a
-        Zen 5, where 256-bit unpacking could not keep up with memory) always by eights of groups. The sums here are token-major: [sum x of every group, then m
-        (sum x - sum x~) of every group]."""
+        Zen 5, where 256-bit unpacking could not keep up with memory) always by eights of groups.
+        The sums here are token-major: [sum x of every group, then m (sum x - sum x~) of every
+        group]."""
         b = self.b
         groups_total = b.mul(self.units, self.const(self.groups_per_unit))
         residuals = b.add(self.sums_addr, b.mul(groups_total, self.const(4)))
@@ -312,7 +314,7 @@ def row_products(typingctx, bits, group_size, tokens, rows, width, w_addr, s_add
                  sums_addr, x_stride, dx_stride, g_stride, out_addr, out_stride, units, w_row_stride, s_row_stride):
     """row_products(bits, group_size, tokens, rows, width, addresses and strides...): the dot
     products of `rows` consecutive packed weight rows (1, or the tile's rows in a full tile) with
-    `tokens` (1 to TILE) consecutive quantized activation rows, stored as float32, in vectors of
+    `tokens` (1 to TILE, or WIDE_TILE) consecutive quantized activation rows, stored as float32, in vectors of
     `width` bits (256; 512 where WIDE_VECTORS, for full tiles and wide_decode formats). One loop per
     format and tile shape is emitted, and a switch picks it: the format is a runtime value so that
     the kernels calling this have no per-format closures, which Numba's cache could not find again
@@ -320,7 +322,7 @@ def row_products(typingctx, bits, group_size, tokens, rows, width, w_addr, s_add
     sig = types.void(*[types.int64] * 20)
     shapes = [(t, 1, 256) for t in range(1, TILE + 1)] + [(TILE, TILE_ROWS, 256)] * (TILE_ROWS > 1)
     if WIDE_VECTORS:
-        shapes += [(1, 1, 512), (TILE, 1, 512), (TILE, 2, 512)]
+        shapes += [(1, 1, 512)] + [(tokens, rows, 512) for tokens in (TILE, WIDE_TILE) for rows in (1, 2)]
 
     def key(bits, group_size, tokens, rows, width):
         return (((bits * 256 + group_size) * 16 + tokens) * 16 + rows) * 2 + (width == 512)

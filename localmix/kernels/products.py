@@ -14,7 +14,7 @@ from numba import njit, prange
 
 from localmix import kernels
 from localmix.kernels.activations import QuantizedActivations, quantize_activations
-from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, TILE_ROWS, WIDE_VECTORS,
+from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, TILE_ROWS, WIDE_TILE, WIDE_VECTORS,
                                        values_per_lane, wide_decode)
 from localmix.kernels.llvm_rows import row_products
 from localmix.quant.affine import dequantize as dequantize_reference
@@ -69,7 +69,9 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
         job = table[blocks[i, 0]]
         t = 0
         while t < job[TOKENS]:
-            width = min(TILE, job[TOKENS] - t)
+            # tiles of WIDE_TILE tokens in 512-bit vectors, of TILE in 256 bits, then what is left
+            wide_rows = WIDE_VECTORS and job[W_STRIDE] % 64 == 0
+            width = WIDE_TILE if wide_rows and job[TOKENS] - t >= WIDE_TILE else min(TILE, job[TOKENS] - t)
             row = job[X_ROW] + t
             x, d = xv.ctypes.data + row * x_stride, xd.ctypes.data + row * d_stride
             # a tile reads the token-minor sums, one token the token-major ones
@@ -78,8 +80,8 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
             # full tiles, and one token where a chunk is one or two groups and the groups come in
             # eights, in 512-bit vectors where the CPU can, for rows of whole 64-byte chunks
             groups = job[W_STRIDE] * 8 // bits // group_size
-            wide = width == TILE or (width == 1 and wide_decode(bits, group_size) and groups % 8 == 0)
-            vector = 512 if WIDE_VECTORS and wide and job[W_STRIDE] % 64 == 0 else 256
+            wide = width >= TILE or (width == 1 and wide_decode(bits, group_size) and groups % 8 == 0)
+            vector = 512 if wide_rows and wide else 256
             units = job[W_STRIDE] * 8 // bits // max(group_size, 512 // bits) if vector == 512 else job[UNITS]
             tile_rows = 1 if width < TILE else 2 if vector == 512 else TILE_ROWS
             n = blocks[i, 1]
