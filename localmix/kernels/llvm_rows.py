@@ -105,14 +105,14 @@ class _RowEmitter:
         """One float per group of a unit as a vector of the int32 lanes' floats: the groups of a
         unit come in its lanes' order (with two groups per 32-byte chunk, lanes 0-3 hold the first:
         they come from its first 128 bits; a 64-byte chunk's second half is the next chunk)."""
-        if len(values) == 1:
-            return self.splat(values[0], self.lanes)
-        b, n = self.b, len(values)
-        vector = ir.Constant(_vector(_f32, n), None)
-        for k, value in enumerate(values):
-            vector = b.insert_element(vector, value, self.const(k, _i32))
-        spread = [k for k in range(n) for _ in range(self.lanes // n)]
-        return b.shuffle_vector(vector, vector, ir.Constant(_vector(_i32, self.lanes), spread))
+        # each value broadcast to its lanes, then the pieces put side by side (vbroadcastss and
+        # vinsert*: fewer instructions than inserting scalars and permuting)
+        parts = [self.splat(value, self.lanes // len(values)) for value in values]
+        while len(parts) > 1:
+            width = 2 * parts[0].type.count
+            parts = [self.b.shuffle_vector(parts[k], parts[k + 1], ir.Constant(_vector(_i32, width), list(range(width))))
+                     for k in range(0, len(parts), 2)]
+        return parts[0]
 
     def row_addr(self, addr, r, stride):  # row r of a tile of rows
         return addr if r == 0 else self.b.add(addr, self.b.mul(self.const(r), stride))
