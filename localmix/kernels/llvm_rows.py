@@ -55,7 +55,7 @@ class _RowEmitter:
         (self.w_addr, self.s_addr, self.b_addr, self.x_addr, self.dx_addr, self.sums_addr, self.x_stride,
          self.dx_stride, self.g_stride, self.out_addr, self.out_stride, self.units, self.w_row_stride,
          self.s_row_stride) = args
-        # a chunk is one vector of weights: 32 bytes (256 bits) or 64 (512 bits, tiles only)
+        # a chunk is one vector of weights: 32 bytes (256 bits) or 64 (512 bits)
         self.lanes = width // 32  # int32 (and float) lanes of a vector; twice as many int16 lanes
         self.i16s, self.i32s = _vector(_i16, 2 * self.lanes), _vector(_i32, self.lanes)
         self.f32s = _vector(_f32, self.lanes)
@@ -110,15 +110,15 @@ class _RowEmitter:
         parts = [self.splat(value, self.lanes // len(values)) for value in values]
         while len(parts) > 1:
             width = 2 * parts[0].type.count
-            parts = [self.b.shuffle_vector(parts[k], parts[k + 1], ir.Constant(_vector(_i32, width), list(range(width))))
-                     for k in range(0, len(parts), 2)]
+            side_by_side = ir.Constant(_vector(_i32, width), list(range(width)))
+            parts = [self.b.shuffle_vector(parts[k], parts[k + 1], side_by_side) for k in range(0, len(parts), 2)]
         return parts[0]
 
     def row_addr(self, addr, r, stride):  # row r of a tile of rows
         return addr if r == 0 else self.b.add(addr, self.b.mul(self.const(r), stride))
 
     def unit_dots(self, u, tokens, rows=1):
-        """[8 x i32] partial dot products of unit u of each row with each token's activations
+        """[lanes x i32] partial dot products of unit u of each row with each token's activations
         (sums[r][t]): each weight chunk is unpacked once for all tokens, each activation vector
         loaded once for all rows."""
         b, sums = self.b, [[None] * tokens for _ in range(rows)]
@@ -241,9 +241,12 @@ class _RowEmitter:
         units_per_eight = 8 // self.groups_per_unit
         reduce8 = _llvm_function(b.module, "llvm.vector.reduce.fadd.v8f32", _f32, [_f32, _vector(_f32, 8)])
         if self.groups_per_unit == 1 or self.width == 512:
-            blocked, by_unit = b.append_basic_block("by_eight"), b.append_basic_block("by_unit")
-            eights = b.icmp_signed("==", b.srem(groups_total, self.const(8)), self.const(0))
-            b.cbranch(eights if self.width == 256 else ir.Constant(ir.IntType(1), 1), blocked, by_unit)
+            blocked = b.append_basic_block("by_eight")
+            by_unit = b.append_basic_block("by_unit") if self.width == 256 else None
+            if by_unit is None:
+                b.branch(blocked)
+            else:
+                b.cbranch(b.icmp_signed("==", b.srem(groups_total, self.const(8)), self.const(0)), blocked, by_unit)
             b.position_at_end(blocked)
 
             def group_dots(u):
@@ -276,11 +279,9 @@ class _RowEmitter:
             result.append((b.fadd(b.call(reduce8, [self.const(-0.0, _f32), acc]),
                                   b.call(reduce8, [self.const(-0.0, _f32), bias_acc])), b.block))
             b.branch(done)
-            b.position_at_end(by_unit)
-            if self.width == 512:  # not reached
-                b.branch(done)
-                result.append((self.const(0.0, _f32), b.block))
+            if by_unit is None:
                 return self.finish(done, result)
+            b.position_at_end(by_unit)
 
         def unit(u, carried):
             acc, bias_acc = carried
@@ -314,11 +315,11 @@ def row_products(typingctx, bits, group_size, tokens, rows, width, w_addr, s_add
                  sums_addr, x_stride, dx_stride, g_stride, out_addr, out_stride, units, w_row_stride, s_row_stride):
     """row_products(bits, group_size, tokens, rows, width, addresses and strides...): the dot
     products of `rows` consecutive packed weight rows (1, or the tile's rows in a full tile) with
-    `tokens` (1 to TILE, or WIDE_TILE) consecutive quantized activation rows, stored as float32, in vectors of
-    `width` bits (256; 512 where WIDE_VECTORS, for full tiles and wide_decode formats). One loop per
-    format and tile shape is emitted, and a switch picks it: the format is a runtime value so that
-    the kernels calling this have no per-format closures, which Numba's cache could not find again
-    on the next start."""
+    `tokens` (1 to TILE, or WIDE_TILE) consecutive quantized activation rows, stored as float32, in
+    vectors of `width` bits (256; 512 where WIDE_VECTORS, for full tiles and wide_decode formats).
+    One loop per format and tile shape is emitted, and a switch picks it: the format is a runtime
+    value so that the kernels calling this have no per-format closures, which Numba's cache could
+    not find again on the next start."""
     sig = types.void(*[types.int64] * 20)
     shapes = [(t, 1, 256) for t in range(1, TILE + 1)] + [(TILE, TILE_ROWS, 256)] * (TILE_ROWS > 1)
     if WIDE_VECTORS:
