@@ -33,7 +33,8 @@ from pathlib import Path
 
 PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers"
 PAIRS = [("Q4_0", "mini-q4", "4"), ("Q8_0", "mini-q8", "8")]  # llama.cpp's quantization, localmix's model, bits
-KERNELS = {"default": "", "avx2": " (AVX2 kernels only)", "plain": " (plain Numba kernels)"}  # -> row label
+KERNELS = {"default": "", "avx2-vnni": " (256-bit kernels)", "avx2": " (AVX2 kernels only)",
+           "plain": " (plain Numba kernels)"}  # -> row label
 FLAGS = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"]
 
 

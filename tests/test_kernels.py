@@ -279,6 +279,27 @@ def test_the_avx2_path_without_vnni(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+def test_the_256_bit_setting_keeps_to_256_bits(tmp_path):
+    """LOCALMIX_KERNELS=avx2-vnni: no 512-bit vectors even where the CPU has them, VNNI where it has
+    it; the products still match their twin (in a process of its own, with its own Numba cache)."""
+    needs(True)
+    script = (
+        "import numpy as np\n"
+        "from localmix import kernels\n"
+        "from test_kernels import packed_matrix, activations, assert_within_activation_rounding\n"
+        "assert not kernels.WIDE_VECTORS and kernels.kernel_name() in ('avx2-vnni', 'avx2')\n"
+        "rng = np.random.default_rng(0)\n"
+        "m = packed_matrix(rng, (37, 1024), 4, 64)\n"
+        "for tokens in (1, 9):\n"
+        "    x = activations(rng, tokens, 1024)\n"
+        "    assert_within_activation_rounding(kernels.matmul(x, m, vector=True), x, m)\n"
+        "print('ok')\n")
+    env = {**os.environ, "LOCALMIX_KERNELS": "avx2-vnni", "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+           "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux machine code")
 def test_an_instruction_that_faults_is_found_in_a_child_process():
     """amx_usable tries AMX's tiles in a forked child: a listed instruction that faults there (as

@@ -3,8 +3,10 @@ the formats the vector kernels take, and the sizes they are tuned to (tile, pref
 the rows per tile that the CPU's vector registers hold).
 
 LOCALMIX_KERNELS=plain runs the plain Numba loops even where the CPU has AVX2; LOCALMIX_KERNELS=avx2
-runs what a CPU with AVX2 alone would (no VNNI's vpdpwssd). Both are read once, on
-first use, and are part of the kernels' cache folder's name (localmix/__init__.py).
+runs what a CPU with AVX2 alone would (no VNNI's vpdpwssd); LOCALMIX_KERNELS=avx2-vnni keeps to 256-bit
+vectors on a CPU with AVX-512 (the 512-bit kernels were measured on a Zen 5 only, whose 512-bit units
+are full width; on other CPUs compare with `localmix bench`). Each is read once, on first use, and is
+part of the kernels' cache folder's name (localmix/__init__.py).
 
 A feature the CPU lists is not always one a program may use: LLVM's list already checks that the OS
 saves the registers it needs (XCR0), but AMX, which the kernels do not use, Linux also makes a
