@@ -222,11 +222,12 @@ def test_rms_norm_and_rope_match_the_model():
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_attention_matches_the_model(heads, kv_heads, window, dtype):
     rng = np.random.default_rng(heads + kv_heads)
-    dim, cached = 32, 11
-    keys = rng.standard_normal((cached + 4, kv_heads, dim)).astype(dtype)
-    values = rng.standard_normal((cached + 4, kv_heads, dim)).astype(dtype)
-    for tokens in (1, 4):  # decoding, and a prompt's tokens after cached ones
-        positions = np.arange(cached + 4 - tokens, cached + 4)
+    dim, length = 32, 150  # more than two blocks of keys
+    keys = rng.standard_normal((length, kv_heads, dim)).astype(dtype)
+    values = rng.standard_normal((length, kv_heads, dim)).astype(dtype)
+    # decoding; a prompt's tokens after cached ones; more than two blocks of query tokens
+    for tokens in (1, 4, 40):
+        positions = np.arange(length - tokens, length)
         q = rng.standard_normal((tokens, heads, dim)).astype(np.float32)
         ours = kernels.attend(q, keys, values, positions, window)
         reference = model.attend(q, keys.astype(np.float32), values.astype(np.float32), positions, window)
