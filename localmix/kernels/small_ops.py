@@ -83,6 +83,15 @@ def _as_float_overload(table, value):
     return lambda table, value: table[value]  # float16 bits
 
 
+@njit(inline="always")
+def _float_rows(cache, half, first, n, kv, out):
+    """Rows first..first+n of one KV head of a cache as float32 in out[:n]: contiguous, so that the
+    loops over them vectorize (a strided view of the cache does not)."""
+    for j in range(n):
+        for d in range(out.shape[1]):
+            out[j, d] = _as_float(half, cache[first + j, kv, d])
+
+
 QUERY_BLOCK = 16  # query tokens per job: with the heads that share a KV head, 64 rows of scores
 KEY_BLOCK = 64    # keys (or values) converted to float32 at a time: 16 KiB at 64 values a head, in L1
 TRANSPOSED_ROWS = 16  # from this many rows (queries) of a job, values are transposed for dot products:
@@ -94,8 +103,9 @@ def _attend(q, keys, values, positions, window, half, out):
     """Attention blocked like a matrix product, so that long prompts do not make it dominate: a job
     is a block of query tokens and one KV head. Each block of keys is converted to float32 once for
     all its queries (every token's heads of that KV head), then each row's softmax (exp32), then
-    each block of values, transposed to [dim, keys]: every inner loop is a dot product that LLVM
-    vectorizes, with no store per multiply-add (2.6 times the GMAC/s of a job per query head)."""
+    each block of values: for many rows (a prompt) transposed to [dim, keys], so that every inner
+    loop is a dot product that LLVM vectorizes with no store per multiply-add (2.6 times the GMAC/s
+    of a job per query head); for a decoded token's few rows, added row by row."""
     T, heads, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
@@ -118,9 +128,7 @@ def _attend(q, keys, values, positions, window, half, out):
         block = np.empty((KEY_BLOCK, dim), np.float32)
         for s0 in range(lo, hi + 1, KEY_BLOCK):
             n = min(KEY_BLOCK, hi + 1 - s0)
-            for j in range(n):
-                for d in range(dim):
-                    block[j, d] = _as_float(half, keys[s0 + j, kv, d])
+            _float_rows(keys, half, s0, n, kv, block)
             for r in range(rows):
                 for j in range(n):
                     dot = np.float32(0.0)
@@ -157,9 +165,7 @@ def _attend(q, keys, values, positions, window, half, out):
                             total += weights[j] * values_block[d, j]
                         mixed[r, d] += total
             else:  # decoding's few rows: each value row added to each row's sum, nothing transposed
-                for j in range(n):
-                    for d in range(dim):
-                        block[j, d] = _as_float(half, values[s0 + j, kv, d])
+                _float_rows(values, half, s0, n, kv, block)
                 for r in range(rows):
                     for j in range(n):
                         weight = scores[r, s0 - lo + j]
