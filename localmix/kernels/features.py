@@ -148,8 +148,8 @@ TILE_ROWS = 2 if vector_registers() == 32 else 1
 
 
 # Full tiles (2 rows), and one token's rows of most formats (wide_decode), in 512-bit vectors where
-# the CPU multiplies int16 pairs in them (AVX512-VNNI, BW) and the kernels may use them (not
-# LOCALMIX_KERNELS=avx2, not a 16-register target): the products' GOPS +10% on a Zen 5
+# the CPU multiplies int16 pairs in them (AVX512-VNNI, BW) and the kernels may use them (no
+# LOCALMIX_KERNELS setting, not a 16-register target): the products' GOPS +10% on a Zen 5
 # (scripts/kernel_gops.py), where 512-bit vpdpwssd runs at twice the 256-bit rate. Most of a tile's
 # instructions are not multiplications: per 64 values of a row and token, one group's float32
 # scaling (convert, multiply, add) against 2 (8-bit) or 4 (4-bit) vpdpwssd, plus unpacking and the

@@ -67,22 +67,23 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
     x_stride, d_stride, s_stride, o_stride = xv.strides[0], xd.strides[0], xs.strides[0], out.strides[0]
     for i in prange(count):
         job = table[blocks[i, 0]]
+        # rows of whole 64-byte chunks run in 512-bit vectors where the CPU can: full tiles, and one
+        # token where a chunk is one or two groups and the groups come in eights
+        wide_rows = WIDE_VECTORS and job[W_STRIDE] % 64 == 0
+        groups = job[W_STRIDE] * 8 // bits // group_size
+        wide_units = job[W_STRIDE] * 8 // bits // max(group_size, 512 // bits)
         t = 0
         while t < job[TOKENS]:
             # tiles of WIDE_TILE tokens in 512-bit vectors, of TILE in 256 bits, then what is left
-            wide_rows = WIDE_VECTORS and job[W_STRIDE] % 64 == 0
             width = WIDE_TILE if wide_rows and job[TOKENS] - t >= WIDE_TILE else min(TILE, job[TOKENS] - t)
             row = job[X_ROW] + t
             x, d = xv.ctypes.data + row * x_stride, xd.ctypes.data + row * d_stride
             # a tile reads the token-minor sums, one token the token-major ones
             s = xs.ctypes.data + row * 4 if width > 1 else xt.ctypes.data + row * xt.strides[0]
             o = out.ctypes.data + (job[OUT_ROW] + t) * o_stride + 4 * job[OUT_COL]
-            # full tiles, and one token where a chunk is one or two groups and the groups come in
-            # eights, in 512-bit vectors where the CPU can, for rows of whole 64-byte chunks
-            groups = job[W_STRIDE] * 8 // bits // group_size
             wide = width >= TILE or (width == 1 and wide_decode(bits, group_size) and groups % 8 == 0)
             vector = 512 if wide_rows and wide else 256
-            units = job[W_STRIDE] * 8 // bits // max(group_size, 512 // bits) if vector == 512 else job[UNITS]
+            units = wide_units if vector == 512 else job[UNITS]
             tile_rows = 1 if width < TILE else 2 if vector == 512 else TILE_ROWS
             n = blocks[i, 1]
             while n < blocks[i, 2]:
@@ -129,7 +130,8 @@ def _plain_matmul(bits: int, group_size: int):
                         word = lanes[n, i]
                         for j in range(per_lane):
                             q = np.int32((word >> np.uint16(bits * j)) & mask)
-                            dot += q * np.int32(xq[t, (chunk // 2) * 32 * per_lane + j * 32 + (chunk % 2) * 16 + lane])
+                            at = (chunk // 2) * 32 * per_lane + j * 32 + (chunk % 2) * 16 + lane  # kernel order
+                            dot += q * np.int32(xq[t, at])
                     scale = half[scales[n, g]]
                     total += scale * dx[t, g] * np.float32(dot) + half[biases[n, g]] * xsum[g, 0, t] + scale * xsum[g, 1, t]
                 out[t, n] = total
