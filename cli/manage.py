@@ -122,8 +122,8 @@ def show(model: str = typer.Argument(..., help="Model name or folder."),
           f"  quantization     {s['bits']}-bit, group size {s['group_size']}\n"
           f"  on disk          {gb(s['disk_bytes'])} (dense {gb(s['dense_bytes'])}, experts {gb(s['expert_bytes'])})\n"
           f"  memory needed    {gb(s['disk_bytes'])} fully resident; "
-          f"at least {gb(s['min_memory_bytes'])} (`--memory`: dense weights, a 4096-token KV cache, the runtime "
-          f"and one token's experts)\n"
+          f"at least {gb(s['min_memory_bytes'])} (`--memory`: dense weights, a 512-token KV cache, the runtime "
+          f"and one token's experts; a longer context takes expert slots' memory)\n"
           f"  source           {source}")
 
 

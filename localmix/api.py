@@ -12,7 +12,8 @@ from localmix import kernels
 from localmix.checkpoint import Checkpoint, read_weights
 from localmix.config import ModelArgs
 from localmix.errors import LocalmixError
-from localmix.experts import POLICIES, CachedExperts, ExpertCache, check_shadow_bits, plan_memory
+from localmix.experts import (POLICIES, CachedExperts, ExpertCache, KVAllowance, check_shadow_bits, kv_first_bytes,
+                              plan_memory)
 from localmix.routing import RoutingOptions, Steering, hot_experts, read_routing
 from localmix.generate import Generation, GenerationResponse, responses
 from localmix.home import resolve_model
@@ -92,7 +93,7 @@ class Model:
         if check_shadow_bits(shadow_bits) and not isinstance(ops, NumbaOps):
             raise LocalmixError("shadow copies of experts run on the numba backend (--backend numba)")
         if quantized:
-            slots, self.memory_note = plan_memory(checkpoint.manifest, self.config, memory, shadow_bits=shadow_bits)
+            slots, self.memory_note = plan_memory(checkpoint.manifest, self.config, memory, shadow_bits)
             if shadow_bits and slots is None:
                 self.memory_note = "the whole model is resident: no shadow copies needed"
         elif memory is not None:
@@ -114,7 +115,10 @@ class Model:
                 weights.layers[i].experts = CachedExperts(self.expert_cache, i, self.config.num_local_experts)
         # The routing of a call that sets none of its own (a call's settings are arguments, never state it sets).
         routing = RoutingOptions(self.config.num_experts_per_tok, Steering(min_expert_weight, fallback_margin).check())
-        self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache], routing)
+        # Within a budget the KV caches' growth past their planned room takes expert slots' memory.
+        allowance = (KVAllowance(kv_first_bytes(self.config), self.expert_cache.give_up)
+                     if self.expert_cache else None)
+        self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache], routing, allowance)
         # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.
         self.compile_s = 0.0
         if isinstance(ops, NumbaOps):

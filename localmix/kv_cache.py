@@ -23,12 +23,15 @@ class KVCache:
     the current buffers only, so readers (attention, the Numba kernels) always see the copied ones.
     """
 
-    def __init__(self, args: ModelArgs, capacity: int = 256, dtype=np.float32):
+    def __init__(self, args: ModelArgs, capacity: int = 256, dtype=np.float32, allowance=None):
+        """allowance: within a memory budget, the KV caches' part of it (experts.budget.KVAllowance):
+        each growth takes its bytes from it, and the cache gives them back when it goes."""
         self.max_length = args.max_position_embeddings
         self.layers, self.heads, self.head_dim = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
         self.dtype = np.dtype(dtype)
         self.keys = self.values = np.zeros((self.layers, 0, self.heads, self.head_dim), self.dtype)
         self.length = 0  # tokens stored in every layer
+        self.allowance = allowance
         self.reserve(capacity)
 
     @property
@@ -42,11 +45,20 @@ class KVCache:
         if length <= self.capacity:
             return
         capacity = min(max(length, 2 * self.capacity), self.max_length)
+        old_bytes = self.keys.nbytes + self.values.nbytes
+        if self.allowance is not None:  # the new buffers, while the old ones are still held
+            self.allowance.take(2 * self.layers * capacity * self.heads * self.head_dim * self.dtype.itemsize)
         for name in ("keys", "values"):
             old = getattr(self, name)
             new = np.zeros((self.layers, capacity, self.heads, self.head_dim), self.dtype)
             new[:, : self.length] = old[:, : self.length]
             setattr(self, name, new)
+        if self.allowance is not None:
+            self.allowance.give_back(old_bytes)
+
+    def __del__(self):
+        if getattr(self, "allowance", None) is not None:
+            self.allowance.give_back(self.keys.nbytes + self.values.nbytes)
 
     def update(self, layer: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store the new tokens' keys and values ([T, kv_heads, head_dim]) after the cached ones and

@@ -393,8 +393,11 @@ class Transformer:
     the residual stream), final norm and language-model head."""
 
     def __init__(self, args: ModelArgs, weights: Weights, ops: Ops | None = None, kv_dtype=np.float32,
-                 default_routing: RoutingOptions = EXACT):
+                 default_routing: RoutingOptions = EXACT, kv_allowance=None):
+        """kv_allowance: within a memory budget, the KV caches' part of it, which their growth
+        takes from (experts.budget.KVAllowance); None: no budget."""
         self.args = args
+        self.kv_allowance = kv_allowance
         self.weights = weights
         self.ops = ops or Ops()
         self.kv_dtype = kv_dtype
@@ -406,7 +409,7 @@ class Transformer:
         self.default_routing = default_routing  # a call's that gives no options (the model's, as loaded)
 
     def new_cache(self, capacity: int) -> KVCache:
-        return self.ops.kv_cache(self.args, capacity, self.kv_dtype)
+        return self.ops.kv_cache(self.args, capacity, self.kv_dtype, self.kv_allowance)
 
     def __call__(self, ids: np.ndarray, cache: KVCache, last_only: bool = False,
                  options: RoutingOptions | None = None) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Running within a memory budget: experts in preallocated slots, read from their files on demand."""
 
 import json
+import mmap
 import shutil
 
 import numpy as np
@@ -11,8 +12,8 @@ import localmix
 from localmix import kernels
 from localmix.errors import LocalmixError
 from localmix import routing
-from localmix.experts import (LFU, LRU, RUNTIME_BYTES, Pinned, ResidentExperts, kv_bytes, parse_memory, plan_memory,
-                              shadow_bytes)
+from localmix.experts import (KV_FIRST_TOKENS, LFU, LRU, Pinned, ResidentExperts, Room, cgroup_room, fixed_memory,
+                              kv_bytes, parse_memory, plan_memory, shadow_bytes)
 from localmix.routing import hot_experts
 from localmix.quant.convert import LocalSource, convert
 from localmix.quality import kl_divergence
@@ -34,7 +35,7 @@ def budget(folder, slots: int) -> int:
     manifest = read_manifest(folder)
     model = localmix.load(folder)
     sizes = [f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")]
-    return manifest["files"]["dense.bin"]["size"] + kv_bytes(model.config, 4096) + RUNTIME_BYTES + slots * max(sizes)
+    return fixed_memory(manifest, model.config) + slots * max(sizes)
 
 
 def prompt_then_decode(model, ids):
@@ -327,3 +328,107 @@ def test_sequences_decoded_together_match_each_decoded_alone(q4, setting):
         t(prompt, cache)
         alone = np.concatenate([t([token], cache) for token in row])
         assert np.abs(alone - expected).max() <= 1e-4 * np.abs(alone).max()
+
+
+# --- the room a process has: memory cgroups, and the KV cache's growth within a budget -----------
+
+def fake_cgroup(tmp_path, version: int, levels: dict) -> tuple:
+    """A /proc/self/cgroup and a cgroup mount as the kernel shows them: levels maps a cgroup path
+    ("/" the root) to (limit or None, usage, page cache)."""
+    root = tmp_path / "sys-fs-cgroup"
+    mount = root / "memory" if version == 1 else root
+    for path, (limit, usage, cache) in levels.items():
+        here = mount / path.strip("/")
+        here.mkdir(parents=True, exist_ok=True)
+        if version == 1:
+            (here / "memory.limit_in_bytes").write_text(f"{limit or 9223372036854771712}\n")
+            (here / "memory.usage_in_bytes").write_text(f"{usage}\n")
+            (here / "memory.stat").write_text(f"cache 1\nrss 2\ntotal_cache {cache}\ntotal_rss {usage - cache}\n")
+        else:
+            (here / "memory.max").write_text(f"{limit or 'max'}\n")
+            (here / "memory.current").write_text(f"{usage}\n")
+            (here / "memory.stat").write_text(f"anon {usage - cache}\nfile {cache}\nkernel 0\n")
+    if version == 2:
+        (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    own = max(levels, key=len)
+    proc = tmp_path / "cgroup"
+    proc.write_text(f"4:memory:{own}\n1:cpu:/\n0::/\n" if version == 1 else f"0::{own}\n")
+    return proc, root
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_memory_cgroup_limit_is_the_room_and_page_cache_counts_as_free(tmp_path, version):
+    gib = 1 << 30
+    # A 12 GiB limit one level up, which holds 3 GiB of which 2 GiB page cache: 11 GiB left.
+    proc, root = fake_cgroup(tmp_path, version, {"/": (None, 20 * gib, 0), "/laptop": (12 * gib, 3 * gib, 2 * gib),
+                                                 "/laptop/shell": (None, gib, 0)})
+    room = cgroup_room(proc, root)
+    assert room.available == 11 * gib and room.limit == 12 * gib and f"cgroup v{version}" in room.where
+    # A tighter limit further down wins.
+    proc, root = fake_cgroup(tmp_path / "b", version, {"/": (None, 0, 0), "/a": (12 * gib, 0, 0),
+                                                       "/a/b": (8 * gib, gib, 0)})
+    assert cgroup_room(proc, root).available == 7 * gib
+    # No limit anywhere (or nothing readable): no room from cgroups.
+    proc, root = fake_cgroup(tmp_path / "c", version, {"/": (None, gib, 0), "/a": (None, gib, 0)})
+    assert cgroup_room(proc, root) is None and cgroup_room(tmp_path / "none", root) is None
+    # A container whose own cgroup is the root of its mount, named by a path it cannot see.
+    proc, root = fake_cgroup(tmp_path / "d", version, {"/": (4 * gib, gib, 0)})
+    proc.write_text(proc.read_text().replace(":/\n", ":/docker/abc\n", 1))
+    assert cgroup_room(proc, root).available == 3 * gib
+
+
+def test_without_a_budget_a_model_larger_than_the_room_gets_most_of_it(q4):
+    manifest, config = read_manifest(q4), localmix.load(q4).config
+    for name, f in manifest["files"].items():  # experts of 10-odd MB, so that the runtime does not dwarf them
+        f["size"] *= 1000 if name.startswith("experts/") else 1
+    expert = max(f["size"] for name, f in manifest["files"].items() if name.startswith("experts/"))
+    fixed = fixed_memory(manifest, config)
+    whole = fixed + 16 * expert
+    assert plan_memory(manifest, config, None, room=Room(whole)) == (None, None)
+    # 90% of the room, for the process: what is fixed, then slots.
+    limit = Room(int((fixed + 5.5 * expert) / 0.9), whole, "cgroup v2 /laptop")
+    slots, note = plan_memory(manifest, config, None, room=limit)
+    assert slots == 5 and "under the" in note and "cgroup v2 /laptop" in note and "5 of 16 experts in memory" in note
+    with pytest.raises(LocalmixError, match="too small for this model"):
+        plan_memory(manifest, config, None, room=Room(fixed + expert))
+
+
+def test_a_growing_kv_cache_takes_expert_slots_and_gives_them_back(q4):
+    ids = np.random.default_rng(1).integers(0, 32000, 16)
+    resident = prompt_then_decode(localmix.load(q4), ids)
+    model = localmix.load(q4, memory=budget(q4, 9), prefetch=False)
+    cache, allowance = model.expert_cache, model.transformer.kv_allowance
+    planned = allowance.free
+    context = model.config.max_position_embeddings
+    assert planned == kv_bytes(model.config, min(KV_FIRST_TOKENS, context)) and cache.slots == 9
+    # A cache for the planned room takes none; one that holds 3.5 slots more takes 4.
+    room = model.transformer.new_cache(min(KV_FIRST_TOKENS, context))
+    assert cache.slots == 9 and allowance.free == 0
+    per_token = kv_bytes(model.config, 1)
+    more = model.transformer.new_cache(int(3.5 * cache.slot_bytes) // per_token)
+    assert cache.slots == 5 and 0 <= allowance.free < cache.slot_bytes
+    del room, more
+    assert allowance.free >= planned  # given back, for the caches to come (the slots stay retired)
+    np.testing.assert_array_equal(prompt_then_decode(model, ids), resident)  # fewer slots, the same logits
+    # Never below one token's experts (and two): past that, the KV cache grows over the budget.
+    many = [model.transformer.new_cache(context) for _ in range(-(-20 * cache.slot_bytes // kv_bytes(model.config, context)))]
+    assert cache.slots == 2
+    np.testing.assert_array_equal(prompt_then_decode(model, ids), resident)
+    del many
+
+
+def test_reads_past_the_page_cache_and_buffered_ones_fill_a_slot_alike(tmp_path):
+    from localmix.experts.reads import ALIGN, read_into
+    data = np.random.default_rng(0).integers(0, 256, 3 * ALIGN + 123, dtype=np.uint8)
+    path = tmp_path / "expert.bin"
+    path.write_bytes(data.tobytes())
+    region = mmap.mmap(-1, 8 * ALIGN)
+    aligned = np.frombuffer(region, np.uint8)[:4 * ALIGN]  # O_DIRECT where the file system allows it
+    unaligned = np.zeros(4 * ALIGN + 1, np.uint8)[1:]      # buffered (MLX's slots, say)
+    for out in (aligned, unaligned):
+        for parallel in (False, True):
+            out[:] = 0
+            read_into(path, out, data.size, parallel)
+            np.testing.assert_array_equal(out[:data.size], data)
+        with pytest.raises(LocalmixError, match="truncated"):
+            read_into(path, out, data.size + ALIGN)

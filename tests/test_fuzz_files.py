@@ -115,13 +115,12 @@ def lm_checks(kind, numba=False, cache=False):
 
 def budget(base: str) -> int:
     """--memory leaving two expert slots, from the base model's manifest (the mutated one may lie)."""
-    from localmix.experts import RUNTIME_BYTES, kv_bytes
+    from localmix.experts import fixed_memory
     from localmix.store import read_manifest
     from localmix.config import ModelArgs
     manifest = read_manifest(Path(base))
     sizes = [f["size"] for name, f in manifest["files"].items() if name.startswith("experts/")]
-    return manifest["files"]["dense.bin"]["size"] + kv_bytes(ModelArgs.from_hf_config(manifest["config"]), 4096) \
-        + RUNTIME_BYTES + 2 * max(sizes)
+    return fixed_memory(manifest, ModelArgs.from_hf_config(manifest["config"])) + 2 * max(sizes)
 
 
 # -- making a mutated copy -------------------------------------------------------------------------

@@ -50,9 +50,9 @@ def test_random_localmix_model_is_written_straight_into_the_format(tmp_path, fam
     ids = np.random.default_rng(0).integers(0, vocab, 8)
     resident = localmix.load(out).logits(ids)
     assert np.isfinite(resident).all() and resident.std() > 0
-    from localmix.experts import RUNTIME_BYTES, kv_bytes
+    from localmix.experts import fixed_memory
     model = localmix.load(out)
-    memory = manifest["files"]["dense.bin"]["size"] + kv_bytes(model.config, 4096) + RUNTIME_BYTES + \
+    memory = fixed_memory(manifest, model.config) + \
         3 * max(f["size"] for name, f in manifest["files"].items() if name.startswith("experts/"))
     budgeted = localmix.load(out, memory=memory)
     assert budgeted.expert_cache.slots == 3

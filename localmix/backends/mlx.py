@@ -52,12 +52,20 @@ class MLXKVCache(KVCache):
 
     STEP = 256
 
-    def __init__(self, args, capacity: int = 256, dtype=np.float32):
+    def __init__(self, args, capacity: int = 256, dtype=np.float32, allowance=None):
         self.max_length = args.max_position_embeddings
         self.layers, self.heads, self.head_dim = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
         self.keys, self.values = [None] * self.layers, [None] * self.layers
         self.length, self.allocated = 0, 0
+        self.allowance = allowance  # counted as float32, as the numpy cache's (float16 takes half)
         self.reserve(capacity)
+
+    def _bytes(self, tokens: int) -> int:
+        return 2 * self.layers * self.heads * self.head_dim * 4 * tokens
+
+    def __del__(self):
+        if getattr(self, "allowance", None) is not None:
+            self.allowance.give_back(self._bytes(self.allocated))
 
     @property
     def capacity(self) -> int:
@@ -66,6 +74,8 @@ class MLXKVCache(KVCache):
     def reserve(self, length: int) -> None:
         if length > self.max_length:
             raise LocalmixError(f"context full: {length} tokens exceed the model's {self.max_length}-token context")
+        if length > self.allocated and self.allowance is not None:
+            self.allowance.take(self._bytes(length - self.allocated))
         self.allocated = max(self.allocated, length)
 
     def update(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-
+import mmap
 import threading
 import time
 from collections.abc import Iterator
@@ -67,10 +67,14 @@ class ExpertCache:
         self.file_bytes = {key: model.manifest["files"][ls[0].file]["size"] for key, ls in self.layouts.items()}
         self.slot_bytes = max(self.file_bytes.values())
         self.glu = expert_activation(model.config)  # the experts' activation, where not plain SwiGLU
-        self.slots = slots
-        # numpy's pages are taken as slots fill
+        self.slots, self.least_slots = slots, min(slots, len(pinned) + max(2, experts_per_token))
         buffer = allocate((slots, self.slot_bytes)) if allocate else None
-        self.buffer = buffer if buffer is not None else np.empty((slots, self.slot_bytes), np.uint8)
+        self.region = None  # the slots' own anonymous memory, where the backend has none (see give_up)
+        if buffer is None:  # each slot on pages of its own, taken as it fills and given back when retired
+            stride = -(-self.slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+            self.region = mmap.mmap(-1, slots * stride)
+            buffer = np.frombuffer(self.region, np.uint8).reshape(slots, stride)
+        self.buffer = buffer
         self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
         self.free = list(range(slots - 1, -1, -1))
         self.in_use: set = set()  # the experts of the batch being computed: never evicted
@@ -257,6 +261,24 @@ class ExpertCache:
         self.prefetched.discard(victim)
         slot, _ = self.resident.pop(victim)
         return slot
+
+    def give_up(self, nbytes: int) -> int:
+        """Retire slots until `nbytes` are freed (a KV cache growing past its planned room, see
+        budget.KVAllowance): free ones first, then the policy's victims, never the experts being
+        computed nor below one token's experts. Their pages go back to the system (numpy's slots;
+        a backend's own memory stays allocated). Returns the bytes freed."""
+        freed = 0
+        with self.lock:
+            while freed < nbytes and self.slots > self.least_slots:
+                slot = self._take_slot()
+                if slot is None:
+                    break
+                self.slots -= 1
+                if self.region is not None and hasattr(self.region, "madvise"):
+                    stride = self.buffer.shape[1]
+                    self.region.madvise(mmap.MADV_DONTNEED, slot * stride, stride)
+                freed += self.slot_bytes
+        return freed
 
     def _read(self, key, slot: int, parallel: bool = False) -> Expert:
         """Read an expert's file into a slot (see read_into) and view its matrices there."""
