@@ -175,18 +175,31 @@ def perplexity(model: str = typer.Argument(..., help="Model name or folder."),
 
 
 def export(model: str = typer.Argument(..., help="Model name or folder."),
-           out: Path = typer.Argument(..., help="The folder to write."),
-           format: str = typer.Option("mlx-lm", "--format", help="mlx-lm: a folder mlx_lm.load opens.")):
+           out: Path = typer.Argument(..., help="The file (gguf) or folder (mlx-lm) to write."),
+           format: Optional[str] = typer.Option(None, "--format", help="gguf: a file llama.cpp and Ollama load; "
+                                                                       "mlx-lm: a folder mlx_lm.load opens "
+                                                                       "(default: gguf for OUT.gguf, else mlx-lm).")):
     """Write a model in another runner's format, without quantizing it again."""
-    from localmix.quant.mlx_lm import export_mlx_lm
-    if format != "mlx-lm":
-        raise LocalmixError(f"unknown export format {format!r}: use mlx-lm")
+    format = format or ("gguf" if out.suffix.lower() == ".gguf" else "mlx-lm")
+    if format not in ("gguf", "mlx-lm"):
+        raise LocalmixError(f"unknown export format {format!r}: use gguf or mlx-lm")
     folder = resolve_model(model)
     if not is_localmix_model(folder):
         raise LocalmixError(f"{model} is not a localmix model (from `localmix pull`)")
-    with err.status(f"writing {out}"):
-        export_mlx_lm(folder, out)
-    err.print(f"wrote {out} (mlx-lm format)", markup=False)
+    if format == "mlx-lm":
+        from localmix.quant.mlx_lm import export_mlx_lm
+        with err.status(f"writing {out}"):
+            export_mlx_lm(folder, out)
+        err.print(f"wrote {out} (mlx-lm format)", markup=False)
+        return
+    from localmix.quant.gguf_export import export_gguf
+    progress = PullProgress()
+    try:
+        export_gguf(folder, out, on_progress=lambda done, total: progress.write(out.name, done, total),
+                    say=lambda text: err.print(text, markup=False))
+    finally:
+        progress.stop()
+    err.print(f"wrote {out} (GGUF, {out.stat().st_size / 1e9:.2f} GB)", markup=False)
 
 
 def stats(model: str = typer.Argument(..., help="Model name or folder."),

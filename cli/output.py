@@ -120,6 +120,9 @@ class PullProgress:
     def download(self, name: str, done: int, total: int) -> None:
         self._update(name, f"download {name}", done, total, True)
 
+    def write(self, name: str, done: int, total: int) -> None:
+        self._update(name, f"write {name}", done, total, True)
+
     def quantize(self, done: int, total: int) -> None:
         self._update("quantize", "quantize", done, total, False)
 

@@ -539,3 +539,43 @@ def test_a_pulled_gguf_exports_to_mlx_lm(family_gguf, tmp_path):
     ours = localmix.load(folder, backend="numpy").logits(IDS)
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-4
     assert tokenizer.encode("Hello world!") == localmix.load(folder).tokenizer.encode("Hello world!")
+
+
+# --- export: a localmix model as a GGUF file llama.cpp loads ---------------------------------------
+
+@pytest.mark.parametrize("group_size", [64, 32])
+def test_export_copies_4_bit_groups_as_q4_1_exactly_and_imports_back(hf, tmp_path, group_size):
+    result = localmix_cli("pull", hf, "--bits", "4", "--group-size", group_size, "--name", "tiny",
+                          env={"LOCALMIX_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "home" / "models" / "tiny"
+    out = tmp_path / "tiny.gguf"
+    result = localmix_cli("export", folder, out)
+    assert result.returncode == 0, result.stderr
+    assert "8-bit tensors become F16" in result.stderr and not list(tmp_path.glob(".tiny.gguf*"))
+    model = localmix.load(folder, backend="numpy")
+    weights, heads = model.transformer.weights, model.config.num_attention_heads
+    reader = gguf.GGUFReader(str(out))
+    kinds = {t.name: t.tensor_type for t in reader.tensors}
+    assert kinds["blk.1.ffn_down_exps.weight"] == kinds["token_embd.weight"] == T.Q4_1
+    assert kinds["output.weight"] == T.F16 and kinds["blk.0.attn_norm.weight"] == T.F32
+    layer = weights.layers[1]
+    for e in range(len(layer.experts)):  # every expert of the stack, bit for bit
+        np.testing.assert_array_equal(layer.experts[e].w2.dequantize(), gguf_matrix(reader, "blk.1.ffn_down_exps.weight", e))
+        np.testing.assert_array_equal(layer.experts[e].w3.dequantize(), gguf_matrix(reader, "blk.1.ffn_up_exps.weight", e))
+    np.testing.assert_array_equal(layer.wq.dequantize(), permute_back(gguf_matrix(reader, "blk.1.attn_q.weight"), heads))
+    np.testing.assert_array_equal(layer.wk.dequantize(),
+                                  permute_back(gguf_matrix(reader, "blk.1.attn_k.weight"), model.config.num_key_value_heads))
+    np.testing.assert_array_equal(layer.router, gguf_matrix(reader, "blk.1.ffn_gate_inp.weight"))
+    np.testing.assert_array_equal(weights.lm_head.dequantize().astype(np.float16), gguf_matrix(reader, "output.weight"))
+    # Imported back (Q4_1 is copied as groups of 32): the same weights, so the same logits where the
+    # output head is again what it was (8 bits of an F16 copy of 8 bits: within its rounding).
+    _, back = pull(out, tmp_path / "again")
+    reimported = localmix.load(back, backend="numpy")
+    np.testing.assert_array_equal(reimported.transformer.weights.layers[1].experts[3].w1.dequantize(),
+                                  layer.experts[3].w1.dequantize())
+    exact, again = model.logits(IDS), reimported.logits(IDS)
+    assert np.abs(again - exact).max() < 0.01 * np.abs(exact).max()
+    assert_one_line_error(localmix_cli("export", folder, out), "exists; remove it")
+    assert_one_line_error(localmix_cli("export", folder, tmp_path / "x.bin", "--format", "onnx"),
+                          "unknown export format 'onnx'")

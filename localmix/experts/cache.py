@@ -29,6 +29,9 @@ from localmix.model import Expert, expert_activation
 from localmix.store import ModelFolder, QuantizedMatrix, TensorLayout, expert_matrix
 
 
+RELEASE = getattr(mmap, "MADV_DONTNEED", None)  # gives a retired slot's pages back (Linux, macOS)
+
+
 class ExpertCache:
     """Slots for `slots` experts of a model folder, with counters. Reads happen in the caller's
     thread on a miss, or ahead of time in one background thread (`prefetch`); a lock guards the
@@ -72,7 +75,8 @@ class ExpertCache:
         self.region = None  # the slots' own anonymous memory, where the backend has none (see give_up)
         if buffer is None:  # each slot on pages of its own, taken as it fills and given back when retired
             stride = -(-self.slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-            self.region = mmap.mmap(-1, slots * stride)
+            # private: a shared anonymous map is shared memory, whose pages madvise does not free
+            self.region = mmap.mmap(-1, slots * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             buffer = np.frombuffer(self.region, np.uint8).reshape(slots, stride)
         self.buffer = buffer
         self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
@@ -274,9 +278,9 @@ class ExpertCache:
                 if slot is None:
                     break
                 self.slots -= 1
-                if self.region is not None and hasattr(self.region, "madvise"):
+                if self.region is not None and RELEASE is not None:
                     stride = self.buffer.shape[1]
-                    self.region.madvise(mmap.MADV_DONTNEED, slot * stride, stride)
+                    self.region.madvise(RELEASE, slot * stride, stride)
                 freed += self.slot_bytes
         return freed
 
