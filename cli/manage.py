@@ -362,7 +362,8 @@ def bench_table(model: str, kernels: str, results: list[dict], expert_cache: boo
     columns = ["model", "kernels", "threads", "prompt", "generated", "prefill tok/s", "decode tok/s", "decode GB/s",
                "peak RSS MB", "TTFT s"]
     if expert_cache:
-        columns += ["expert slots", "hit rate", "prefetch hits", "shadow uses", "read GB", "stalled s"]
+        columns += ["expert slots", "hit rate", "prefetch hits", "shadow uses", "read GB", "stalled s", "disk GB/s",
+                    "disk's limit tok/s"]
     table = Table(*columns, box=None)
     for r in results:
         cells = [model, kernels, str(r["threads"]), str(r["prompt_tokens"]), str(r["gen_tokens"]),
@@ -371,6 +372,7 @@ def bench_table(model: str, kernels: str, results: list[dict], expert_cache: boo
         if expert_cache:
             cells += [f"{r['expert_slots']} {r['expert_policy']}", f"{r['expert_hit_rate']:.2f}",
                       f"{r['prefetch_hit_rate']:.2f}", str(r["shadow_uses"]), f"{r['expert_bytes_read'] / 1e9:.2f}",
-                      f"{r['stall_s']:.2f}"]
+                      f"{r['stall_s']:.2f}", f"{r['disk_gb_s']:.2f}",
+                      "" if r["disk_limit_tok_s"] is None else f"{r['disk_limit_tok_s']:.2f}"]
         table.add_row(*cells)
     return table

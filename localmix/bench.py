@@ -121,7 +121,12 @@ def run(model, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 1, 
         if experts:
             decoding.update({key: value - before[key] for key, value in experts.counters().items()})
     decode_tok_s = concurrency * gen_tokens / float(np.mean(decode))
-    return {**(experts.stats(dict(decoding)) if experts else {}), "cold": cold,
+    disk = {}
+    if experts:  # the limit the disk sets: its read speed over the bytes each decoded token read
+        gb_s = experts.read_bandwidth()
+        per_token = decoding["expert_bytes_read"] / (repeat * concurrency * gen_tokens)
+        disk = {"disk_gb_s": gb_s, "disk_limit_tok_s": gb_s * 1e9 / per_token if per_token else None}
+    return {**(experts.stats(dict(decoding)) if experts else {}), **disk, "cold": cold,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "threads": model.threads,
         # decoded tokens (all this call's runs) with each thread count
         "tokens_per_thread_count": {n: used - used_before.get(n, 0) for n, used in model.tuner.used.items()},

@@ -9,7 +9,10 @@ byte j holds values j and j + 16). GGUF has no affine 8- or 2-bit type, so other
 GGUF allows, and the export says so. Norms and routers stay F32. llama.cpp keeps Mixtral's q and k
 rows in its own rotary order (the import puts them back, gguf_import.unpermute): they are permuted
 here as its converter does. The tokenizer goes in as llama.cpp's `llama` vocabulary (sentencepiece
-pieces, scores and types).
+pieces, scores and types) or, for a tokenizer.json (Qwen3-MoE), as its `gpt2` one: tokens by id
+(rows no token has as UNUSED `[PAD<id>]`, as llama.cpp's converter writes them), merges, the
+pre-tokenizer's name (one of those gguf_bpe rebuilds, compared as a whole), BOS/EOS and the chat
+template.
 
 Memory stays bounded: a tensor is converted a block of rows at a time, and a layer's stacked
 experts one expert at a time, written straight after the header. The file is written beside its
@@ -27,11 +30,12 @@ from localmix.checkpoint import tensor_table
 from localmix.errors import LocalmixError
 from localmix.quant.affine import unpack
 from localmix.quant.convert import check_disk
-from localmix.quant.gguf_import import _gguf, gguf_name, gguf_shapes
+from localmix.quant.gguf_bpe import CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED
+from localmix.quant.gguf_import import NORM_TOPK, _gguf, gguf_name, gguf_shapes
 from localmix.store import ModelFolder, is_localmix_model
-from localmix.tokenizer import SENTENCEPIECE
+from localmix.tokenizer import HF_TOKENIZER, SENTENCEPIECE
 
-ARCHITECTURES = {"mixtral": "llama"}  # transformers model_type -> llama.cpp architecture
+ARCHITECTURES = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}  # transformers model_type -> llama.cpp's
 Q4_1_BYTES = 20  # a block of 32: float16 d, float16 m, 16 bytes of nibbles
 ROWS_AT_ONCE = 4096  # rows converted together: a few tens of MB at Mixtral's widths
 
@@ -99,6 +103,44 @@ def sentencepiece_vocabulary(path: Path) -> tuple[list[str], list[float], list[i
             {k: v for k, v in special.items() if v >= 0})
 
 
+def bpe_vocabulary(files: dict[str, Path], vocab_size: int) -> dict:
+    """A byte-level BPE tokenizer.json (and tokenizer_config.json) as GGUF's `gpt2` vocabulary."""
+    import json
+    tokenizer = json.loads(files[HF_TOKENIZER].read_text(encoding="utf-8"))
+    config_path = files.get("tokenizer_config.json")
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path else {}
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE":
+        raise LocalmixError(f"{files[HF_TOKENIZER]}: the GGUF export takes byte-level BPE tokenizers, not "
+                            f"{model.get('type')!r:.40}")
+    pre = next((name for name, (normalizer, pre_tokenizer) in PRE_TOKENIZERS.items()
+                if tokenizer.get("normalizer") == normalizer and tokenizer.get("pre_tokenizer") == pre_tokenizer), None)
+    if pre is None:
+        raise LocalmixError(f"{files[HF_TOKENIZER]}: its pre-tokenizer is none of those llama.cpp names and localmix "
+                            f"knows ({', '.join(PRE_TOKENIZERS)}); another name would split text otherwise")
+    tokens, types = [None] * vocab_size, [NORMAL] * vocab_size
+    for token, i in model["vocab"].items():
+        if 0 <= i < vocab_size:
+            tokens[i] = token
+    for added in tokenizer.get("added_tokens") or []:
+        i = added["id"]
+        if 0 <= i < vocab_size:
+            tokens[i], types[i] = added["content"], CONTROL if added.get("special") else USER_DEFINED
+    for i, token in enumerate(tokens):
+        if token is None:
+            tokens[i], types[i] = f"[PAD{i}]", UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    ids = {token: i for i, token in enumerate(tokens)}
+
+    def special(key):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        return ids.get(value)
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, "bos": special("bos_token"),
+            "eos": special("eos_token"), "pad": special("pad_token"), "add_bos": bool(config.get("add_bos_token")),
+            "chat_template": config.get("chat_template") if isinstance(config.get("chat_template"), str) else None}
+
+
 def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=None, say=print) -> Path:
     """Write the localmix model in `folder` as the GGUF file `out` (which must not exist).
     on_progress(done, total) counts bytes written; say() gets what was not copied exactly."""
@@ -114,17 +156,20 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
     if arch is None:
         raise LocalmixError(f"exporting {args.model_type} models to GGUF is not supported yet; localmix exports "
                             f"{', '.join(ARCHITECTURES)}")
-    if SENTENCEPIECE not in model.tokenizer_files:
-        raise LocalmixError(f"{folder}: the GGUF export takes a sentencepiece tokenizer ({SENTENCEPIECE})")
+    if args.model_type in NORM_TOPK and NORM_TOPK[args.model_type] != args.norm_topk_prob:
+        raise LocalmixError(f"llama.cpp's {arch} {'renormalizes' if NORM_TOPK[args.model_type] else 'does not renormalize'}"
+                            f" the chosen experts' weights and this model's config says norm_topk_prob "
+                            f"{args.norm_topk_prob}: a GGUF of it would compute another model")
     # Every GGUF tensor: its localmix tensors (one, or a layer's experts in order) and its type.
     parts: dict[str, list] = {}
     for name, shape in tensor_table(args):
-        source, expert = gguf_name(name)
-        parts.setdefault(source, []).append((name, shape))
+        parts.setdefault(gguf_name(name)[0], []).append((name, shape))
     shapes = gguf_shapes(args)
     tensors = {source: [model.tensor(name, shape) for name, shape in members] for source, members in parts.items()}
-    kinds = {source: gguf_kind(ms[0]) for source, ms in tensors.items()}
-    again = sorted({f"{m.bits}-bit" for ms in tensors.values() for m in ms if gguf_kind(m) == "F16"})
+    # one type per GGUF tensor: a stack of experts in different formats is F16 as a whole
+    kinds = {source: ({gguf_kind(m) for m in ms}.pop() if len({gguf_kind(m) for m in ms}) == 1 else "F16")
+             for source, ms in tensors.items()}
+    again = sorted({f"{m.bits}-bit" for source, ms in tensors.items() for m in ms if kinds[source] == "F16"})
     if again:
         say(f"{', '.join(again)} tensors become F16 (dequantized: GGUF has no affine type for them); "
             f"4-bit ones are copied as Q4_1 exactly")
@@ -141,7 +186,10 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
     writer.add_context_length(args.max_position_embeddings)
     writer.add_embedding_length(args.hidden_size)
     writer.add_block_count(args.num_hidden_layers)
-    writer.add_feed_forward_length(args.moe_intermediate_size or args.intermediate_size)
+    writer.add_feed_forward_length(args.intermediate_size if arch != "llama" else
+                                   args.moe_intermediate_size or args.intermediate_size)
+    if arch != "llama":
+        writer.add_expert_feed_forward_length(args.moe_intermediate_size)
     writer.add_head_count(args.num_attention_heads)
     writer.add_head_count_kv(args.num_key_value_heads)
     writer.add_key_length(args.head_dim)
@@ -153,19 +201,35 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
     writer.add_expert_used_count(args.num_experts_per_tok)
     writer.add_vocab_size(args.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
-    pieces, scores, types, special = sentencepiece_vocabulary(model.tokenizer_files[SENTENCEPIECE])
-    if len(pieces) > args.vocab_size:
-        raise LocalmixError(f"{folder}: the tokenizer has {len(pieces)} pieces, more than the model's "
-                            f"{args.vocab_size} embeddings")
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(pieces)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(special.get("bos", 1))
-    writer.add_eos_token_id(special.get("eos", 2))
-    if "unk" in special:
-        writer.add_unk_token_id(special["unk"])
-    writer.add_add_bos_token(True)
+    files = model.tokenizer_files
+    if SENTENCEPIECE in files:
+        pieces, scores, types, special = sentencepiece_vocabulary(files[SENTENCEPIECE])
+        if len(pieces) > args.vocab_size:
+            raise LocalmixError(f"{folder}: the tokenizer has {len(pieces)} pieces, more than the model's "
+                                f"{args.vocab_size} embeddings")
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(pieces)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(special.get("bos", 1))
+        writer.add_eos_token_id(special.get("eos", 2))
+        if "unk" in special:
+            writer.add_unk_token_id(special["unk"])
+        writer.add_add_bos_token(True)
+    else:
+        bpe = bpe_vocabulary(files, args.vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(bpe["pre"])
+        writer.add_token_list(bpe["tokens"])
+        writer.add_token_types(bpe["types"])
+        writer.add_token_merges(bpe["merges"])
+        for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                         ("pad", writer.add_pad_token_id)):
+            if bpe[key] is not None:
+                add(bpe[key])
+        writer.add_add_bos_token(bpe["add_bos"])
+        if bpe["chat_template"]:
+            writer.add_chat_template(bpe["chat_template"])
     writer.add_add_eos_token(False)
     for source in parts:
         dims = shapes[source]

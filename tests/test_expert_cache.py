@@ -195,6 +195,9 @@ def test_stats_run_and_bench_report_the_experts(q4, tmp_path):
     assert figures["expert_policy"] == "lfu" and figures["cold"] and figures["prefetches"] == 0
     assert figures["expert_prefetch"] is False
     assert figures["expert_hits"] + figures["expert_misses"] == 4 * 2 * 2  # 4 tokens, 2 layers, 2 experts each
+    # beside the figures, the limit the disk sets: its read speed over what each decoded token read
+    per_token = figures["expert_bytes_read"] / 4
+    assert figures["disk_limit_tok_s"] == pytest.approx(figures["disk_gb_s"] * 1e9 / per_token)
 
     for args, message in [(["--prompt", "x", "--file", "y"], "one of them"), ([], "one of them"),
                           (["--file", tmp_path / "none.txt"], "none.txt: cannot read")]:

@@ -579,3 +579,35 @@ def test_export_copies_4_bit_groups_as_q4_1_exactly_and_imports_back(hf, tmp_pat
     assert_one_line_error(localmix_cli("export", folder, out), "exists; remove it")
     assert_one_line_error(localmix_cli("export", folder, tmp_path / "x.bin", "--format", "onnx"),
                           "unknown export format 'onnx'")
+
+
+def test_a_pulled_qwen3_moe_gguf_exports_back_to_its_values_and_vocabulary(family_gguf, tmp_path):
+    """GGUF -> localmix -> GGUF: the experts' values (the file's Q8_0, copied as 8-bit groups, come
+    back as F16: within its rounding) and the byte-level vocabulary (tokens, types, merges, the pre-tokenizer's name) come back; the
+    families llama.cpp's export does not take yet are refused in one line."""
+    family, _, _, path, _, folder = family_gguf
+    out = tmp_path / "again.gguf"
+    result = localmix_cli("export", folder, out)
+    if family != "qwen3_moe":
+        assert_one_line_error(result, f"exporting {family} models to GGUF is not supported yet")
+        return
+    assert result.returncode == 0, result.stderr
+    original, exported = gguf.GGUFReader(str(path)), gguf.GGUFReader(str(out))
+    for name in ("blk.0.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"):
+        assert {t.name: t.tensor_type for t in exported.tensors}[name] == T.F16
+        for e in range(4):
+            np.testing.assert_allclose(gguf_matrix(exported, name, e), gguf_matrix(original, name, e), rtol=2 ** -11)
+    np.testing.assert_array_equal(gguf_matrix(exported, "blk.1.attn_k_norm.weight"),
+                                  gguf_matrix(original, "blk.1.attn_k_norm.weight"))
+
+    def field(reader, key):
+        f = reader.fields[key]
+        values = [f.parts[i] for i in f.data]
+        return [bytes(v).decode() if v.dtype == np.uint8 else v.tolist() for v in values]
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.merges", "general.architecture",
+                "qwen3moe.expert_feed_forward_length", "qwen3moe.expert_used_count"):
+        assert field(exported, key) == field(original, key), key
+    tokens, types = field(original, "tokenizer.ggml.tokens"), field(original, "tokenizer.ggml.token_type")
+    ours = field(exported, "tokenizer.ggml.tokens")
+    assert [t for t, k in zip(ours, field(exported, "tokenizer.ggml.token_type")) if k != [5]] == \
+        [t for t, k in zip(tokens, types) if k != [5]]  # the unused padding rows aside

@@ -306,6 +306,24 @@ class ExpertCache:
                 transient=True)
         return Expert(**matrices, glu=self.glu)
 
+    def read_bandwidth(self, most_bytes: int = 1 << 30) -> float:
+        """GB/s of misses' reads (as `get` reads them: all the kernels' threads, past the page cache
+        where it can) of experts spread over the model, into memory of its own (the slots are left
+        as they are): what the disk gives this cache, for the limit it sets (bench)."""
+        keys = sorted(self.layouts)
+        count = max(1, min(len(keys), most_bytes // self.slot_bytes))
+        stride = -(-self.slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        region = mmap.mmap(-1, stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer = np.frombuffer(region, np.uint8)
+        total, start = 0, time.perf_counter()
+        for key in keys[::max(1, len(keys) // count)][:count]:
+            read_into(self.folder / self.layouts[key][0].file, buffer, self.file_bytes[key], parallel=True)
+            total += self.file_bytes[key]
+        seconds = time.perf_counter() - start
+        del buffer
+        region.close()
+        return total / seconds / 1e9
+
     def counters(self) -> dict:
         """Running totals: lookups that found the expert resident (hits) or read it (misses),
         guesses read ahead (prefetches) and those used (prefetch hits), bytes read, seconds waited.
