@@ -103,6 +103,15 @@ def sentencepiece_vocabulary(path: Path) -> tuple[list[str], list[float], list[i
             {k: v for k, v in special.items() if v >= 0})
 
 
+def splitting(pre_tokenizer):
+    """A tokenizer.json pre-tokenizer without what does not change the ids (offsets' trimming)."""
+    if isinstance(pre_tokenizer, dict):
+        return {k: splitting(v) for k, v in pre_tokenizer.items() if k != "trim_offsets"}
+    if isinstance(pre_tokenizer, list):
+        return [splitting(v) for v in pre_tokenizer]
+    return pre_tokenizer
+
+
 def bpe_vocabulary(files: dict[str, Path], vocab_size: int) -> dict:
     """A byte-level BPE tokenizer.json (and tokenizer_config.json) as GGUF's `gpt2` vocabulary."""
     import json
@@ -114,7 +123,8 @@ def bpe_vocabulary(files: dict[str, Path], vocab_size: int) -> dict:
         raise LocalmixError(f"{files[HF_TOKENIZER]}: the GGUF export takes byte-level BPE tokenizers, not "
                             f"{model.get('type')!r:.40}")
     pre = next((name for name, (normalizer, pre_tokenizer) in PRE_TOKENIZERS.items()
-                if tokenizer.get("normalizer") == normalizer and tokenizer.get("pre_tokenizer") == pre_tokenizer), None)
+                if tokenizer.get("normalizer") == normalizer
+                and splitting(tokenizer.get("pre_tokenizer")) == splitting(pre_tokenizer)), None)
     if pre is None:
         raise LocalmixError(f"{files[HF_TOKENIZER]}: its pre-tokenizer is none of those llama.cpp names and localmix "
                             f"knows ({', '.join(PRE_TOKENIZERS)}); another name would split text otherwise")

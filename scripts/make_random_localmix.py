@@ -1,10 +1,10 @@
 """Write a random Mixtral or Qwen3-MoE straight into the localmix format (4-bit, as `localmix pull
---bits 4` lays it out), with no float copy: packed words are drawn as random integers, so a model of
-Mixtral 8x7B's real shape (about 26 GB) or Qwen3-30B-A3B's (about 17 GB, 6,144 experts) is written
+--bits 4` lays it out, or another of pull's --bits), with no float copy: packed words are drawn as
+random integers, so a model of Mixtral 8x7B's real shape (about 26 GB) or Qwen3-30B-A3B's (about 17 GB, 6,144 experts) is written
 in minutes, one tensor block at a time, with little memory.
 
-    python scripts/make_random_localmix.py OUT [--family mixtral|qwen3_moe] [--hidden H --ffn F
-        --layers L --heads N --kv-heads K --head-dim D --experts E --top-k k --vocab V]
+    python scripts/make_random_localmix.py OUT [--family mixtral|qwen3_moe] [--bits 4|8|mixed|2]
+        [--hidden H --ffn F --layers L --heads N --kv-heads K --head-dim D --experts E --top-k k --vocab V]
 
 Each family's defaults are its real shape: mixtral is Mixtral 8x7B (--ffn is each expert's width),
 qwen3_moe is Qwen3-30B-A3B (hidden 2048, 48 layers, 32 heads of 128, 4 KV heads, 128 experts of
@@ -29,7 +29,7 @@ import numpy as np
 
 from localmix.checkpoint import tensor_table
 from localmix.config import ModelArgs
-from localmix.quant.convert import bits_policy, check_disk, write_model
+from localmix.quant.convert import BITS_CHOICES, bits_policy, check_disk, write_model
 from localmix.store import DENSE_FILE, plan_layout, sha256_of
 from localmix.tokenizer import SENTENCEPIECE
 from make_random_checkpoint import tokenizer_file  # beside this script
@@ -184,6 +184,8 @@ def main() -> None:
                         help="the architecture; its real shape is the default (mixtral: 8x7B, qwen3_moe: 30B-A3B)")
     for name in ("hidden", "ffn", "layers", "heads", "kv-heads", "head-dim", "experts", "top-k", "vocab"):
         parser.add_argument(f"--{name}", type=int, help="default: the family's real shape")
+    parser.add_argument("--bits", choices=BITS_CHOICES, default="4",
+                        help="the stored formats, as `localmix pull --bits` chooses them (2: experts at 2 bits)")
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
     shape = dict(SHAPES[a.family])
@@ -209,13 +211,13 @@ def main() -> None:
             ids = {t["content"]: t["id"] for t in ids}
             config = qwen3_moe_config(a, ids["<|endoftext|>"], ids["<|im_end|>"])
         args = ModelArgs.from_hf_config(config)
-        layouts, sizes = plan_layout(tensor_table(args), bits_policy("4", args), 64, args)
+        layouts, sizes = plan_layout(tensor_table(args), bits_policy(a.bits, args), 64, args)
         check_disk(a.out.parent, sum(sizes.values()))
         print(f"writing {sum(sizes.values()) / 1e9:.1f} GB in {len(sizes)} files to {a.out}", file=sys.stderr)
         rng = np.random.default_rng(a.seed)
         write_model(a.out, sizes, lambda tmp: write_tensors(tmp, layouts, rng, SPREADS[a.family]), tokenizer, config,
                     {"repo": "random (scripts/make_random_localmix.py)", "revision": None},
-                    {"bits": "4", "group_size": 64, "method": "random"})
+                    {"bits": a.bits, "group_size": 64, "method": "random"})
 
 
 if __name__ == "__main__":

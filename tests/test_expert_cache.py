@@ -389,7 +389,7 @@ def test_without_a_budget_a_model_larger_than_the_room_gets_most_of_it(q4):
     whole = fixed + 16 * expert
     assert plan_memory(manifest, config, None, room=Room(whole)) == (None, None)
     # Most of it fits: mapped whole, the system pages the rest (faster, measured).
-    slots, note = plan_memory(manifest, config, None, room=Room(int(0.85 * whole)))
+    slots, note = plan_memory(manifest, config, None, room=Room(int(0.9 * whole)))
     assert slots is None and "mapped whole" in note
     # Less: 90% of the room, for the process: what is fixed, then slots.
     limit = Room(int((fixed + 5.5 * expert) / 0.9), whole, "cgroup v2 /laptop")

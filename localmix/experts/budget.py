@@ -166,10 +166,12 @@ def minimum_memory(manifest: dict, args, shadow_bits: int = 0) -> int:
 
 UNASKED_SHARE = 0.9  # of the room, for a budget chosen unasked: the rest for the page cache's churn
 # Unasked, a model whose room holds at least this share of what it needs is mapped whole and the
-# kernel pages the rest: measured on the mini model (1.13 GB needed) inside memory cgroups, decode
-# tok/s mapped vs in slots, with the share: 1 GiB (0.9) 62 vs 36, 900 MiB (0.77) 30 vs 25, 800 MiB
-# (0.68) 19 vs 18, 700 MiB (0.58) 14 vs 18; Mixtral 8x7B's shape in 12 GiB (0.48) 0.51 vs 0.78.
-MAPPED_SHARE = 0.7
+# system pages the rest. Measured inside memory cgroups, decode tok/s mapped vs in slots, with the
+# share: the mini model (1.14 GB needed) in 1 GiB (0.90) 62 vs 36, 900 MiB (0.79) 30 vs 25, 800 MiB
+# 19 vs 18, 700 MiB 14 vs 18; Mixtral 8x7B's shape with 2-bit experts (15.6 GB) in 12 GiB (0.82)
+# 1.23 vs 1.58, at 4 bits (26.9 GB, 0.48) 0.51 vs 0.78. Where the two cross depends on the model;
+# between 0.79 and 0.82 each side lost once, by 18% and 28%.
+MAPPED_SHARE = 0.85
 
 
 def plan_memory(manifest: dict, args, memory: str | int | None, shadow_bits: int = 0,

@@ -52,9 +52,10 @@ def read_into(path: Path, out: np.ndarray, size: int, parallel: bool = False) ->
     try:
         fd = _open_direct(path, out, size)
         if fd is not None:  # whole aligned blocks, the last one past the end of the file
+            blocks = -(-size // ALIGN) * ALIGN
             try:
-                got = min(size, read_parallel(fd, out.ctypes.data, -(-size // ALIGN) * ALIGN,
-                                              numba.get_num_threads() if parallel else 1))
+                got = min(size, read_parallel(fd, out.ctypes.data, blocks, numba.get_num_threads()) if parallel
+                          else _read_pieces(fd, memoryview(out)[:blocks]))
             finally:
                 os.close(fd)
         else:
@@ -68,6 +69,18 @@ def read_into(path: Path, out: np.ndarray, size: int, parallel: bool = False) ->
     if got != size:
         raise LocalmixError(f"{path}: truncated ({got} bytes, expected {size}); run `localmix verify` on "
                             f"this model")
+
+
+def _read_pieces(fd: int, out: memoryview) -> int:
+    """A background read in this thread alone, PIECE bytes a call (no Numba: a parallel region
+    started from a second thread contends with the kernels' own)."""
+    got = 0
+    while got < len(out):
+        n = os.preadv(fd, [out[got:got + PIECE]], got)
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 def _open_direct(path: Path, out: np.ndarray, size: int) -> int | None:
