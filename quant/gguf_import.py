@@ -98,7 +98,7 @@ def _gguf():
         import gguf
         import gguf.quants
     except ImportError:
-        raise LocalmixError("importing GGUF needs the gguf package: pip install 'localmix[gguf]'") from None
+        raise LocalmixError("reading or writing GGUF needs the gguf package: pip install 'localmix[gguf]'") from None
     return gguf
 
 
