@@ -116,7 +116,8 @@ class Model:
         # The routing of a call that sets none of its own (a call's settings are arguments, never state it sets).
         routing = RoutingOptions(self.config.num_experts_per_tok, Steering(min_expert_weight, fallback_margin).check())
         # Within a budget the KV caches' growth past their planned room takes expert slots' memory.
-        allowance = (KVAllowance(kv_first_bytes(self.config), self.expert_cache.give_up)
+        allowance = (KVAllowance(kv_first_bytes(self.config), self.expert_cache.give_up,
+                                 self.expert_cache.take_back)
                      if self.expert_cache else None)
         self.transformer = Transformer(self.config, weights, ops, KV_DTYPES[kv_cache], routing, allowance)
         # Compile the kernels now (or load them from Numba's cache), not in the middle of the first answer.

@@ -222,11 +222,12 @@ def plan_memory(manifest: dict, args, memory: str | int | None, shadow_bits: int
 class KVAllowance:
     """The KV caches' part of a budget: the first room planned for them (fixed_memory); as they
     grow past it, each growth's bytes are taken from the expert slots (`give_up(bytes)`: slots
-    retired), so that the process stays within its budget while the context grows. A cache
-    gives its bytes back when it is dropped or replaced by a larger one."""
+    retired), so that the process stays within its budget while the context grows. A cache gives
+    its bytes back when it is dropped or replaced by a larger one, and what is beyond the planned
+    room goes back to the slots (`take_back(bytes)`)."""
 
-    def __init__(self, planned: int, give_up):
-        self.free, self.give_up = planned, give_up
+    def __init__(self, planned: int, give_up, take_back):
+        self.planned, self.free, self.give_up, self.take_back = planned, planned, give_up, take_back
 
     def take(self, nbytes: int) -> None:
         planned = max(0, min(self.free, nbytes))
@@ -237,3 +238,5 @@ class KVAllowance:
 
     def give_back(self, nbytes: int) -> None:
         self.free += nbytes
+        if self.free > self.planned:
+            self.free -= self.take_back(self.free - self.planned)

@@ -81,6 +81,7 @@ class ExpertCache:
         self.buffer = buffer
         self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
         self.free = list(range(slots - 1, -1, -1))
+        self.retired: list[int] = []  # slots given up to a growing KV cache (give_up), until it gives them back
         self.in_use: set = set()  # the experts of the batch being computed: never evicted
         self.loading: dict = {}   # key -> Future of a background read
         self.prefetched: set = set()  # brought in ahead of time and not asked for yet
@@ -278,11 +279,23 @@ class ExpertCache:
                 if slot is None:
                     break
                 self.slots -= 1
+                self.retired.append(slot)
                 if self.region is not None and RELEASE is not None:
                     stride = self.buffer.shape[1]
                     self.region.madvise(RELEASE, slot * stride, stride)
                 freed += self.slot_bytes
         return freed
+
+    def take_back(self, nbytes: int) -> int:
+        """Slots retired by give_up back in use, as many as `nbytes` hold (a KV cache that went
+        and left its bytes); returns the bytes taken."""
+        taken = 0
+        with self.lock:
+            while self.retired and taken + self.slot_bytes <= nbytes:
+                self.free.append(self.retired.pop())
+                self.slots += 1
+                taken += self.slot_bytes
+        return taken
 
     def _read(self, key, slot: int, parallel: bool = False) -> Expert:
         """Read an expert's file into a slot (see read_into) and view its matrices there."""
