@@ -4,9 +4,10 @@ engines that take GGUF (llama.cpp's RPC backend across machines, Ollama's server
 llama.cpp's Q4_1 is the rule localmix's 4-bit groups follow, x = d q + m in blocks of 32, so 4-bit
 groups of 64 (or 32, 128) become Q4_1 blocks exactly: a group's scale and bias serve each of its
 blocks as d and m, and only the nibbles move (MLX packs value k of a word at bits 4k; a Q4_1 block's
-byte j holds values j and j + 16). GGUF has no affine 8- or 2-bit type, so other quantized tensors
-(the 8-bit output head of a `--bits 4` model, say) are dequantized and stored as F16, the closest
-GGUF allows, and the export says so. Norms and routers stay F32. llama.cpp keeps Mixtral's q and k
+byte j holds values j and j + 16). 2-bit groups become Q4_1 exactly too (their values are 4-bit
+ones below 4; GGUF has no affine 2-bit type, and Q2_K is not affine in groups), at 1.8 times their
+bytes. GGUF has no affine 8-bit type, so 8-bit tensors (the output head of a `--bits 4` model, say)
+are dequantized and stored as F16, the closest GGUF allows, and the export says so. Norms and routers stay F32. llama.cpp keeps Mixtral's q and k
 rows in its own rotary order (the import puts them back, gguf_import.unpermute): they are permuted
 here as its converter does. The tokenizer goes in as llama.cpp's `llama` vocabulary (sentencepiece
 pieces, scores and types) or, for a tokenizer.json (Qwen3-MoE), as its `gpt2` one: tokens by id
@@ -40,10 +41,10 @@ Q4_1_BYTES = 20  # a block of 32: float16 d, float16 m, 16 bytes of nibbles
 ROWS_AT_ONCE = 4096  # rows converted together: a few tens of MB at Mixtral's widths
 
 
-def q4_1_blocks(words: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int) -> np.ndarray:
-    """4-bit affine rows (MLX-packed words, a float16 scale and bias per group) as Q4_1 blocks:
-    [rows, cols / 32 * 20] bytes, the same numbers."""
-    q = unpack(words, 4)
+def q4_1_blocks(words: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+    """4- or 2-bit affine rows (MLX-packed words, a float16 scale and bias per group) as Q4_1
+    blocks: [rows, cols / 32 * 20] bytes, the same numbers (2-bit values are 4-bit ones below 4)."""
+    q = unpack(words, bits)
     rows, cols = q.shape
     repeat = group_size // 32  # blocks per group, each with the group's scale and bias
     blocks = np.empty((rows, cols // 32, Q4_1_BYTES), np.uint8)
@@ -62,11 +63,11 @@ def permute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def gguf_kind(matrix) -> str:
-    """The GGUF type a stored tensor becomes: Q4_1 for 4-bit groups (exact), F16 for other
-    quantized ones (dequantized), F32 for float tensors."""
+    """The GGUF type a stored tensor becomes: Q4_1 for 4- and 2-bit groups (exact), F16 for 8-bit
+    ones (dequantized), F32 for float tensors."""
     if isinstance(matrix, np.ndarray):
         return "F32"
-    return "Q4_1" if matrix.bits == 4 and matrix.group_size % 32 == 0 else "F16"
+    return "Q4_1" if matrix.bits in (2, 4) and matrix.group_size % 32 == 0 else "F16"
 
 
 def row_bytes(kind: str, cols: int) -> int:
@@ -78,7 +79,7 @@ def converted_rows(matrix, kind: str, rows: slice) -> np.ndarray:
     if kind == "F32":
         return np.ascontiguousarray(matrix[rows], np.float32)
     if kind == "Q4_1":
-        return q4_1_blocks(matrix.words[rows], matrix.scales[rows], matrix.biases[rows], matrix.group_size)
+        return q4_1_blocks(matrix.words[rows], matrix.scales[rows], matrix.biases[rows], matrix.bits, matrix.group_size)
     return matrix.dequantize(rows).astype(np.float16)
 
 
@@ -183,6 +184,9 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
     if again:
         say(f"{', '.join(again)} tensors become F16 (dequantized: GGUF has no affine type for them); "
             f"4-bit ones are copied as Q4_1 exactly")
+    if any(m.bits == 2 for ms in tensors.values() for m in ms if not isinstance(m, np.ndarray)):
+        say("2-bit tensors become Q4_1 exactly (their values fit 4 bits; GGUF has no affine 2-bit type), "
+            "so the file is larger than the model")
 
     def nbytes(source):
         rows, cols = parts[source][0][1] if len(parts[source][0][1]) == 2 else (1, parts[source][0][1][0])
