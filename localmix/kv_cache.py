@@ -26,12 +26,12 @@ class KVCache:
     def __init__(self, args: ModelArgs, capacity: int = 256, dtype=np.float32, allowance=None):
         """allowance: within a memory budget, the KV caches' part of it (experts.budget.KVAllowance):
         each growth takes its bytes from it, and the cache gives them back when it goes."""
+        self.allowance = allowance  # first: __del__ reads it whatever fails below
         self.max_length = args.max_position_embeddings
         self.layers, self.heads, self.head_dim = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
         self.dtype = np.dtype(dtype)
         self.keys = self.values = np.zeros((self.layers, 0, self.heads, self.head_dim), self.dtype)
         self.length = 0  # tokens stored in every layer
-        self.allowance = allowance
         self.reserve(capacity)
 
     @property
@@ -57,7 +57,7 @@ class KVCache:
             self.allowance.give_back(old_bytes)
 
     def __del__(self):
-        if getattr(self, "allowance", None) is not None:
+        if self.allowance is not None:
             self.allowance.give_back(self.keys.nbytes + self.values.nbytes)
 
     def update(self, layer: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from localmix import validate
 from localmix.checkpoint import tensor_table
 from localmix.errors import LocalmixError
 from localmix.quant.affine import unpack
@@ -34,7 +35,7 @@ from localmix.quant.convert import check_disk
 from localmix.quant.gguf_bpe import CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED
 from localmix.quant.gguf_import import NORM_TOPK, _gguf, gguf_name, gguf_shapes
 from localmix.store import ModelFolder, is_localmix_model
-from localmix.tokenizer import HF_TOKENIZER, SENTENCEPIECE
+from localmix.tokenizer import HF_TOKENIZER, MAX_TOKENIZER_BYTES, SENTENCEPIECE, read_tokenizer
 
 ARCHITECTURES = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}  # transformers model_type -> llama.cpp's
 Q4_1_BYTES = 20  # a block of 32: float16 d, float16 m, 16 bytes of nibbles
@@ -68,6 +69,18 @@ def gguf_kind(matrix) -> str:
     if isinstance(matrix, np.ndarray):
         return "F32"
     return "Q4_1" if matrix.bits in (2, 4) and matrix.group_size % 32 == 0 else "F16"
+
+
+def stack_kind(matrices: list) -> str:
+    """One GGUF type for a tensor made of these (a layer's experts stacked): theirs where they
+    share it, else F16."""
+    kinds = {gguf_kind(m) for m in matrices}
+    return kinds.pop() if len(kinds) == 1 else "F16"
+
+
+def as_rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, columns) of a stored tensor; a vector (a norm) is one row."""
+    return (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
 
 
 def row_bytes(kind: str, cols: int) -> int:
@@ -113,43 +126,39 @@ def splitting(pre_tokenizer):
     return pre_tokenizer
 
 
-def bpe_vocabulary(files: dict[str, Path], vocab_size: int) -> dict:
-    """A byte-level BPE tokenizer.json (and tokenizer_config.json) as GGUF's `gpt2` vocabulary."""
-    import json
-    tokenizer = json.loads(files[HF_TOKENIZER].read_text(encoding="utf-8"))
-    config_path = files.get("tokenizer_config.json")
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path else {}
-    model = tokenizer.get("model") or {}
+def bpe_vocabulary(files: dict[str, Path], vocab_size: int, config: dict, source: str) -> dict:
+    """A byte-level BPE tokenizer.json as GGUF's `gpt2` vocabulary. Its special tokens, chat
+    template and whether prompts start with BOS come from the tokenizer as localmix reads it
+    (read_tokenizer: tokenizer_config.json, chat_template.jinja, the class's defaults, checked);
+    tokens, merges and pre-tokenizer from tokenizer.json, read with a size bound."""
+    tokenizer = read_tokenizer(files, vocab_size, source, config)
+    where = f"{source}: {HF_TOKENIZER}"
+    data = validate.json_object(validate.read_json(files[HF_TOKENIZER], HF_TOKENIZER, MAX_TOKENIZER_BYTES), where)
+    model = validate.json_object(data.get("model"), where, "model")
     if model.get("type") != "BPE":
-        raise LocalmixError(f"{files[HF_TOKENIZER]}: the GGUF export takes byte-level BPE tokenizers, not "
-                            f"{model.get('type')!r:.40}")
+        raise LocalmixError(f"{where}: the GGUF export takes byte-level BPE tokenizers, not {model.get('type')!r:.40}")
     pre = next((name for name, (normalizer, pre_tokenizer) in PRE_TOKENIZERS.items()
-                if tokenizer.get("normalizer") == normalizer
-                and splitting(tokenizer.get("pre_tokenizer")) == splitting(pre_tokenizer)), None)
+                if data.get("normalizer") == normalizer
+                and splitting(data.get("pre_tokenizer")) == splitting(pre_tokenizer)), None)
     if pre is None:
-        raise LocalmixError(f"{files[HF_TOKENIZER]}: its pre-tokenizer is none of those llama.cpp names and localmix "
-                            f"knows ({', '.join(PRE_TOKENIZERS)}); another name would split text otherwise")
+        raise LocalmixError(f"{where}: its pre-tokenizer is none of those llama.cpp names and localmix knows "
+                            f"({', '.join(PRE_TOKENIZERS)}); another name would split text otherwise")
+    # (read_tokenizer checked every id against vocab_size)
     tokens, types = [None] * vocab_size, [NORMAL] * vocab_size
-    for token, i in model["vocab"].items():
-        if 0 <= i < vocab_size:
-            tokens[i] = token
-    for added in tokenizer.get("added_tokens") or []:
-        i = added["id"]
-        if 0 <= i < vocab_size:
-            tokens[i], types[i] = added["content"], CONTROL if added.get("special") else USER_DEFINED
+    for token, i in validate.json_object(model.get("vocab"), where, "model.vocab").items():
+        tokens[i] = token
+    for added in data.get("added_tokens") or []:
+        tokens[added["id"]], types[added["id"]] = added["content"], CONTROL if added.get("special") else USER_DEFINED
     for i, token in enumerate(tokens):
         if token is None:
             tokens[i], types[i] = f"[PAD{i}]", UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    ids = {token: i for i, token in enumerate(tokens)}
-
-    def special(key):
-        value = config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        return ids.get(value)
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, "bos": special("bos_token"),
-            "eos": special("eos_token"), "pad": special("pad_token"), "add_bos": bool(config.get("add_bos_token")),
-            "chat_template": config.get("chat_template") if isinstance(config.get("chat_template"), str) else None}
+    pad = tokenizer.special_tokens.get("pad_token")
+    bos = tokenizer.bos_id
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, "bos": bos, "eos": tokenizer.eos_id,
+            "pad": None if pad is None else tokens.index(pad),
+            "add_bos": bos is not None and tokenizer.encode("a", bos=True)[:1] == [bos],
+            "chat_template": tokenizer.template.text if tokenizer.template else None}
 
 
 def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=None, say=print) -> Path:
@@ -177,9 +186,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
         parts.setdefault(gguf_name(name)[0], []).append((name, shape))
     shapes = gguf_shapes(args)
     tensors = {source: [model.tensor(name, shape) for name, shape in members] for source, members in parts.items()}
-    # one type per GGUF tensor: a stack of experts in different formats is F16 as a whole
-    kinds = {source: ({gguf_kind(m) for m in ms}.pop() if len({gguf_kind(m) for m in ms}) == 1 else "F16")
-             for source, ms in tensors.items()}
+    kinds = {source: stack_kind(ms) for source, ms in tensors.items()}
     again = sorted({f"{m.bits}-bit" for source, ms in tensors.items() for m in ms if kinds[source] == "F16"})
     if again:
         say(f"{', '.join(again)} tensors become F16 (dequantized: GGUF has no affine type for them); "
@@ -189,11 +196,11 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
             "so the file is larger than the model")
 
     def nbytes(source):
-        rows, cols = parts[source][0][1] if len(parts[source][0][1]) == 2 else (1, parts[source][0][1][0])
+        rows, cols = as_rows(parts[source][0][1])
         return len(parts[source]) * rows * row_bytes(kinds[source], cols)
 
     total = sum(nbytes(source) for source in parts)
-    check_disk(out.parent if str(out.parent) else Path("."), total)
+    check_disk(out.parent, total)
 
     writer = gguf.GGUFWriter(None, arch)
     writer.add_name(folder.name)
@@ -231,7 +238,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
             writer.add_unk_token_id(special["unk"])
         writer.add_add_bos_token(True)
     else:
-        bpe = bpe_vocabulary(files, args.vocab_size)
+        bpe = bpe_vocabulary(files, args.vocab_size, model.manifest["config"], str(folder))
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(bpe["pre"])
         writer.add_token_list(bpe["tokens"])
@@ -265,18 +272,15 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
         for source, members in parts.items():  # in the order of the tensor infos
             writer.write_padding(f, f.tell())
             for (name, shape), matrix in zip(members, tensors[source]):
+                rows, _ = as_rows(shape)
+                if isinstance(matrix, np.ndarray):
+                    matrix = matrix.reshape(rows, -1)
                 heads = rope_heads(name, args)
-                rows = shape[0] if len(shape) == 2 else 1
-                if heads:  # the whole matrix, its rows reordered (q and k are small)
-                    permute(converted_rows(matrix, kinds[source], slice(None)), heads).tofile(f)
-                    written += rows * row_bytes(kinds[source], shape[-1])
-                    continue
-                if len(shape) == 1:
-                    np.asarray(matrix, np.float32).tofile(f)
-                    written += 4 * shape[0]
-                    continue
-                for start in range(0, rows, ROWS_AT_ONCE):
-                    block = converted_rows(matrix, kinds[source], slice(start, min(rows, start + ROWS_AT_ONCE)))
+                # q and k whole, their rows reordered (they are small); the rest a block of rows at a time
+                step = rows if heads else ROWS_AT_ONCE
+                for start in range(0, rows, step):
+                    block = converted_rows(matrix, kinds[source], slice(start, min(rows, start + step)))
+                    block = permute(block, heads) if heads else block
                     block.tofile(f)
                     written += block.nbytes
                     if on_progress:

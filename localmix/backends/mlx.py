@@ -53,18 +53,19 @@ class MLXKVCache(KVCache):
     STEP = 256
 
     def __init__(self, args, capacity: int = 256, dtype=np.float32, allowance=None):
+        self.allowance = allowance  # counted as float32, as the numpy cache's (float16 takes half)
+        self.allocated = 0  # (both first: __del__ reads them whatever fails below)
         self.max_length = args.max_position_embeddings
         self.layers, self.heads, self.head_dim = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
         self.keys, self.values = [None] * self.layers, [None] * self.layers
-        self.length, self.allocated = 0, 0
-        self.allowance = allowance  # counted as float32, as the numpy cache's (float16 takes half)
+        self.length = 0
         self.reserve(capacity)
 
     def _bytes(self, tokens: int) -> int:
         return 2 * self.layers * self.heads * self.head_dim * 4 * tokens
 
     def __del__(self):
-        if getattr(self, "allowance", None) is not None:
+        if self.allowance is not None and self.allocated:
             self.allowance.give_back(self._bytes(self.allocated))
 
     @property

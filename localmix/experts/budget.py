@@ -191,12 +191,12 @@ def plan_memory(manifest: dict, args, memory: str | int | None, shadow_bits: int
         room = room or memory_room()
         if room is None or whole <= room.available:
             return None, None
-        budget = int(room.available * UNASKED_SHARE)
         where = (f"{room.available / 1e9:.1f} GB are left under the {room.limit / 1e9:.1f} GB limit of "
                  f"{room.where}" if room.limit else f"{room.available / 1e9:.1f} GB are available")
         if room.available >= MAPPED_SHARE * whole:
             return None, (f"the model needs {whole / 1e9:.1f} GB and {where}: mapped whole, the system pages "
                           f"what does not fit (faster than an expert cache when most fits; --memory sets a budget)")
+        budget = int(room.available * UNASKED_SHARE)
         note = (f"the model needs {whole / 1e9:.1f} GB and {where}: running within {budget / 1e9:.1f} GB "
                 f"(set it with --memory)")
     else:
@@ -214,9 +214,10 @@ def plan_memory(manifest: dict, args, memory: str | int | None, shadow_bits: int
                             f"{minimum_memory(manifest, args, shadow_bits) / 1e9:.2f} GB (dense weights "
                             f"{dense / 1e9:.2f} GB, KV cache and runtime {kv_and_runtime / 1e9:.2f} GB"
                             f"{shadows}, {args.num_experts_per_tok} experts)")
+    slots = int(min(slots, len(expert_sizes) - 1))
     if note:
-        note += f": {int(min(slots, len(expert_sizes) - 1))} of {len(expert_sizes)} experts in memory, the rest read from disk"
-    return int(min(slots, len(expert_sizes) - 1)), note
+        note += f": {slots} of {len(expert_sizes)} experts in memory, the rest read from disk"
+    return slots, note
 
 
 class KVAllowance:

@@ -26,10 +26,19 @@ from localmix.experts.reads import read_into
 from localmix.experts.shadows import shadow_matrix
 from localmix.experts.source import ExpertSource
 from localmix.model import Expert, expert_activation
-from localmix.store import ModelFolder, QuantizedMatrix, TensorLayout, expert_matrix
+from localmix.store import ModelFolder, QuantizedMatrix, TensorLayout, align, expert_matrix
 
 
 RELEASE = getattr(mmap, "MADV_DONTNEED", None)  # gives a retired slot's pages back (Linux, macOS)
+
+
+def page_rows(rows: int, row_bytes: int) -> tuple[mmap.mmap, np.ndarray]:
+    """[rows, row_bytes rounded up to pages] bytes of anonymous memory, each row on pages of its
+    own (taken as it is written, given back with madvise), and the map that holds them. Private:
+    a shared anonymous map is shared memory, whose pages madvise does not free."""
+    stride = align(row_bytes, mmap.PAGESIZE)
+    region = mmap.mmap(-1, rows * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return region, np.frombuffer(region, np.uint8).reshape(rows, stride)
 
 
 class ExpertCache:
@@ -74,10 +83,7 @@ class ExpertCache:
         buffer = allocate((slots, self.slot_bytes)) if allocate else None
         self.region = None  # the slots' own anonymous memory, where the backend has none (see give_up)
         if buffer is None:  # each slot on pages of its own, taken as it fills and given back when retired
-            stride = -(-self.slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-            # private: a shared anonymous map is shared memory, whose pages madvise does not free
-            self.region = mmap.mmap(-1, slots * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            buffer = np.frombuffer(self.region, np.uint8).reshape(slots, stride)
+            self.region, buffer = page_rows(slots, self.slot_bytes)
         self.buffer = buffer
         self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
         self.free = list(range(slots - 1, -1, -1))
@@ -325,15 +331,14 @@ class ExpertCache:
         as they are): what the disk gives this cache, for the limit it sets (bench)."""
         keys = sorted(self.layouts)
         count = max(1, min(len(keys), most_bytes // self.slot_bytes))
-        stride = -(-self.slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-        region = mmap.mmap(-1, stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buffer = np.frombuffer(region, np.uint8)
+        region, buffers = page_rows(1, self.slot_bytes)
+        buffer = buffers[0]
         total, start = 0, time.perf_counter()
         for key in keys[::max(1, len(keys) // count)][:count]:
             read_into(self.folder / self.layouts[key][0].file, buffer, self.file_bytes[key], parallel=True)
             total += self.file_bytes[key]
         seconds = time.perf_counter() - start
-        del buffer
+        del buffer, buffers
         region.close()
         return total / seconds / 1e9
 
