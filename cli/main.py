@@ -204,6 +204,7 @@ app.command()(manage.perplexity)
 app.command()(manage.bench)
 app.command()(manage.stats)
 app.command()(manage.export)
+app.command()(manage.shrink)
 
 
 def main() -> None:

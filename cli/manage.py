@@ -15,7 +15,8 @@ import localmix
 from localmix.errors import LocalmixError
 from localmix.home import DEMO, list_models, models_dir, remove_model, resolve_model
 from localmix.quality import kl_divergence, perplexity as text_perplexity, top1_agreement
-from localmix.quant.pull import pull as pull_model
+from localmix.quant.pull import pull as pull_model, shrink as shrink_model
+from localmix.experts import parse_memory
 from localmix.config import ModelArgs
 from localmix.experts import minimum_memory
 from localmix.store import is_localmix_model, model_summary, read_manifest, verify as verify_model
@@ -49,17 +50,54 @@ def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME), Hu
          revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub repository."),
          delete_source: bool = typer.Option(False, "--delete-source",
                                             help="Delete each source shard once converted."),
-         file: Optional[str] = typer.Option(None, "--file", help="A .gguf file of the hub repository to import.")):
+         file: Optional[str] = typer.Option(None, "--file", help="A .gguf file of the hub repository to import."),
+         size: Optional[str] = typer.Option(None, "--size", help="Fit this size (e.g. 14GB): the experts "
+                                            "least routed to and least hurt by it are stored at 2 bits."),
+         calibration: Optional[Path] = typer.Option(None, "--calibration", help="With --size: a text file whose "
+                                                    "routing counts (default: a built-in text).")):
     """Download (or read) a checkpoint and quantize it per expert into $LOCALMIX_HOME/models."""
+    target, text = size_options(size, calibration)
     progress = PullProgress()
     try:
         out = pull_model(source, bits, group_size, name, revision, delete_source,
                          on_progress=progress.quantize, on_download=progress.download,
-                         say=lambda text: err.print(text, markup=False), file=file)
+                         say=lambda text: err.print(text, markup=False), file=file, size=target, text=text,
+                         on_step=progress.step)
     finally:
         progress.stop()
     summary = model_summary(out)
     print(f"pulled {summary['name']}: {summary['bits']}-bit, {gb(summary['disk_bytes'])} in {out}")
+
+
+def shrink(model: str = typer.Argument(..., help="Model name or folder."),
+           size: str = typer.Option(..., "--size", help="The size to fit, e.g. 14GB."),
+           name: Optional[str] = typer.Option(None, help="The new model's name (default: MODEL-SIZE)."),
+           calibration: Optional[Path] = typer.Option(None, "--calibration", help="A text file whose routing "
+                                                      "counts (default: the model's `stats --save` counts, "
+                                                      "else a built-in text).")):
+    """A copy of a model that fits a size: the experts least routed to and least hurt by it at 2 bits."""
+    target, text = size_options(size, calibration)
+    progress = PullProgress()
+    try:
+        out = shrink_model(model, target, name, text, progress.step, say=lambda text: err.print(text, markup=False))
+    finally:
+        progress.stop()
+    summary = model_summary(out)
+    print(f"wrote {summary['name']}: {summary['bits']}-bit, {gb(summary['disk_bytes'])} in {out}")
+
+
+def size_options(size: str | None, calibration: Path | None) -> tuple[int | None, str | None]:
+    """--size in bytes and --calibration's text."""
+    if calibration is not None and size is None:
+        raise LocalmixError("--calibration goes with --size")
+    text = None
+    if calibration is not None:
+        try:
+            with open(calibration, encoding="utf-8", errors="replace") as f:
+                text = f.read(1 << 20)  # more than CALIBRATION_TOKENS: the rest is never read
+        except OSError as e:
+            raise LocalmixError(f"{calibration}: cannot read ({e.strerror})") from None
+    return (None if size is None else parse_memory(size, "--size")), text
 
 
 def list_command():

@@ -126,6 +126,9 @@ class PullProgress:
     def quantize(self, done: int, total: int) -> None:
         self._update("quantize", "quantize", done, total, False)
 
+    def step(self, what: str, done: int, total: int) -> None:
+        self._update(what, what, done, total, False)
+
     def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()

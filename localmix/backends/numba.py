@@ -86,7 +86,7 @@ class NumbaOps(Ops):
         """A few rows (decoded tokens) through decode_experts, one call per format of the chosen
         experts; more rows, float experts or widths the vector kernels do not take, through the
         grouped products of model.mix_experts."""
-        if len(h) > NumbaOps.FUSED_ROWS or None in source.formats() or not kernels.has_vector_kernels():
+        if len(h) > NumbaOps.FUSED_ROWS or not source.on_vector_kernels() or not kernels.has_vector_kernels():
             return Ops.mix_experts(self, h, chosen, weights, source, groups)
         h = np.ascontiguousarray(h, np.float32)
         chosen, weights = np.ascontiguousarray(chosen, np.int64), np.ascontiguousarray(weights, np.float32)

@@ -23,13 +23,13 @@ UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB"
          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
 
-def parse_memory(text: str | int) -> int:
-    """'12GB', '12 GiB', '800MB' or a number of bytes."""
+def parse_memory(text: str | int, option: str = "--memory") -> int:
+    """'12GB', '12 GiB', '800MB' or a number of bytes (the option's value, named in the error)."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m[2].upper() not in UNITS:
-        raise LocalmixError(f"--memory: cannot read {text!r}; write it as 12GB, 800MB or 16GiB")
+        raise LocalmixError(f"{option}: cannot read {text!r}; write it as 12GB, 800MB or 16GiB")
     return int(float(m[1]) * UNITS[m[2].upper()])
 
 

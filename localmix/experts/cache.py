@@ -114,17 +114,12 @@ class ExpertCache:
         return {(t.bits, t.group_size) for layouts in self.layouts.values() for t in layouts if t.bits}
 
     @functools.cached_property
-    def formats(self) -> tuple:
-        """((bits, group) of the experts' w1 and w3, of their w2); None where they differ or where
-        the vector kernels do not take their widths. Found once: asked at every layer of every token."""
+    def on_vector_kernels(self) -> bool:
+        """Whether the vector kernels take every expert matrix (see ExpertSource.on_vector_kernels).
+        Found once: asked at every layer of every token."""
         from localmix.kernels import runs_vector
-
-        def only(parts):
-            layouts = [t for ts in self.layouts.values() for t in ts if expert_matrix(t.name)[2] in parts]
-            found = {(t.bits, t.group_size) for t in layouts}
-            runs = all(runs_vector(t.bits, t.group_size, t.shape[1]) for t in layouts)
-            return found.pop() if len(found) == 1 and runs else None
-        return only(("w1", "w3")), only(("w2",))
+        matrices = [t for ts in self.layouts.values() for t in ts if expert_matrix(t.name)[2] in ("w1", "w2", "w3")]
+        return all(t.bits and runs_vector(t.bits, t.group_size, t.shape[1]) for t in matrices)
 
     def get(self, layer: int, expert: int) -> Expert:
         key = (layer, expert)
@@ -185,7 +180,7 @@ class ExpertCache:
         """Every expert read through the last slot (empty yet) and quantized again at `bits`."""
         from localmix.kernels import has_vector_kernels
         widths = {t.shape[1] for layouts in self.layouts.values() for t in layouts if t.bits}
-        if not has_vector_kernels() or None in self.formats or any(width % 128 for width in widths):
+        if not has_vector_kernels() or not self.on_vector_kernels or any(width % 128 for width in widths):
             raise LocalmixError("shadow copies need the experts' widths to be multiples of 128 (the 2-bit "
                                 "kernels' unit) on a CPU with AVX2")
         for i, key in enumerate(sorted(self.layouts)):
@@ -385,8 +380,8 @@ class CachedExperts(ExpertSource):
     def is_resident(self, expert: int) -> bool:
         return (self.layer, int(expert)) in self.cache.resident
 
-    def formats(self) -> tuple:
-        return self.cache.formats  # for the kernels' plans, from the manifest: no expert is brought in
+    def on_vector_kernels(self) -> bool:
+        return self.cache.on_vector_kernels  # from the manifest: no expert is brought in
 
     def shapes(self) -> set[tuple[int, int]]:
         return self.cache.shapes

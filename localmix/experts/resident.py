@@ -17,7 +17,7 @@ class ResidentExperts(ExpertSource):
 
     def __init__(self, experts: Iterable):
         self.experts = list(experts)
-        self._formats: tuple | None = None
+        self._vector: bool | None = None
 
     def __len__(self) -> int:
         return len(self.experts)
@@ -34,22 +34,12 @@ class ResidentExperts(ExpertSource):
     def for_token(self, chosen):
         return [self.experts[e] for e in chosen]
 
-    def formats(self) -> tuple:
-        if self._formats is None:  # asked at every layer of every token: found once
-            self._formats = self._find_formats()
-        return self._formats
-
-    def _find_formats(self) -> tuple:
-        matrices = [m for e in self.experts for m in (e.w1, e.w3, e.w2)]
-        if not all(is_quantized(m) for m in matrices):
-            return None, None
-        from localmix.kernels import runs_vector
-
-        def one(ms):  # the one format of these matrices, if the vector kernels run it on their widths
-            found = {(m.bits, m.group_size) for m in ms}
-            runs = all(runs_vector(m.bits, m.group_size, m.shape[1]) for m in ms)
-            return found.pop() if len(found) == 1 and runs else None
-        return one(matrices[0::3] + matrices[1::3]), one(matrices[2::3])
+    def on_vector_kernels(self) -> bool:
+        if self._vector is None:  # asked at every layer of every token: found once
+            from localmix.kernels import runs_vector
+            matrices = [m for e in self.experts for m in (e.w1, e.w3, e.w2)]
+            self._vector = all(is_quantized(m) and runs_vector(m.bits, m.group_size, m.shape[1]) for m in matrices)
+        return self._vector
 
     def shapes(self) -> set[tuple[int, int]]:
         return {(m.bits, m.group_size) for e in self.experts for m in (e.w1, e.w2, e.w3) if is_quantized(m)}

@@ -51,10 +51,9 @@ class ExpertSource(Sequence):
         low-bit shadow copy for an expert not in memory)."""
 
     @abstractmethod
-    def formats(self) -> tuple:
-        """((bits, group) of the experts' w1 and w3, of their w2), found without bringing experts
-        in; None for either where they differ, are not quantized, or the vector kernels do not take
-        their widths."""
+    def on_vector_kernels(self) -> bool:
+        """Whether the vector kernels take every expert matrix, its format and its width (the
+        experts may differ in format: `localmix shrink`), found without bringing experts in."""
 
     @abstractmethod
     def shapes(self) -> set[tuple[int, int]]:
