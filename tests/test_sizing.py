@@ -140,3 +140,21 @@ def test_pull_and_shrink_with_a_size(hf, q4, per_expert, tmp_path):
                           "--calibration goes with --size")
     assert_one_line_error(localmix_cli("shrink", name, "--size", "lots", env=env), "--size: cannot read 'lots'")
     assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == [name, "smaller"]
+
+
+def test_a_budget_holds_more_small_experts_than_large_ones(q4, per_expert, tmp_path):
+    """The budget is bytes (`slots` largest experts): with most experts at 2 bits, more experts than
+    that stay resident, and the pages the slots hold never pass it."""
+    out = resize(q4, tmp_path / "m", total_bytes(q4) - 15 * per_expert, say=quiet)
+    model = localmix.load(out, memory=budget(out, 3))
+    cache = model.expert_cache
+    assert cache.slots == 3 and len(cache.buffer) > 3
+    cache_held = []
+    ids = np.random.default_rng(8).integers(0, 32000, 16)
+    kv = model.transformer.new_cache(len(ids))
+    for i in range(len(ids)):
+        model.transformer(ids[i:i + 1], kv)
+        cache.counters()  # background reads done
+        cache_held.append((len(cache.resident), sum(cache.held)))
+    assert max(resident for resident, _ in cache_held) > 3
+    assert all(held <= 3 * cache.slot_bytes for _, held in cache_held)

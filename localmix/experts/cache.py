@@ -1,11 +1,15 @@
 """Experts kept within a memory budget: preallocated slots, filled from the expert files on demand.
 
 A localmix model keeps each expert in its own file (w1, w2, w3). Within a budget the dense weights
-stay resident, and the experts live in a fixed number of slots, one expert each: a miss reads the
-expert's file straight into a free slot (`pread`, no intermediate copy and no memory map that
-the kernel would count against the process), evicting one chosen by the policy. The slot holds
-the file's bytes exactly, so the products, and the logits, are bit for bit those of the resident
-model.
+stay resident, and the experts live in slots, one expert each: a miss reads the expert's file
+straight into a free slot (`pread`, no intermediate copy and no memory map that the kernel would
+count against the process), evicting one chosen by the policy. The slot holds the file's bytes
+exactly, so the products, and the logits, are bit for bit those of the resident model.
+
+The budget is in bytes: `slots` largest experts' worth. Where the experts differ in size (a model
+`localmix shrink` made, with experts at 2 and 4 bits) there are more slots than that, each on pages
+of its own, and the cache counts the pages its slots hold: a small expert takes only its own
+pages (a larger one's tail is given back), so more small experts stay resident in the same bytes.
 """
 
 from __future__ import annotations
@@ -79,15 +83,19 @@ class ExpertCache:
         self.file_bytes = {key: model.manifest["files"][ls[0].file]["size"] for key, ls in self.layouts.items()}
         self.slot_bytes = max(self.file_bytes.values())
         self.glu = expert_activation(model.config)  # the experts' activation, where not plain SwiGLU
-        self.slots, self.least_slots = slots, min(slots, len(pinned) + max(2, experts_per_token))
+        # the budget: `slots` largest experts (fewer while a growing KV cache has some, see give_up)
+        self.slots, self.initial_slots = slots, slots
+        self.least_slots = min(slots, len(pinned) + max(2, experts_per_token))
         buffer = allocate((slots, self.slot_bytes)) if allocate else None
         self.region = None  # the slots' own anonymous memory, where the backend has none (see give_up)
-        if buffer is None:  # each slot on pages of its own, taken as it fills and given back when retired
-            self.region, buffer = page_rows(slots, self.slot_bytes)
+        if buffer is None:  # each slot on pages of its own, taken as it is written, given back by _release
+            smallest = min(self.file_bytes.values())
+            rows = min(len(self.layouts), slots * self.slot_bytes // smallest) if smallest < self.slot_bytes else slots
+            self.region, buffer = page_rows(rows, self.slot_bytes)
         self.buffer = buffer
+        self.held = [0] * len(buffer)  # bytes of each slot's pages in use (what the budget counts)
         self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
-        self.free = list(range(slots - 1, -1, -1))
-        self.retired: list[int] = []  # slots given up to a growing KV cache (give_up), until it gives them back
+        self.free = list(range(len(buffer) - 1, -1, -1))
         self.in_use: set = set()  # the experts of the batch being computed: never evicted
         self.loading: dict = {}   # key -> Future of a background read
         self.prefetched: set = set()  # brought in ahead of time and not asked for yet
@@ -106,7 +114,7 @@ class ExpertCache:
             self._make_shadows(shadow_bits, on_progress)
         with self.lock:
             for key in pinned:
-                self._start_load(key, self._take_slot())
+                self._start_load(key, self._take_slot(self.file_bytes[key]))
 
     @property
     def shapes(self) -> set[tuple[int, int]]:
@@ -140,7 +148,7 @@ class ExpertCache:
                 self.stall_s += time.perf_counter() - start
                 return self.resident[key][1]
             self.misses[key] += 1
-            slot = self._take_slot()
+            slot = self._take_slot(self.file_bytes[key])
         while slot is None:  # every other slot is being filled in the background: wait for one
             with self.lock:
                 waiting = list(self.loading.values())
@@ -148,7 +156,7 @@ class ExpertCache:
                 raise LocalmixError("expert cache: no slot free for an expert (more experts at once than slots)")
             waiting[0].exception()
             with self.lock:
-                slot = self._take_slot()
+                slot = self._take_slot(self.file_bytes[key])
         views = self._read(key, slot, parallel=True)
         with self.lock:
             self.resident[key] = (slot, views)
@@ -171,7 +179,7 @@ class ExpertCache:
                 self.misses[key] += 1
                 self.shadow_uses[key] += 1
                 if not self.loading:  # one read at a time: queued, they took the kernels' time
-                    slot = self._take_slot()
+                    slot = self._take_slot(self.file_bytes[key])
                     if slot is not None:
                         self._start_load(key, slot)
         return [self.shadows[key] if key in missing else self.get(*key) for key in keys]
@@ -192,6 +200,8 @@ class ExpertCache:
                 **biases)
             if on_progress:
                 on_progress(i + 1, len(self.layouts))
+        self.held[self.free[0]] = self.slot_bytes
+        self._release(self.free[0], 0)  # its pages back: the slots' budget starts empty
         self.bytes_read = 0
 
     @property
@@ -212,7 +222,7 @@ class ExpertCache:
                 key = (layer, int(e))
                 if key in self.resident or key in self.loading:
                     continue
-                slot = self._take_slot()
+                slot = self._take_slot(self.file_bytes[key])
                 if slot is None:
                     return
                 self._start_load(key, slot, guess=True)
@@ -255,45 +265,70 @@ class ExpertCache:
             failure, self.failure = self.failure, None
             raise failure
 
-    def _take_slot(self) -> int | None:
-        """A free slot, or the policy's victim's (never an expert of the batch being computed);
-        None if all are being filled. Called with the lock held."""
-        if self.free:
-            return self.free.pop()
+    def _take_slot(self, size: int) -> int | None:
+        """A slot for an expert of `size` bytes within the budget: a free one (the one with the most
+        pages in use, to reuse them), room made by giving back free slots' pages, then by the
+        policy's victims (never an expert of the batch being computed); None if all are being
+        filled. Called with the lock held."""
+        while True:
+            if self.free:
+                slot = max(self.free, key=self.held.__getitem__)
+                if sum(self.held) - self.held[slot] + size <= self.slots * self.slot_bytes:
+                    self.free.remove(slot)
+                    self._release(slot, size)
+                    return slot
+                spare = [other for other in self.free if other != slot and self.held[other]]
+                if spare:
+                    self._release(spare[0], 0)
+                    continue
+            if not self._evict():
+                return None
+
+    def _evict(self) -> bool:
+        """The policy's victim out (its slot free, its pages kept for the next expert); False if
+        there is none. Called with the lock held."""
         victim = self.policy.victim([key for key in self.resident if key not in self.in_use])
         if victim is None:
-            return None
+            return False
         self.policy.removed(victim)
         self.prefetched.discard(victim)
         slot, _ = self.resident.pop(victim)
-        return slot
+        self.free.append(slot)
+        return True
+
+    def _release(self, slot: int, keep: int) -> None:
+        """The slot's pages past its first `keep` bytes given back to the system (numpy's slots; a
+        backend's own memory stays allocated, only counted as free)."""
+        keep = align(keep, mmap.PAGESIZE)
+        if self.held[slot] > keep and self.region is not None and RELEASE is not None:
+            stride = self.buffer.shape[1]
+            self.region.madvise(RELEASE, slot * stride + keep, self.held[slot] - keep)
+        self.held[slot] = keep
 
     def give_up(self, nbytes: int) -> int:
-        """Retire slots until `nbytes` are freed (a KV cache growing past its planned room, see
-        budget.KVAllowance): free ones first, then the policy's victims, never the experts being
-        computed nor below one token's experts. Their pages go back to the system (numpy's slots;
-        a backend's own memory stays allocated). Returns the bytes freed."""
+        """Lower the budget by whole largest experts until `nbytes` are freed (a KV cache growing
+        past its planned room, see budget.KVAllowance), never below one token's experts: free
+        slots' pages go first, then the policy's victims' (never the experts being computed).
+        Returns the bytes freed."""
         freed = 0
         with self.lock:
             while freed < nbytes and self.slots > self.least_slots:
-                slot = self._take_slot()
-                if slot is None:
-                    break
                 self.slots -= 1
-                self.retired.append(slot)
-                if self.region is not None and RELEASE is not None:
-                    stride = self.buffer.shape[1]
-                    self.region.madvise(RELEASE, slot * stride, stride)
                 freed += self.slot_bytes
+            while sum(self.held) > self.slots * self.slot_bytes:
+                spare = [slot for slot in self.free if self.held[slot]]
+                if spare:
+                    self._release(spare[0], 0)
+                elif not self._evict():
+                    break  # the rest is in use or being read: its pages go when it is evicted
         return freed
 
     def take_back(self, nbytes: int) -> int:
-        """Slots retired by give_up back in use, as many as `nbytes` hold (a KV cache that went
-        and left its bytes); returns the bytes taken."""
+        """The budget given up by give_up back, as many largest experts as `nbytes` hold (a KV cache
+        that went and left its bytes); returns the bytes taken."""
         taken = 0
         with self.lock:
-            while self.retired and taken + self.slot_bytes <= nbytes:
-                self.free.append(self.retired.pop())
+            while self.slots < self.initial_slots and taken + self.slot_bytes <= nbytes:
                 self.slots += 1
                 taken += self.slot_bytes
         return taken
