@@ -299,7 +299,11 @@ def export_mlx_lm(model_folder: Path, out: Path) -> Path:
             tensors[name] = value
             continue
         arrays = {"weight": value.words, "scales": value.scales, "biases": value.biases}
-        modules[module] = {"bits": value.bits, "group_size": value.group_size}
+        found = {"bits": value.bits, "group_size": value.group_size}
+        if modules.setdefault(module, found) != found:
+            raise LocalmixError(f"{model_folder}: the experts of {module} differ in bits (`localmix shrink` made "
+                                f"it so), and mlx-lm keeps a layer's experts in one format; export it as GGUF, "
+                                f"or export the model it was made from")
         if expert is None:
             tensors.update({f"{module}.{p}": a for p, a in arrays.items()})
         else:

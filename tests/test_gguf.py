@@ -582,6 +582,31 @@ def test_export_copies_4_and_2_bit_groups_as_q4_1_exactly_and_imports_back(hf, t
                           "unknown export format 'onnx'")
 
 
+def test_a_model_with_experts_at_2_and_4_bits_exports_to_gguf_not_to_mlx_lm(hf, tmp_path):
+    """A `shrink`-made model: its layers' expert stacks in GGUF hold each expert's values bit for bit
+    (2- and 4-bit groups both become Q4_1 exactly); mlx-lm keeps a layer's experts in one format,
+    so that export is refused in one line."""
+    from localmix.quant.convert import LocalSource, convert
+    from localmix.quant.sizing import resize
+    from localmix.store import read_manifest
+    whole = convert(LocalSource(hf), tmp_path / "whole", bits="4")
+    size = sum(f["size"] for f in read_manifest(whole)["files"].values()) - 1
+    folder = resize(whole, tmp_path / "shrunk", size, say=lambda _: None)
+    model = localmix.load(folder, backend="numpy")
+    bits = [[e.w1.bits for e in layer.experts] for layer in model.transformer.weights.layers]
+    assert sorted(b for layer in bits for b in layer) == [2] + [4] * (sum(map(len, bits)) - 1)
+    out = tmp_path / "shrunk.gguf"
+    result = localmix_cli("export", folder, out)
+    assert result.returncode == 0, result.stderr
+    reader = gguf.GGUFReader(str(out))
+    for i, layer in enumerate(model.transformer.weights.layers):
+        for e in range(len(layer.experts)):
+            np.testing.assert_array_equal(layer.experts[e].w1.dequantize(), gguf_matrix(reader, f"blk.{i}.ffn_gate_exps.weight", e))
+    assert_one_line_error(localmix_cli("export", folder, tmp_path / "mlx", "--format", "mlx-lm"),
+                          "mlx-lm keeps a layer's experts in one format")
+    assert not (tmp_path / "mlx").exists()
+
+
 def test_a_pulled_qwen3_moe_gguf_exports_back_to_its_values_and_vocabulary(family_gguf, tmp_path):
     """GGUF -> localmix -> GGUF: the experts' values (the file's Q8_0, copied as 8-bit groups, come
     back as F16: within its rounding) and the byte-level vocabulary (tokens, types, merges, the pre-tokenizer's name) come back; the
