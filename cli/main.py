@@ -159,18 +159,28 @@ def serve(model: str = typer.Argument(..., help="Model name or folder."),
           name: Optional[str] = typer.Option(None, "--name", help="The model's name in the API (default: its own)."),
           experts_per_token: Optional[int] = Experts, backend: str = Backend, threads: Optional[int] = Threads,
           kv_cache: str = KvCache, memory: Optional[str] = Memory, policy: str = Policy,
-          trace: Optional[str] = Trace):
+          trace: Optional[str] = Trace,
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOCALMIX_API_KEY",
+                                                help="Require Authorization: Bearer KEY of every request "
+                                                     "(needed to listen beyond this machine).")):
     """Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Ollama
     (/api/chat, /api/generate, /api/tags) routes."""
     import uvicorn
     from localmix.server import QuietCancellations, create_app
     if not 0 < port < 65536:
         raise LocalmixError(f"--port must be between 1 and 65535, got {port}")
+    if not api_key and not is_loopback(host):
+        raise LocalmixError(f"--host {host} lets other machines in: give an --api-key (or LOCALMIX_API_KEY) "
+                            f"that their requests must send")
     sock = listening_socket(host, port)  # a busy port or a bad address: one error line, before the long load
     llm, _ = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy)
     served = name or Path(str(llm.path)).name
-    app = create_app(llm, served, trace=TraceFile(trace) if trace else None)  # every request's answer is traced
+    app = create_app(llm, served, trace=TraceFile(trace) if trace else None, api_key=api_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))  # sets up its loggers
+    requests_log = logging.StreamHandler()  # a line per request on stderr, as Ollama prints
+    requests_log.setFormatter(logging.Formatter("[localmix] %(asctime)s | %(message)s", "%Y/%m/%d - %H:%M:%S"))
+    logging.getLogger("localmix.server").addHandler(requests_log)
+    logging.getLogger("localmix.server").setLevel(logging.INFO)
     logging.getLogger("uvicorn.error").addFilter(QuietCancellations())
     err.print(f"serving {served} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)", markup=False)
     try:
@@ -179,6 +189,16 @@ def serve(model: str = typer.Argument(..., help="Model name or folder."),
         pass
     if server.should_exit:  # stopped by Ctrl-C (or SIGTERM), as `run` is: exit 130
         raise SystemExit(130)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def listening_socket(host: str, port: int):

@@ -13,6 +13,7 @@ import numpy as np
 
 from localmix.errors import LocalmixError
 from localmix.model import Transformer
+from localmix.quality import log_softmax
 from localmix.routing import RoutingOptions
 from localmix.sampling import Sampler, SamplingParams
 from localmix.tokenizer import ModelTokenizer
@@ -32,6 +33,11 @@ class GenerationResponse:
     generation_tps: float      # generated tokens per second since the first one
     peak_memory: float         # peak resident memory of the process, GB
     finish_reason: str | None  # None while generating, then "stop", "length" or "cancelled"
+    # with Generation(logprobs=k): the token's log-probability under the model (its logits' softmax,
+    # before sampling's temperature and penalties, as OpenAI reports them), and the k likeliest
+    # tokens' (token, log-probability), likeliest first
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 def peak_memory_gb() -> float:
@@ -118,7 +124,8 @@ class Generation:
 
     def __init__(self, transformer: Transformer, tokenizer: ModelTokenizer, prompt: list[int], max_tokens: int = 256,
                  params: SamplingParams | None = None, strip_leading_space: bool = True,
-                 cancelled: Callable[[], bool] | None = None, options: RoutingOptions | None = None):
+                 cancelled: Callable[[], bool] | None = None, options: RoutingOptions | None = None,
+                 logprobs: int | None = None):
         args = transformer.args
         if max_tokens < 0:
             raise LocalmixError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -131,6 +138,7 @@ class Generation:
             raise LocalmixError(f"token ids must be in [0, {args.vocab_size})")
         self.transformer, self.tokenizer, self.prompt, self.max_tokens = transformer, tokenizer, prompt, max_tokens
         self.options = options
+        self.logprobs = logprobs  # None: not reported; k: the token's and the k likeliest (GenerationResponse)
         self.sampler = Sampler(params or SamplingParams())
         self.stops = StopStrings(self.sampler.params.stop)
         self.decoder = tokenizer.stream_decoder(strip_leading_space)
@@ -169,6 +177,7 @@ class Generation:
                                       peak_memory_gb(), "cancelled")
         if self.max_tokens == 0:
             return GenerationResponse("", None, len(self.prompt), self.prompt_tps, 0, 0.0, peak_memory_gb(), "length")
+        scores = log_softmax(self.logits) if self.logprobs is not None else None  # before the sampler sees them
         token = self.sampler(self.logits, self.history)
         self.history.append(token)
         self.generated += 1
@@ -185,8 +194,14 @@ class Generation:
         elif finish:
             text += self.stops.flush()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
+        logprob = top = None
+        if scores is not None:
+            k = min(self.logprobs, len(scores))
+            likeliest = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, np.int64)
+            likeliest = likeliest[np.argsort(-scores[likeliest], kind="stable")]
+            logprob, top = float(scores[token]), [(int(i), float(scores[i])) for i in likeliest]
         return GenerationResponse(text, token, len(self.prompt), self.prompt_tps, self.generated,
-                                  self.generated / elapsed, peak_memory_gb(), finish)
+                                  self.generated / elapsed, peak_memory_gb(), finish, logprob, top)
 
 
 def responses(generation: Generation, prefill_step: int = 256,

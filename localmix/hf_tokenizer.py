@@ -309,6 +309,9 @@ class HFTokenizer:
         # Byte-level BPE keeps every space (decoding a whole text strips none): nothing to strip.
         return StreamDecoder(self._piece_bytes, False)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._piece_bytes[token]
+
     def apply_chat_template(self, messages) -> list[int]:
         """Ids of the conversation with the assistant's turn opened (add_generation_prompt=True)."""
         if self.template is None:

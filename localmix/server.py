@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hmac
 import json
 import logging
 import threading
@@ -30,16 +32,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from localmix import validate
+from localmix import __version__, validate
 from localmix.errors import LocalmixError
 from localmix.generate import Generation, GenerationResponse, decode_together
 from localmix.routing import RoutingOptions
 from localmix.sampling import SamplingParams
+from localmix.checkpoint import tensor_table
+from localmix.store import DENSE_FILE, is_localmix_model, model_summary, tensor_file
 
 log = logging.getLogger("localmix.server")
 
@@ -61,6 +67,7 @@ class Job:
     chat: bool
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    logprobs: int | None = None
     cancelled: bool = False
     generation: Generation | None = field(default=None, repr=False)
 
@@ -116,7 +123,7 @@ class Engine:
             return
         try:
             job.generation = self.model.start(job.prompt, job.max_tokens, job.params, job.options, new_text=job.chat,
-                                              cancelled=lambda: job.cancelled)
+                                              cancelled=lambda: job.cancelled, logprobs=job.logprobs)
             job.generation.prefill()  # asks `cancelled` between chunks of the prompt
         except LocalmixError as e:
             job.send(e)
@@ -171,9 +178,9 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.param = status, code, param
 
 
 class Gone(Exception):
@@ -190,9 +197,30 @@ class Ask:
     stream: bool
     chat: bool            # the answer starts a new text (after [/INST]) rather than continuing the prompt
     include_usage: bool = False
+    n: int = 1            # answers to the same prompt (OpenAI's choices), decoded together
+    logprobs: int | None = None  # report each token's log-probability and this many likeliest (None: not)
 
 
 # --- checking a request's fields (in the worker thread) ----------------------------------------
+
+MAX_CHOICES = 8  # OpenAI's n: answers decoded together (the engine's batch)
+MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' logprobs (OpenAI's limits)
+# Fields the APIs define that localmix does not implement yet, with the values that ask for nothing:
+# any other value is a 400 that names the field, never an answer that silently ignored it.
+UNSUPPORTED = {
+    False: {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+            "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+            "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+            "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "best_of": (None, 1),
+            "echo": (None, False), "suffix": (None, "")},
+    True: {"format": (None, ""), "tools": (None, []), "images": (None, [])},
+}
+
+
+def refuse_unsupported(body: dict, ollama: bool) -> None:
+    for key, neutral in UNSUPPORTED[ollama].items():
+        if body.get(key) not in neutral:
+            raise BadRequest(400, f"request: {key} is not supported by localmix yet", param=key)
 
 def checked(check, *args, **kwargs):
     """A validate.* check whose LocalmixError becomes a 400."""
@@ -275,6 +303,20 @@ def content_of(value, where: str) -> str:
     raise BadRequest(400, f"request: {where}: content must be a string or a list of text parts")
 
 
+def logprobs_asked(body: dict, chat: bool) -> int | None:
+    """How many likeliest tokens to report beside each token's log-probability (None: none asked):
+    chat's logprobs (true/false) and top_logprobs, completions' logprobs (a count)."""
+    most = MAX_TOP_LOGPROBS[chat]
+    if not chat:
+        return optional(body, "logprobs", None, validate.integer, 0, most)
+    top = optional(body, "top_logprobs", None, validate.integer, 0, most)
+    if not optional(body, "logprobs", False, validate.boolean):
+        if top is not None:
+            raise BadRequest(400, "request: top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
+
+
 def messages_of(value) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise BadRequest(400, "request: messages must be a non-empty list")
@@ -285,6 +327,8 @@ def messages_of(value) -> list[dict]:
         role = m.get("role")
         if not isinstance(role, str):
             raise BadRequest(400, f"request: messages[{i}].role must be a string")
+        if m.get("images"):
+            raise BadRequest(400, f"request: messages[{i}].images: images are not supported by localmix yet")
         messages.append({"role": role, "content": content_of(m.get("content"), f"messages[{i}]")})
     return messages
 
@@ -297,6 +341,7 @@ class Server:
         self.trace = trace  # gets every answer's routing records (serve --trace), as Model.stream's trace
         self.engine = Engine(model)
         self.context = model.config.max_position_embeddings
+        self.summary = served_summary(model)
         # Parsing, checking and tokenizing a request: off the event loop. Two threads: a huge prompt
         # occupies one, the other keeps serving the small ones (sentencepiece releases the GIL).
         self.workers = ThreadPoolExecutor(2, thread_name_prefix="localmix-request")
@@ -352,8 +397,9 @@ class Server:
             if not isinstance(options, dict):
                 raise BadRequest(400, "request: stream_options must be an object")
             include_usage = optional(options, "include_usage", False, validate.boolean)
-        if optional(body, "n", 1, validate.integer, 1, 1 << 31) != 1:
-            raise BadRequest(400, "request: n must be 1 (one answer per request)")
+        refuse_unsupported(body, ollama)
+        n = 1 if ollama else optional(body, "n", 1, validate.integer, 1, MAX_CHOICES)
+        logprobs = None if ollama else logprobs_asked(body, chat)
         params, length = sampling(body, ollama)
         experts = self.model.config.num_local_experts
         options = checked(self.model.routing_options, **routing_fields(body, ollama, experts), trace=self.trace)
@@ -371,7 +417,7 @@ class Server:
             raise BadRequest(400, f"the prompt has {len(ids)} tokens and {name} asks for {length}: "
                                   f"{len(ids) + length} is more than the model's context of {self.context} tokens",
                              "context_length_exceeded")
-        return Ask(ids, params, options, length, stream, new_text, include_usage)
+        return Ask(ids, params, options, length, stream, new_text, include_usage, n, logprobs)
 
     def prompt(self, body: dict, chat: bool, ollama: bool) -> tuple[list[int], bool]:
         """(ids, whether the answer starts a new text) for the request's messages or prompt."""
@@ -391,9 +437,14 @@ class Server:
         except LocalmixError as e:
             raise BadRequest(400, str(e)) from None
 
-    def submit(self, ask: Ask) -> Job:
-        """The request's answer, queued for the engine (503 if too many wait already)."""
-        job = Job(ask.ids, ask.length, ask.params, ask.options, ask.chat, asyncio.get_running_loop(), asyncio.Queue())
+    def submit(self, ask: Ask, choice: int = 0) -> Job:
+        """One of the request's answers, queued for the engine (503 if too many wait already). Answer
+        `choice` of n samples with the request's seed plus `choice`: n answers, not n copies of one."""
+        params = ask.params
+        if choice and params.seed is not None:
+            params = dataclasses.replace(params, seed=(params.seed + choice) % (1 << 64))
+        job = Job(ask.ids, ask.length, params, ask.options, ask.chat, asyncio.get_running_loop(), asyncio.Queue(),
+                  ask.logprobs)
         self.engine.submit(job)
         return job
 
@@ -410,18 +461,20 @@ class Server:
         finally:
             job.cancelled = True
 
-    async def whole(self, request: Request, ask: Ask) -> list[GenerationResponse] | None:
-        """All of a non-streamed answer, or None if the client left first: then its answer is cancelled
-        at once (the engine decodes at most the token under way), instead of running to max_tokens
-        for nobody while the requests behind it wait."""
-        job = self.submit(ask)
-        collect = asyncio.ensure_future(_gather(self.responses(job)))
+    async def whole(self, request: Request, ask: Ask) -> list[list[GenerationResponse]] | None:
+        """All of a non-streamed request's answers (n of them), or None if the client left first: then
+        they are cancelled at once (the engine decodes at most the token under way), instead of
+        running to max_tokens for nobody while the requests behind them wait."""
+        jobs = [self.submit(ask, i) for i in range(ask.n)]
+        collect = asyncio.ensure_future(asyncio.gather(*(_gather(self.responses(job)) for job in jobs)))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            job.cancelled = job.cancelled or not collect.done()
+            failed = collect.done() and not collect.cancelled() and collect.exception() is not None
+            for job in jobs:  # none goes on for nobody: not when the client left, nor when another failed
+                job.cancelled = job.cancelled or not collect.done() or failed
         if collect.done():
             return collect.result()
         collect.cancel()
@@ -440,22 +493,43 @@ class Server:
         try:
             ask = await self.ask(request, chat, ollama=False)
         except BadRequest as e:
-            return error(e.status, str(e), code=e.code)
+            return error(e.status, str(e), code=e.code, param=e.param)
         except Gone:
             return _gone(request)
         ids = ask.ids
         answer_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind = "chat.completion" if chat else "text_completion"
+        tokenizer = self.model.tokenizer
 
-        def choice(text: str, finish: str | None, final: bool) -> dict:
+        def logprobs(parts: list[GenerationResponse]) -> dict | None:
+            """OpenAI's logprobs of these tokens: chat's `content` list, or completions' four lists."""
+            if ask.logprobs is None:
+                return None
+            parts = [r for r in parts if r.token is not None]
+            pieces = [tokenizer.token_bytes(r.token) for r in parts]
+            if chat:
+                def entry(token: int, logprob: float) -> dict:
+                    data = tokenizer.token_bytes(token)
+                    return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
+                return {"content": [{**entry(r.token, r.logprob), "top_logprobs": [entry(*t) for t in r.top_logprobs]}
+                                    for r in parts]}
+            offsets = np.cumsum([0] + [len(p.decode("utf-8", "replace")) for p in pieces[:-1]]).tolist() if parts else []
+            return {"tokens": [p.decode("utf-8", "replace") for p in pieces],
+                    "token_logprobs": [r.logprob for r in parts],
+                    "top_logprobs": [{tokenizer.token_bytes(t).decode("utf-8", "replace"): lp for t, lp in r.top_logprobs}
+                                     for r in parts],
+                    "text_offset": offsets}
+
+        def choice(index: int, parts: list[GenerationResponse], final: bool) -> dict:
+            text, finish = "".join(r.text for r in parts), parts[-1].finish_reason
             if chat:
                 key = "message" if final else "delta"
-                return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+                return {"index": index, key: {"role": "assistant", "content": text}, "logprobs": logprobs(parts),
+                        "finish_reason": finish}
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs(parts)}
 
-        def usage(last: GenerationResponse) -> dict:
-            return {"prompt_tokens": len(ids), "completion_tokens": last.generation_tokens,
-                    "total_tokens": len(ids) + last.generation_tokens}
+        def usage(generated: int) -> dict:
+            return {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
 
         def envelope(choices: list, extra: dict | None = None, chunk: bool = False) -> dict:
             return {"id": answer_id, "object": kind + (".chunk" if chunk and chat else ""), "created": int(time.time()),
@@ -463,27 +537,29 @@ class Server:
 
         if not ask.stream:
             try:
-                parts = await self.whole(request, ask)
+                answers = await self.whole(request, ask)
             except BadRequest as e:
                 return error(e.status, str(e), code=e.code)
             except LocalmixError as e:
                 return error(400, str(e))
-            if parts is None:
+            if answers is None:
                 return _gone(request)
-            text = "".join(r.text for r in parts)
-            return JSONResponse(envelope([choice(text, parts[-1].finish_reason, True)], {"usage": usage(parts[-1])}))
+            return JSONResponse(envelope([choice(i, parts, True) for i, parts in enumerate(answers)],
+                                         {"usage": usage(sum(parts[-1].generation_tokens for parts in answers))}))
 
         try:
-            answer = self.responses(self.submit(ask))
+            streams = [self.responses(self.submit(ask, i)) for i in range(ask.n)]
         except BadRequest as e:
             return error(e.status, str(e), code=e.code)
 
         async def events():
+            generated = 0
             try:
-                async for r in answer:
-                    yield sse(envelope([choice(r.text, r.finish_reason, False)], chunk=True))
-                    if r.finish_reason and ask.include_usage:
-                        yield sse(envelope([], {"usage": usage(r)}, chunk=True))
+                async for index, r in _merged(streams):
+                    yield sse(envelope([choice(index, [r], False)], chunk=True))
+                    generated += r.generation_tokens if r.finish_reason else 0
+                if ask.include_usage:
+                    yield sse(envelope([], {"usage": usage(generated)}, chunk=True))
             except LocalmixError as e:
                 yield sse({"error": {"message": str(e), "type": "invalid_request_error"}})
             yield "data: [DONE]\n\n"
@@ -492,11 +568,9 @@ class Server:
     # --- Ollama -----------------------------------------------------------------------------
 
     async def tags(self, request: Request) -> Response:
-        size = await asyncio.get_running_loop().run_in_executor(self.workers, folder_size, Path(self.model.path))
-        details = {"format": "localmix", "family": self.model.config.model_type,
-                   "parameter_size": "", "quantization_level": ""}
-        return JSONResponse({"models": [{"name": self.name, "model": self.name, "modified_at": now(), "size": size,
-                                         "digest": "", "details": details}]})
+        s = self.summary
+        return JSONResponse({"models": [{"name": self.name, "model": self.name, "modified_at": s["created"],
+                                         "size": s["disk_bytes"], "digest": "", "details": self.details()}]})
 
     async def ollama(self, request: Request, chat: bool) -> Response:
         try:
@@ -530,6 +604,7 @@ class Server:
                 return ollama_error(400, str(e))
             if parts is None:
                 return _gone(request)
+            parts = parts[0]
             return JSONResponse(line(parts[-1], "".join(r.text for r in parts)))
 
         try:
@@ -548,9 +623,124 @@ class Server:
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.name})
 
+    # --- Ollama: the server and its models ----------------------------------------------------
 
-def folder_size(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    async def root(self, request: Request) -> Response:
+        """GET and HEAD /: how Ollama's clients and tools check that a server is up."""
+        return PlainTextResponse("localmix is running")
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": __version__})
+
+    def details(self) -> dict:
+        """Ollama's `details` of the served model (summary: store.model_summary's)."""
+        s = self.summary
+        return {"parent_model": "", "format": "localmix", "family": s["architecture"],
+                "families": [s["architecture"]], "parameter_size": f"{s['parameters'] / 1e9:.1f}B",
+                "quantization_level": f"{s['bits']}-bit affine, groups of {s['group_size']}"}
+
+    def named(self, body: dict, key: str = "model") -> str:
+        """The model a request names (Ollama's `model`, or the older `name`), which must be this one."""
+        model = body.get(key, body.get("name") if key == "model" else None)
+        if not isinstance(model, str) or not model:
+            raise BadRequest(400, f"request: {key} must be a model name")
+        if model.split(":")[0] != self.name:
+            raise BadRequest(404, f"model {model[:200]!r} not found; this server has {self.name!r}")
+        return model
+
+    async def body_of(self, request: Request) -> dict:
+        raw = await self.read(request)
+        body = checked(validate.parse_json, raw or b"{}", "the request body", "JSON")
+        if not isinstance(body, dict):
+            raise BadRequest(400, "the request body must be a JSON object")
+        return body
+
+    async def show(self, request: Request) -> Response:
+        """POST /api/show: the model's details, parameters, template and model_info, as Ollama's."""
+        try:
+            self.named(await self.body_of(request))
+        except BadRequest as e:
+            return ollama_error(e.status, str(e))
+        except Gone:
+            return _gone(request)
+        s, args = self.summary, self.model.config
+        arch = s["architecture"]
+        info = {"general.architecture": arch, "general.parameter_count": s["parameters"],
+                f"{arch}.context_length": args.max_position_embeddings, f"{arch}.embedding_length": args.hidden_size,
+                f"{arch}.block_count": args.num_hidden_layers, f"{arch}.attention.head_count": args.num_attention_heads,
+                f"{arch}.attention.head_count_kv": args.num_key_value_heads,
+                f"{arch}.expert_count": args.num_local_experts, f"{arch}.expert_used_count": args.num_experts_per_tok,
+                "localmix.active_parameter_count": s["active_parameters"], "localmix.path": str(self.model.path)}
+        return JSONResponse({"modelfile": f"# localmix serves {self.name} from {self.model.path}\n",
+                             "parameters": "temperature 0.8\ntop_p 0.9\ntop_k 40\nrepeat_penalty 1.1",
+                             "template": "",  # the chat template is the model's own (jinja or mistral-common), not Go's
+                             "details": self.details(), "model_info": info,
+                             "capabilities": ["completion"], "modified_at": s["created"]})
+
+    async def ps(self, request: Request) -> Response:
+        """GET /api/ps: the loaded model (one, loaded for as long as the server runs)."""
+        s = self.summary
+        return JSONResponse({"models": [{"name": self.name, "model": self.name, "size": s["disk_bytes"],
+                                         "digest": "", "details": self.details(), "expires_at": "0001-01-01T00:00:00Z",
+                                         "size_vram": 0, "context_length": self.context}]})
+
+    async def delete(self, request: Request) -> Response:
+        """DELETE /api/delete: refused for the served model, which this server has loaded."""
+        try:
+            model = self.named(await self.body_of(request))
+        except BadRequest as e:
+            return ollama_error(e.status, str(e))
+        except Gone:
+            return _gone(request)
+        return ollama_error(400, f"{model} is the model this server runs; stop the server, then "
+                                 f"`localmix rm {self.name}`")
+
+    async def copy(self, request: Request) -> Response:
+        """POST /api/copy: the served model under another name in $LOCALMIX_HOME/models (its files linked)."""
+        from localmix.quant.pull import copy_model
+        try:
+            body = await self.body_of(request)
+            self.named(body, "source")
+            destination = body.get("destination")
+            if not isinstance(destination, str):
+                raise BadRequest(400, "request: destination must be a model name")
+            await asyncio.get_running_loop().run_in_executor(
+                self.workers, checked, copy_model, Path(self.model.path), destination.removesuffix(":latest"))
+        except BadRequest as e:
+            return ollama_error(e.status, str(e))
+        except Gone:
+            return _gone(request)
+        return Response(status_code=200)
+
+    async def embed(self, request: Request) -> Response:
+        """/api/embed, /api/embeddings, /v1/embeddings: a generative MoE model has no trained embedding;
+        a mean of its hidden states would look like one and mean little, so: a clear 501."""
+        message = ("embeddings are not supported: localmix serves generative models, which have no trained "
+                   "embedding; use an embedding model with Ollama or sentence-transformers")
+        if request.url.path.startswith("/v1"):
+            return error(501, message, code="not_implemented")
+        return ollama_error(501, message)
+
+    async def one_model(self, request: Request) -> Response:
+        """GET /v1/models/{id}."""
+        wanted = request.path_params["model"]
+        if wanted.split(":")[0] != self.name:
+            return error(404, f"model {wanted[:200]!r} not found; this server has {self.name!r}", code="model_not_found")
+        return JSONResponse({"id": self.name, "object": "model", "created": self.created, "owned_by": "localmix"})
+
+
+def served_summary(model) -> dict:
+    """store.model_summary's figures for a localmix model; for a Hugging Face folder served as it is
+    (float32), the same keys from its config."""
+    if is_localmix_model(model.path):
+        return model_summary(model.path)
+    args = model.config
+    sizes = {name: int(np.prod(shape)) for name, shape in tensor_table(args)}
+    experts = sum(n for name, n in sizes.items() if tensor_file(name, args) != DENSE_FILE)
+    share = args.num_experts_per_tok / args.num_local_experts if args.is_moe else 1.0
+    return {"architecture": args.model_type, "parameters": sum(sizes.values()),
+            "active_parameters": int(sum(sizes.values()) - experts * (1 - share)), "bits": 32, "group_size": 0,
+            "disk_bytes": 4 * sum(sizes.values()), "created": now()}
 
 
 def ollama_error(status: int, message: str) -> JSONResponse:
@@ -560,6 +750,37 @@ def ollama_error(status: int, message: str) -> JSONResponse:
 
 async def _gather(answer) -> list:
     return [r async for r in answer]
+
+
+async def _merged(streams: list):
+    """(index, response) from several answers' streams as each comes; leaving early closes them all
+    (which cancels their answers)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for r in stream:
+                queue.put_nowait((index, r))
+        except Exception as e:  # noqa: BLE001 (raised in the consumer)
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:  # each pump's cancellation closes its stream (Server.responses: its answer is cancelled)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _disconnected(request: Request) -> None:
@@ -596,9 +817,45 @@ class QuietCancellations(logging.Filter):
         return not str(record.msg).rstrip().endswith("asyncio.exceptions.CancelledError")
 
 
+class Gate:
+    """ASGI middleware: one log line per request, as Ollama prints them (status, seconds, client,
+    method and path), and with an API key, a 401 for a request without `Authorization: Bearer KEY`
+    (`/` answers without: it is how clients see that a server is up)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+        client = f"{scope['client'][0]}" if scope.get("client") else "?"
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            if self.api_key and scope["path"] != "/" and not self.allowed(scope):
+                response = error(401, "missing or wrong API key: send Authorization: Bearer KEY",
+                                 code="invalid_api_key")
+                await response(scope, receive, sending)
+            else:
+                await self.app(scope, receive, sending)
+        finally:
+            log.info("%3d | %8.3fs | %15s | %-6s %s", status[0], time.perf_counter() - start, client,
+                     scope["method"], json.dumps(scope["path"]))
+
+    def allowed(self, scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+
+
 def create_app(model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS,
-               trace=None) -> Starlette:
-    """The app serving `model` as `name`. trace: gets every answer's routing records (a routing.TraceFile)."""
+               trace=None, api_key: str | None = None) -> Starlette:
+    """The app serving `model` as `name`. trace: gets every answer's routing records (a routing.TraceFile).
+    api_key: required of every request but `/` (Gate)."""
     server = Server(model, name, max_body, body_seconds, trace)
 
     @contextlib.asynccontextmanager
@@ -618,9 +875,20 @@ def create_app(model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: f
         Route("/v1/models", server.models),
         Route("/v1/chat/completions", partial(server.openai, chat=True), methods=["POST"]),
         Route("/v1/completions", partial(server.openai, chat=False), methods=["POST"]),
+        Route("/v1/models/{model:path}", server.one_model),
+        Route("/v1/embeddings", server.embed, methods=["POST"]),
+        Route("/", server.root, methods=["GET", "HEAD"]),
+        Route("/api/version", server.version),
         Route("/api/tags", server.tags),
+        Route("/api/show", server.show, methods=["POST"]),
+        Route("/api/ps", server.ps),
+        Route("/api/delete", server.delete, methods=["DELETE"]),
+        Route("/api/copy", server.copy, methods=["POST"]),
+        Route("/api/embed", server.embed, methods=["POST"]),
+        Route("/api/embeddings", server.embed, methods=["POST"]),
         Route("/api/chat", partial(server.ollama, chat=True), methods=["POST"]),
         Route("/api/generate", partial(server.ollama, chat=False), methods=["POST"]),
-    ], exception_handlers={404: not_found, 405: not_found, 500: failed}, lifespan=lifespan)
+    ], exception_handlers={404: not_found, 405: not_found, 500: failed}, lifespan=lifespan,
+       middleware=[Middleware(Gate, api_key=api_key)])
     app.state.server = server
     return app

@@ -66,6 +66,9 @@ class ModelTokenizer(Protocol):
 
     def stream_decoder(self, strip_leading_space: bool = True) -> "StreamDecoder": ...
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for in a text (empty for a control token), as the stream decoder adds them."""
+
     def apply_chat_template(self, messages) -> list[int]:
         """Ids of a conversation (dicts with role and content) ready for the assistant to answer."""
 
@@ -193,6 +196,9 @@ class Tokenizer:
 
     def stream_decoder(self, strip_leading_space: bool = True) -> "StreamDecoder":
         return StreamDecoder(self._piece_bytes, strip_leading_space)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._piece_bytes[token]
 
     # -- chat ---------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ only when everything (tensors, tokenizer, manifest) is written and checked.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from localmix.quant.gguf_import import import_gguf
 from localmix.quant.mlx_lm import import_mlx_lm, is_mlx_lm_folder
 from localmix.quant.convert import LocalSource, convert
 from localmix.quant.hub import HubSource, looks_like_repo_id
-from localmix.quant.sizing import resize
+from localmix.quant.sizing import link_or_copy, resize
 
 MODEL_NAME = re.compile(r"^[\w][\w.\-]*$")
 
@@ -72,6 +73,16 @@ def shrink(model: str, size: int, name: str | None = None, text: str | None = No
     check_name(name)
     with claimed(name) as out:
         return resize(folder, out, size, text, on_step, say)
+
+
+def copy_model(folder: Path, name: str) -> Path:
+    """The model at folder as $LOCALMIX_HOME/models/NAME (Ollama's copy), its files linked where the
+    file system can (neither is ever written again), else copied."""
+    check_name(name)
+    with claimed(name) as out, hidden_folder(name) as work:
+        shutil.copytree(folder, work / "model", copy_function=link_or_copy)
+        os.rename(work / "model", out)
+    return out
 
 
 def check_name(name: str) -> None:

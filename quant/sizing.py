@@ -203,10 +203,10 @@ def requantize(model: ModelFolder, layout: TensorLayout, tmp: Path) -> None:
         os.close(fd)
 
 
-def link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path | str, target: Path | str) -> None:
     """The file at target, sharing the source's blocks where the file system can (the source stays
-    as it is: neither is ever written again), else copied."""
-    target.unlink(missing_ok=True)
+    as it is: neither is ever written again), else copied. (shutil.copytree's copy_function.)"""
+    Path(target).unlink(missing_ok=True)
     try:
         os.link(source, target)
     except OSError:

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,3 +236,111 @@ def test_one_engine_step_decodes_each_routing_apart(q4, monkeypatch):
         answers.append("".join(r.text for r in responses))
     loop.close()
     assert answers == expected * 2
+
+
+# --- Ollama's routes through its official client ---------------------------------------------------
+
+ollama = pytest.importorskip("ollama", reason="the ollama client is in the test extra")
+
+
+def test_ollama_client_methods(server, tmp_path, monkeypatch):
+    url, model = server
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path / "home"))
+    client = ollama.Client(host=url)
+    assert [m.model for m in client.list().models] == ["tiny"]
+    shown = client.show("tiny")
+    assert shown.details.family == "mixtral" and shown.modelinfo["general.architecture"] == "mixtral"
+    assert shown.modelinfo["general.parameter_count"] == localmix.store.model_summary(model.path)["parameters"]
+    running = client.ps().models
+    assert [m.model for m in running] == ["tiny"] and running[0].size > 0
+    answer = client.generate("tiny", "Once upon a time", options={"num_predict": 4, "temperature": 0})
+    assert answer.done and answer.eval_count == 4
+    chat = client.chat("tiny", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 3})
+    assert chat.message.role == "assistant" and chat.eval_count == 3
+    client.copy("tiny", "tiny-copy")
+    copied = tmp_path / "home" / "models" / "tiny-copy"
+    assert localmix.store.verify(copied) == []
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.delete("tiny")
+    assert refused.value.status_code == 400 and "the model this server runs" in refused.value.error
+    for call in (lambda: client.show("other"), lambda: client.copy("other", "x")):
+        with pytest.raises(ollama.ResponseError) as missing:
+            call()
+        assert missing.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as taken:
+        client.copy("tiny", "tiny-copy")
+    assert taken.value.status_code == 400 and "exists already" in taken.value.error
+    with pytest.raises(ollama.ResponseError) as unsupported:
+        client.embed("tiny", "hello")
+    assert unsupported.value.status_code == 501 and "embeddings are not supported" in unsupported.value.error
+
+
+def test_server_root_version_and_one_model(server, client):
+    url, _ = server
+    for method in ("GET", "HEAD"):
+        with urllib.request.urlopen(urllib.request.Request(url + "/", method=method)) as response:
+            assert response.status == 200 and response.read() == (b"localmix is running" if method == "GET" else b"")
+    with urllib.request.urlopen(url + "/api/version") as response:
+        assert json.loads(response.read())["version"] == localmix.__version__
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    with pytest.raises(openai.APIStatusError) as unsupported:
+        client.embeddings.create(model="tiny", input="hello")
+    assert unsupported.value.status_code == 501
+
+
+def test_n_answers_and_logprobs(server, client):
+    """n answers decoded together, each its own (seed + index); logprobs are the model's own
+    log-softmax (before temperature), with the likeliest tokens sorted."""
+    url, model = server
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    several = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=3, seed=11,
+                                             temperature=1.5)
+    texts = [c.message.content for c in several.choices]
+    assert [c.index for c in several.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert several.usage.completion_tokens == 18
+    alone = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, seed=11, temperature=1.5)
+    assert alone.choices[0].message.content == texts[0]
+
+    answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == 4
+    ids, _ = model.encode_prompt(messages)
+    logits = model.logits(ids)[-1].astype(np.float64)
+    expected = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    first = content[0]
+    assert abs(first.logprob - expected.max()) < 1e-3  # greedy: the likeliest token
+    assert [t.logprob for t in first.top_logprobs] == sorted(t.logprob for t in first.top_logprobs)[::-1]
+    np.testing.assert_allclose([t.logprob for t in first.top_logprobs], np.sort(expected)[::-1][:3], atol=1e-3)
+    assert first.token == first.top_logprobs[0].token and bytes(first.bytes).decode("utf-8", "replace") == first.token
+
+    completion = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, logprobs=2,
+                                           temperature=0)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, n=2, stream=True))
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def test_an_api_key_is_required_when_set_and_every_request_is_logged(q4, caplog):
+    """With --api-key: 401 without it (but `/`), answers with it; one log line per request."""
+    from starlette.testclient import TestClient
+    app = create_app(localmix.load(q4), "tiny", api_key="s3cret")
+    with TestClient(app) as http, caplog.at_level("INFO", logger="localmix.server"):
+        assert http.get("/").status_code == 200
+        refused = http.get("/v1/models")
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"]
+        assert http.get("/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json()["data"][0]["id"] == "tiny"
+    lines = [r.getMessage() for r in caplog.records if r.name == "localmix.server"]
+    assert len(lines) == 4 and lines[1].startswith("401 |") and lines[1].endswith('GET    "/v1/models"')
+
+
+def test_serve_beyond_loopback_needs_an_api_key(q4):
+    from test_cli import assert_one_line_error, localmix_cli
+    assert_one_line_error(localmix_cli("serve", q4, "--host", "0.0.0.0", "--port", 1), "give an --api-key")
