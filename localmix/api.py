@@ -161,12 +161,12 @@ class Model:
 
     def start(self, ids: list[int], max_tokens: int = 256, params: SamplingParams | None = None,
               options: RoutingOptions | None = None, new_text: bool = False, cancelled=None,
-              logprobs: int | None = None) -> Generation:
+              logprobs: int | None = None, constraint=None) -> Generation:
         """An answer to the prompt's ids (see encode_prompt), not yet prefilled, routed by `options`
         (default: the model's): how every answer starts, one at a time in `stream`, or decoded
         together with others by the server."""
         return Generation(self.transformer, self.tokenizer, ids, max_tokens, params, strip_leading_space=new_text,
-                          cancelled=cancelled, options=options, logprobs=logprobs)
+                          cancelled=cancelled, options=options, logprobs=logprobs, constraint=constraint)
 
     def stream(self, prompt, max_tokens: int = 256, on_prefill=None, experts_per_token: int | None = None,
                min_expert_weight: float | None = None, fallback_margin: float | None = None, trace=None,

@@ -125,7 +125,7 @@ class Generation:
     def __init__(self, transformer: Transformer, tokenizer: ModelTokenizer, prompt: list[int], max_tokens: int = 256,
                  params: SamplingParams | None = None, strip_leading_space: bool = True,
                  cancelled: Callable[[], bool] | None = None, options: RoutingOptions | None = None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, constraint=None):
         args = transformer.args
         if max_tokens < 0:
             raise LocalmixError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -139,6 +139,7 @@ class Generation:
         self.transformer, self.tokenizer, self.prompt, self.max_tokens = transformer, tokenizer, prompt, max_tokens
         self.options = options
         self.logprobs = logprobs  # None: not reported; k: the token's and the k likeliest (GenerationResponse)
+        self.constraint = constraint  # a structured.Constraint: the tokens its grammar allows, and no other
         self.sampler = Sampler(params or SamplingParams())
         self.stops = StopStrings(self.sampler.params.stop)
         self.decoder = tokenizer.stream_decoder(strip_leading_space)
@@ -178,7 +179,10 @@ class Generation:
         if self.max_tokens == 0:
             return GenerationResponse("", None, len(self.prompt), self.prompt_tps, 0, 0.0, peak_memory_gb(), "length")
         scores = log_softmax(self.logits) if self.logprobs is not None else None  # before the sampler sees them
-        token = self.sampler(self.logits, self.history)
+        allowed = self.logits if self.constraint is None else self.constraint.restrict(self.logits)
+        token = self.sampler(allowed, self.history)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         self.history.append(token)
         self.generated += 1
         finish = None

@@ -45,6 +45,7 @@ from localmix.generate import Generation, GenerationResponse, decode_together
 from localmix.routing import RoutingOptions
 from localmix.sampling import SamplingParams
 from localmix.checkpoint import tensor_table
+from localmix.structured import Constraint, Vocabulary, json_grammar
 from localmix.store import DENSE_FILE, is_localmix_model, model_summary, tensor_file
 
 log = logging.getLogger("localmix.server")
@@ -68,6 +69,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     logprobs: int | None = None
+    grammar: str | None = None
     cancelled: bool = False
     generation: Generation | None = field(default=None, repr=False)
 
@@ -87,8 +89,15 @@ class Engine:
         self.stopped = False
         self.widest = 0  # the most answers decoded together so far
         self.decoded = 0  # tokens sampled, all answers together (tests count abandoned answers' tokens with it)
+        self._vocabulary: Vocabulary | None = None
         self.thread = threading.Thread(target=self.run, name="localmix-engine", daemon=True)
         self.thread.start()
+
+    def vocabulary(self) -> Vocabulary:
+        """The model's vocabulary as structured output reads it: built on the first such request."""
+        if self._vocabulary is None:
+            self._vocabulary = Vocabulary(self.model.tokenizer, self.model.config.vocab_size)
+        return self._vocabulary
 
     def submit(self, job: Job) -> None:
         with self.wake:
@@ -122,8 +131,10 @@ class Engine:
         if job.cancelled:
             return
         try:
+            constraint = None if job.grammar is None else Constraint(self.vocabulary(), job.grammar)
             job.generation = self.model.start(job.prompt, job.max_tokens, job.params, job.options, new_text=job.chat,
-                                              cancelled=lambda: job.cancelled, logprobs=job.logprobs)
+                                              cancelled=lambda: job.cancelled, logprobs=job.logprobs,
+                                              constraint=constraint)
             job.generation.prefill()  # asks `cancelled` between chunks of the prompt
         except LocalmixError as e:
             job.send(e)
@@ -199,6 +210,7 @@ class Ask:
     include_usage: bool = False
     n: int = 1            # answers to the same prompt (OpenAI's choices), decoded together
     logprobs: int | None = None  # report each token's log-probability and this many likeliest (None: not)
+    grammar: str | None = None   # structured output: the llguidance grammar the answer must follow
 
 
 # --- checking a request's fields (in the worker thread) ----------------------------------------
@@ -209,11 +221,10 @@ MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' log
 # any other value is a 400 that names the field, never an answer that silently ignored it.
 UNSUPPORTED = {
     False: {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-            "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-            "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+            "function_call": (None, "none", "auto"), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
             "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "best_of": (None, 1),
             "echo": (None, False), "suffix": (None, "")},
-    True: {"format": (None, ""), "tools": (None, []), "images": (None, [])},
+    True: {"tools": (None, []), "images": (None, [])},
 }
 
 
@@ -301,6 +312,35 @@ def content_of(value, where: str) -> str:
             texts.append(text)
         return "".join(texts)
     raise BadRequest(400, f"request: {where}: content must be a string or a list of text parts")
+
+
+def structured_output(body: dict, ollama: bool) -> str | None:
+    """The grammar an answer must follow (structured.json_grammar), from OpenAI's response_format
+    (json_object, or json_schema with its schema) or Ollama's format ("json", or a schema); None: free text."""
+    if ollama:
+        value = body.get("format")
+        if value in (None, ""):
+            return None
+        if value != "json" and not isinstance(value, dict):
+            raise BadRequest(400, 'request: format must be "json" or a JSON schema (an object)', param="format")
+        return checked(json_grammar, None if value == "json" else value)
+    value = body.get("response_format")
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return checked(json_grammar, None)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest(400, "request: response_format.json_schema.schema must be a JSON schema (an object)",
+                             param="response_format")
+        return checked(json_grammar, schema)
+    raise BadRequest(400, "request: response_format.type must be text, json_object or json_schema",
+                     param="response_format")
 
 
 def logprobs_asked(body: dict, chat: bool) -> int | None:
@@ -400,6 +440,7 @@ class Server:
         refuse_unsupported(body, ollama)
         n = 1 if ollama else optional(body, "n", 1, validate.integer, 1, MAX_CHOICES)
         logprobs = None if ollama else logprobs_asked(body, chat)
+        grammar = structured_output(body, ollama)
         params, length = sampling(body, ollama)
         experts = self.model.config.num_local_experts
         options = checked(self.model.routing_options, **routing_fields(body, ollama, experts), trace=self.trace)
@@ -417,7 +458,7 @@ class Server:
             raise BadRequest(400, f"the prompt has {len(ids)} tokens and {name} asks for {length}: "
                                   f"{len(ids) + length} is more than the model's context of {self.context} tokens",
                              "context_length_exceeded")
-        return Ask(ids, params, options, length, stream, new_text, include_usage, n, logprobs)
+        return Ask(ids, params, options, length, stream, new_text, include_usage, n, logprobs, grammar)
 
     def prompt(self, body: dict, chat: bool, ollama: bool) -> tuple[list[int], bool]:
         """(ids, whether the answer starts a new text) for the request's messages or prompt."""
@@ -444,7 +485,7 @@ class Server:
         if choice and params.seed is not None:
             params = dataclasses.replace(params, seed=(params.seed + choice) % (1 << 64))
         job = Job(ask.ids, ask.length, params, ask.options, ask.chat, asyncio.get_running_loop(), asyncio.Queue(),
-                  ask.logprobs)
+                  ask.logprobs, ask.grammar)
         self.engine.submit(job)
         return job
 

@@ -344,3 +344,44 @@ def test_an_api_key_is_required_when_set_and_every_request_is_logged(q4, caplog)
 def test_serve_beyond_loopback_needs_an_api_key(q4):
     from test_cli import assert_one_line_error, localmix_cli
     assert_one_line_error(localmix_cli("serve", q4, "--host", "0.0.0.0", "--port", 1), "give an --api-key")
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
+     "required": ["ok", "color"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "minItems": 2, "maxItems": 4},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 5},
+                                               "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 1000}, "admin": {"type": "boolean"}},
+        "required": ["id", "admin"], "additionalProperties": False}},
+     "required": ["user"], "additionalProperties": False},
+]
+
+
+def test_json_schemas_are_followed_by_a_model_that_knows_no_json(server, client):
+    """Structured output: the random model's answers to five schemas, through both clients, all
+    parse and conform (jsonschema checks them); json_object / format "json" give a JSON object."""
+    jsonschema = pytest.importorskip("jsonschema")
+    url, _ = server
+    ask = [{"role": "user", "content": "Answer in JSON."}]
+    for i, schema in enumerate(SCHEMAS):
+        answer = client.chat.completions.create(
+            model="tiny", messages=ask, max_tokens=200, seed=i, temperature=1.0,
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}})
+        assert answer.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+        reply = ollama.Client(host=url).chat("tiny", messages=ask, format=schema, options={"seed": i, "num_predict": 200})
+        jsonschema.validate(json.loads(reply.message.content), schema)
+    loose = client.chat.completions.create(model="tiny", messages=ask, max_tokens=300, seed=1, temperature=0.5,
+                                           response_format={"type": "json_object"})
+    text = loose.choices[0].message.content
+    assert text.startswith("{") and (loose.choices[0].finish_reason == "length" or isinstance(json.loads(text), dict))
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="tiny", messages=ask, max_tokens=4,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert "schema" in str(bad.value)
