@@ -753,6 +753,28 @@ class Server:
             return _gone(request)
         return Response(status_code=200)
 
+    async def pull(self, request: Request) -> Response:
+        """POST /api/pull: `localmix pull` of a Hugging Face repository (OWNER/NAME) into $LOCALMIX_HOME,
+        its progress as Ollama's status lines (streamed unless "stream": false). Never a local path:
+        a client names what the hub has, not what this machine's disk holds."""
+        from localmix.quant.hub import looks_like_repo_id
+        try:
+            body = await self.body_of(request)
+            repo = body.get("model", body.get("name"))
+            if not isinstance(repo, str) or not looks_like_repo_id(repo.removesuffix(":latest")):
+                raise BadRequest(400, "request: model must be a Hugging Face repository id (OWNER/NAME)")
+            stream = optional(body, "stream", True, validate.boolean)
+        except BadRequest as e:
+            return ollama_error(e.status, str(e))
+        except Gone:
+            return _gone(request)
+        updates = pull_in_background(repo.removesuffix(":latest"), asyncio.get_running_loop())
+        if stream:
+            return StreamingResponse((json.dumps(update) + "\n" async for update in updates),
+                                     media_type="application/x-ndjson")
+        last = [update async for update in updates][-1]
+        return ollama_error(400, last["error"]) if "error" in last else JSONResponse(last)
+
     async def embed(self, request: Request) -> Response:
         """/api/embed, /api/embeddings, /v1/embeddings: a generative MoE model has no trained embedding;
         a mean of its hidden states would look like one and mean little, so: a clear 501."""
@@ -768,6 +790,48 @@ class Server:
         if wanted.split(":")[0] != self.name:
             return error(404, f"model {wanted[:200]!r} not found; this server has {self.name!r}", code="model_not_found")
         return JSONResponse({"id": self.name, "object": "model", "created": self.created, "owned_by": "localmix"})
+
+
+async def pull_in_background(repo: str, loop: asyncio.AbstractEventLoop):
+    """Ollama's pull status lines for `localmix pull REPO`, which runs in a thread of its own (a pull
+    takes minutes to hours; the client leaving does not stop it: the model it has paid for in
+    downloads is finished). Progress: at most a line every PROGRESS_SECONDS per file."""
+    from localmix.quant.pull import pull
+    queue: asyncio.Queue = asyncio.Queue()
+    sent: dict[str, float] = {}
+
+    def put(update: dict | None) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, update)
+
+    def progress(what: str, done: int, total: int) -> None:
+        now_s = time.monotonic()
+        if done < total and now_s - sent.get(what, 0.0) < PROGRESS_SECONDS:
+            return
+        sent[what] = now_s
+        put({"status": what, "digest": what, "total": total, "completed": done})
+
+    def work() -> None:
+        try:
+            put({"status": "pulling manifest"})
+            out = pull(repo, on_progress=lambda done, total: progress("quantizing", done, total),
+                       on_download=lambda name, done, total: progress(f"downloading {name}", done, total),
+                       say=lambda text: put({"status": text}), hub_only=True)
+            put({"status": f"pulled {out.name}"})
+            put({"status": "success"})
+        except LocalmixError as e:
+            put({"error": str(e)})
+        except Exception as e:  # noqa: BLE001 (a pull must never take the server down)
+            log.exception("internal error while pulling %s", repo)
+            put({"error": f"internal error: {e}"})
+        finally:
+            put(None)
+
+    threading.Thread(target=work, name="localmix-pull", daemon=True).start()
+    while (update := await queue.get()) is not None:
+        yield update
+
+
+PROGRESS_SECONDS = 0.5
 
 
 def served_summary(model) -> dict:
@@ -925,6 +989,7 @@ def create_app(model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: f
         Route("/api/ps", server.ps),
         Route("/api/delete", server.delete, methods=["DELETE"]),
         Route("/api/copy", server.copy, methods=["POST"]),
+        Route("/api/pull", server.pull, methods=["POST"]),
         Route("/api/embed", server.embed, methods=["POST"]),
         Route("/api/embeddings", server.embed, methods=["POST"]),
         Route("/api/chat", partial(server.ollama, chat=True), methods=["POST"]),

@@ -33,25 +33,28 @@ def default_name(source: str, bits: str, size: int | None = None) -> str:
 
 def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = None, revision: str | None = None,
          delete_source: bool = False, on_progress=None, on_download=None, say=print, file: str | None = None,
-         size: int | None = None, text: str | None = None, on_step=None) -> Path:
+         size: int | None = None, text: str | None = None, on_step=None, hub_only: bool = False) -> Path:
     """Quantize a local Hugging Face folder or a hub repository into $LOCALMIX_HOME/models/NAME; an
     mlx-lm folder or repository (already quantized) is imported as it is. With a size (bytes), the
     model is made first in a hidden folder, then the experts that matter least are stored at 2 bits
     until it fits (quant/sizing.py: routing counted on `text`, or the built-in calibration text;
-    on_step(what, done, total) reports those stages)."""
-    folder = Path(source).expanduser()
+    on_step(what, done, total) reports those stages). hub_only: SOURCE is a hub repository even if a
+    folder of that name exists here (the server's /api/pull: a client names what the hub has)."""
+    if hub_only and not looks_like_repo_id(source):
+        raise LocalmixError(f"{source[:200]!r} is not a hub repository id (OWNER/NAME)")
+    folder = None if hub_only else Path(source).expanduser()  # None: a hub repository
     mlx_lm = False
     if file:  # one GGUF file of a hub repository
         if not looks_like_repo_id(source) or not file.endswith(".gguf"):
             raise LocalmixError("--file takes a .gguf file of a hub repository (OWNER/NAME)")
         validate.confined(home(), file, "--file")  # a relative path, before it names anything
         name = name or Path(file).stem
-    elif folder.is_file() and folder.suffix == ".gguf":
+    elif folder is not None and folder.is_file() and folder.suffix == ".gguf":
         name = name or folder.stem
     else:
-        if not folder.is_dir() and not looks_like_repo_id(source):
+        if (folder is None or not folder.is_dir()) and not looks_like_repo_id(source):
             raise LocalmixError(f"{source}: no such folder, and not a hub repository id (OWNER/NAME)")
-        mlx_lm = folder.is_dir() and is_mlx_lm_folder(folder)
+        mlx_lm = folder is not None and folder.is_dir() and is_mlx_lm_folder(folder)
         name = name or (folder.resolve().name if mlx_lm else default_name(source, bits, size))
     check_name(name)
     with claimed(name) as out:
@@ -123,7 +126,7 @@ def _fetch(source, folder, mlx_lm, file, out, bits, group_size, revision, delete
             import_gguf(path, out, on_progress, say=say)
             hub.cleanup()
         return out
-    if folder.is_file():
+    if folder is not None and folder.is_file():
         return import_gguf(folder, out, on_progress, say=say)
     return _pull_checkpoint(source, folder, mlx_lm, out, bits, group_size, revision, delete_source,
                             on_progress, on_download)
@@ -135,7 +138,7 @@ def _pull_checkpoint(source, folder, mlx_lm, out, bits, group_size, revision, de
         if revision or delete_source:
             raise LocalmixError("--revision and --delete-source apply to Hugging Face checkpoints, not mlx-lm folders")
         return import_mlx_lm(folder, out, on_progress)
-    if folder.is_dir():
+    if folder is not None and folder.is_dir():
         if revision:
             raise LocalmixError("--revision applies to hub repositories, not local folders")
         convert(LocalSource(folder, delete_source), out, bits, group_size, on_progress)

@@ -130,3 +130,46 @@ def test_pull_local_folder_and_perplexity(env, hf_folder, tmp_path):
     assert figures["tokens"] > 10 and figures["perplexity"] > 1 and 0 < figures["kl"] < 1 and 0 <= figures["top1"] <= 1
     assert_one_line_error(localmix_cli("perplexity", "local-q4", tmp_path / "none.txt", env=env), "cannot read")
     assert_one_line_error(localmix_cli("show", hf_folder, env=env), "is a Hugging Face folder")
+
+
+def test_ollama_pull_through_the_server(env, tmp_path):
+    """/api/pull runs `localmix pull` of a hub repository, its progress as Ollama's status lines,
+    through the official client; a local path is never pulled by a request."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    ollama = pytest.importorskip("ollama")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "acme" / "local").mkdir(parents=True)  # a folder that looks like a repo id, in the server's folder
+    server = subprocess.Popen([sys.executable, "-m", "localmix", "serve", "demo", "--port", str(port)],
+                              env={**os.environ, **env}, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        client = ollama.Client(host=f"http://127.0.0.1:{port}")
+        statuses = [update.status for update in client.pull("acme/tiny-mixtral", stream=True)]
+        assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+        assert "pulled tiny-mixtral-q4" in statuses and any(s.startswith("downloading ") for s in statuses)
+        from localmix.store import verify
+        assert verify(tmp_path / "home" / "models" / "tiny-mixtral-q4") == []
+        for bad in ("../../etc", "/etc/passwd"):
+            with pytest.raises(ollama.ResponseError) as refused:
+                client.pull(bad)
+            assert refused.value.status_code == 400 and "repository id" in refused.value.error
+        with pytest.raises(ollama.ResponseError) as missing:  # the hub's, not the local folder acme/local
+            client.pull("acme/local")
+        assert "acme/local" in missing.value.error
+        assert not (tmp_path / "home" / "models" / "local-q4").exists()
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -19,6 +19,7 @@ uvicorn = pytest.importorskip("uvicorn")
 import localmix  # noqa: E402
 from localmix.quant.convert import LocalSource, convert  # noqa: E402
 from localmix.server import create_app  # noqa: E402
+from localmix.store import model_summary, verify  # noqa: E402
 
 from conftest import make_hf_model  # noqa: E402
 
@@ -250,7 +251,7 @@ def test_ollama_client_methods(server, tmp_path, monkeypatch):
     assert [m.model for m in client.list().models] == ["tiny"]
     shown = client.show("tiny")
     assert shown.details.family == "mixtral" and shown.modelinfo["general.architecture"] == "mixtral"
-    assert shown.modelinfo["general.parameter_count"] == localmix.store.model_summary(model.path)["parameters"]
+    assert shown.modelinfo["general.parameter_count"] == model_summary(model.path)["parameters"]
     running = client.ps().models
     assert [m.model for m in running] == ["tiny"] and running[0].size > 0
     answer = client.generate("tiny", "Once upon a time", options={"num_predict": 4, "temperature": 0})
@@ -259,7 +260,7 @@ def test_ollama_client_methods(server, tmp_path, monkeypatch):
     assert chat.message.role == "assistant" and chat.eval_count == 3
     client.copy("tiny", "tiny-copy")
     copied = tmp_path / "home" / "models" / "tiny-copy"
-    assert localmix.store.verify(copied) == []
+    assert verify(copied) == []
     with pytest.raises(ollama.ResponseError) as refused:
         client.delete("tiny")
     assert refused.value.status_code == 400 and "the model this server runs" in refused.value.error
