@@ -225,6 +225,7 @@ app.command()(manage.bench)
 app.command()(manage.stats)
 app.command()(manage.export)
 app.command()(manage.shrink)
+app.command()(manage.ps)
 
 
 def main() -> None:

@@ -128,6 +128,28 @@ def list_command():
                   soft_wrap=True)
 
 
+def ps(url: str = typer.Option("http://127.0.0.1:8080", "--url", help="The server (`localmix serve`)."),
+       api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOCALMIX_API_KEY",
+                                             help="The server's API key, if it has one.")):
+    """The models a running server has loaded (its /api/ps, as `ollama ps` asks it)."""
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url.rstrip("/") + "/api/ps",
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            models = json.loads(response.read(1 << 20))["models"]
+    except urllib.error.HTTPError as e:
+        raise LocalmixError(f"{url}: answered {e.code} to /api/ps") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LocalmixError(f"no localmix server answers at {url} ({getattr(e, 'reason', e)})") from None
+    table = Table("name", "size", "context", "until", box=None)
+    for m in models if isinstance(models, list) else []:
+        until = "the server stops" if str(m.get("expires_at", "")).startswith("0001") else str(m.get("expires_at"))
+        table.add_row(str(m.get("name")), gb(int(m.get("size") or 0)), str(m.get("context_length", "")), until)
+    Console(highlight=False).print(table)
+
+
 def show(model: str = typer.Argument(..., help="Model name or folder."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Architecture, parameters, quantization and memory needed."""

@@ -386,3 +386,11 @@ def test_json_schemas_are_followed_by_a_model_that_knows_no_json(server, client)
         client.chat.completions.create(model="tiny", messages=ask, max_tokens=4,
                                        response_format={"type": "json_schema", "json_schema": {"name": "x"}})
     assert "schema" in str(bad.value)
+
+
+def test_localmix_ps_asks_the_server(server):
+    from test_cli import assert_one_line_error, localmix_cli
+    url, _ = server
+    result = localmix_cli("ps", "--url", url)
+    assert result.returncode == 0 and "tiny" in result.stdout and "the server stops" in result.stdout
+    assert_one_line_error(localmix_cli("ps", "--url", "http://127.0.0.1:9"), "no localmix server answers")
