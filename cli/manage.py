@@ -237,15 +237,26 @@ def perplexity(model: str = typer.Argument(..., help="Model name or folder."),
 def export(model: str = typer.Argument(..., help="Model name or folder."),
            out: Path = typer.Argument(..., help="The file (gguf) or folder (mlx-lm) to write."),
            format: Optional[str] = typer.Option(None, "--format", help="gguf: a file llama.cpp and Ollama load; "
-                                                                       "mlx-lm: a folder mlx_lm.load opens "
+                                                                       "mlx-lm: a folder mlx_lm.load opens; "
+                                                                       "hf: a bfloat16 Hugging Face folder "
+                                                                       "(transformers, vLLM, SGLang) "
                                                                        "(default: gguf for OUT.gguf, else mlx-lm).")):
-    """Write a model in another runner's format, without quantizing it again."""
+    """Write a model in another runner's format (gguf and mlx-lm without quantizing it again)."""
     format = format or ("gguf" if out.suffix.lower() == ".gguf" else "mlx-lm")
-    if format not in ("gguf", "mlx-lm"):
-        raise LocalmixError(f"unknown export format {format!r}: use gguf or mlx-lm")
+    if format not in ("gguf", "mlx-lm", "hf"):
+        raise LocalmixError(f"unknown export format {format!r}: use gguf, mlx-lm or hf")
     folder = resolve_model(model)
     if not is_localmix_model(folder):
         raise LocalmixError(f"{model} is not a localmix model (from `localmix pull`)")
+    if format == "hf":
+        from localmix.quant.hf_export import export_hf
+        progress = PullProgress()
+        try:
+            export_hf(folder, out, on_progress=lambda done, total: progress.step(f"write {out.name}", done, total))
+        finally:
+            progress.stop()
+        err.print(f"wrote {out} (Hugging Face folder, bfloat16)", markup=False)
+        return
     if format == "mlx-lm":
         from localmix.quant.mlx_lm import export_mlx_lm
         with err.status(f"writing {out}"):

@@ -298,3 +298,21 @@ def test_verify_loads_the_tokenizer(q4, tmp_path):
     (copy / "tokenizer.model").write_bytes(garbage)
     problems = verify(copy)
     assert len(problems) == 1 and "tokenizer.model: not a sentencepiece model" in problems[0]
+
+
+def test_hf_export_of_a_mixtral_loads_in_transformers(q4, tmp_path, monkeypatch):
+    """The Mixtral export in shards (a small shard size here), with its tokenizer: transformers loads
+    both; the logits are localmix's within bfloat16 rounding, the tokenizer's ids are ours."""
+    import transformers
+    from localmix.quant import hf_export
+    monkeypatch.setattr(hf_export, "SHARD_BYTES", 1 << 20)
+    out = hf_export.export_hf(q4, tmp_path / "hf-out")
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 2 and not list(tmp_path.glob(".hf-out*"))
+    ids = np.random.default_rng(9).integers(0, 32000, 10)
+    model = transformers.MixtralForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids.tolist()])).logits[0].numpy()
+    ours = localmix.load(q4, backend="numpy").logits(ids)
+    assert np.abs(theirs - ours).max() <= 0.02 * np.abs(ours).max()
+    text = "Hello world, how are you?"
+    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == localmix.load(q4).tokenizer.encode(text, bos=True)
