@@ -141,8 +141,10 @@ def ps(url: str = typer.Option("http://127.0.0.1:8080", "--url", help="The serve
             models = json.loads(response.read(1 << 20))["models"]
     except urllib.error.HTTPError as e:
         raise LocalmixError(f"{url}: answered {e.code} to /api/ps") from None
+    except urllib.error.URLError as e:
+        raise LocalmixError(f"no localmix server answers at {url} ({e.reason})") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LocalmixError(f"no localmix server answers at {url} ({getattr(e, 'reason', e)})") from None
+        raise LocalmixError(f"no localmix server answers at {url} ({e})") from None
     table = Table("name", "size", "context", "until", box=None)
     for m in models if isinstance(models, list) else []:
         until = "the server stops" if str(m.get("expires_at", "")).startswith("0001") else str(m.get("expires_at"))

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from localmix.errors import LocalmixError
+from localmix.quant.mlx_lm import copy_tokenizer
 from localmix.store import ModelFolder, is_quantized
-from localmix.tokenizer import SENTENCEPIECE
 
 SHARD_BYTES = 4 << 30
 # Families whose checkpoints on the hub name every expert's matrices (as localmix does): transformers
@@ -71,12 +71,7 @@ def export_hf(model_folder: Path, out: Path, on_progress=None) -> Path:
         config = {**manifest["config"], "torch_dtype": "bfloat16", "dtype": "bfloat16"}
         config.pop("localmix_base_model", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name, path in model.tokenizer_files.items():
-            shutil.copyfile(path, tmp / name)
-        if SENTENCEPIECE in model.tokenizer_files:  # what transformers needs to open a bare tokenizer.model
-            (tmp / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                "add_bos_token": True, "add_eos_token": False, "legacy": True}, indent=2))
+        copy_tokenizer(model, tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -324,14 +324,20 @@ def export_mlx_lm(model_folder: Path, out: Path) -> Path:
                   metadata={"format": "mlx"})
         config = {**config, "quantization": quantization}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name, path in model.tokenizer_files.items():  # a tokenizer.json comes with its own tokenizer_config.json
-            shutil.copyfile(path, tmp / name)
-        if SENTENCEPIECE in model.tokenizer_files:
-            (tmp / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                "add_bos_token": True, "add_eos_token": False, "legacy": True}, indent=2))
+        copy_tokenizer(model, tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def copy_tokenizer(model: ModelFolder, folder: Path) -> None:
+    """The model's tokenizer files into a folder that transformers (and mlx-lm) open: a tokenizer.json
+    comes with its own tokenizer_config.json; a bare tokenizer.model gets the config that opens it."""
+    for name, path in model.tokenizer_files.items():
+        shutil.copyfile(path, folder / name)
+    if SENTENCEPIECE in model.tokenizer_files:
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": True}, indent=2))
