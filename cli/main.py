@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from localmix.api import Model, load
+from localmix.home import models_dir
 from localmix.errors import LocalmixError
 from localmix.routing import Steering, TraceFile
 from localmix.sampling import SamplingParams
@@ -153,7 +154,8 @@ def chat(model: str = typer.Argument(..., help="Model name or Hugging Face folde
 
 
 @app.command()
-def serve(model: str = typer.Argument(..., help="Model name or folder."),
+def serve(model: Optional[str] = typer.Argument(None, help="Model name or folder (none: every model in "
+                                                         "$LOCALMIX_HOME, each loaded when a request names it)."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
           port: int = typer.Option(8080, "--port", help="Port to listen on."),
           name: Optional[str] = typer.Option(None, "--name", help="The model's name in the API (default: its own)."),
@@ -162,9 +164,12 @@ def serve(model: str = typer.Argument(..., help="Model name or folder."),
           trace: Optional[str] = Trace,
           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOCALMIX_API_KEY",
                                                 help="Require Authorization: Bearer KEY of every request "
-                                                     "(needed to listen beyond this machine).")):
-    """Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Ollama
-    (/api/chat, /api/generate, /api/tags) routes."""
+                                                     "(needed to listen beyond this machine)."),
+          keep_alive: str = typer.Option("5m", "--keep-alive", help="Without MODEL: how long an idle model stays "
+                                                                     "loaded (30s, 5m, 1h; -1: always)."),
+          max_loaded: int = typer.Option(1, "--max-loaded", help="Without MODEL: models loaded at once.")):
+    """Serve over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Ollama (/api/chat,
+    /api/generate, /api/tags, /api/show, /api/ps, /api/pull, ...) routes; one model, or every model on demand."""
     import uvicorn
     from localmix.server import QuietCancellations, create_app
     if not 0 < port < 65536:
@@ -172,10 +177,21 @@ def serve(model: str = typer.Argument(..., help="Model name or folder."),
     if not api_key and not is_loopback(host):
         raise LocalmixError(f"--host {host} lets other machines in: give an --api-key (or LOCALMIX_API_KEY) "
                             f"that their requests must send")
+    if model is None and name:
+        raise LocalmixError("--name names the one model of `localmix serve MODEL`")
+    if max_loaded < 1:
+        raise LocalmixError(f"--max-loaded must be at least 1, got {max_loaded}")
+    catalog = None
+    if model is None:
+        catalog = on_demand(keep_alive, max_loaded, experts_per_token, backend, threads, kv_cache, memory, policy)
     sock = listening_socket(host, port)  # a busy port or a bad address: one error line, before the long load
-    llm, _ = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy)
-    served = name or Path(str(llm.path)).name
-    app = create_app(llm, served, trace=TraceFile(trace) if trace else None, api_key=api_key)
+    if model is not None:
+        llm, _ = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy)
+        served = name or Path(str(llm.path)).name
+        app = create_app(llm, served, trace=TraceFile(trace) if trace else None, api_key=api_key)
+    else:
+        served = f"the models of {models_dir()}, on demand"
+        app = create_app(trace=TraceFile(trace) if trace else None, api_key=api_key, catalog=catalog)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))  # sets up its loggers
     requests_log = logging.StreamHandler()  # a line per request on stderr, as Ollama prints
     requests_log.setFormatter(logging.Formatter("[localmix] %(asctime)s | %(message)s", "%Y/%m/%d - %H:%M:%S"))
@@ -189,6 +205,24 @@ def serve(model: str = typer.Argument(..., help="Model name or folder."),
         pass
     if server.should_exit:  # stopped by Ctrl-C (or SIGTERM), as `run` is: exit 130
         raise SystemExit(130)
+
+
+def on_demand(keep_alive: str, max_loaded: int, experts_per_token, backend, threads, kv_cache, memory, policy):
+    """The catalog of `localmix serve` without a model: each model of $LOCALMIX_HOME loaded, with the
+    serve options, when a request names it (catalog.Catalog)."""
+    from localmix.catalog import Catalog, keep_alive_seconds
+    from localmix.server import served_model
+    log = logging.getLogger("localmix.server")
+    seconds = keep_alive_seconds(keep_alive)
+
+    def open_model(name: str):
+        start = time.perf_counter()
+        llm = load(models_dir() / name, experts_per_token=experts_per_token, backend=backend, threads=threads,
+                   kv_cache=kv_cache, memory=memory, expert_policy=policy)
+        log.info("loaded %s in %.1f s%s", name, time.perf_counter() - start,
+                 f" ({llm.memory_note})" if llm.memory_note else "")
+        return served_model(llm, name)
+    return Catalog(open=open_model, max_loaded=max_loaded, keep_alive=seconds)
 
 
 def is_loopback(host: str) -> bool:

@@ -29,6 +29,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -45,8 +46,10 @@ from localmix.generate import Generation, GenerationResponse, decode_together
 from localmix.routing import RoutingOptions
 from localmix.sampling import SamplingParams
 from localmix.checkpoint import tensor_table
+from localmix.catalog import Busy, Catalog, NotFound, Served
+from localmix.home import models_dir
 from localmix.structured import Constraint, Vocabulary, json_grammar
-from localmix.store import DENSE_FILE, is_localmix_model, model_summary, tensor_file
+from localmix.store import DENSE_FILE, is_localmix_model, model_summary, open_manifest, tensor_file
 
 log = logging.getLogger("localmix.server")
 
@@ -87,6 +90,7 @@ class Engine:
         self.active: list[Job] = []
         self.wake = threading.Condition()
         self.stopped = False
+        self.running = False  # answers admitted or being decoded (set under `wake`: see idle)
         self.widest = 0  # the most answers decoded together so far
         self.decoded = 0  # tokens sampled, all answers together (tests count abandoned answers' tokens with it)
         self._vocabulary: Vocabulary | None = None
@@ -101,6 +105,8 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.wake:
+            if self.stopped:  # unloaded between the request's reading and now (catalog.Catalog)
+                raise BadRequest(503, "the model was unloaded meanwhile; send the request again", "model_unloaded")
             self.waiting = [j for j in self.waiting if not j.cancelled]
             if len(self.waiting) >= MAX_WAITING:
                 raise BadRequest(503, f"the server is busy: {len(self.waiting)} answers are waiting", "server_busy")
@@ -112,10 +118,16 @@ class Engine:
             self.stopped = True
             self.wake.notify()
 
+    def idle(self) -> bool:
+        """No answer waits or is being decoded (a model may be unloaded)."""
+        with self.wake:
+            return not self.running and not any(not j.cancelled for j in self.waiting)
+
     def run(self) -> None:
         self.model.tuner.start()  # Numba's thread count is per calling thread: this one decodes
         while True:
             with self.wake:
+                self.running = bool(self.active)
                 while not (self.waiting or self.active or self.stopped):
                     self.wake.wait()
                 if self.stopped:
@@ -123,6 +135,7 @@ class Engine:
                 self.waiting = [j for j in self.waiting if not j.cancelled]  # abandoned before they started
                 room = self.max_batch - len(self.active)
                 admitted, self.waiting = self.waiting[:room], self.waiting[room:]
+                self.running = bool(admitted or self.active)
             for job in admitted:
                 self.start(job)
             self.step()
@@ -200,7 +213,8 @@ class Gone(Exception):
 
 @dataclass
 class Ask:
-    """A request, checked: the prompt's ids and how to answer it."""
+    """A request, checked: the model that answers it, the prompt's ids and how to answer it."""
+    served: Served        # held (Catalog.acquire) until its answers are queued (Server.queue)
     ids: list[int]
     params: SamplingParams
     options: RoutingOptions  # the answer's routing: the model's, with the request's localmix fields
@@ -373,15 +387,17 @@ def messages_of(value) -> list[dict]:
     return messages
 
 
+def served_model(model, name: str) -> Served:
+    """A loaded model ready to answer: its engine thread started, its listing figures read."""
+    return Served(name, model, Engine(model), served_summary(model), int(time.time()))
+
+
 class Server:
-    def __init__(self, model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS,
+    def __init__(self, catalog: Catalog, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS,
                  trace=None):
-        self.model, self.name, self.created = model, name, int(time.time())
+        self.catalog = catalog
         self.max_body, self.body_seconds = max_body, body_seconds
         self.trace = trace  # gets every answer's routing records (serve --trace), as Model.stream's trace
-        self.engine = Engine(model)
-        self.context = model.config.max_position_embeddings
-        self.summary = served_summary(model)
         # Parsing, checking and tokenizing a request: off the event loop. Two threads: a huge prompt
         # occupies one, the other keeps serving the small ones (sentencepiece releases the GIL).
         self.workers = ThreadPoolExecutor(2, thread_name_prefix="localmix-request")
@@ -427,9 +443,25 @@ class Server:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise BadRequest(400, f"request: model must be a string, got {type(model).__name__}")
-        if model not in (None, "", self.name) and model.split(":")[0] != self.name:
-            raise BadRequest(404, f"model {model[:200]!r} not found; this server has {self.name!r}",
-                             "model_not_found")
+        served = self.acquire(model, body.get("keep_alive") if ollama else None)
+        try:
+            return self.parse_for(served, body, chat, ollama)
+        except BaseException:
+            self.catalog.release(served)
+            raise
+
+    def acquire(self, model: str | None, keep_alive=None) -> Served:
+        """The loaded model a request names (loading it, on demand): 404, 503 or 400 if it cannot be had."""
+        try:
+            return self.catalog.acquire(model, keep_alive)
+        except NotFound as e:
+            raise BadRequest(404, str(e), "model_not_found") from None
+        except Busy as e:
+            raise BadRequest(503, str(e), "server_busy") from None
+        except LocalmixError as e:
+            raise BadRequest(400, str(e)) from None
+
+    def parse_for(self, served: Served, body: dict, chat: bool, ollama: bool) -> Ask:
         stream = optional(body, "stream", ollama, validate.boolean)  # Ollama streams unless told not to
         include_usage = False
         if not ollama and body.get("stream_options") is not None:
@@ -442,13 +474,14 @@ class Server:
         logprobs = None if ollama else logprobs_asked(body, chat)
         grammar = structured_output(body, ollama)
         params, length = sampling(body, ollama)
-        experts = self.model.config.num_local_experts
-        options = checked(self.model.routing_options, **routing_fields(body, ollama, experts), trace=self.trace)
-        ids, new_text = self.prompt(body, chat, ollama)
-        room = self.context - len(ids)
+        model, context = served.model, served.context
+        experts = model.config.num_local_experts
+        options = checked(model.routing_options, **routing_fields(body, ollama, experts), trace=self.trace)
+        ids, new_text = self.prompt(model, body, chat, ollama)
+        room = context - len(ids)
         if room < 1:
             raise BadRequest(400, f"the prompt has {len(ids)} tokens, more than the model's context of "
-                                  f"{self.context} leaves room for", "context_length_exceeded")
+                                  f"{context} leaves room for", "context_length_exceeded")
         if length is None:  # not asked: the default, or what fits
             length = min(room, DEFAULT_MAX_TOKENS)
         elif length == FILL:
@@ -456,16 +489,16 @@ class Server:
         elif length > room:
             name = "num_predict" if ollama else "max_tokens"
             raise BadRequest(400, f"the prompt has {len(ids)} tokens and {name} asks for {length}: "
-                                  f"{len(ids) + length} is more than the model's context of {self.context} tokens",
+                                  f"{len(ids) + length} is more than the model's context of {context} tokens",
                              "context_length_exceeded")
-        return Ask(ids, params, options, length, stream, new_text, include_usage, n, logprobs, grammar)
+        return Ask(served, ids, params, options, length, stream, new_text, include_usage, n, logprobs, grammar)
 
-    def prompt(self, body: dict, chat: bool, ollama: bool) -> tuple[list[int], bool]:
+    def prompt(self, model, body: dict, chat: bool, ollama: bool) -> tuple[list[int], bool]:
         """(ids, whether the answer starts a new text) for the request's messages or prompt."""
-        tokenizer = self.model.tokenizer
+        tokenizer = model.tokenizer
         try:
             if chat:  # Model.encode_prompt: the chat template, or a base model's plain-text continuation
-                return self.model.encode_prompt(messages_of(body.get("messages")))
+                return model.encode_prompt(messages_of(body.get("messages")))
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise BadRequest(400, "request: prompt must be a string")
@@ -473,21 +506,32 @@ class Server:
             raw = optional(body, "raw", system is None, validate.boolean) if ollama else True
             if raw or system is None:
                 return tokenizer.encode(prompt, bos=True), False
-            return self.model.encode_prompt([{"role": "system", "content": system},
+            return model.encode_prompt([{"role": "system", "content": system},
                                              {"role": "user", "content": prompt}])
         except LocalmixError as e:
             raise BadRequest(400, str(e)) from None
 
-    def submit(self, ask: Ask, choice: int = 0) -> Job:
-        """One of the request's answers, queued for the engine (503 if too many wait already). Answer
-        `choice` of n samples with the request's seed plus `choice`: n answers, not n copies of one."""
-        params = ask.params
-        if choice and params.seed is not None:
-            params = dataclasses.replace(params, seed=(params.seed + choice) % (1 << 64))
-        job = Job(ask.ids, ask.length, params, ask.options, ask.chat, asyncio.get_running_loop(), asyncio.Queue(),
-                  ask.logprobs, ask.grammar)
-        self.engine.submit(job)
-        return job
+    def queue(self, ask: Ask) -> list[Job]:
+        """The request's n answers, queued for its model's engine (503 if too many wait already); the
+        model is no longer held by the request, but by its answers. Answer i samples with the request's
+        seed plus i: n answers, not n copies of one."""
+        jobs = []
+        try:
+            for choice in range(ask.n):
+                params = ask.params
+                if choice and params.seed is not None:
+                    params = dataclasses.replace(params, seed=(params.seed + choice) % (1 << 64))
+                job = Job(ask.ids, ask.length, params, ask.options, ask.chat, asyncio.get_running_loop(),
+                          asyncio.Queue(), ask.logprobs, ask.grammar)
+                ask.served.engine.submit(job)
+                jobs.append(job)
+        except BaseException:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        finally:
+            self.catalog.release(ask.served)
+        return jobs
 
     async def responses(self, job: Job):
         """The engine's responses for this job; leaving early (a client gone) cancels it."""
@@ -506,7 +550,7 @@ class Server:
         """All of a non-streamed request's answers (n of them), or None if the client left first: then
         they are cancelled at once (the engine decodes at most the token under way), instead of
         running to max_tokens for nobody while the requests behind them wait."""
-        jobs = [self.submit(ask, i) for i in range(ask.n)]
+        jobs = self.queue(ask)
         collect = asyncio.ensure_future(asyncio.gather(*(_gather(self.responses(job)) for job in jobs)))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -527,8 +571,29 @@ class Server:
     # --- OpenAI -----------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                                          "owned_by": "localmix"}]})
+        listed = await self.off_loop(self.listing)
+        return JSONResponse({"object": "list", "data": [{"id": d.name, "object": "model", "created": d.created,
+                                                          "owned_by": "localmix"} for d in listed]})
+
+    async def off_loop(self, call, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.workers, call, *args)
+
+    def listing(self) -> list[Described]:
+        """Every model requests may name, described without loading it (in a worker thread)."""
+        described = []
+        for name in self.catalog.names():
+            with contextlib.suppress(LocalmixError):  # a damaged model: left out (localmix verify says why)
+                described.append(self.described(name))
+        return described
+
+    def described(self, name: str) -> Described:
+        served = self.catalog.loaded.get(name)
+        if served is not None:
+            return Described(name, served.summary, served.model.config, Path(served.model.path), served.created)
+        folder = models_dir() / name
+        _, args, _ = open_manifest(folder, str(folder))
+        summary = model_summary(folder)
+        return Described(name, summary, args, folder, int(datetime.fromisoformat(summary["created"]).timestamp()))
 
     async def openai(self, request: Request, chat: bool) -> Response:
         try:
@@ -540,7 +605,7 @@ class Server:
         ids = ask.ids
         answer_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind = "chat.completion" if chat else "text_completion"
-        tokenizer = self.model.tokenizer
+        tokenizer, name = ask.served.model.tokenizer, ask.served.name
 
         def logprobs(parts: list[GenerationResponse]) -> dict | None:
             """OpenAI's logprobs of these tokens: chat's `content` list, or completions' four lists."""
@@ -574,7 +639,7 @@ class Server:
 
         def envelope(choices: list, extra: dict | None = None, chunk: bool = False) -> dict:
             return {"id": answer_id, "object": kind + (".chunk" if chunk and chat else ""), "created": int(time.time()),
-                    "model": self.name, "choices": choices, **(extra or {})}
+                    "model": name, "choices": choices, **(extra or {})}
 
         if not ask.stream:
             try:
@@ -589,7 +654,7 @@ class Server:
                                          {"usage": usage(sum(parts[-1].generation_tokens for parts in answers))}))
 
         try:
-            streams = [self.responses(self.submit(ask, i)) for i in range(ask.n)]
+            streams = [self.responses(job) for job in self.queue(ask)]
         except BadRequest as e:
             return error(e.status, str(e), code=e.code)
 
@@ -609,9 +674,10 @@ class Server:
     # --- Ollama -----------------------------------------------------------------------------
 
     async def tags(self, request: Request) -> Response:
-        s = self.summary
-        return JSONResponse({"models": [{"name": self.name, "model": self.name, "modified_at": s["created"],
-                                         "size": s["disk_bytes"], "digest": "", "details": self.details()}]})
+        listed = await self.off_loop(self.listing)
+        return JSONResponse({"models": [{"name": d.name, "model": d.name, "modified_at": d.summary["created"],
+                                         "size": d.summary["disk_bytes"], "digest": "", "details": details(d.summary)}
+                                        for d in listed]})
 
     async def ollama(self, request: Request, chat: bool) -> Response:
         try:
@@ -627,7 +693,7 @@ class Server:
             return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
 
         def line(r: GenerationResponse, text: str) -> dict:
-            out = {"model": self.name, "created_at": now(), **piece(text), "done": r.finish_reason is not None}
+            out = {"model": ask.served.name, "created_at": now(), **piece(text), "done": r.finish_reason is not None}
             if r.finish_reason:
                 total = time.perf_counter_ns() - started
                 prompt_ns = int(len(ids) / max(r.prompt_tps, 1e-9) * 1e9)
@@ -649,7 +715,7 @@ class Server:
             return JSONResponse(line(parts[-1], "".join(r.text for r in parts)))
 
         try:
-            answer = self.responses(self.submit(ask))
+            answer = self.responses(self.queue(ask)[0])
         except BadRequest as e:
             return ollama_error(e.status, str(e))
 
@@ -662,7 +728,8 @@ class Server:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.name})
+        fixed = self.catalog.fixed
+        return JSONResponse({"status": "ok", "model": fixed.name if fixed else None, "loaded": list(self.catalog.loaded)})
 
     # --- Ollama: the server and its models ----------------------------------------------------
 
@@ -673,21 +740,15 @@ class Server:
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": __version__})
 
-    def details(self) -> dict:
-        """Ollama's `details` of the served model (summary: store.model_summary's)."""
-        s = self.summary
-        return {"parent_model": "", "format": "localmix", "family": s["architecture"],
-                "families": [s["architecture"]], "parameter_size": f"{s['parameters'] / 1e9:.1f}B",
-                "quantization_level": f"{s['bits']}-bit affine, groups of {s['group_size']}"}
-
     def named(self, body: dict, key: str = "model") -> str:
-        """The model a request names (Ollama's `model`, or the older `name`), which must be this one."""
+        """The model a request names (Ollama's `model`, or the older `name`), one this server has."""
         model = body.get(key, body.get("name") if key == "model" else None)
         if not isinstance(model, str) or not model:
             raise BadRequest(400, f"request: {key} must be a model name")
-        if model.split(":")[0] != self.name:
-            raise BadRequest(404, f"model {model[:200]!r} not found; this server has {self.name!r}")
-        return model
+        try:
+            return self.catalog.name_of(model)
+        except LocalmixError as e:
+            raise BadRequest(404, str(e)) from None
 
     async def body_of(self, request: Request) -> dict:
         raw = await self.read(request)
@@ -699,54 +760,67 @@ class Server:
     async def show(self, request: Request) -> Response:
         """POST /api/show: the model's details, parameters, template and model_info, as Ollama's."""
         try:
-            self.named(await self.body_of(request))
+            d = await self.off_loop(self.described, self.named(await self.body_of(request)))
         except BadRequest as e:
             return ollama_error(e.status, str(e))
+        except LocalmixError as e:
+            return ollama_error(400, str(e))
         except Gone:
             return _gone(request)
-        s, args = self.summary, self.model.config
+        s, args = d.summary, d.args
         arch = s["architecture"]
         info = {"general.architecture": arch, "general.parameter_count": s["parameters"],
                 f"{arch}.context_length": args.max_position_embeddings, f"{arch}.embedding_length": args.hidden_size,
                 f"{arch}.block_count": args.num_hidden_layers, f"{arch}.attention.head_count": args.num_attention_heads,
                 f"{arch}.attention.head_count_kv": args.num_key_value_heads,
                 f"{arch}.expert_count": args.num_local_experts, f"{arch}.expert_used_count": args.num_experts_per_tok,
-                "localmix.active_parameter_count": s["active_parameters"], "localmix.path": str(self.model.path)}
-        return JSONResponse({"modelfile": f"# localmix serves {self.name} from {self.model.path}\n",
+                "localmix.active_parameter_count": s["active_parameters"], "localmix.path": str(d.path)}
+        return JSONResponse({"modelfile": f"# localmix serves {d.name} from {d.path}\n",
                              "parameters": "temperature 0.8\ntop_p 0.9\ntop_k 40\nrepeat_penalty 1.1",
                              "template": "",  # the chat template is the model's own (jinja or mistral-common), not Go's
-                             "details": self.details(), "model_info": info,
+                             "details": details(s), "model_info": info,
                              "capabilities": ["completion"], "modified_at": s["created"]})
 
     async def ps(self, request: Request) -> Response:
-        """GET /api/ps: the loaded model (one, loaded for as long as the server runs)."""
-        s = self.summary
-        return JSONResponse({"models": [{"name": self.name, "model": self.name, "size": s["disk_bytes"],
-                                         "digest": "", "details": self.details(), "expires_at": "0001-01-01T00:00:00Z",
-                                         "size_vram": 0, "context_length": self.context}]})
+        """GET /api/ps: the loaded models, and when each will be unloaded if nothing asks for it."""
+        def expiry(served: Served) -> str:
+            at = served.expires_at()
+            return "0001-01-01T00:00:00Z" if at is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+        return JSONResponse({"models": [{"name": s.name, "model": s.name, "size": s.summary["disk_bytes"], "digest": "",
+                                         "details": details(s.summary), "expires_at": expiry(s), "size_vram": 0,
+                                         "context_length": s.context} for s in list(self.catalog.loaded.values())]})
 
     async def delete(self, request: Request) -> Response:
-        """DELETE /api/delete: refused for the served model, which this server has loaded."""
+        """DELETE /api/delete: a model of $LOCALMIX_HOME, unloaded first if idle (refused for the model
+        of `localmix serve NAME`, and for one answering requests)."""
+        from localmix.home import remove_model
         try:
-            model = self.named(await self.body_of(request))
+            name = self.named(await self.body_of(request))
         except BadRequest as e:
             return ollama_error(e.status, str(e))
         except Gone:
             return _gone(request)
-        return ollama_error(400, f"{model} is the model this server runs; stop the server, then "
-                                 f"`localmix rm {self.name}`")
+        if self.catalog.fixed:
+            return ollama_error(400, f"{name} is the model this server runs; stop the server, then `localmix rm {name}`")
+        if not await self.off_loop(self.catalog.unload, name):
+            return ollama_error(400, f"{name} is answering requests; try again when it is idle")
+        try:
+            await self.off_loop(remove_model, name)
+        except LocalmixError as e:
+            return ollama_error(400, str(e))
+        return Response(status_code=200)
 
     async def copy(self, request: Request) -> Response:
-        """POST /api/copy: the served model under another name in $LOCALMIX_HOME/models (its files linked)."""
+        """POST /api/copy: a model under another name in $LOCALMIX_HOME/models (its files linked)."""
         from localmix.quant.pull import copy_model
         try:
             body = await self.body_of(request)
-            self.named(body, "source")
+            source = self.named(body, "source")
             destination = body.get("destination")
             if not isinstance(destination, str):
                 raise BadRequest(400, "request: destination must be a model name")
-            await asyncio.get_running_loop().run_in_executor(
-                self.workers, checked, copy_model, Path(self.model.path), destination.removesuffix(":latest"))
+            d = await self.off_loop(self.described, source)
+            await self.off_loop(checked, copy_model, d.path, destination.removesuffix(":latest"))
         except BadRequest as e:
             return ollama_error(e.status, str(e))
         except Gone:
@@ -786,10 +860,11 @@ class Server:
 
     async def one_model(self, request: Request) -> Response:
         """GET /v1/models/{id}."""
-        wanted = request.path_params["model"]
-        if wanted.split(":")[0] != self.name:
-            return error(404, f"model {wanted[:200]!r} not found; this server has {self.name!r}", code="model_not_found")
-        return JSONResponse({"id": self.name, "object": "model", "created": self.created, "owned_by": "localmix"})
+        try:
+            d = await self.off_loop(self.described, self.catalog.name_of(request.path_params["model"]))
+        except LocalmixError as e:
+            return error(404, str(e), code="model_not_found")
+        return JSONResponse({"id": d.name, "object": "model", "created": d.created, "owned_by": "localmix"})
 
 
 async def pull_in_background(repo: str, loop: asyncio.AbstractEventLoop):
@@ -832,6 +907,24 @@ async def pull_in_background(repo: str, loop: asyncio.AbstractEventLoop):
 
 
 PROGRESS_SECONDS = 0.5
+EXPIRY_SECONDS = 1.0  # how often idle models' keep-alives are checked (Catalog.expire)
+
+
+@dataclass
+class Described:
+    """A model as the listings describe it, loaded or not."""
+    name: str
+    summary: dict     # store.model_summary's figures
+    args: object      # its config.ModelArgs
+    path: Path
+    created: int      # Unix time
+
+
+def details(s: dict) -> dict:
+    """Ollama's `details` of a model (s: store.model_summary's figures)."""
+    return {"parent_model": "", "format": "localmix", "family": s["architecture"],
+            "families": [s["architecture"]], "parameter_size": f"{s['parameters'] / 1e9:.1f}B",
+            "quantization_level": f"{s['bits']}-bit affine, groups of {s['group_size']}"}
 
 
 def served_summary(model) -> dict:
@@ -957,16 +1050,27 @@ class Gate:
         return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
 
 
-def create_app(model, name: str, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS,
-               trace=None, api_key: str | None = None) -> Starlette:
-    """The app serving `model` as `name`. trace: gets every answer's routing records (a routing.TraceFile).
-    api_key: required of every request but `/` (Gate)."""
-    server = Server(model, name, max_body, body_seconds, trace)
+def create_app(model=None, name: str | None = None, max_body: int = MAX_BODY_BYTES, body_seconds: float = BODY_SECONDS,
+               trace=None, api_key: str | None = None, catalog: Catalog | None = None) -> Starlette:
+    """The app serving `model` as `name`, or the catalog's models (catalog.Catalog: on demand).
+    trace: gets every answer's routing records (a routing.TraceFile). api_key: required of every
+    request but `/` (Gate)."""
+    catalog = catalog or Catalog(fixed=served_model(model, name))
+    server = Server(catalog, max_body, body_seconds, trace)
+
+    async def expire_models():  # unload the idle models whose keep-alive ran out
+        while True:
+            await asyncio.sleep(EXPIRY_SECONDS)
+            await server.off_loop(catalog.expire)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        expiry = asyncio.ensure_future(expire_models()) if catalog.on_demand else None
         yield
-        server.engine.stop()
+        if expiry:
+            expiry.cancel()
+        for served in list(catalog.loaded.values()):
+            served.engine.stop()
         server.workers.shutdown(wait=False, cancel_futures=True)
 
     async def not_found(request: Request, exc) -> Response:

@@ -40,7 +40,7 @@ def server(q4):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(model, "tiny")
-    model.server_engine = app.state.server.engine
+    model.server_engine = app.state.server.catalog.fixed.engine
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -394,3 +394,65 @@ def test_localmix_ps_asks_the_server(server):
     result = localmix_cli("ps", "--url", url)
     assert result.returncode == 0 and "tiny" in result.stdout and "the server stops" in result.stdout
     assert_one_line_error(localmix_cli("ps", "--url", "http://127.0.0.1:9"), "no localmix server answers")
+
+
+@pytest.fixture
+def on_demand(q4, tmp_path, monkeypatch):
+    """A server over a home of two models, each loaded when a request names it (one at a time)."""
+    import shutil
+    from localmix.catalog import Catalog
+    from localmix.server import served_model
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path / "home"))
+    models = tmp_path / "home" / "models"
+    for name in ("tiny-a", "tiny-b"):
+        shutil.copytree(q4, models / name)
+    opened = []
+
+    def open_model(name):
+        opened.append(name)
+        return served_model(localmix.load(models / name), name)
+    app = create_app(catalog=Catalog(open=open_model, max_loaded=1, keep_alive=300.0))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    while not instance.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", opened, models
+    instance.should_exit = True
+    thread.join(10)
+
+
+def test_models_on_demand(on_demand):
+    """`localmix serve` without a model: every model of the home is listed; a request loads the one it
+    names (unloading the other: one at a time), show describes a model without loading it, keep_alive
+    0 unloads once answered, delete unloads and removes; no model or an unknown one is an error."""
+    url, opened, models = on_demand
+    client = ollama.Client(host=url)
+    assert sorted(m.model for m in client.list().models) == ["tiny-a", "tiny-b"]
+    oa = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    assert sorted(m.id for m in oa.models.list()) == ["tiny-a", "tiny-b"] and client.ps().models == []
+    assert client.show("tiny-b").details.family == "mixtral" and opened == []
+    client.generate("tiny-a", "Once upon a time", options={"num_predict": 3})
+    assert [m.model for m in client.ps().models] == ["tiny-a"]
+    oa.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert [m.model for m in client.ps().models] == ["tiny-b"] and opened == ["tiny-a", "tiny-b"]
+    client.generate("tiny-a", "Hello", options={"num_predict": 2}, keep_alive=0)
+    for _ in range(50):  # unloaded within a few expiry checks
+        if not client.ps().models:
+            break
+        time.sleep(0.1)
+    assert client.ps().models == []
+    client.chat("tiny-b", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 2}, keep_alive="1h")
+    assert [m.model for m in client.ps().models] == ["tiny-b"]
+    client.delete("tiny-b")  # loaded and idle: unloaded, then removed
+    assert client.ps().models == [] and not (models / "tiny-b").exists()
+    assert [m.model for m in client.list().models] == ["tiny-a"]
+    status, answer = post(url + "/api/generate", {"prompt": "Hi"})
+    assert status == 400 and "model is required" in answer
+    status, answer = post(url + "/api/generate", {"model": "tiny-b", "prompt": "Hi"})
+    assert status == 404 and "not found" in answer
+    status, answer = post(url + "/api/generate", {"model": "tiny-a", "prompt": "Hi", "keep_alive": "soon"})
+    assert status == 400 and "keep_alive" in answer

@@ -369,7 +369,7 @@ def test_abandoned_answers_stop_decoding(served, quiet):
     decodes a token or two of each after they left, not the hundreds asked for, and the next request
     does not wait behind them."""
     url, port, model, server, records = served
-    engine = server.engine
+    engine = server.catalog.fixed.engine
     room = model.config.max_position_embeddings - 20
     for stream in (False, True):
         clients = [raw_chat(port, {"max_tokens": room, "stream": stream, "temperature": 0.8}) for _ in range(20)]
@@ -404,7 +404,7 @@ def test_clients_that_leave_mid_body_or_mid_stream_leave_no_traceback(served, qu
         for s in [raw_chat(port, {"max_tokens": 100, "stream": True})]:  # mid-stream
             assert s.recv(1)
             s.close()
-    wait_idle(server.engine)
+    wait_idle(server.catalog.fixed.engine)
     time.sleep(0.2)
     lines = [r.getMessage() for r in records.records[before:] if r.name.startswith("localmix")]
     assert sum("left before its request" in line for line in lines) == 5  # the mid-body ones, each noticed
