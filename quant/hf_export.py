@@ -11,15 +11,13 @@ at the end; the folder appears only when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from localmix.errors import LocalmixError
-from localmix.quant.mlx_lm import copy_tokenizer
+from localmix.quant.mlx_lm import copy_tokenizer, written_folder
 from localmix.store import ModelFolder, is_quantized
 
 SHARD_BYTES = 4 << 30
@@ -53,10 +51,7 @@ def export_hf(model_folder: Path, out: Path, on_progress=None) -> Path:
             size = 0
         shards[-1].append(name)
         size += nbytes
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with written_folder(out) as tmp:
         weight_map, done = {}, 0
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -72,10 +67,6 @@ def export_hf(model_folder: Path, out: Path, on_progress=None) -> Path:
         config.pop("localmix_base_model", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_tokenizer(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

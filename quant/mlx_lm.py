@@ -13,6 +13,7 @@ bits and group size, and per module where one differs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -316,20 +317,28 @@ def export_mlx_lm(model_folder: Path, out: Path) -> Path:
                  key=lambda bq: sum((q["bits"], q["group_size"]) == bq for q in modules.values()))
     quantization = {"group_size": common[1], "bits": common[0],
                     **{m: q for m, q in sorted(modules.items()) if (q["bits"], q["group_size"]) != common}}
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with written_folder(out) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}, tmp / "model.safetensors",
                   metadata={"format": "mlx"})
         config = {**config, "quantization": quantization}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_tokenizer(model, tmp)
+    return out
+
+
+@contextlib.contextmanager
+def written_folder(out: Path):
+    """A hidden folder beside `out` to write an export into: renamed to `out` when the block ends,
+    removed if it fails, so that `out` appears only complete."""
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def copy_tokenizer(model: ModelFolder, folder: Path) -> None:
