@@ -90,6 +90,7 @@ class Catalog:
             raise ValueError("a catalog serves one fixed model or opens models on demand")
         self.open, self.fixed, self.max_loaded, self.keep_alive = open, fixed, max_loaded, keep_alive
         self.loaded: dict[str, Served] = {fixed.name: fixed} if fixed else {}
+        self.loading: set[str] = set()  # being loaded now (they count toward max_loaded)
         self.changed = threading.Condition()
 
     @property
@@ -118,15 +119,32 @@ class Catalog:
         name = self.name_of(requested)
         seconds = None if keep_alive is None else keep_alive_seconds(keep_alive)
         with self.changed:
+            while name in self.loading:  # another request is loading it: wait for that
+                self.changed.wait()
             served = self.loaded.get(name)
-            if served is None:
-                self._make_room()
-                served = self.loaded[name] = self.open(name)
-            served.pending += 1
-            if self.on_demand:  # each request sets its model's keep-alive, the server's default if it says none
-                served.keep_alive = self.keep_alive if keep_alive is None else seconds
-            served.last_used = time.monotonic()
-            return served
+            if served is not None:
+                return self._hold(served, self.keep_alive if keep_alive is None else seconds)
+            self._make_room()
+            self.loading.add(name)
+        opened = None
+        try:  # loaded outside the lock: requests for other models, and releases, go on meanwhile
+            opened = self.open(name)
+        finally:
+            with self.changed:
+                self.loading.discard(name)
+                self.changed.notify_all()
+                if opened is not None:
+                    self.loaded[name] = opened
+                    return self._hold(opened, self.keep_alive if keep_alive is None else seconds)
+
+    def _hold(self, served: Served, keep_alive: float | None) -> Served:
+        """A request holds its model (pending until release); each request sets its model's keep-alive
+        (the server's default where it gives none). Called with the lock held."""
+        served.pending += 1
+        if self.on_demand:
+            served.keep_alive = keep_alive
+        served.last_used = time.monotonic()
+        return served
 
     def release(self, served: Served) -> None:
         """A request's answers are queued (or it failed before): it no longer holds its model."""
@@ -138,7 +156,7 @@ class Catalog:
     def _make_room(self) -> None:
         """Unload idle models until another fits under max_loaded; waits for one to be idle."""
         deadline = time.monotonic() + BUSY_WAIT
-        while len(self.loaded) >= self.max_loaded:
+        while len(self.loaded) + len(self.loading) >= self.max_loaded:
             idle = [s for s in self.loaded.values() if s.idle()]
             if idle:
                 self._unload(min(idle, key=lambda s: s.last_used))

@@ -227,6 +227,13 @@ class Ask:
     grammar: str | None = None   # structured output: the llguidance grammar the answer must follow
 
 
+@dataclass
+class Preload:
+    """An Ollama request with nothing to answer: its model is loaded (and unloaded soon with keep_alive 0)."""
+    served: Served
+    unload: bool
+
+
 # --- checking a request's fields (in the worker thread) ----------------------------------------
 
 MAX_CHOICES = 8  # OpenAI's n: answers decoded together (the engine's batch)
@@ -433,8 +440,9 @@ class Server:
         raw = await self.read(request)
         return await asyncio.get_running_loop().run_in_executor(self.workers, self.parse, raw, chat, ollama)
 
-    def parse(self, raw: bytes, chat: bool, ollama: bool) -> Ask:
-        """The request, checked field by field, and its prompt tokenized (in a worker thread)."""
+    def parse(self, raw: bytes, chat: bool, ollama: bool) -> Ask | Preload:
+        """The request, checked field by field, and its prompt tokenized (in a worker thread); or, for
+        Ollama's request with no prompt (or no messages), the model loaded and nothing to answer."""
         if not raw.strip():
             raise BadRequest(400, "the request body is empty: send a JSON object")
         body = checked(validate.parse_json, raw, "the request body", "JSON")  # NaN, Infinity, deep nesting: 400
@@ -445,6 +453,9 @@ class Server:
             raise BadRequest(400, f"request: model must be a string, got {type(model).__name__}")
         served = self.acquire(model, body.get("keep_alive") if ollama else None)
         try:
+            if ollama and body.get("messages" if chat else "prompt") in (None, "", []):
+                self.catalog.release(served)  # with keep_alive 0 the next expiry check unloads it
+                return Preload(served, body.get("keep_alive") in (0, "0", "0s", "0m"))
             return self.parse_for(served, body, chat, ollama)
         except BaseException:
             self.catalog.release(served)
@@ -686,6 +697,10 @@ class Server:
             return ollama_error(e.status, str(e))
         except Gone:
             return _gone(request)
+        if isinstance(ask, Preload):  # Ollama's way to load a model ahead (or, with keep_alive 0, to unload it)
+            empty = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+            return JSONResponse({"model": ask.served.name, "created_at": now(), **empty, "done": True,
+                                 "done_reason": "unload" if ask.unload else "load"})
         ids = ask.ids
         started = time.perf_counter_ns()
 
@@ -848,6 +863,11 @@ class Server:
                                      media_type="application/x-ndjson")
         last = [update async for update in updates][-1]
         return ollama_error(400, last["error"]) if "error" in last else JSONResponse(last)
+
+    async def not_implemented(self, request: Request) -> Response:
+        """Ollama's create, push and blobs: models come from `localmix pull` and `localmix shrink`."""
+        return ollama_error(501, f"{request.url.path} is not supported: localmix makes models with `localmix pull` "
+                                 f"(and `localmix shrink`), not from Modelfiles, and pushes to no registry")
 
     async def embed(self, request: Request) -> Response:
         """/api/embed, /api/embeddings, /v1/embeddings: a generative MoE model has no trained embedding;
@@ -1094,6 +1114,9 @@ def create_app(model=None, name: str | None = None, max_body: int = MAX_BODY_BYT
         Route("/api/delete", server.delete, methods=["DELETE"]),
         Route("/api/copy", server.copy, methods=["POST"]),
         Route("/api/pull", server.pull, methods=["POST"]),
+        Route("/api/create", server.not_implemented, methods=["POST"]),
+        Route("/api/push", server.not_implemented, methods=["POST"]),
+        Route("/api/blobs/{digest:path}", server.not_implemented, methods=["POST", "HEAD"]),
         Route("/api/embed", server.embed, methods=["POST"]),
         Route("/api/embeddings", server.embed, methods=["POST"]),
         Route("/api/chat", partial(server.ollama, chat=True), methods=["POST"]),

@@ -456,3 +456,14 @@ def test_models_on_demand(on_demand):
     assert status == 404 and "not found" in answer
     status, answer = post(url + "/api/generate", {"model": "tiny-a", "prompt": "Hi", "keep_alive": "soon"})
     assert status == 400 and "keep_alive" in answer
+    loaded = client.generate("tiny-a")  # no prompt: load it ahead, as Ollama's clients do
+    assert loaded.done and loaded.done_reason == "load" and [m.model for m in client.ps().models] == ["tiny-a"]
+    assert client.chat("tiny-a", messages=[], keep_alive=0).done_reason == "unload"
+    for _ in range(50):
+        if not client.ps().models:
+            break
+        time.sleep(0.1)
+    assert client.ps().models == []
+    with pytest.raises(ollama.ResponseError) as unsupported:
+        client.create("mine", from_="tiny-a")
+    assert unsupported.value.status_code == 501 and "localmix pull" in unsupported.value.error

@@ -255,7 +255,7 @@ HOSTILE = [
     ("/api/chat", json.dumps({"model": "tiny", "messages": HI, "stream": "no"}).encode(), 400, "stream"),
     ("/api/generate", json.dumps({"model": "tiny", "prompt": "Hi", "system": 5}).encode(), 400, "system"),
     ("/api/generate", json.dumps({"model": "tiny", "prompt": "Hi", "raw": "yes"}).encode(), 400, "raw"),
-    ("/api/generate", json.dumps({"model": "tiny", "prompt": None}).encode(), 400, "prompt"),
+    ("/api/generate", json.dumps({"model": "tiny", "prompt": 5}).encode(), 400, "prompt"),
     ("/api/generate", b"[" * 100_000, 400, "nested too deeply"),
 ]
 
