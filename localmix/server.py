@@ -242,7 +242,8 @@ MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' log
 # any other value is a 400 that names the field, never an answer that silently ignored it.
 UNSUPPORTED = {
     False: {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-            "function_call": (None, "none", "auto"), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+            "function_call": (None, "none", "auto"), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+            "frequency_penalty": (None, 0),
             "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "best_of": (None, 1),
             "echo": (None, False), "suffix": (None, "")},
     True: {"tools": (None, []), "images": (None, [])},
@@ -630,11 +631,12 @@ class Server:
                     return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
                 return {"content": [{**entry(r.token, r.logprob), "top_logprobs": [entry(*t) for t in r.top_logprobs]}
                                     for r in parts]}
-            offsets = np.cumsum([0] + [len(p.decode("utf-8", "replace")) for p in pieces[:-1]]).tolist() if parts else []
-            return {"tokens": [p.decode("utf-8", "replace") for p in pieces],
+            texts = [p.decode("utf-8", "replace") for p in pieces]
+            offsets = np.cumsum([0] + [len(t) for t in texts[:-1]]).tolist() if parts else []
+            return {"tokens": texts,
                     "token_logprobs": [r.logprob for r in parts],
-                    "top_logprobs": [{tokenizer.token_bytes(t).decode("utf-8", "replace"): lp for t, lp in r.top_logprobs}
-                                     for r in parts],
+                    "top_logprobs": [{tokenizer.token_bytes(t).decode("utf-8", "replace"): lp
+                                      for t, lp in r.top_logprobs} for r in parts],
                     "text_offset": offsets}
 
         def choice(index: int, parts: list[GenerationResponse], final: bool) -> dict:
@@ -744,7 +746,8 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         fixed = self.catalog.fixed
-        return JSONResponse({"status": "ok", "model": fixed.name if fixed else None, "loaded": list(self.catalog.loaded)})
+        return JSONResponse({"status": "ok", "model": fixed.name if fixed else None,
+                             "loaded": list(self.catalog.loaded)})
 
     # --- Ollama: the server and its models ----------------------------------------------------
 
@@ -816,7 +819,8 @@ class Server:
         except Gone:
             return _gone(request)
         if self.catalog.fixed:
-            return ollama_error(400, f"{name} is the model this server runs; stop the server, then `localmix rm {name}`")
+            return ollama_error(400, f"{name} is the model this server runs; stop the server, "
+                                     f"then `localmix rm {name}`")
         if not await self.off_loop(self.catalog.unload, name):
             return ollama_error(400, f"{name} is answering requests; try again when it is idle")
         try:
