@@ -10,7 +10,7 @@ bytes. GGUF has no affine 8-bit type, so 8-bit tensors (the output head of a `--
 are dequantized and stored as F16, the closest GGUF allows, and the export says so. Norms and routers stay F32. llama.cpp keeps Mixtral's q and k
 rows in its own rotary order (the import puts them back, gguf_import.unpermute): they are permuted
 here as its converter does. The tokenizer goes in as llama.cpp's `llama` vocabulary (sentencepiece
-pieces, scores and types) or, for a tokenizer.json (Qwen3-MoE), as its `gpt2` one: tokens by id
+pieces, scores and types) or, for a tokenizer.json (Qwen3-MoE, Qwen2-MoE, OLMoE), as its `gpt2` one: tokens by id
 (rows no token has as UNUSED `[PAD<id>]`, as llama.cpp's converter writes them), merges, the
 pre-tokenizer's name (one of those gguf_bpe rebuilds, compared as a whole), BOS/EOS and the chat
 template.
@@ -37,7 +37,8 @@ from localmix.quant.gguf_import import NORM_TOPK, _gguf, gguf_name, gguf_shapes
 from localmix.store import ModelFolder, is_localmix_model
 from localmix.tokenizer import HF_TOKENIZER, MAX_TOKENIZER_BYTES, SENTENCEPIECE, read_tokenizer
 
-ARCHITECTURES = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}  # transformers model_type -> llama.cpp's
+ARCHITECTURES = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe",
+                 "olmoe": "olmoe"}  # transformers model_type -> llama.cpp's
 Q4_1_BYTES = 20  # a block of 32: float16 d, float16 m, 16 bytes of nibbles
 ROWS_AT_ONCE = 4096  # rows converted together: a few tens of MB at Mixtral's widths
 
@@ -176,6 +177,8 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
     if arch is None:
         raise LocalmixError(f"exporting {args.model_type} models to GGUF is not supported yet; localmix exports "
                             f"{', '.join(ARCHITECTURES)}")
+    if arch != "llama" and not all(args.sparse_layers):  # llama.cpp's graphs have experts in every layer
+        raise LocalmixError(f"{folder}: its dense layers among sparse ones have no place in llama.cpp's {arch}")
     if args.model_type in NORM_TOPK and NORM_TOPK[args.model_type] != args.norm_topk_prob:
         raise LocalmixError(f"llama.cpp's {arch} {'renormalizes' if NORM_TOPK[args.model_type] else 'does not renormalize'}"
                             f" the chosen experts' weights and this model's config says norm_topk_prob "
@@ -211,6 +214,10 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
                                    args.moe_intermediate_size or args.intermediate_size)
     if arch != "llama":
         writer.add_expert_feed_forward_length(args.moe_intermediate_size)
+    if args.shared_expert_intermediate_size:  # Qwen2-MoE's shared expert
+        writer.add_expert_shared_feed_forward_length(args.shared_expert_intermediate_size)
+    if args.clip_qkv is not None:  # OLMoE's clamp of q, k and v
+        writer.add_clamp_kqv(args.clip_qkv)
     writer.add_head_count(args.num_attention_heads)
     writer.add_head_count_kv(args.num_key_value_heads)
     writer.add_key_length(args.head_dim)
