@@ -177,6 +177,14 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
     if arch is None:
         raise LocalmixError(f"exporting {args.model_type} models to GGUF is not supported yet; localmix exports "
                             f"{', '.join(ARCHITECTURES)}")
+    if arch == "olmoe" and args.num_key_value_heads != args.num_attention_heads:
+        raise LocalmixError(f"{folder}: llama.cpp's olmoe takes no grouped-query attention (its k norm is the "
+                            f"width of the hidden state), and this model has {args.num_key_value_heads} kv heads "
+                            f"for {args.num_attention_heads}")
+    if args.clip_qkv is not None:  # llama.cpp reads clamp_kqv, and computes another model with it (67% of
+        # the largest logit away from transformers' on a random OLMoE with clip_qkv 0.3; 0.18% without)
+        raise LocalmixError(f"{folder}: llama.cpp's {arch} clamps q, k and v otherwise than transformers "
+                            f"(clip_qkv {args.clip_qkv}): a GGUF of it would compute another model")
     if arch != "llama" and not all(args.sparse_layers):  # llama.cpp's graphs have experts in every layer
         raise LocalmixError(f"{folder}: its dense layers among sparse ones have no place in llama.cpp's {arch}")
     if args.model_type in NORM_TOPK and NORM_TOPK[args.model_type] != args.norm_topk_prob:
@@ -216,8 +224,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
         writer.add_expert_feed_forward_length(args.moe_intermediate_size)
     if args.shared_expert_intermediate_size:  # Qwen2-MoE's shared expert
         writer.add_expert_shared_feed_forward_length(args.shared_expert_intermediate_size)
-    if args.clip_qkv is not None:  # OLMoE's clamp of q, k and v
-        writer.add_clamp_kqv(args.clip_qkv)
+
     writer.add_head_count(args.num_attention_heads)
     writer.add_head_count_kv(args.num_key_value_heads)
     writer.add_key_length(args.head_dim)
