@@ -209,11 +209,15 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model name or folder
 
 def on_demand(keep_alive: str, max_loaded: int, experts_per_token, backend, threads, kv_cache, memory, policy):
     """The catalog of `localmix serve` without a model: each model of $LOCALMIX_HOME loaded, with the
-    serve options, when a request names it (catalog.Catalog)."""
+    serve options, when a request names it (catalog.Catalog). --memory is the budget of them all:
+    each of the max_loaded models gets its share."""
     from localmix.catalog import Catalog, keep_alive_seconds
+    from localmix.experts import parse_memory
     from localmix.server import served_model
     log = logging.getLogger("localmix.server")
     seconds = keep_alive_seconds(keep_alive)
+    if memory is not None:
+        memory = parse_memory(memory) // max_loaded
 
     def open_model(name: str):
         start = time.perf_counter()
