@@ -49,7 +49,7 @@ from localmix.checkpoint import tensor_table
 from localmix.catalog import Busy, Catalog, NotFound, Served
 from localmix.home import models_dir
 from localmix.structured import Constraint, Vocabulary, json_grammar
-from localmix.store import DENSE_FILE, is_localmix_model, model_summary, open_manifest, tensor_file
+from localmix.store import DENSE_FILE, is_localmix_model, model_summary, open_manifest, summarize, tensor_file
 
 log = logging.getLogger("localmix.server")
 
@@ -72,7 +72,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     logprobs: int | None = None
-    grammar: str | None = None
+    constraint: Constraint | None = None  # structured output: this answer's grammar state
     cancelled: bool = False
     generation: Generation | None = field(default=None, repr=False)
 
@@ -94,14 +94,17 @@ class Engine:
         self.widest = 0  # the most answers decoded together so far
         self.decoded = 0  # tokens sampled, all answers together (tests count abandoned answers' tokens with it)
         self._vocabulary: Vocabulary | None = None
+        self.vocabulary_lock = threading.Lock()
         self.thread = threading.Thread(target=self.run, name="localmix-engine", daemon=True)
         self.thread.start()
 
     def vocabulary(self) -> Vocabulary:
-        """The model's vocabulary as structured output reads it: built on the first such request."""
-        if self._vocabulary is None:
-            self._vocabulary = Vocabulary(self.model.tokenizer, self.model.config.vocab_size)
-        return self._vocabulary
+        """The model's vocabulary as structured output reads it: built once, on the first such request
+        (in a request's worker thread: two of them may ask at once)."""
+        with self.vocabulary_lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.model.tokenizer, self.model.config.vocab_size)
+            return self._vocabulary
 
     def submit(self, job: Job) -> None:
         with self.wake:
@@ -144,10 +147,9 @@ class Engine:
         if job.cancelled:
             return
         try:
-            constraint = None if job.grammar is None else Constraint(self.vocabulary(), job.grammar)
             job.generation = self.model.start(job.prompt, job.max_tokens, job.params, job.options, new_text=job.chat,
                                               cancelled=lambda: job.cancelled, logprobs=job.logprobs,
-                                              constraint=constraint)
+                                              constraint=job.constraint)
             job.generation.prefill()  # asks `cancelled` between chunks of the prompt
         except LocalmixError as e:
             job.send(e)
@@ -224,7 +226,9 @@ class Ask:
     include_usage: bool = False
     n: int = 1            # answers to the same prompt (OpenAI's choices), decoded together
     logprobs: int | None = None  # report each token's log-probability and this many likeliest (None: not)
-    grammar: str | None = None   # structured output: the llguidance grammar the answer must follow
+    # structured output: each answer's grammar state, made in the worker thread (a grammar's matcher
+    # takes up to a second to build; in the engine thread it would hold up every answer being decoded)
+    constraints: list[Constraint] | None = None
 
 
 @dataclass
@@ -439,7 +443,7 @@ class Server:
 
     async def ask(self, request: Request, chat: bool, ollama: bool) -> Ask:
         raw = await self.read(request)
-        return await asyncio.get_running_loop().run_in_executor(self.workers, self.parse, raw, chat, ollama)
+        return await self.off_loop(self.parse, raw, chat, ollama)
 
     def parse(self, raw: bytes, chat: bool, ollama: bool) -> Ask | Preload:
         """The request, checked field by field, and its prompt tokenized (in a worker thread); or, for
@@ -455,8 +459,9 @@ class Server:
         served = self.acquire(model, body.get("keep_alive") if ollama else None)
         try:
             if ollama and body.get("messages" if chat else "prompt") in (None, "", []):
-                self.catalog.release(served)  # with keep_alive 0 the next expiry check unloads it
-                return Preload(served, body.get("keep_alive") in (0, "0", "0s", "0m"))
+                unload = served.keep_alive == 0  # as Catalog.acquire read it: the next expiry check unloads it
+                self.catalog.release(served)
+                return Preload(served, unload)
             return self.parse_for(served, body, chat, ollama)
         except BaseException:
             self.catalog.release(served)
@@ -503,7 +508,9 @@ class Server:
             raise BadRequest(400, f"the prompt has {len(ids)} tokens and {name} asks for {length}: "
                                   f"{len(ids) + length} is more than the model's context of {context} tokens",
                              "context_length_exceeded")
-        return Ask(served, ids, params, options, length, stream, new_text, include_usage, n, logprobs, grammar)
+        constraints = None if grammar is None else [checked(Constraint, served.engine.vocabulary(), grammar)
+                                                    for _ in range(n)]
+        return Ask(served, ids, params, options, length, stream, new_text, include_usage, n, logprobs, constraints)
 
     def prompt(self, model, body: dict, chat: bool, ollama: bool) -> tuple[list[int], bool]:
         """(ids, whether the answer starts a new text) for the request's messages or prompt."""
@@ -534,7 +541,7 @@ class Server:
                 if choice and params.seed is not None:
                     params = dataclasses.replace(params, seed=(params.seed + choice) % (1 << 64))
                 job = Job(ask.ids, ask.length, params, ask.options, ask.chat, asyncio.get_running_loop(),
-                          asyncio.Queue(), ask.logprobs, ask.grammar)
+                          asyncio.Queue(), ask.logprobs, ask.constraints[choice] if ask.constraints else None)
                 ask.served.engine.submit(job)
                 jobs.append(job)
         except BaseException:
@@ -603,8 +610,8 @@ class Server:
         if served is not None:
             return Described(name, served.summary, served.model.config, Path(served.model.path), served.created)
         folder = models_dir() / name
-        _, args, _ = open_manifest(folder, str(folder))
-        summary = model_summary(folder)
+        manifest, args, _ = open_manifest(folder, str(folder))  # read and checked once
+        summary = summarize(folder, manifest, args)
         return Described(name, summary, args, folder, int(datetime.fromisoformat(summary["created"]).timestamp()))
 
     async def openai(self, request: Request, chat: bool) -> Response:

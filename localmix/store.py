@@ -404,6 +404,11 @@ def model_summary(folder: str | Path) -> dict:
     """What `localmix show` and `list` print: architecture, parameters, quantization, bytes."""
     folder = Path(folder)
     manifest, args, _ = open_manifest(folder, str(folder / MANIFEST))
+    return summarize(folder, manifest, args)
+
+
+def summarize(folder: Path, manifest: dict, args: ModelArgs) -> dict:
+    """model_summary's figures from a manifest open_manifest has read and checked."""
     tensors = manifest["tensors"]
     params = {name: int(np.prod(t["shape"])) for name, t in tensors.items()}
     is_expert = {name: t["file"] != DENSE_FILE for name, t in tensors.items()}
