@@ -44,15 +44,14 @@ def calibration_text() -> str:
     return resources.files("localmix").joinpath("calibration.txt").read_text(encoding="utf-8")
 
 
-def routing_counts(folder: Path, text: str | None, on_step: Steps | None = None) -> tuple[np.ndarray, str]:
+def routing_counts(model: ModelFolder, text: str | None, on_step: Steps | None = None) -> tuple[np.ndarray, str]:
     """Tokens routed to each expert [MoE layers, experts], and where the counts come from: the folder's
     routing.json (`localmix stats --save`) unless a text is given, else a pass over the text (the
     built-in calibration text without one) through the model as it is stored."""
     import localmix
     from localmix.routing import ROUTING_FILE, collect, read_routing
 
-    model = ModelFolder(folder)
-    args = model.config
+    folder, args = model.folder, model.config
     layers = args.moe_layers
     if text is None and (folder / ROUTING_FILE).is_file():
         routed = read_routing(folder, (args.num_hidden_layers, args.num_local_experts))
@@ -90,17 +89,16 @@ def expert_layouts(model: ModelFolder) -> dict[tuple[int, int], list[TensorLayou
     return experts
 
 
-def choose_small(folder: Path, size: int, text: str | None = None, on_step: Steps | None = None,
+def choose_small(model: ModelFolder, size: int, text: str | None = None, on_step: Steps | None = None,
                  say=print) -> set[tuple[int, int]]:
     """The experts to store at SMALL_BITS so that the model fits `size` bytes: those of least score
     (routed tokens + 1, times the requantization error), as few as fit it."""
-    model = ModelFolder(folder)
-    args = model.config
+    args, name = model.config, model.folder.name
     if not args.is_moe:
-        raise LocalmixError(f"{folder.name} has no experts: --size picks bit widths per expert")
+        raise LocalmixError(f"{name} has no experts: --size picks bit widths per expert")
     experts = expert_layouts(model)
     if not experts:
-        raise LocalmixError(f"{folder.name}: its experts are not quantized")
+        raise LocalmixError(f"{name}: its experts are not quantized")
     files = model.manifest["files"]
     total = sum(f["size"] for f in files.values())
     _, all_small = place(tensor_table(args), lambda name, shape: small_format(name, shape, model.layouts, set(experts)),
@@ -113,7 +111,7 @@ def choose_small(folder: Path, size: int, text: str | None = None, on_step: Step
     if size < smallest:
         raise LocalmixError(f"--size {size / 1e9:.3f} GB is below the smallest this model can be: "
                             f"{smallest / 1e9:.3f} GB with every expert at {SMALL_BITS} bits")
-    routed, where = routing_counts(folder, text, on_step)
+    routed, where = routing_counts(model, text, on_step)
     errors = {}
     for i, key in enumerate(sorted(experts)):
         errors[key] = sum(requantize_error(model, layout) for layout in experts[key])
@@ -152,8 +150,8 @@ def resize(folder: Path, out: Path, size: int, text: str | None = None, on_step:
     folder, out = Path(folder), Path(out)
     if out.exists():
         raise LocalmixError(f"a model named {out.name} exists already; `localmix rm {out.name}` first or pick --name")
-    small = choose_small(folder, size, text, on_step, say)
-    model = ModelFolder(folder)
+    model = ModelFolder(folder)  # its manifest read and checked once, for everything below
+    small = choose_small(model, size, text, on_step, say)
     args, manifest = model.config, model.manifest
     table = tensor_table(args)
     layouts, sizes = place(table, lambda name, shape: small_format(name, shape, model.layouts, small), args)
@@ -167,7 +165,7 @@ def resize(folder: Path, out: Path, size: int, text: str | None = None, on_step:
                 link_or_copy(folder / file, tmp / file)
         done, todo = 0, [t for t in layouts if t.file in rewritten]
         for layout in todo:
-            requantize(model, layout, tmp)
+            write_tensor(model, layout, tmp)
             entries[layout.name] = layout.to_json(sha256_of(tmp / layout.file, layout.offset, layout.nbytes))
             done += 1
             if on_step:
@@ -183,15 +181,19 @@ def resize(folder: Path, out: Path, size: int, text: str | None = None, on_step:
     return write_model(out, sizes, write, model.tokenizer_files, manifest["config"], manifest["source"], quantization)
 
 
-def requantize(model: ModelFolder, layout: TensorLayout, tmp: Path) -> None:
-    """Write one matrix at its new layout's format from its stored values, a block of rows at a time;
-    a float tensor (an expert's bias) is copied as it is."""
+def write_tensor(model: ModelFolder, layout: TensorLayout, tmp: Path) -> None:
+    """Write one tensor of a rewritten expert file at its new layout: quantized again from its stored
+    values, a block of rows at a time, where its format changed; its stored bytes as they are where
+    it did not (an expert's float biases, a matrix whose width the small groups do not divide)."""
     stored = model.tensor(layout.name, layout.shape)
+    old = model.layouts[layout.name]
     rows = layout.shape[0]
     fd = os.open(tmp / layout.file, os.O_WRONLY)
     try:
-        if layout.bits is None:
-            os.pwrite(fd, np.ascontiguousarray(stored).tobytes(), layout.offset)
+        if (old.dtype, old.group_size) == (layout.dtype, layout.group_size):
+            arrays = [stored] if layout.bits is None else [stored.words, stored.scales, stored.biases]
+            for (_, offset, _), array in zip(layout.parts, arrays):
+                os.pwrite(fd, np.ascontiguousarray(array).tobytes(), offset)
             return
         step = max(1, BLOCK_VALUES // layout.shape[1])
         for start in range(0, rows, step):
