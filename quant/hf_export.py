@@ -43,14 +43,14 @@ def export_hf(model_folder: Path, out: Path, on_progress=None) -> Path:
     if out.exists():
         raise LocalmixError(f"{out} exists already")
     names = sorted(manifest["tensors"])
+    nbytes = {name: 2 * int(np.prod(manifest["tensors"][name]["shape"])) for name in names}  # bfloat16
     shards, size = [[]], 0
     for name in names:
-        nbytes = 2 * int(np.prod(manifest["tensors"][name]["shape"]))
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        if shards[-1] and size + nbytes[name] > SHARD_BYTES:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += nbytes
+        size += nbytes[name]
     with written_folder(out) as tmp:
         weight_map, done = {}, 0
         for i, shard in enumerate(shards):
@@ -60,9 +60,8 @@ def export_hf(model_folder: Path, out: Path, on_progress=None) -> Path:
             done += len(shard)
             if on_progress:
                 on_progress(done, len(names))
-        total = sum(2 * int(np.prod(manifest["tensors"][n]["shape"])) for n in names)
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, indent=1))
         config = {**manifest["config"], "torch_dtype": "bfloat16", "dtype": "bfloat16"}
         config.pop("localmix_base_model", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
