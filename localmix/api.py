@@ -24,6 +24,7 @@ from localmix.sampling import SamplingParams
 from localmix.store import ModelFolder, is_localmix_model, is_quantized
 from localmix.threads import ThreadTuner, use_threads
 from localmix.tokenizer import load_tokenizer
+from localmix.tools import read_tools
 
 
 def quantized_shapes(weights) -> set[tuple[int, int]]:
@@ -135,9 +136,12 @@ class Model:
         ids = list(ids)
         return self.transformer(np.asarray(ids, dtype=np.int64), self.transformer.new_cache(len(ids)))
 
-    def encode_prompt(self, prompt) -> tuple[list[int], bool]:
+    def encode_prompt(self, prompt, tools: list[dict] | None = None) -> tuple[list[int], bool]:
         """(ids, whether the answer starts a new text), for the three kinds of prompt. A base model
-        has no chat template: it continues the messages' text (see base_text)."""
+        has no chat template: it continues the messages' text (see base_text). tools: offered to a
+        chat (tools.read_tools' form), where the model's chat format has tools (tokenizer.tool_syntax)."""
+        if tools and (isinstance(prompt, str) or self.base_model):
+            raise LocalmixError("tools need a chat (messages) and a model whose chat format has tools")
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=True), False
         prompt = list(prompt)
@@ -145,7 +149,7 @@ class Model:
             return [int(t) for t in prompt], False
         if self.base_model:
             return self.tokenizer.encode(base_text(prompt), bos=True), False
-        return self.tokenizer.apply_chat_template(prompt), True
+        return self.tokenizer.apply_chat_template(prompt, read_tools(tools) if tools else None), True
 
     def routing_options(self, experts_per_token: int | None = None, min_expert_weight: float | None = None,
                         fallback_margin: float | None = None, trace=None) -> RoutingOptions:

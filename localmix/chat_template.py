@@ -157,6 +157,7 @@ class ChatTemplate:
 
     def __init__(self, text: str, source: str, max_chars: int = 16 * 1024 * 1024):
         import jinja2
+        import jinja2.meta
 
         if not isinstance(text, str):
             raise LocalmixError(f"{source}: the chat template must be a string")
@@ -175,17 +176,19 @@ class ChatTemplate:
         literals = {node.data for node in ast.find_all(jinja2.nodes.TemplateData)}
         literals |= {node.value for node in ast.find_all(jinja2.nodes.Const) if isinstance(node.value, str)}
         self.literal_text = "\0".join(literals)
+        self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(ast)
 
-    def render(self, messages: list[dict], variables: dict[str, str], add_generation_prompt: bool = True) -> str:
-        """The conversation as text, as transformers' apply_chat_template renders it (tools and
-        documents None), within the bounds (LocalmixError past them)."""
+    def render(self, messages: list[dict], variables: dict[str, str], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
+        """The conversation as text, as transformers' apply_chat_template renders it (documents None),
+        within the bounds (LocalmixError past them)."""
         import jinja2
 
         budget = _Budget(self.max_chars)
         try:
             chunks, size = [], 0
             with budget:
-                for chunk in self.template.generate(messages=messages, tools=None, documents=None,
+                for chunk in self.template.generate(messages=messages, tools=tools, documents=None,
                                                     add_generation_prompt=add_generation_prompt, **variables):
                     size += len(chunk)
                     if size > self.max_chars:

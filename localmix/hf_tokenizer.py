@@ -26,6 +26,7 @@ from localmix import validate
 from localmix.chat_template import MAX_TEMPLATE_CHARS, ChatTemplate
 from localmix.errors import LocalmixError
 from localmix.tokenizer import MAX_TOKENIZER_BYTES, StreamDecoder, _as_message
+from localmix.tools import TaggedToolCalls
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024   # tokenizer_config.json (some list tens of thousands of added tokens)
 MAX_SMALL_JSON_BYTES = 1 << 20        # generation_config.json
@@ -197,6 +198,10 @@ class HFTokenizer:
         self.template = _template(config, files, source)
         self.has_chat_template = self.template is not None
         self.chat_version = "chat template" if self.template else "none (a base model)"
+        # A template that reads `tools` and writes <tool_call> blocks (Qwen's, Hermes'): calls are read
+        # in that syntax. Other templates' calls (Llama 3's JSON, gpt-oss's channels) are not read.
+        self.tool_syntax = TaggedToolCalls() if self.template is not None and self.template.reads_tools and \
+            TaggedToolCalls.opener_text in self.template.literal_text else None
         self._control_re, self._special_re, self._markers_re = self._control_patterns(config, added, where)
         self._newline_ids = self._chat.encode("\n", add_special_tokens=False).ids
 
@@ -312,27 +317,41 @@ class HFTokenizer:
     def token_bytes(self, token: int) -> bytes:
         return self._piece_bytes[token]
 
-    def apply_chat_template(self, messages) -> list[int]:
-        """Ids of the conversation with the assistant's turn opened (add_generation_prompt=True)."""
+    def apply_chat_template(self, messages, tools: list[dict] | None = None) -> list[int]:
+        """Ids of the conversation with the assistant's turn opened (add_generation_prompt=True), the
+        tools offered (tools.read_tools' form) where the template has tools."""
         if self.template is None:
             raise LocalmixError("this model has no chat template (a base model): give it a text to continue")
         messages = [_as_message(m) for m in messages]
         if not messages:
             raise LocalmixError("the conversation has no messages")
-        marked = [{"role": m.role, "content": self._mark(m.content, m.role == "assistant")} for m in messages]
-        return self._encode_marked_chat(self.template.render(marked, dict(self.special_tokens)))
+        if self.tool_syntax is None and (tools or any(m.role == "tool" or m.tool_calls for m in messages)):
+            raise LocalmixError("this model's chat template has no tools localmix can read")
+        marked = []
+        for m in messages:
+            data = self._mark(m.as_template_data(), self._control_re)
+            data["content"] = self._mark(m.content, self._special_re if m.role == "assistant" else self._control_re)
+            marked.append(data)
+        tools = self._mark(tools, self._control_re) if tools else None
+        return self._encode_marked_chat(self.template.render(marked, dict(self.special_tokens), tools=tools))
 
     # -- transformers' sanitize_control_tokens (utils/chat_template_utils.py), on tokenizers ------------
 
-    def _mark(self, text: str, assistant: bool) -> str:
-        """The control tokens in a message wrapped in private markers, any markers already there dropped
-        (so none can be forged). An assistant's message (the model's own earlier answer) keeps the added
-        tokens that are not special as they are: templates read them (Qwen3 drops the reasoning before
-        `</think>` from the history), and the model wrote them as tokens; only special tokens are marked.
-        transformers' sanitize_control_tokens marks them there too, which breaks that split."""
-        text = text.replace(MARK_START, "").replace(MARK_END, "")
-        pattern = self._special_re if assistant else self._control_re
-        return pattern.sub(f"{MARK_START}\\g<0>{MARK_END}", text)
+    def _mark(self, value, pattern: re.Pattern):
+        """The control tokens in a string wrapped in private markers, any markers already there dropped
+        (so none can be forged); in a list or a dict's values, each string so (transformers'
+        mark_control_tokens). An assistant's text (the model's own earlier answer) is marked with the
+        special tokens' pattern alone: it keeps the added tokens that are not special as they are,
+        because templates read them (Qwen3 drops the reasoning before `</think>` from the history) and
+        the model wrote them as tokens. transformers marks them there too, which breaks that split."""
+        if isinstance(value, str):
+            value = value.replace(MARK_START, "").replace(MARK_END, "")
+            return pattern.sub(f"{MARK_START}\\g<0>{MARK_END}", value)
+        if isinstance(value, dict):
+            return {key: self._mark(item, pattern) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._mark(item, pattern) for item in value]
+        return value
 
     def _encode_marked_chat(self, chat: str) -> list[int]:
         """The rendered chat's ids: the template's own control tokens as tokens, the marked ones (a

@@ -49,6 +49,7 @@ from localmix.checkpoint import tensor_table
 from localmix.catalog import Busy, Catalog, NotFound, Served
 from localmix.home import models_dir
 from localmix.structured import Constraint, Vocabulary, json_grammar
+from localmix.tools import CallReader, ToolCall, ToolSyntax, read_tools, tool_names
 from localmix.store import DENSE_FILE, is_localmix_model, model_summary, open_manifest, summarize, tensor_file
 
 log = logging.getLogger("localmix.server")
@@ -229,6 +230,7 @@ class Ask:
     # structured output: each answer's grammar state, made in the worker thread (a grammar's matcher
     # takes up to a second to build; in the engine thread it would hold up every answer being decoded)
     constraints: list[Constraint] | None = None
+    calls: ToolSyntax | None = None  # tools were offered: the answers' calls are read in this syntax
 
 
 @dataclass
@@ -245,12 +247,12 @@ MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, completions' log
 # Fields the APIs define that localmix does not implement yet, with the values that ask for nothing:
 # any other value is a 400 that names the field, never an answer that silently ignored it.
 UNSUPPORTED = {
-    False: {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    False: {"functions": (None, []),  # (OpenAI's deprecated form of tools)
             "function_call": (None, "none", "auto"), "logit_bias": (None, {}), "presence_penalty": (None, 0),
             "frequency_penalty": (None, 0),
             "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "best_of": (None, 1),
             "echo": (None, False), "suffix": (None, "")},
-    True: {"tools": (None, []), "images": (None, [])},
+    True: {"images": (None, [])},
 }
 
 
@@ -383,10 +385,14 @@ def logprobs_asked(body: dict, chat: bool) -> int | None:
     return top or 0
 
 
-def messages_of(value) -> list[dict]:
+def messages_of(value, ollama: bool) -> list[dict]:
+    """The conversation as the tokenizers take it (tokenizer.Message's fields): role and content, an
+    assistant's tool_calls, a tool message's tool_call_id and name (Ollama's tool_name). Calls without
+    an id get one by their place (Ollama's have none), and a tool message without a tool_call_id
+    answers the next call not yet answered, as Ollama pairs them."""
     if not isinstance(value, list) or not value:
         raise BadRequest(400, "request: messages must be a non-empty list")
-    messages = []
+    messages, awaiting, calls = [], [], 0
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise BadRequest(400, f"request: messages[{i}] must be an object")
@@ -395,8 +401,54 @@ def messages_of(value) -> list[dict]:
             raise BadRequest(400, f"request: messages[{i}].role must be a string")
         if m.get("images"):
             raise BadRequest(400, f"request: messages[{i}].images: images are not supported by localmix yet")
-        messages.append({"role": role, "content": content_of(m.get("content"), f"messages[{i}]")})
+        message = {"role": role, "content": content_of(m.get("content"), f"messages[{i}]")}
+        if m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list) or not all(isinstance(c, dict) for c in m["tool_calls"]):
+                raise BadRequest(400, f"request: messages[{i}].tool_calls must be a list of objects")
+            message["tool_calls"] = []
+            for call in m["tool_calls"]:
+                calls += 1
+                call = {**call, "id": call.get("id") or f"call{calls:05d}"}
+                message["tool_calls"].append(call)
+            awaiting = [c["id"] for c in message["tool_calls"]]
+        if role == "tool":
+            message["tool_call_id"] = m.get("tool_call_id") or (awaiting[0] if awaiting else None)
+            if message["tool_call_id"] in awaiting:
+                awaiting.remove(message["tool_call_id"])
+            name = m.get("tool_name" if ollama else "name")
+            if name is not None:
+                message["name"] = name
+        messages.append(message)
     return messages
+
+
+def tools_asked(body: dict, ollama: bool) -> tuple[list[dict] | None, str | None, bool]:
+    """The request's tools (None: none offered), its tool_choice ("auto", "none", "required" or a
+    function's name: OpenAI's field; Ollama has none, so localmix reads one among its options, as
+    it reads its routing fields there), and whether several calls may be made at once."""
+    tools = body.get("tools")
+    choice = ((body.get("options") or {}) if ollama else body).get("tool_choice")
+    if tools in (None, []):
+        if choice not in (None, "none", "auto"):
+            raise BadRequest(400, "request: tool_choice needs tools", param="tool_choice")
+        return None, None, True
+    tools = checked(read_tools, tools, "request: tools")
+    if choice is None or choice in ("none", "auto", "required"):
+        choice = choice or "auto"
+    else:
+        function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+        choice = function.get("name") if isinstance(function, dict) else None
+        if choice not in tool_names(tools):
+            raise BadRequest(400, 'request: tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                  '"function": {"name": the name of one of the tools}}', param="tool_choice")
+    parallel = optional((body.get("options") or {}) if ollama else body, "parallel_tool_calls", True, validate.boolean)
+    return tools, choice, parallel
+
+
+def openai_call(call: ToolCall) -> dict:
+    """A call as OpenAI's API writes it: its arguments as a JSON string."""
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
 
 
 def served_model(model, name: str) -> Served:
@@ -490,11 +542,23 @@ class Server:
         n = 1 if ollama else optional(body, "n", 1, validate.integer, 1, MAX_CHOICES)
         logprobs = None if ollama else logprobs_asked(body, chat)
         grammar = structured_output(body, ollama)
-        params, length = sampling(body, ollama)
+        params, length = sampling(body, ollama)  # (checks Ollama's options is an object)
+        if not chat and body.get("tools") not in (None, []):
+            raise BadRequest(400, "request: tools are offered in a chat (/api/chat, /v1/chat/completions)", param="tools")
+        tools, choice, parallel = tools_asked(body, ollama) if chat else (None, None, True)
         model, context = served.model, served.context
+        syntax = model.tokenizer.tool_syntax
+        if tools and syntax is None:
+            raise BadRequest(400, f"request: tools: the chat format of {served.name} has no tools localmix can "
+                                  f"read (it reads Mistral's v3 format and <tool_call> templates)", param="tools")
+        if choice not in (None, "none", "auto"):  # a call is required: its grammar
+            if grammar is not None:
+                raise BadRequest(400, "request: a response_format and a required tool call cannot both be met",
+                                 param="tool_choice")
+            grammar = checked(syntax.grammar, tools, None if choice == "required" else choice, parallel)
         experts = model.config.num_local_experts
         options = checked(model.routing_options, **routing_fields(body, ollama, experts), trace=self.trace)
-        ids, new_text = self.prompt(model, body, chat, ollama)
+        ids, new_text = self.prompt(model, body, chat, ollama, tools)
         room = context - len(ids)
         if room < 1:
             raise BadRequest(400, f"the prompt has {len(ids)} tokens, more than the model's context of "
@@ -510,14 +574,16 @@ class Server:
                              "context_length_exceeded")
         constraints = None if grammar is None else [checked(Constraint, served.engine.vocabulary(), grammar)
                                                     for _ in range(n)]
-        return Ask(served, ids, params, options, length, stream, new_text, include_usage, n, logprobs, constraints)
+        return Ask(served, ids, params, options, length, stream, new_text, include_usage, n, logprobs, constraints,
+                   syntax if tools and choice != "none" else None)
 
-    def prompt(self, model, body: dict, chat: bool, ollama: bool) -> tuple[list[int], bool]:
-        """(ids, whether the answer starts a new text) for the request's messages or prompt."""
+    def prompt(self, model, body: dict, chat: bool, ollama: bool, tools: list[dict] | None = None
+               ) -> tuple[list[int], bool]:
+        """(ids, whether the answer starts a new text) for the request's messages (and tools) or prompt."""
         tokenizer = model.tokenizer
         try:
             if chat:  # Model.encode_prompt: the chat template, or a base model's plain-text continuation
-                return model.encode_prompt(messages_of(body.get("messages")))
+                return model.encode_prompt(messages_of(body.get("messages"), ollama), tools)
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise BadRequest(400, "request: prompt must be a string")
@@ -646,13 +712,36 @@ class Server:
                                       for t, lp in r.top_logprobs} for r in parts],
                     "text_offset": offsets}
 
-        def choice(index: int, parts: list[GenerationResponse], final: bool) -> dict:
+        def choice(index: int, parts: list[GenerationResponse]) -> dict:
+            """A whole answer: its text, or (tools offered) its text and its calls."""
             text, finish = "".join(r.text for r in parts), parts[-1].finish_reason
-            if chat:
-                key = "message" if final else "delta"
-                return {"index": index, key: {"role": "assistant", "content": text}, "logprobs": logprobs(parts),
-                        "finish_reason": finish}
-            return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs(parts)}
+            if not chat:
+                return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs(parts)}
+            message = {"role": "assistant", "content": text}
+            if ask.calls is not None:
+                reader, text, calls = CallReader(ask.calls), "", []
+                for r in parts:
+                    shown, calls = reader.step(r.token, r.text, r.finish_reason is not None)
+                    text += shown
+                message = {"role": "assistant", "content": text or (None if calls else "")}
+                if calls:
+                    message["tool_calls"] = [openai_call(c) for c in calls]
+                    finish = "tool_calls" if finish == "stop" else finish
+            return {"index": index, "message": message, "logprobs": logprobs(parts), "finish_reason": finish}
+
+        def delta(index: int, r: GenerationResponse, reader: CallReader | None) -> dict:
+            """A streamed step: its text (with tools offered: what is not part of a call), and at the end
+            the calls, whole, as one delta."""
+            if not chat:
+                return {"index": index, "text": r.text, "finish_reason": r.finish_reason, "logprobs": logprobs([r])}
+            text, finish, change = r.text, r.finish_reason, {"role": "assistant"}
+            if reader is not None:
+                text, calls = reader.step(r.token, r.text, finish is not None)
+                if calls:
+                    change["tool_calls"] = [{"index": i, **openai_call(c)} for i, c in enumerate(calls)]
+                    finish = "tool_calls" if finish == "stop" else finish
+            change["content"] = text
+            return {"index": index, "delta": change, "logprobs": logprobs([r]), "finish_reason": finish}
 
         def usage(generated: int) -> dict:
             return {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
@@ -670,7 +759,7 @@ class Server:
                 return error(400, str(e))
             if answers is None:
                 return _gone(request)
-            return JSONResponse(envelope([choice(i, parts, True) for i, parts in enumerate(answers)],
+            return JSONResponse(envelope([choice(i, parts) for i, parts in enumerate(answers)],
                                          {"usage": usage(sum(parts[-1].generation_tokens for parts in answers))}))
 
         try:
@@ -680,9 +769,10 @@ class Server:
 
         async def events():
             generated = 0
+            readers = [CallReader(ask.calls) if ask.calls else None for _ in streams]
             try:
                 async for index, r in _merged(streams):
-                    yield sse(envelope([choice(index, [r], False)], chunk=True))
+                    yield sse(envelope([delta(index, r, readers[index])], chunk=True))
                     generated += r.generation_tokens if r.finish_reason else 0
                 if ask.include_usage:
                     yield sse(envelope([], {"usage": usage(generated)}, chunk=True))
@@ -713,11 +803,17 @@ class Server:
         ids = ask.ids
         started = time.perf_counter_ns()
 
-        def piece(text: str) -> dict:
-            return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+        reader = CallReader(ask.calls) if ask.calls else None
 
-        def line(r: GenerationResponse, text: str) -> dict:
-            out = {"model": ask.served.name, "created_at": now(), **piece(text), "done": r.finish_reason is not None}
+        def line(r: GenerationResponse, text: str, calls: list[ToolCall] = ()) -> dict:
+            if chat:
+                message = {"role": "assistant", "content": text}
+                if calls:
+                    message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+                out = {"model": ask.served.name, "created_at": now(), "message": message}
+            else:
+                out = {"model": ask.served.name, "created_at": now(), "response": text}
+            out["done"] = r.finish_reason is not None
             if r.finish_reason:
                 total = time.perf_counter_ns() - started
                 prompt_ns = int(len(ids) / max(r.prompt_tps, 1e-9) * 1e9)
@@ -725,6 +821,12 @@ class Server:
                            prompt_eval_count=len(ids), prompt_eval_duration=prompt_ns, eval_count=r.generation_tokens,
                            eval_duration=max(0, total - prompt_ns))
             return out
+
+        def step(r: GenerationResponse) -> dict:
+            """A step's line: its text (with tools offered: what is not part of a call; the calls at the end)."""
+            if reader is None:
+                return line(r, r.text)
+            return line(r, *reader.step(r.token, r.text, r.finish_reason is not None))
 
         if not ask.stream:
             try:
@@ -735,8 +837,13 @@ class Server:
                 return ollama_error(400, str(e))
             if parts is None:
                 return _gone(request)
-            parts = parts[0]
-            return JSONResponse(line(parts[-1], "".join(r.text for r in parts)))
+            lines = [step(r) for r in parts[0]]
+            whole = lines[-1]
+            if chat:
+                whole["message"]["content"] = "".join(x["message"]["content"] for x in lines)
+            else:
+                whole["response"] = "".join(x["response"] for x in lines)
+            return JSONResponse(whole)
 
         try:
             answer = self.responses(self.queue(ask)[0])
@@ -746,7 +853,7 @@ class Server:
         async def lines():
             try:
                 async for r in answer:
-                    yield json.dumps(line(r, r.text)) + "\n"
+                    yield json.dumps(step(r)) + "\n"
             except LocalmixError as e:
                 yield json.dumps({"error": str(e)}) + "\n"
         return StreamingResponse(lines(), media_type="application/x-ndjson")

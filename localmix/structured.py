@@ -91,6 +91,23 @@ def json_grammar(schema: dict | None) -> str:
     return grammar
 
 
+def lark_grammar(text: str) -> str:
+    """llguidance's grammar of a lark grammar (with JSON schemas in it: tools.ToolSyntax.grammar);
+    one it cannot compile is a LocalmixError."""
+    import llguidance
+
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise LocalmixError(f"the grammar (the tools' schemas) is larger than {MAX_SCHEMA_BYTES} bytes")
+    try:
+        grammar = llguidance.grammar_from("lark", text)
+    except ValueError as e:
+        raise LocalmixError(f"the tools' schemas cannot be used: {str(e)[:300]}") from None
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        raise LocalmixError(f"the tools' schemas cannot be used: {messages[0][:300]}")
+    return grammar
+
+
 class Constraint:
     """One answer's grammar state: `restrict` the logits before sampling, `accept` the token after.
     A token the grammar refuses (never sampled through restrict) is a LocalmixError."""

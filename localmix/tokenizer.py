@@ -3,15 +3,19 @@ the sentencepiece tokenizer.model (Mistral, Mixtral) or a Hugging Face tokenizer
 (hf_tokenizer.py: Qwen, OLMoE, ...), streaming decode, and Mistral's instruct chat format.
 
 The chat format reproduces mistral-common's encoding (`MistralTokenizer.v1()` for Mixtral 8x7B,
-`.v3()` for Mixtral 8x22B) id for id, including how it merges and validates conversations. Which
-one applies is read off the tokenizer: v2/v3 vocabularies have [INST] and [/INST] as control
-tokens, v1 writes them as plain text. Text from a user never becomes a control token, because
-sentencepiece never emits control pieces when it encodes text.
+`.v3()` for Mixtral 8x22B) id for id, including how it merges and validates conversations, and for
+v3 its tools: the offered tools ([AVAILABLE_TOOLS]), earlier calls ([TOOL_CALLS]) and their results
+([TOOL_RESULTS]). Which one applies is read off the tokenizer: v2/v3 vocabularies have [INST] and
+[/INST] as control tokens, v1 writes them as plain text (a v2 vocabulary is v3's, so it gets v3's
+encoding of tools). Text from a user never becomes a control token, because sentencepiece never
+emits control pieces when it encodes text.
 """
 
 from __future__ import annotations
 
 import codecs
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,18 +24,37 @@ import sentencepiece
 
 from localmix import validate
 from localmix.errors import LocalmixError
+from localmix.tools import MistralToolCalls, ToolCall, ToolSyntax, arguments_of
 
-ROLES = ("system", "user", "assistant")
-# Which role may follow which, as mistral-common's validator has it (tools aside).
+ROLES = ("system", "user", "assistant", "tool")
+# Which role may follow which, as mistral-common's validator has it.
 _MAY_FOLLOW = {"system": {"system", "user", "assistant"},
                "user": {"system", "user", "assistant"},
-               "assistant": {"user", "assistant"}}
+               "assistant": {"user", "assistant", "tool"},
+               "tool": {"user", "assistant", "tool"}}
+_MISTRAL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_MISTRAL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 
 
 @dataclass
 class Message:
+    """A chat message: an assistant's may carry the tools it called, a tool's says which call it answers."""
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None  # a tool message's: the tool's
+
+    def as_template_data(self) -> dict:
+        """The message as chat templates read it (transformers' form; no key whose value is None)."""
+        data = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            data["tool_calls"] = [{**({"id": c.id} if c.id != "null" else {}), "type": "function",
+                                   "function": {"name": c.name, "arguments": c.arguments}} for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
 
 
 # A real sentencepiece model is 0.5-2 MB, a tokenizer.json up to ~30 MB; anything far larger is not one.
@@ -58,6 +81,7 @@ class ModelTokenizer(Protocol):
     stop_ids: frozenset[int]      # a generated id among these ends the answer
     has_chat_template: bool       # False: a base model, which continues text rather than answering a chat
     chat_version: str             # the chat format, as `/show info` prints it
+    tool_syntax: ToolSyntax | None  # how the chat format writes tool calls (None: it has no tools)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """The text's ids; special tokens typed in it stay text. bos: as a prompt starts."""
@@ -69,8 +93,9 @@ class ModelTokenizer(Protocol):
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for in a text (empty for a control token), as the stream decoder adds them."""
 
-    def apply_chat_template(self, messages) -> list[int]:
-        """Ids of a conversation (dicts with role and content) ready for the assistant to answer."""
+    def apply_chat_template(self, messages, tools: list[dict] | None = None) -> list[int]:
+        """Ids of a conversation (dicts with role and content, as Message has them) ready for the
+        assistant to answer, with the tools offered (tools.read_tools' form; only where tool_syntax is set)."""
 
 
 def tokenizer_files(folder: str | Path) -> dict[str, Path]:
@@ -169,6 +194,10 @@ class Tokenizer:
         # plain conversations is the same as v3's).
         self.chat_version = "v3" if self.begin_inst is not None and self.end_inst is not None else "v1"
         self.has_chat_template = True  # Mistral's instruct format, always
+        tool_tokens = [self._control_id(p) for p in ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+                                                     "[TOOL_RESULTS]", "[/TOOL_RESULTS]")]
+        self._tool_tokens = tool_tokens if self.chat_version == "v3" and None not in tool_tokens else None
+        self.tool_syntax = MistralToolCalls(tool_tokens[2]) if self._tool_tokens else None
         self.stop_ids = frozenset([self.eos_id])
         # What each id decodes to as bytes, for streaming: "▁" is a space, <0xNN> is a raw byte.
         self._piece_bytes = [self._bytes_of(i) for i in range(self.vocab_size)]
@@ -202,25 +231,64 @@ class Tokenizer:
 
     # -- chat ---------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages) -> list[int]:
-        """Ids of a conversation ending with a user turn, ready for the assistant to answer."""
-        messages = _validate(messages)
+    def apply_chat_template(self, messages, tools: list[dict] | None = None) -> list[int]:
+        """Ids of a conversation ending with a user turn (or tool results), ready for the assistant to answer."""
+        messages = _validate(messages, self.tool_syntax is not None)
+        if tools and self.tool_syntax is None:
+            raise LocalmixError("this model's chat format has no tools")
         system = "\n\n".join(m.content for m in messages if m.role == "system" and m.content) or None
         turns = _merge_turns(messages)
         first_user = next(i for i, t in enumerate(turns) if t.role == "user")
         last_user = max(i for i, t in enumerate(turns) if t.role == "user")
         ids = [self.bos_id]
         for i, turn in enumerate(turns):
-            if turn.role == "assistant":
+            if turn.role == "assistant" and turn.tool_calls:
+                if turn.content:  # (two assistant messages in a row, one with calls, one with text)
+                    raise LocalmixError("an assistant turn cannot have both content and tool calls")
+                calls = [{"name": c.name, "arguments": c.arguments, **({"id": c.id} if c.id != "null" else {})}
+                         for c in turn.tool_calls]
+                ids += [self._tool_tokens[2]] + self._json_ids(calls) + [self.eos_id]
+            elif turn.role == "assistant":
                 text = turn.content if self.chat_version == "v1" else turn.content.rstrip(" ")
                 ids += self.encode(text) + [self.eos_id]
+            elif turn.role == "tool":
+                result = {"content": _json_or_text(turn.content), "call_id": turn.tool_call_id}
+                ids += [self._tool_tokens[3]] + self._json_ids(result) + [self._tool_tokens[4]]
             elif self.chat_version == "v1":  # the system prompt goes into the first user turn
                 text = f"{system}\n\n{turn.content}" if system and i == first_user else turn.content
                 ids += self.encode(f"[INST] {text} [/INST]")
-            else:  # v3: into the last user turn
+            else:  # v3: the system prompt and the tools go into the last user turn
                 text = f"{system}\n\n{turn.content}" if system and i == last_user else turn.content
+                if tools and i == last_user:
+                    ids += [self._tool_tokens[0]] + self._json_ids(_mistral_tools(tools)) + [self._tool_tokens[1]]
                 ids += [self.begin_inst] + self.encode(text) + [self.end_inst]
         return ids
+
+    def _json_ids(self, value) -> list[int]:
+        return self.encode(json.dumps(value, ensure_ascii=False))
+
+
+def _mistral_tools(tools: list[dict]) -> list[dict]:
+    """The tools as mistral-common writes them (its Tool model, dumped without `strict`)."""
+    out = []
+    for tool in tools:
+        function = tool["function"]
+        if not _MISTRAL_NAME.match(function["name"]):
+            raise LocalmixError(f"tool name {function['name']!r:.80} must be 1-64 letters, digits, '_' or '-'")
+        out.append({"type": "function", "function": {"name": function["name"],
+                                                     "description": function.get("description", ""),
+                                                     "parameters": function.get("parameters", {})}})
+    return out
+
+
+def _json_or_text(text: str):
+    """A tool result as mistral-common reads it: its JSON where it parses (empty: {}), else the text."""
+    if not text:
+        return {}
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class StreamDecoder:
@@ -249,42 +317,98 @@ def _as_message(m) -> Message:
     if isinstance(m, Message):
         return m
     if not isinstance(m, dict) or "role" not in m:
-        raise LocalmixError(f"a chat message must be a dict with 'role' and 'content', got {m!r}")
+        raise LocalmixError(f"a chat message must be a dict with 'role' and 'content', got {m!r:.200}")
     role, content = m["role"], m.get("content")
     if role not in ROLES:
-        raise LocalmixError(f"unsupported chat role {role!r} (use system, user or assistant)")
+        raise LocalmixError(f"unsupported chat role {role!r:.40} (use system, user, assistant or tool)")
+    if content is None and role == "assistant" and m.get("tool_calls"):
+        content = ""
     if not isinstance(content, str):
-        raise LocalmixError(f"the content of a {role} message must be a string, got {content!r}")
-    return Message(role, content)
+        raise LocalmixError(f"the content of a {role} message must be a string, got {content!r:.200}")
+    calls = m.get("tool_calls") or []
+    if role != "assistant" and calls:
+        raise LocalmixError(f"a {role} message cannot call tools")
+    if not isinstance(calls, (list, tuple)):
+        raise LocalmixError("tool_calls must be a list")
+    message = Message(role, content, tuple(_as_call(c, i) for i, c in enumerate(calls)))
+    for key in ("tool_call_id", "name"):
+        value = m.get(key)
+        if value is not None and role == "tool":
+            if not isinstance(value, str) or len(value) > 256:
+                raise LocalmixError(f"a tool message's {key} must be a string of at most 256 characters")
+            setattr(message, key, value)
+    return message
 
 
-def _validate(messages) -> list[Message]:
-    """mistral-common's rules for a conversation to answer."""
+def _as_call(call, i: int) -> ToolCall:
+    """A call in an assistant message: a ToolCall, or {"id", "function": {"name", "arguments"}}."""
+    if isinstance(call, ToolCall):
+        return call
+    where = f"tool_calls[{i}]"
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+            not 0 < len(function["name"]) <= 256:
+        raise LocalmixError(f"{where} must be an object with a function with a name")
+    call_id = call.get("id")
+    if call_id is not None and (not isinstance(call_id, str) or len(call_id) > 256):
+        raise LocalmixError(f"{where}.id must be a string of at most 256 characters")
+    return ToolCall(function["name"], arguments_of(function.get("arguments", {}), where),
+                    "null" if call_id is None else call_id)
+
+
+def _validate(messages, tools: bool = False) -> list[Message]:
+    """mistral-common's rules for a conversation to answer (tools: v3's rules for calls and results)."""
     messages = [_as_message(m) for m in messages]
     if not messages:
         raise LocalmixError("the conversation has no messages")
+    if not tools and any(m.role == "tool" or m.tool_calls for m in messages):
+        raise LocalmixError("this model's chat format has no tools")
     if len(messages) == 1 and messages[0].role not in ("user", "system"):
         raise LocalmixError("a conversation must start with a user or system message")
     if len(messages) > 1 and messages[-1].role == "assistant":
-        raise LocalmixError("the last message must come from the user, not the assistant")
+        raise LocalmixError("the last message must come from the user (or a tool), not the assistant")
     for before, after in zip(messages, messages[1:]):
         if after.role not in _MAY_FOLLOW[before.role]:
             raise LocalmixError(f"a {after.role} message cannot follow a {before.role} message")
-    if any(m.role == "assistant" and not m.content for m in messages):
-        raise LocalmixError("an assistant message must have content")
+    awaited = 0  # results still owed to the latest calls
+    for m in messages[1:]:
+        if m.role == "tool":
+            awaited -= 1
+        elif m.role == "assistant":
+            if awaited:
+                raise LocalmixError("the tool calls and the tool results do not pair up")
+            awaited = len(m.tool_calls)
+    for m in messages:
+        if m.role == "assistant" and m.tool_calls and m.content:
+            raise LocalmixError("an assistant message cannot have both content and tool calls")
+        if m.role == "assistant" and not m.content and not m.tool_calls:
+            raise LocalmixError("an assistant message must have content")
+        for call in m.tool_calls:
+            if not _MISTRAL_CALL_ID.match(call.id):
+                raise LocalmixError(f"tool call id {call.id!r:.40} must be 9 letters or digits")
+            if not _MISTRAL_NAME.match(call.name):
+                raise LocalmixError(f"tool call name {call.name!r:.80} must be 1-64 letters, digits, '_' or '-'")
+        if m.role == "tool" and m.name is not None and not _MISTRAL_NAME.match(m.name):
+            raise LocalmixError(f"a tool message's name {m.name!r:.80} must be 1-64 letters, digits, '_' or '-'")
+        if m.role == "tool" and (m.tool_call_id is None or not _MISTRAL_CALL_ID.match(m.tool_call_id)):
+            raise LocalmixError(f"a tool message's tool_call_id must be 9 letters or digits, got {m.tool_call_id!r:.40}")
     return messages
 
 
 def _merge_turns(messages: list[Message]) -> list[Message]:
-    """Consecutive messages of one role become one turn, joined by a blank line; system messages
-    leave the turns (they form the system prompt) but still separate the turns around them.
-    A conversation that does not open with a user turn gets an empty one first."""
+    """Consecutive messages of one role become one turn, joined by a blank line (an assistant's calls
+    one after the other); a tool's results stay one per message; system messages leave the turns
+    (they form the system prompt) but still separate the turns around them. A conversation that
+    does not open with a user turn gets an empty one first."""
     turns: list[Message] = []
     run: list[Message] = []
     for m in messages + [Message("end", "")]:
-        if run and m.role != run[0].role:
-            if run[0].role != "system":
-                turns.append(Message(run[0].role, "\n\n".join(x.content for x in run if x.content)))
+        if run and (m.role != run[0].role or m.role == "tool"):
+            if run[0].role == "tool":
+                turns += run
+            elif run[0].role != "system":
+                turns.append(Message(run[0].role, "\n\n".join(x.content for x in run if x.content),
+                                     tuple(c for x in run for c in x.tool_calls)))
             run = []
         run.append(m)
     if not turns or turns[0].role != "user":

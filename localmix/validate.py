@@ -63,8 +63,9 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int =
 
 
 def parse_json(data: bytes | str, source: str, what: str = "JSON"):
+    """JSON as the standard has it: no NaN or Infinity, no number too large for a float (1e999)."""
     try:
-        return json.loads(data, parse_constant=_no_constant)
+        return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise LocalmixError(f"{source}: {what} nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -73,6 +74,13 @@ def parse_json(data: bytes | str, source: str, what: str = "JSON"):
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is too large a number")
+    return value
 
 
 def json_object(value, source: str, what: str = "value") -> dict:

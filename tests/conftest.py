@@ -3,7 +3,11 @@ real Mixtral tokenizer that mistral-common ships."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import mistral_common
@@ -87,3 +91,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-mixtral")
     make_hf_model(folder)
     return folder
+
+
+@contextlib.contextmanager
+def running(app):
+    """A Starlette app served by uvicorn on a free port of 127.0.0.1, in a thread: its base URL."""
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    while not instance.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(10)

@@ -48,6 +48,37 @@ OLMOE = (
     "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n' + message['content'] + eos_token }}\n"
     "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
 
+# A ChatML template with tools, in the conventions of Qwen's and Hermes': the tools as JSON lines in
+# the system turn, each call a <tool_call> block, tool results in a user turn.
+TOOLS_CHATML = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nTo call a function, answer with <tool_call></tool_call> around a JSON object of its name and "
+    "arguments. The functions:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "  {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}\n"
+    "    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\n"
+    "  {%- elif message.role == 'assistant' %}\n"
+    "    {{- '<|im_start|>assistant' }}{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}\n"
+    "    {%- for call in message.tool_calls or [] %}\n"
+    "      {%- if call.function %}{%- set call = call.function %}{%- endif %}\n"
+    "      {{- '\\n<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' }}"
+    "{%- if call.arguments is string %}{{- call.arguments }}{%- else %}{{- call.arguments | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}\n"
+    "    {%- endfor %}{{- '<|im_end|>\\n' }}\n"
+    "  {%- elif message.role == 'tool' %}\n"
+    "    {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}\n"
+    "    {{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}\n"
+    "    {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}\n"
+    "  {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n")
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
 # A template using what transformers adds to jinja: tojson (non-ASCII kept), namespace, loop controls.
 JSONISH = (
     "{%- set ns = namespace(n=0) -%}"
@@ -87,8 +118,8 @@ def write_folder(folder: Path, kind: str, template_file: bool = False, tokenizer
                   "pad_token": "<|padding|>", "chat_template": OLMOE, "clean_up_tokenization_spaces": True}
         generation = {"eos_token_id": tok.token_to_id("<|endoftext|>")}
     else:
-        tok = train(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<think>", "</think>"])
-        template = JSONISH if kind == "jsonish" else CHATML
+        tok = train(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<think>", "</think>"] + TOOL_TOKENS)
+        template = {"jsonish": JSONISH, "tools": TOOLS_CHATML}.get(kind, CHATML)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
                   "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
                   "chat_template": [{"name": "default", "template": template}, {"name": "rag", "template": "x"}]}
@@ -114,7 +145,7 @@ def write_folder(folder: Path, kind: str, template_file: bool = False, tokenizer
 # transformers 5 builds Qwen2Tokenizer, GPTNeoXTokenizer and GPT2Tokenizer with their own normalizer,
 # pre-tokenizer (GPT-NeoX: post-processor) and default special tokens, whatever tokenizer.json says: the
 # OLMoE-like tokenizer.json adds a BOS and the ChatML one splits like Qwen, which GPT-NeoX and GPT-2 do not.
-KINDS = {"chatml": {}, "olmoe": {}, "jsonish": {}, "chatml-file": {"template_file": True},
+KINDS = {"chatml": {}, "olmoe": {}, "jsonish": {}, "tools": {}, "chatml-file": {"template_file": True},
          "chatml-qwen2": {"tokenizer_class": "Qwen2TokenizerFast"},
          "olmoe-neox": {"tokenizer_class": "GPTNeoXTokenizer"},
          "chatml-neox": {"tokenizer_class": "GPTNeoXTokenizer"}, "chatml-gpt2": {"tokenizer_class": "GPT2Tokenizer"},

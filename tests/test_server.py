@@ -2,8 +2,6 @@
 
 import asyncio
 import json
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +19,7 @@ from localmix.quant.convert import LocalSource, convert  # noqa: E402
 from localmix.server import create_app  # noqa: E402
 from localmix.store import model_summary, verify  # noqa: E402
 
-from conftest import make_hf_model  # noqa: E402
+from conftest import make_hf_model, running  # noqa: E402
 
 GREEDY = dict(temperature=0, repeat_penalty=1.0)
 
@@ -36,20 +34,10 @@ def q4(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(q4):
     model = localmix.load(q4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(model, "tiny")
     model.server_engine = app.state.server.catalog.fixed.engine
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    while not instance.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model
-    instance.should_exit = True
-    thread.join(10)
+    with running(app) as url:
+        yield url, model
 
 
 @pytest.fixture
@@ -129,6 +117,10 @@ def test_bad_requests_are_openai_errors(server, client):
     status, text = post(url + "/api/chat", {"model": "tiny", "messages": "Hi"})
     assert status == 400 and "messages" in json.loads(text)["error"]  # Ollama's {"error": "..."} on /api
     assert post(url + "/v1/nothing", {})[0] == 404
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError, match="has no tools") as no_tools:  # Mixtral 8x7B's v1 format
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], tools=[tool])
+    assert no_tools.value.body["param"] == "tools"
     assert client.models.list().data  # and the server is still there
 
 
@@ -412,17 +404,8 @@ def on_demand(q4, tmp_path, monkeypatch):
         opened.append(name)
         return served_model(localmix.load(models / name), name)
     app = create_app(catalog=Catalog(open=open_model, max_loaded=1, keep_alive=300.0))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    while not instance.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", opened, models
-    instance.should_exit = True
-    thread.join(10)
+    with running(app) as url:
+        yield url, opened, models
 
 
 def test_models_on_demand(on_demand):

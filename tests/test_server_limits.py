@@ -162,7 +162,7 @@ HOSTILE = [
     ("/v1/chat/completions", chat()[:-1] + b', "max_tokens": -Infinity}', 400, "Infinity"),
     ("/v1/chat/completions", chat()[:-1] + b', "temperature": NaN}', 400, "NaN"),
     ("/v1/chat/completions", chat(max_tokens=1e999), 400, "Infinity"),  # json.dumps writes Infinity
-    ("/v1/chat/completions", chat()[:-1] + b', "max_tokens": 1e999}', 400, "max_tokens"),  # a float inf
+    ("/v1/chat/completions", chat()[:-1] + b', "max_tokens": 1e999}', 400, "too large a number"),  # a float inf
     ("/v1/chat/completions", chat(max_tokens="10"), 400, "max_tokens"),
     ("/v1/chat/completions", chat(max_tokens=10.5), 400, "max_tokens"),
     ("/v1/chat/completions", chat(max_tokens=True), 400, "max_tokens"),
@@ -215,7 +215,10 @@ HOSTILE = [
     ("/v1/chat/completions", chat(n=9), 400, "n"),
     ("/v1/chat/completions", chat(n=0), 400, "n"),
     ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
-     "tools is not supported"),
+     "chat format of tiny has no tools"),
+    ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}] * 2), 400, "two tools"),
+    ("/v1/chat/completions", chat(tools="all"), 400, "tools must be a list"),
+    ("/v1/chat/completions", chat(tool_choice="required"), 400, "tool_choice needs tools"),
     ("/v1/chat/completions", chat(response_format={"type": "xml"}), 400, "response_format.type must be"),
     ("/v1/chat/completions", chat(response_format={"type": "json_schema", "json_schema": {"schema": {"type": 5}}}),
      400, "schema"),
@@ -228,7 +231,9 @@ HOSTILE = [
     ("/api/generate", json.dumps({"model": "tiny", "prompt": "Hi", "format": "yaml"}).encode(), 400,
      'format must be "json" or a JSON schema'),
     ("/api/chat", json.dumps({"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}).encode(), 400,
-     "tools is not supported"),
+     "function must be an object"),
+    ("/api/chat", json.dumps({"model": "tiny", "messages": HI, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}).encode(), 400, "has no tools"),
     ("/api/chat", json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi", "images": ["x"]}]}).encode(),
      400, "images are not supported"),
     ("/v1/chat/completions", b"[]", 400, "JSON object"),

@@ -126,8 +126,10 @@ def test_version_detected_from_the_tokenizer():
 
 def test_bad_messages():
     tokenizer = Tokenizer(TOKENIZER_V1)
-    with pytest.raises(LocalmixError, match="unsupported chat role 'tool'"):
-        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(LocalmixError, match="unsupported chat role 'function'"):
+        tokenizer.apply_chat_template([{"role": "function", "content": "x"}])
+    with pytest.raises(LocalmixError, match="chat format has no tools"):  # v1 has none
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "tool", "content": "x"}])
     with pytest.raises(LocalmixError, match="must be a string"):
         tokenizer.apply_chat_template([{"role": "user", "content": None}])
     with pytest.raises(LocalmixError, match="must be a dict"):
