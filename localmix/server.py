@@ -252,7 +252,8 @@ UNSUPPORTED = {
             "frequency_penalty": (None, 0),
             "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "best_of": (None, 1),
             "echo": (None, False), "suffix": (None, "")},
-    True: {"images": (None, [])},
+    True: {"images": (None, []), "think": (None,), "suffix": (None, ""), "template": (None, ""),
+           "context": (None, [])},
 }
 
 
@@ -371,11 +372,12 @@ def structured_output(body: dict, ollama: bool) -> str | None:
                      param="response_format")
 
 
-def logprobs_asked(body: dict, chat: bool) -> int | None:
+def logprobs_asked(body: dict, chat: bool, ollama: bool = False) -> int | None:
     """How many likeliest tokens to report beside each token's log-probability (None: none asked):
-    chat's logprobs (true/false) and top_logprobs, completions' logprobs (a count)."""
-    most = MAX_TOP_LOGPROBS[chat]
-    if not chat:
+    chat's logprobs (true/false) and top_logprobs, completions' logprobs (a count); Ollama's
+    logprobs and top_logprobs (up to 20), on both its routes."""
+    most = MAX_TOP_LOGPROBS[chat or ollama]
+    if not chat and not ollama:
         return optional(body, "logprobs", None, validate.integer, 0, most)
     top = optional(body, "top_logprobs", None, validate.integer, 0, most)
     if not optional(body, "logprobs", False, validate.boolean):
@@ -443,6 +445,14 @@ def tools_asked(body: dict, ollama: bool) -> tuple[list[dict] | None, str | None
                                   '"function": {"name": the name of one of the tools}}', param="tool_choice")
     parallel = optional((body.get("options") or {}) if ollama else body, "parallel_tool_calls", True, validate.boolean)
     return tools, choice, parallel
+
+
+def token_logprobs(tokenizer, r: GenerationResponse) -> dict:
+    """A token's log-probability and its likeliest alternatives', as OpenAI's chat and Ollama write them."""
+    def entry(token: int, logprob: float) -> dict:
+        data = tokenizer.token_bytes(token)
+        return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
+    return {**entry(r.token, r.logprob), "top_logprobs": [entry(*t) for t in r.top_logprobs]}
 
 
 def openai_call(call: ToolCall) -> dict:
@@ -540,7 +550,7 @@ class Server:
             include_usage = optional(options, "include_usage", False, validate.boolean)
         refuse_unsupported(body, ollama)
         n = 1 if ollama else optional(body, "n", 1, validate.integer, 1, MAX_CHOICES)
-        logprobs = None if ollama else logprobs_asked(body, chat)
+        logprobs = logprobs_asked(body, chat, ollama)
         grammar = structured_output(body, ollama)
         params, length = sampling(body, ollama)  # (checks Ollama's options is an object)
         if not chat and body.get("tools") not in (None, []):
@@ -699,11 +709,7 @@ class Server:
             parts = [r for r in parts if r.token is not None]
             pieces = [tokenizer.token_bytes(r.token) for r in parts]
             if chat:
-                def entry(token: int, logprob: float) -> dict:
-                    data = tokenizer.token_bytes(token)
-                    return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
-                return {"content": [{**entry(r.token, r.logprob), "top_logprobs": [entry(*t) for t in r.top_logprobs]}
-                                    for r in parts]}
+                return {"content": [token_logprobs(tokenizer, r) for r in parts]}
             texts = [p.decode("utf-8", "replace") for p in pieces]
             offsets = np.cumsum([0] + [len(t) for t in texts[:-1]]).tolist() if parts else []
             return {"tokens": texts,
@@ -804,6 +810,7 @@ class Server:
         started = time.perf_counter_ns()
 
         reader = CallReader(ask.calls) if ask.calls else None
+        tokenizer = ask.served.model.tokenizer
 
         def line(r: GenerationResponse, text: str, calls: list[ToolCall] = ()) -> dict:
             if chat:
@@ -813,6 +820,8 @@ class Server:
                 out = {"model": ask.served.name, "created_at": now(), "message": message}
             else:
                 out = {"model": ask.served.name, "created_at": now(), "response": text}
+            if ask.logprobs is not None and r.token is not None:
+                out["logprobs"] = [token_logprobs(tokenizer, r)]
             out["done"] = r.finish_reason is not None
             if r.finish_reason:
                 total = time.perf_counter_ns() - started
@@ -843,6 +852,8 @@ class Server:
                 whole["message"]["content"] = "".join(x["message"]["content"] for x in lines)
             else:
                 whole["response"] = "".join(x["response"] for x in lines)
+            if ask.logprobs is not None:
+                whole["logprobs"] = [entry for x in lines for entry in x.get("logprobs", [])]
             return JSONResponse(whole)
 
         try:

@@ -319,6 +319,17 @@ def test_n_answers_and_logprobs(server, client):
     finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
     assert finished == {0, 1}
 
+    # Ollama's logprobs, through its client: the same numbers, whole or a line per token
+    import ollama
+    greedy = {"num_predict": 4, "temperature": 0, "repeat_penalty": 1.0}
+    whole = ollama.Client(host=url).chat("tiny", messages, logprobs=True, top_logprobs=3, options=greedy)
+    assert [t.token for t in whole.logprobs] == [t.token for t in content]
+    np.testing.assert_allclose([t.logprob for t in whole.logprobs], [t.logprob for t in content], atol=1e-5)
+    assert [t.token for t in whole.logprobs[0].top_logprobs] == [t.token for t in first.top_logprobs]
+    lines = list(ollama.Client(host=url).generate("tiny", "Once upon a time", logprobs=True, options=greedy,
+                                                  stream=True))
+    assert [len(line.logprobs or []) for line in lines] == [1, 1, 1, 1]
+
 
 def test_an_api_key_is_required_when_set_and_every_request_is_logged(q4, caplog):
     """With --api-key: 401 without it (but `/`), answers with it; one log line per request."""
