@@ -8,8 +8,10 @@ stands for (the tokenizer's token_bytes), so it works for every tokenizer localm
 
 Why llguidance: it computes a token mask on a 32,000-token vocabulary in 14-106 microseconds here
 (`python scripts/structured_cost.py`, from `Constraint.mask_seconds`), builds a schema's grammar
-lazily (no index over the vocabulary up front, which outlines-core builds per schema), and runs on
-numpy without torch (xgrammar's masks are torch tensors). The other two were not measured here.
+lazily, keeps every bound of a schema, and runs on numpy without torch. Measured beside it
+(`scripts/grammar_libraries.py`, README "Serving"): xgrammar's masks cost less but its package
+imports torch; outlines-core takes seconds to index the vocabulary for "any object" and drops
+integer bounds.
 """
 
 from __future__ import annotations
