@@ -299,20 +299,31 @@ def moe_block(h: np.ndarray, layer: Layer, args: ModelArgs, ops: Ops, call: Rout
     """The feed-forward half of a layer, for every family: a dense MLP; or route (route_tokens, the
     call's experts per token), count and steer as the call asks (layer.routing), run the chosen
     experts (ops.mix_experts), and add the shared expert scaled by its sigmoid gate where the
-    family has one."""
+    family has one. A backend with a device of its own (MLX) may route and run resident experts
+    there, the host never waiting for the choice (ops.routed_experts_on_device)."""
     if layer.router is None:
         return ops.experts_ffn(h, layer.experts.for_token([0]), [len(h)])
-    chosen, weights = ops.route_tokens(h, layer.router, call.experts_per_token, args.norm_topk_prob, layer.router_bias)
-    if layer.routing is not None:  # counted, and steered where asked: a dropped expert is len(experts)
-        chosen, weights = layer.routing(h, chosen, weights, layer, call)
-    # The chosen experts, brought in: one token's at once (an expert cache may answer with low-bit
-    # shadow copies), more tokens' in batches that fit its slots together, each as it is reached.
     source = layer.experts
-    used = used_experts(chosen, len(source))
-    groups = [(used, source.for_token(used))] if len(h) == 1 else source.batches(used)
-    if len(h) == 1 or call.batched:  # decoding, this token's experts in: the cache reads the next layer's meanwhile
-        source.speculate(h, call.experts_per_token)
-    out = ops.mix_experts(h, chosen, weights, source, groups)
+    # With every expert resident and nothing to steer or trace, the host need not see the choice: a
+    # backend that can route and run the experts on its device does the whole block there.
+    on_device = None if source.on_demand or call.routes is not None or call.options.steering.min_weight > 0 \
+        else ops.routed_experts_on_device(h, layer, args, call)
+    if on_device is not None:
+        chosen, weights, out = on_device
+        if layer.routing is not None:
+            layer.routing.count(chosen, weights, call)  # device arrays: read back when the counts are
+    else:
+        chosen, weights = ops.route_tokens(h, layer.router, call.experts_per_token, args.norm_topk_prob,
+                                           layer.router_bias)
+        if layer.routing is not None:  # counted, and steered where asked: a dropped expert is len(experts)
+            chosen, weights = layer.routing(h, chosen, weights, layer, call)
+        # The chosen experts, brought in: one token's at once (an expert cache may answer with low-bit
+        # shadow copies), more tokens' in batches that fit its slots together, each as it is reached.
+        used = used_experts(chosen, len(source))
+        groups = [(used, source.for_token(used))] if len(h) == 1 else source.batches(used)
+        if len(h) == 1 or call.batched:  # decoding, this token's experts in: the cache reads the next layer's meanwhile
+            source.speculate(h, call.experts_per_token)
+        out = ops.mix_experts(h, chosen, weights, source, groups)
     if layer.shared_expert is not None:
         gate = ops.sigmoid(ops.linears(h, [layer.shared_expert_gate])[0])
         out = out + gate * ops.experts_ffn(h, [layer.shared_expert], [len(h)])
@@ -358,6 +369,12 @@ class Ops:
         """model.mix_experts with this backend's experts_ffn. source: the layer's experts (their
         formats, whether they come on demand); groups: the chosen ones as moe_block brought them in."""
         return mix_experts(x, chosen, weights, groups, self.experts_ffn)
+
+    def routed_experts_on_device(self, h, layer: Layer, args: ModelArgs, call: RoutingCall):
+        """The routed part of moe_block (route_tokens, then the chosen resident experts mixed by
+        weight) on the backend's device, the choice left there: (chosen, weights, out), or None where
+        this backend routes on the host (numpy's and Numba's choice is host data anyway)."""
+        return None
 
     sigmoid = staticmethod(sigmoid)
 

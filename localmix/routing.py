@@ -81,7 +81,7 @@ class LayerRouting:
         self.previous: set[int] | None = None  # experts of the sequence's last token
         # Decoded tokens' (chosen, weights), counted together when the statistics are read: counted
         # one by one, even in plain Python, they cost 3-5% of the demo model's tokens.
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []  # [1, k] each
+        self.pending: list[tuple] = []  # (chosen, weights, consecutive)
 
     def __call__(self, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray, layer,
                  call: RoutingCall) -> tuple[np.ndarray, np.ndarray]:
@@ -93,26 +93,40 @@ class LayerRouting:
             chosen, weights = drop_light_experts(chosen, weights, steering.min_weight, experts, call.renormalize)
         if steering.fallback_margin > 0 and len(h) == 1 and layer.experts.on_demand:
             chosen, weights = fall_back_to_resident(h, chosen, layer, steering.fallback_margin, call.renormalize)
-        if len(chosen) == 1 and not call.batched:
-            if self.pending and (len(self.pending) >= self.PENDING or self.pending[-1][0].shape != chosen.shape):
-                self.flush()
-            self.pending.append((chosen, weights))
-        else:
-            self.flush()
-            self._count(chosen, weights, consecutive=not call.batched)
+        self.count(chosen, weights, call)
         if call.routes is not None:
             source = layer.experts
             call.routes[self.index] = (chosen, weights, None if not source.on_demand else
                                        [[source.is_resident(int(e)) for e in row] for row in chosen])
         return chosen, weights
 
+    def count(self, chosen, weights, call: RoutingCall) -> None:
+        """Count a call's choice ([T, k] experts and weights). A decoded token's is kept in `pending`
+        and counted with the others; so is any choice left on a backend's device (an MLX array),
+        which is read back when they are counted, not in every layer of every token."""
+        consecutive = not call.batched  # rows of several sequences (Transformer.step) count no reuse
+        if (len(chosen) == 1 and consecutive) or not isinstance(chosen, np.ndarray):
+            if self.pending and (len(self.pending) >= self.PENDING or self.pending[-1][0].shape[1] != chosen.shape[1]):
+                self.flush()
+            self.pending.append((chosen, weights, consecutive))
+        else:
+            self.flush()
+            self._count(chosen, weights, consecutive)
+
     def flush(self) -> None:
-        """Count the decoded tokens' choices kept in `pending`, in order."""
-        if self.pending:
-            chosen = np.concatenate([c for c, _ in self.pending])
-            weights = np.concatenate([w for _, w in self.pending])
-            self.pending = []
-            self._count(chosen, weights)
+        """Count the choices kept in `pending`, in order (a device's read back here): consecutive
+        rows together, a step of several sequences' on its own."""
+        pending, self.pending, run = self.pending, [], []
+        for chosen, weights, consecutive in pending + [(None, None, False)]:
+            if run and not consecutive:
+                self._count(np.concatenate([c for c, _ in run]), np.concatenate([w for _, w in run]))
+                run = []
+            if chosen is not None:
+                chosen, weights = np.asarray(chosen).astype(np.int64), np.asarray(weights)
+                if consecutive:
+                    run.append((chosen, weights))
+                else:
+                    self._count(chosen, weights, consecutive=False)
 
     def _count(self, chosen: np.ndarray, weights: np.ndarray, consecutive: bool = True) -> None:
         """Consecutive tokens' counts (a prompt's, or decoded ones'); or, not consecutive, one

@@ -25,6 +25,8 @@ CASES = {  # name: (bits, group size, HF config overrides)
     "q8-g32-top1": ("8", 32, dict(num_experts_per_tok=1)),
     "q4-g128-top3-window": ("4", 128, dict(num_experts_per_tok=3, sliding_window=5, num_key_value_heads=1)),
     "mixed-g64-top2-mha": ("mixed", 64, dict(num_key_value_heads=4)),
+    # every expert for every token: a prompt's rows sorted by expert on the stacked path (12 x 8 >= 64)
+    "q4-g64-top8": ("4", 64, dict(num_local_experts=8, num_experts_per_tok=8)),
 }
 
 
@@ -38,6 +40,11 @@ def model_dir(request, tmp_path_factory):
 
 
 IDS = np.random.default_rng(3).integers(0, 32000, 12)
+
+
+def slots(model_dir) -> int:
+    """Expert slots for a budget: 4, or a token's experts where it has more."""
+    return max(4, CASES[model_dir.name][2].get("num_experts_per_tok", 2))
 
 
 def relative(a, b) -> float:
@@ -60,11 +67,92 @@ def test_seeded_generation_gives_the_numpy_tokens(model_dir):
 
 def test_within_a_memory_budget(model_dir):
     resident = prompt_then_decode(localmix.load(model_dir, backend="mlx-f32"), IDS)
-    model = localmix.load(model_dir, backend="mlx-f32", memory=budget(model_dir, 4))
-    assert model.expert_cache.slots == 4
-    np.testing.assert_array_equal(prompt_then_decode(model, IDS), resident)
+    model = localmix.load(model_dir, backend="mlx-f32", memory=budget(model_dir, slots(model_dir)))
+    assert model.expert_cache.slots == slots(model_dir)
+    # (resident experts are stacked and summed in the order of each token's choice, a budget's one
+    # by one in index order: float32 sums of the same products in another order)
+    assert relative(prompt_then_decode(model, IDS), resident) < 1e-5
     assert model.expert_cache.stats()["expert_misses"] > 0
     assert model.transformer.routing.routed.sum() > 0  # routing statistics on MLX too
+
+
+def count_waits(monkeypatch) -> list:
+    """Every time the host waits for MLX: the backend's waits all go through mx.eval (to_host too)."""
+    import mlx.core as mx
+    waits, evaluate = [], mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *arrays: (waits.append(len(arrays)), evaluate(*arrays))[1])
+    return waits
+
+
+def decode_waits(model, monkeypatch, tokens: int = 8) -> float:
+    """Host waits per decoded token (the prompt's aside), greedy."""
+    waits = count_waits(monkeypatch)
+    counts = []
+    for r in model.stream(list(IDS), max_tokens=tokens + 1, temperature=0, repeat_penalty=1.0):
+        counts.append(len(waits))
+    assert len(counts) == tokens + 1
+    return (counts[-1] - counts[0]) / tokens
+
+
+def test_a_resident_model_waits_once_per_decoded_token(model_dir, monkeypatch):
+    """The routing stays on the device (stacked experts, mx.gather_qmm): one wait per token, for the
+    logits; the routing statistics are read back when they are read, and they are the numpy path's."""
+    model = localmix.load(model_dir, backend="mlx-f32")
+    assert decode_waits(model, monkeypatch) <= 1
+    reference = localmix.load(model_dir, backend="numpy")
+    for m in (reference, model):
+        m.transformer.routing.reset()
+        prompt_then_decode(m, IDS)
+    np.testing.assert_array_equal(model.transformer.routing.routed, reference.transformer.routing.routed)
+    np.testing.assert_allclose(model.transformer.routing.weight, reference.transformer.routing.weight, rtol=1e-4)
+    assert model.transformer.routing.reused.sum() == reference.transformer.routing.reused.sum()
+
+
+def test_within_a_budget_at_most_one_wait_per_layer(model_dir, monkeypatch):
+    model = localmix.load(model_dir, backend="mlx-f32", memory=budget(model_dir, slots(model_dir)))
+    assert decode_waits(model, monkeypatch) <= model.config.num_hidden_layers + 1
+
+
+def greedy_tokens(transformer, prompts, steps: int, together: bool) -> list[list[int]]:
+    """Each prompt's greedy continuation: decoded one answer at a time, or all in one step each."""
+    caches = [transformer.new_cache(64) for _ in prompts]
+    tokens = [[int(np.argmax(transformer(p, c, last_only=True)))] for p, c in zip(prompts, caches)]
+    for _ in range(steps):
+        if together:
+            logits = transformer.step([t[-1] for t in tokens], caches)
+        else:
+            logits = np.concatenate([transformer([t[-1]], c, last_only=True) for t, c in zip(tokens, caches)])
+        for t, row in zip(tokens, logits):
+            t.append(int(np.argmax(row)))
+    return tokens
+
+
+@pytest.mark.parametrize("within_a_budget", [False, True])
+def test_answers_decoded_together_get_the_tokens_they_get_alone(model_dir, within_a_budget):
+    model = localmix.load(model_dir, backend="mlx-f32",
+                          memory=budget(model_dir, slots(model_dir)) if within_a_budget else None)
+    assert model.transformer.ops.batched_decoding
+    prompts = [IDS[:5], IDS[2:9], IDS[4:7]]
+    alone = greedy_tokens(model.transformer, prompts, 6, together=False)
+    assert greedy_tokens(model.transformer, prompts, 6, together=True) == alone
+    assert greedy_tokens(localmix.load(model_dir, backend="numpy").transformer, prompts, 6, together=True) == alone
+
+
+def test_the_kv_cache_option(model_dir):
+    """--kv-cache f16 on float32 activations: float16 keys and values, half the bytes, the same tokens
+    here; float16 activations keep float16 whatever is asked (their keys are float16 already)."""
+    f16 = localmix.load(model_dir, backend="mlx-f32", kv_cache="f16")
+    cache = f16.transformer.new_cache(8)
+    assert cache.dtype == mx_float16() and cache._bytes(1) * 2 == localmix.load(
+        model_dir, backend="mlx-f32").transformer.new_cache(8)._bytes(1)
+    assert localmix.load(model_dir, backend="mlx", kv_cache="f32").transformer.new_cache(8).dtype == mx_float16()
+    assert relative(prompt_then_decode(f16, IDS), prompt_then_decode(localmix.load(model_dir, backend="mlx-f32"),
+                                                                      IDS)) < 1e-2
+
+
+def mx_float16():
+    import mlx.core as mx
+    return mx.float16
 
 
 def test_auto_is_numba_off_apple_silicon(model_dir):

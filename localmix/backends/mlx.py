@@ -6,18 +6,23 @@ On Linux, `pip install mlx[cpu]` runs the same code on the CPU: that is how the 
 against the numpy reference. Activations run in float16 (`mlx`, the speed MLX is built for) or
 float32 (`mlx-f32`, for exactness); routers always in float32. The residual stream stays an MLX
 array from the first layer to the head, and is evaluated once per model call, when the logits
-come back to numpy. Routing is brought to numpy once per layer: the statistics, steering and the
-expert cache all need to know which experts a token chose before their weights are read.
+come back to numpy. With every expert resident, the routing stays on the device too (the experts
+stacked and applied by mx.gather_qmm, as mlx-lm's SwitchGLU does): a decoded token is one wait of
+the host, the statistics read back with later tokens' (routing.LayerRouting.count). Within a
+memory budget, or where steering or a trace needs the choice, it comes to numpy once per layer:
+the expert cache must know which experts a token chose before their weights are read.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from localmix.errors import LocalmixError
 from localmix.kv_cache import KVCache
-from localmix.model import Ops
+from localmix.model import Ops, SequenceBatch
 from localmix.store import is_quantized
 
 
@@ -46,15 +51,40 @@ def mlx_vector(v: np.ndarray, dtype) -> mx.array:
     return mx.array(np.asarray(v, np.float32)).astype(dtype)
 
 
+def to_host(*arrays: mx.array) -> list[np.ndarray]:
+    """MLX arrays as numpy, computed together: the host waits for the device once. Every such wait
+    of the backend goes through here (tests count them)."""
+    mx.eval(*arrays)
+    return [np.array(a) for a in arrays]
+
+
+SORT_FROM = 64  # routed rows (tokens x k) from which a prompt's rows are sorted by expert (mlx-lm's)
+
+
+@dataclass
+class StackedExperts:
+    """A layer's experts stacked: each matrix as MLX's (words, scales, biases, bits, group size) over
+    [experts, rows, ...]; gpt-oss's biases [experts, rows] and clamped SwiGLU."""
+    w1: tuple
+    w2: tuple
+    w3: tuple
+    b1: mx.array | None
+    b2: mx.array | None
+    b3: mx.array | None
+    glu: object
+
+
 class MLXKVCache(KVCache):
-    """Keys and values as MLX arrays [1, kv_heads, capacity, head_dim] per layer, in the
-    activations' dtype, grown in steps as mlx-lm's cache is."""
+    """Keys and values as MLX arrays [1, kv_heads, capacity, head_dim] per layer, float32 or float16
+    (dtype: --kv-cache's, made float16 by the backend where the activations are), grown in steps
+    as mlx-lm's cache is."""
 
     STEP = 256
 
     def __init__(self, args, capacity: int = 256, dtype=np.float32, allowance=None):
-        self.allowance = allowance  # counted as float32, as the numpy cache's (float16 takes half)
+        self.allowance = allowance
         self.allocated = 0  # (both first: __del__ reads them whatever fails below)
+        self.dtype = mx.float16 if np.dtype(dtype) == np.float16 else mx.float32
         self.max_length = args.max_position_embeddings
         self.layers, self.heads, self.head_dim = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
         self.keys, self.values = [None] * self.layers, [None] * self.layers
@@ -62,7 +92,7 @@ class MLXKVCache(KVCache):
         self.reserve(capacity)
 
     def _bytes(self, tokens: int) -> int:
-        return 2 * self.layers * self.heads * self.head_dim * 4 * tokens
+        return 2 * self.layers * self.heads * self.head_dim * self.dtype.size * tokens
 
     def __del__(self):
         if self.allowance is not None and self.allocated:
@@ -80,17 +110,18 @@ class MLXKVCache(KVCache):
         self.allocated = max(self.allocated, length)
 
     def update(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """The layer's keys and values with these added, in the dtype of those given."""
         end = self.length + keys.shape[2]
         if self.keys[layer] is None or self.keys[layer].shape[2] < end:
             size = -(-end // self.STEP) * self.STEP
-            grown = [mx.zeros((1, self.heads, size, self.head_dim), keys.dtype) for _ in range(2)]
+            grown = [mx.zeros((1, self.heads, size, self.head_dim), self.dtype) for _ in range(2)]
             if self.keys[layer] is not None:
                 grown[0][:, :, :self.length] = self.keys[layer][:, :, :self.length]
                 grown[1][:, :, :self.length] = self.values[layer][:, :, :self.length]
             self.keys[layer], self.values[layer] = grown
-        self.keys[layer][:, :, self.length:end] = keys
-        self.values[layer][:, :, self.length:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer][:, :, self.length:end] = keys.astype(self.dtype)
+        self.values[layer][:, :, self.length:end] = values.astype(self.dtype)
+        return self.keys[layer][:, :, :end].astype(keys.dtype), self.values[layer][:, :, :end].astype(keys.dtype)
 
 
 def attention_mask(positions: np.ndarray, keys: int, window: int | None, dtype) -> mx.array | None:
@@ -109,9 +140,12 @@ class MLXOps(Ops):
     and routers) it keeps in `arrays`, by the id of the numpy array it came from (held too, so
     the id stays its own)."""
     dtype = mx.float16
-    kv_cache = MLXKVCache
-    batched_decoding = False  # concurrent answers take turns (its KV cache is one sequence's)
     allocate_slots = staticmethod(allocate_slots)
+
+    def kv_cache(self, args, capacity: int, dtype, allowance=None) -> MLXKVCache:
+        """A sequence's cache: float16 where the activations are (their keys and values are float16
+        already), else --kv-cache's dtype."""
+        return MLXKVCache(args, capacity, np.float16 if self.dtype == mx.float16 else dtype, allowance)
 
     def __init__(self):
         self.arrays: dict[tuple[int, object], tuple[object, object]] = {}
@@ -157,7 +191,7 @@ class MLXOps(Ops):
 
     def logits(self, x, norm, lm_head, eps):
         """The head: float32 numpy logits, which evaluates the token's whole graph once."""
-        return np.array(self.linear(self.rms_norm(x, norm, eps), lm_head).astype(mx.float32))
+        return to_host(self.linear(self.rms_norm(x, norm, eps), lm_head).astype(mx.float32))[0]
 
     def attention_block(self, x, layer, args, cache, index, positions, inv_freq):
         x = self.to_mlx(x)
@@ -184,6 +218,19 @@ class MLXOps(Ops):
         if args.qk_norm == "head":
             q, k = self.rms_norm(q, layer.q_norm, eps), self.rms_norm(k, layer.k_norm, eps)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+        if isinstance(cache, SequenceBatch):  # a token of each sequence, each attending to its own cache
+            out = mx.concatenate([self.attend(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], layer, args, c,
+                                              index, positions[i:i + 1], inv_freq) for i, c in enumerate(cache.caches)],
+                                 axis=2)
+        else:
+            out = self.attend(q, k, v, layer, args, cache, index, positions, inv_freq)
+        out = self.linear(out.transpose(0, 2, 1, 3).reshape(T, heads * dim), layer.wo)
+        return out + self.vector(layer.bo, x.dtype) if args.o_bias else out
+
+    def attend(self, q, k, v, layer, args, cache: MLXKVCache, index: int, positions: np.ndarray,
+               inv_freq: np.ndarray) -> mx.array:
+        """One sequence's rows ([1, heads, T, dim] each): rotary embedding, then attention over its cache."""
+        dim = args.head_dim
         # transformers' rotate-half RoPE is MLX's non-traditional one; YaRN's frequencies are given
         # as periods, and its attention factor (transformers scales cos and sin) scales q and k.
         if args.rope_scaling is None:
@@ -195,16 +242,13 @@ class MLXOps(Ops):
         if args.rope_scaling is not None:
             q, k = q * args.rope_scaling.attention_factor, k * args.rope_scaling.attention_factor
         keys, values = cache.update(index, k, v)
-        mask = attention_mask(positions, keys.shape[2], args.window(index), x.dtype)
+        mask = attention_mask(positions, keys.shape[2], args.window(index), q.dtype)
         scale = dim ** -0.5 if args.attention_multiplier is None else args.attention_multiplier
-        sinks = None if layer.sinks is None else self.vector(layer.sinks, x.dtype)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask, sinks=sinks)
-        out = self.linear(out.transpose(0, 2, 1, 3).reshape(T, heads * dim), layer.wo)
-        return out + self.vector(layer.bo, x.dtype) if args.o_bias else out
+        sinks = None if layer.sinks is None else self.vector(layer.sinks, q.dtype)
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask, sinks=sinks)
 
-    def route_tokens(self, h, router, k, renormalize=True, bias=None):
-        """model.route_tokens in float32, brought to numpy (statistics, steering and the expert
-        cache need to know which experts a token chose before their weights are read)."""
+    def route(self, h, router, k, renormalize=True, bias=None) -> tuple[mx.array, mx.array]:
+        """model.route_tokens in float32, left on the device: ([T, k] experts, weights)."""
         logits = self.to_mlx(h).astype(mx.float32) @ self.vector(router, mx.float32).T
         if bias is not None:
             logits = logits + self.vector(bias, mx.float32)
@@ -213,8 +257,75 @@ class MLXOps(Ops):
         weights = mx.take_along_axis(probs, chosen, axis=-1)
         if renormalize:
             weights = weights / weights.sum(axis=-1, keepdims=True)
-        mx.eval(chosen, weights)
-        return np.array(chosen).astype(np.int64), np.array(weights)
+        return chosen, weights
+
+    def route_tokens(self, h, router, k, renormalize=True, bias=None):
+        """model.route_tokens brought to numpy: where the experts come from a cache, or steering or a
+        trace needs the choice, the host must know it before the experts' weights are read."""
+        chosen, weights = to_host(*self.route(h, router, k, renormalize, bias))
+        return chosen.astype(np.int64), weights
+
+    def routed_experts_on_device(self, h, layer, args, call):
+        """The routed experts without the host: the layer's experts stacked as mlx-lm stacks them
+        (SwitchGLU), each token's k applied by mx.gather_qmm and summed by weight, all left in the
+        token's lazy graph (evaluated once, with the logits). None where the experts are not of one
+        quantized format (their own kernels per expert then)."""
+        stacked = self.stacked_experts(layer.experts)
+        if stacked is None:
+            return None
+        h = self.to_mlx(h)
+        chosen, weights = self.route(h, layer.router, call.experts_per_token, args.norm_topk_prob, layer.router_bias)
+        T, k = chosen.shape
+        if T * k >= SORT_FROM:  # a prompt: rows sorted by expert, so that each expert's weights are read once
+            flat = chosen.reshape(-1)
+            order = mx.argsort(flat)
+            x, indices = h[order // k][:, None, :], flat[order]
+            y = self.switch_glu(x, indices, stacked, sorted_indices=True)[:, 0]
+            y = y[mx.argsort(order)].reshape(T, k, -1)
+        else:
+            y = self.switch_glu(h[:, None, None, :], chosen, stacked)[:, :, 0]
+        out = (y * weights.astype(y.dtype)[..., None]).sum(axis=1)
+        return chosen, weights, out
+
+    def switch_glu(self, x: mx.array, indices: mx.array, stacked: "StackedExperts",
+                   sorted_indices: bool = False) -> mx.array:
+        """Each row of x through the expert its index names: w2(glu(w1 x, w3 x)), as expert_ffn."""
+        def product(x, m, bias):
+            words, scales, biases, bits, group_size = m
+            y = mx.gather_qmm(x, words, scales, biases, rhs_indices=indices, transpose=True, group_size=group_size,
+                              bits=bits, sorted_indices=sorted_indices)
+            return y if bias is None else y + mx.expand_dims(bias[indices], -2)
+        gate, up = product(x, stacked.w1, stacked.b1), product(x, stacked.w3, stacked.b3)
+        if stacked.glu is None:
+            hidden = gate * mx.sigmoid(gate) * up
+        else:
+            limit = stacked.glu.limit
+            gate, up = mx.minimum(gate, limit), mx.clip(up, -limit, limit)
+            hidden = (up + 1) * (gate * mx.sigmoid(gate * stacked.glu.alpha))
+        return product(hidden, stacked.w2, stacked.b2)
+
+    def stacked_experts(self, source) -> "StackedExperts | None":
+        """A resident layer's experts as MLX arrays [experts, rows, ...] per matrix, made once (None
+        where they are not all quantized in one format)."""
+        def make():
+            experts = list(source)
+            if not all(is_quantized(m) for e in experts for m in (e.w1, e.w2, e.w3)) or len(source.shapes()) != 1:
+                return None
+            dtype = self.dtype
+
+            def stack(name):
+                matrices = [getattr(e, name) for e in experts]
+                return (mx.array(np.stack([m.words for m in matrices])),
+                        mx.array(np.stack([m.scales for m in matrices])).astype(dtype),
+                        mx.array(np.stack([m.biases for m in matrices])).astype(dtype),
+                        matrices[0].bits, matrices[0].group_size)
+
+            def biases(name):
+                values = [getattr(e, name) for e in experts]
+                return None if values[0] is None else mx.array(np.stack(values).astype(np.float32)).astype(dtype)
+            return StackedExperts(stack("w1"), stack("w2"), stack("w3"), biases("b1"), biases("b2"), biases("b3"),
+                                  experts[0].glu)
+        return self._made(source, "stacked", make)
 
     def expert_ffn(self, x: mx.array, expert) -> mx.array:
         gate, up = self.linear(x, expert.w1), self.linear(x, expert.w3)
@@ -248,7 +359,10 @@ class MLXOps(Ops):
                 scale = mx.array(weights[rows, slots].astype(np.float32)).astype(h.dtype)[:, None]
                 rows_mx = mx.array(rows)
                 out = out.at[rows_mx].add(self.expert_ffn(h[rows_mx], expert) * scale)
-            if source.on_demand:  # computed before the next batch may reuse these slots
+            # computed before the next batch may take these slots. One token's experts are one batch,
+            # left lazy: the next layer's routing, which the host waits for before it brings experts
+            # in, computes them (and the cache evicts none of them, in use, until then).
+            if source.on_demand and len(h) > 1:
                 mx.eval(out)
         return out
 
