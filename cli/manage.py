@@ -44,7 +44,7 @@ def shown(folder: Path) -> str:
 
 def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME), Hugging Face or mlx-lm folder, "
                                                 "or FILE.gguf."),
-         bits: str = typer.Option("4", help="4, 8, mixed (experts at 4 bits, attention and embeddings at 8) or 2 (experts at 2 bits, the rest at 4)."),
+         bits: str = typer.Option("4", help="4, 8, mixed (experts at 4 bits, attention and embeddings at 8), 3 or 2 (experts at 3 or 2 bits, the rest at 4)."),
          group_size: int = typer.Option(64, "--group-size", help="Values per scale and bias: 32, 64 or 128."),
          name: Optional[str] = typer.Option(None, help="Model name (default: the repo's name and bits)."),
          revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub repository."),

@@ -85,7 +85,7 @@ class TensorLayout:
     file: str
     offset: int
     shape: tuple[int, ...]
-    dtype: str              # "f32", or "q2" / "q4" / "q8" for quantized
+    dtype: str              # "f32", or "q2" / "q3" / "q4" / "q8" for quantized
     group_size: int | None
 
     @property
@@ -227,7 +227,7 @@ def open_manifest(folder: Path, source: str) -> tuple[dict, ModelArgs, dict[str,
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-TENSOR_DTYPES = {"f32": None, "q2": 2, "q4": 4, "q8": 8}  # what the backends read
+TENSOR_DTYPES = {"f32": None, "q2": 2, "q3": 3, "q4": 4, "q8": 8}  # what the backends read
 MAX_FILE_BYTES = 1 << 50
 
 
@@ -283,7 +283,8 @@ def check_manifest(manifest, folder: Path, source: str) -> tuple[ModelArgs, dict
                                     f"group size {group_size!r:.20}")
         else:
             if not isinstance(dtype, str) or TENSOR_DTYPES.get(dtype) is None:
-                raise LocalmixError(f"{where}: dtype must be one of q2, q4, q8, got {dtype!r:.20}")
+                quantized = ", ".join(name for name, bits in TENSOR_DTYPES.items() if bits)
+                raise LocalmixError(f"{where}: dtype must be one of {quantized}, got {dtype!r:.20}")
             if type(group_size) is not int or group_size not in GROUP_SIZES or shape[1] % group_size:
                 raise LocalmixError(f"{where}: group size {group_size!r:.20} does not divide its {shape[1]} "
                                     f"columns or is not one of {', '.join(map(str, GROUP_SIZES))}")

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-BITS = (4, 8)
+BITS = (2, 3, 4, 8)  # what localmix holds and its kernels run
 GROUP_SIZES = (32, 64, 128)
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """[rows, cols] integers in [0, 2^bits) -> [rows, cols * bits / 32] uint32 words."""
+    """[rows, cols] integers in [0, 2^bits) -> [rows, cols * bits / 32] uint32 words: a little-endian
+    stream of bits-bit values (3 bits: 8 values in 3 bytes, a value may span two words)."""
+    if 32 % bits:
+        stream = ((q.astype(np.uint8)[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(q.shape[0], -1)
+        return np.packbits(stream, axis=1, bitorder="little").view(np.uint32)
     per_word = 32 // bits
     q = q.astype(np.uint32).reshape(q.shape[0], -1, per_word)
     shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(bits)
@@ -25,6 +29,10 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(words: np.ndarray, bits: int) -> np.ndarray:
     """The inverse of pack: [rows, words] uint32 -> [rows, words * 32 / bits] uint8."""
+    if 32 % bits:
+        stream = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1, bitorder="little")
+        stream = stream.reshape(words.shape[0], -1, bits)
+        return (stream << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
     per_word = 32 // bits
     shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(bits)
     q = (words[..., None] >> shifts) & np.uint32((1 << bits) - 1)

@@ -29,7 +29,7 @@ from localmix.tokenizer import HF_TOKENIZER, SENTENCEPIECE, load_tokenizer, read
 from localmix.store import DENSE_FILE, FORMAT_VERSION, MANIFEST, TensorLayout, plan_layout, sha256_of, tensor_file
 
 BLOCK_VALUES = 1 << 22  # values converted at a time: 16 MB of float32, ~150 MB with temporaries
-BITS_CHOICES = ("4", "8", "mixed", "2")
+BITS_CHOICES = ("4", "8", "mixed", "3", "2")
 
 
 def bits_policy(bits: str, args: ModelArgs) -> Callable[[str], int]:
@@ -40,8 +40,8 @@ def bits_policy(bits: str, args: ModelArgs) -> Callable[[str], int]:
     mixed: the experts (nearly all the parameters) at 4 bits, everything else at 8: attention,
        and the embeddings, whose error enters the residual stream directly (on the peers' mini
        model it is most of the 4-bit model's divergence from the original).
-    2: the experts at 2 bits (for small memories: a Mixtral 8x7B's experts in 13 GB instead of
-       25), everything else at 4, the output projection at 8."""
+    3, 2: the experts at 3 or 2 bits (for small memories: a Mixtral 8x7B's experts in 19 or 13 GB
+       instead of 25), everything else at 4, the output projection at 8."""
     if bits not in BITS_CHOICES:
         raise LocalmixError(f"--bits must be one of {', '.join(BITS_CHOICES)}, got {bits!r}")
     output = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
@@ -52,8 +52,8 @@ def bits_policy(bits: str, args: ModelArgs) -> Callable[[str], int]:
         if bits == "4":
             return 4
         expert = tensor_file(name, args) != DENSE_FILE
-        if bits == "2":
-            return 2 if expert else 4
+        if bits in ("3", "2"):
+            return int(bits) if expert else 4
         return 4 if expert else 8
     return policy
 

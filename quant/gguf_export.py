@@ -4,7 +4,7 @@ engines that take GGUF (llama.cpp's RPC backend across machines, Ollama's server
 llama.cpp's Q4_1 is the rule localmix's 4-bit groups follow, x = d q + m in blocks of 32, so 4-bit
 groups of 64 (or 32, 128) become Q4_1 blocks exactly: a group's scale and bias serve each of its
 blocks as d and m, and only the nibbles move (MLX packs value k of a word at bits 4k; a Q4_1 block's
-byte j holds values j and j + 16). 2-bit groups become Q4_1 exactly too (their values are 4-bit
+byte j holds values j and j + 16). 3- and 2-bit groups become Q4_1 exactly too (their values are 4-bit
 ones below 4; GGUF has no affine 2-bit type, and Q2_K is not affine in groups), at 1.8 times their
 bytes. GGUF has no affine 8-bit type, so 8-bit tensors (the output head of a `--bits 4` model, say)
 are dequantized and stored as F16, the closest GGUF allows, and the export says so. Norms and routers stay F32. llama.cpp keeps Mixtral's q and k
@@ -65,11 +65,11 @@ def permute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def gguf_kind(matrix) -> str:
-    """The GGUF type a stored tensor becomes: Q4_1 for 4- and 2-bit groups (exact), F16 for 8-bit
+    """The GGUF type a stored tensor becomes: Q4_1 for 4-, 3- and 2-bit groups (exact), F16 for 8-bit
     ones (dequantized), F32 for float tensors."""
     if isinstance(matrix, np.ndarray):
         return "F32"
-    return "Q4_1" if matrix.bits in (2, 4) and matrix.group_size % 32 == 0 else "F16"
+    return "Q4_1" if matrix.bits in (2, 3, 4) and matrix.group_size % 32 == 0 else "F16"
 
 
 def stack_kind(matrices: list) -> str:
@@ -202,9 +202,11 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, on_progress=N
     if again:
         say(f"{', '.join(again)} tensors become F16 (dequantized: GGUF has no affine type for them); "
             f"4-bit ones are copied as Q4_1 exactly")
-    if any(m.bits == 2 for ms in tensors.values() for m in ms if not isinstance(m, np.ndarray)):
-        say("2-bit tensors become Q4_1 exactly (their values fit 4 bits; GGUF has no affine 2-bit type), "
-            "so the file is larger than the model")
+    small = sorted({f"{m.bits}-bit" for ms in tensors.values() for m in ms
+                    if not isinstance(m, np.ndarray) and m.bits in (2, 3)})
+    if small:
+        say(f"{' and '.join(small)} tensors become Q4_1 exactly (their values fit 4 bits; GGUF has no affine "
+            f"type of fewer bits), so the file is larger than the model")
 
     def nbytes(source):
         rows, cols = as_rows(parts[source][0][1])

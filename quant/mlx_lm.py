@@ -84,7 +84,7 @@ def mlx_lm_config(config: dict, args: ModelArgs, source: str) -> dict:
 def quantization_settings(block, source: str) -> tuple[dict, dict]:
     """config.json's "quantization" block: the default {bits, group_size}, and per module either
     its own settings or true/false (quantized with the default, or not at all), as mlx-lm writes
-    them. Only what localmix can hold is accepted: affine mode, 4 or 8 bits, groups of 32-128."""
+    them. Only what localmix can hold is accepted: affine mode, 2, 3, 4 or 8 bits, groups of 32-128."""
     block = validate.json_object(block, source, "quantization")
 
     def setting(entry: dict, what: str) -> dict:

@@ -185,7 +185,7 @@ def main() -> None:
     for name in ("hidden", "ffn", "layers", "heads", "kv-heads", "head-dim", "experts", "top-k", "vocab"):
         parser.add_argument(f"--{name}", type=int, help="default: the family's real shape")
     parser.add_argument("--bits", choices=BITS_CHOICES, default="4",
-                        help="the stored formats, as `localmix pull --bits` chooses them (2: experts at 2 bits)")
+                        help="the stored formats, as `localmix pull --bits` chooses them (3, 2: experts at 3 or 2 bits)")
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
     shape = dict(SHAPES[a.family])

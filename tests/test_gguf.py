@@ -543,8 +543,8 @@ def test_a_pulled_gguf_exports_to_mlx_lm(family_gguf, tmp_path):
 
 # --- export: a localmix model as a GGUF file llama.cpp loads ---------------------------------------
 
-@pytest.mark.parametrize("bits,group_size", [("4", 64), ("4", 32), ("2", 64)])
-def test_export_copies_4_and_2_bit_groups_as_q4_1_exactly_and_imports_back(hf, tmp_path, bits, group_size):
+@pytest.mark.parametrize("bits,group_size", [("4", 64), ("4", 32), ("3", 64), ("2", 64)])
+def test_export_copies_4_3_and_2_bit_groups_as_q4_1_exactly_and_imports_back(hf, tmp_path, bits, group_size):
     result = localmix_cli("pull", hf, "--bits", bits, "--group-size", group_size, "--name", "tiny",
                           env={"LOCALMIX_HOME": str(tmp_path / "home")})
     assert result.returncode == 0, result.stderr
@@ -553,7 +553,7 @@ def test_export_copies_4_and_2_bit_groups_as_q4_1_exactly_and_imports_back(hf, t
     result = localmix_cli("export", folder, out)
     assert result.returncode == 0, result.stderr
     assert "8-bit tensors become F16" in result.stderr and not list(tmp_path.glob(".tiny.gguf*"))
-    assert ("2-bit tensors become Q4_1 exactly" in result.stderr) == (bits == "2")
+    assert (f"{bits}-bit tensors become Q4_1 exactly" in result.stderr) == (bits in ("3", "2"))
     model = localmix.load(folder, backend="numpy")
     weights, heads = model.transformer.weights, model.config.num_attention_heads
     reader = gguf.GGUFReader(str(out))

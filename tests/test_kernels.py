@@ -69,7 +69,7 @@ def assert_close(ours, reference, rtol):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=rtol * np.abs(reference).max() + 1e-7)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_activations_are_int16_in_kernel_order(bits, group_size):
     rng = np.random.default_rng(bits + group_size)
@@ -96,7 +96,7 @@ def test_zero_activations_quantize_without_dividing_by_zero():
 
 
 @pytest.mark.parametrize("vector", PATHS)
-@pytest.mark.parametrize("bits", [2, 4, 8])  # 2: the expert cache's shadow copies
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])  # 2, 3: small experts (2: the cache's shadow copies too)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matmul_matches_its_twin(vector, bits, group_size, shape):
@@ -118,7 +118,7 @@ def test_rows_that_are_not_whole_vector_units_still_multiply():
     assert_within_activation_rounding(kernels.matmul(x, m), x, m)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_both_kernel_paths_give_the_same_sums(bits, group_size):
     needs(True)
@@ -234,7 +234,7 @@ def test_attention_matches_the_model(heads, kv_heads, window, dtype):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_dequantize_kernel_matches_its_twin(bits):
     m = packed_matrix(np.random.default_rng(bits), (33, 256), bits, 64)
     np.testing.assert_array_equal(kernels.dequantize(*m[:3], bits, 64), dequantize(*m[:3], bits, 64))

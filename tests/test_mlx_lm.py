@@ -84,13 +84,17 @@ def test_import_copies_the_quantized_tensors_bit_for_bit(hf, tmp_path, scale_dty
     assert localmix_cli("verify", folder).returncode == 0
 
 
-def test_export_then_import_is_lossless_and_mlx_lm_agrees(hf, tmp_path):
-    original = convert(LocalSource(hf), tmp_path / "tiny-q4", bits="4")
+@pytest.mark.parametrize("bits", ["4", "3"])
+def test_export_then_import_is_lossless_and_mlx_lm_agrees(hf, tmp_path, bits):
+    """3: experts at 3 bits (MLX's own 3-bit packing), the rest at 4, exported with per-module settings."""
+    original = convert(LocalSource(hf), tmp_path / "tiny-q4", bits=bits)
     exported = tmp_path / "tiny-mlx"
     result = localmix_cli("export", original, exported, "--format", "mlx-lm")
     assert result.returncode == 0, result.stderr
     config = json.loads((exported / "config.json").read_text())
-    assert config["quantization"]["bits"] == 4 and config["quantization"]["lm_head"] == {"bits": 8, "group_size": 64}
+    assert config["quantization"]["lm_head"] == {"bits": 8, "group_size": 64}
+    experts = config["quantization"].get("model.layers.0.block_sparse_moe.switch_mlp.gate_proj", config["quantization"])
+    assert experts["bits"] == int(bits)
     again = tmp_path / "home" / "models" / "back"
     assert localmix_cli("pull", exported, "--name", "back", env={"LOCALMIX_HOME": str(tmp_path / "home")}).returncode == 0
     a, b = read_manifest(original), read_manifest(again)
@@ -103,6 +107,18 @@ def test_export_then_import_is_lossless_and_mlx_lm_agrees(hf, tmp_path):
     theirs = np.array(model(mx.array([IDS]))[0].astype(mx.float32))
     ours = localmix.load(original, backend="numpy").logits(IDS)
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-4
+
+
+def test_a_three_bit_mlx_lm_folder_is_imported_as_it_is(hf, tmp_path):
+    source = tmp_path / "mixtral-3bit-mlx"
+    quantized = mlx_lm_folder(hf, source, bits=3)
+    result = localmix_cli("pull", source, env={"LOCALMIX_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    model = localmix.load(tmp_path / "home" / "models" / "mixtral-3bit-mlx")
+    words, _, _ = quantized["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    np.testing.assert_array_equal(model.transformer.weights.layers[1].experts[2].w3.words, words)
+    reference = localmix.load(tmp_path / "home" / "models" / "mixtral-3bit-mlx", backend="numpy").logits(IDS)
+    assert np.abs(model.logits(IDS) - reference).max() <= 1e-3 * np.abs(reference).max()  # the kernels' 3 bits
 
 
 def test_bad_exports(hf, tmp_path):

@@ -103,11 +103,11 @@ def test_numba_backend_matches_the_numpy_reference(q4, vector, kv_cache, monkeyp
     assert (fast.argmax(-1) == reference.argmax(-1)).mean() >= 0.8
 
 
-@pytest.mark.parametrize("bits", ["8", "mixed", "2"])
+@pytest.mark.parametrize("bits", ["8", "mixed", "3", "2"])
 def test_decoding_kernels_with_a_sliding_window_and_other_formats(tmp_path, bits):
     """The fused decoding layer (kernels.decode_qkv, decode_attention, decode_experts) on 8-bit, mixed (q, k,
-    v at 8 bits, experts at 4) and 2-bit models (experts at 2, the rest at 4), top-3 routing, a window shorter
-    than the text, f16 cache."""
+    v at 8 bits, experts at 4), 3- and 2-bit models (experts at 3 or 2, the rest at 4), top-3 routing, a
+    window shorter than the text, f16 cache."""
     make_hf_model(tmp_path / "hf", dtype=torch.bfloat16, sliding_window=4, num_experts_per_tok=3, **SHAPE)
     folder = convert(LocalSource(tmp_path / "hf"), tmp_path / "model", bits=bits)
     ids = np.random.default_rng(5).integers(0, 32000, 10)
@@ -151,9 +151,9 @@ def test_more_bits_less_divergence(hf_folder, q4, tmp_path):
     ids = np.random.default_rng(1).integers(0, 32000, 40)
     base = localmix.load(hf_folder).logits(ids)
     kl = {"4": kl_divergence(base, localmix.load(q4).logits(ids))}
-    for bits in ("8", "mixed", "2"):
+    for bits in ("8", "mixed", "3", "2"):
         kl[bits] = kl_divergence(base, localmix.load(convert(LocalSource(hf_folder), tmp_path / bits, bits)).logits(ids))
-    assert 0 < kl["8"] < kl["mixed"] < kl["4"] < kl["2"], kl
+    assert 0 < kl["8"] < kl["mixed"] < kl["4"] < kl["3"] < kl["2"], kl
 
 
 def test_verify_finds_corruption(q4, tmp_path):
@@ -205,7 +205,7 @@ def test_group_size_and_bits_errors(hf_folder, tmp_path):
     with pytest.raises(LocalmixError, match="--group-size must be one of"):
         convert(LocalSource(hf_folder), tmp_path / "m", "4", group_size=48)
     with pytest.raises(LocalmixError, match="--bits must be one of"):
-        convert(LocalSource(hf_folder), tmp_path / "m", "3")
+        convert(LocalSource(hf_folder), tmp_path / "m", "5")
     odd = tmp_path / "odd"
     make_hf_model(odd, intermediate_size=96)
     with pytest.raises(LocalmixError, match="96 columns, not a multiple of the group size 64"):
@@ -278,7 +278,8 @@ def test_shapes_and_sizes_must_be_what_the_config_implies(q4, tmp_path):
     for i, (edit, message) in enumerate([
         (lambda m: m["tensors"][name].update(shape=m["tensors"][name]["shape"][::-1]), "expected .* from the config"),
         (lambda m: m["tensors"][name].update(offset=2 ** 62), "offset is 4611686018427387904"),
-        (lambda m: m["tensors"][name].update(dtype="q3"), "dtype must be one of q2, q4, q8"),
+        (lambda m: m["tensors"][name].update(dtype="q5"), "dtype must be one of q2, q3, q4, q8"),
+        (lambda m: m["tensors"][name].update(dtype="q3"), "nbytes is"),
         (lambda m: m["tensors"][name].update(file="../dense.bin"), "file is '../dense.bin'"),
         (lambda m: m["files"]["dense.bin"].update(size=2 * m["files"]["dense.bin"]["size"]), "its tensors fill"),
         (lambda m: m["config"].update(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),

@@ -8,7 +8,7 @@ from localmix.errors import LocalmixError
 from localmix.quant.affine import quantize
 from localmix.store import QuantizedMatrix, expert_matrix
 
-SHADOW_BITS = (2,)  # what the kernels run besides the stored 4 and 8 bits (3 bits do not divide their 16-bit lanes)
+SHADOW_BITS = (2,)  # the copies' width: the smallest the vector kernels run (in groups of 64)
 SHADOW_SEARCH_STEPS = 4  # of quantize()'s scale search: most of its gain at 2 bits (rel. error 0.347 vs 0.345 with 20
                          # on Gaussian weights, 0.395 with none), at a fifth of the time
 

@@ -13,11 +13,13 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from localmix.kernels.features import chunk_values, values_per_lane
+
 
 @njit(inline="always", fastmath=True)
 def _quantize_token(x, t, bits, group_size, xq, dx, sums, sums_by_token):
     K = x.shape[1]
-    per_lane = 16 // bits
+    per_lane = values_per_lane(bits)
     per_chunk = 16 * per_lane
     middle = np.float32(1 << (bits - 1))
     values = np.empty(K, np.int16)  # natural order first: these loops vectorize
@@ -79,14 +81,14 @@ def _parallel_quantizer(bits: int, group_size: int):
 
 
 _QUANTIZERS = {(bits, group_size, parallel): (_parallel_quantizer if parallel else _quantizer)(bits, group_size)
-               for bits in (2, 4, 8) for group_size in (32, 64, 128) for parallel in (False, True)}
+               for bits in (2, 3, 4, 8) for group_size in (32, 64, 128) for parallel in (False, True)}
 
 
 @njit(cache=True, nogil=True)
 def _activation_arrays(T, K, bits, group_size):
     """The arrays of QuantizedActivations for T rows of K values: values in whole 64-byte blocks
     of weights (two 32-byte chunks), zero-padded."""
-    per_block = 512 // bits
+    per_block = 2 * chunk_values(bits)
     return (np.empty((T, (K + per_block - 1) // per_block * per_block), np.int16),
             np.empty((T, K // group_size), np.float32),
             np.empty((K // group_size, 2, T), np.float32),

@@ -31,7 +31,8 @@ from numba.extending import register_jitable
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 # What the vector kernels run: the stored formats, and 2 bits for the expert cache's shadow copies
 # (2-bit groups of 32 are a quarter of a 32-byte chunk, which the kernels do not split: plain path).
-FORMATS = [(bits, group_size) for bits in (4, 8) for group_size in (32, 64, 128)] + [(2, 64), (2, 128)]
+FORMATS = [(bits, group_size) for bits in (4, 8) for group_size in (32, 64, 128)] + \
+    [(bits, group_size) for bits in (2, 3) for group_size in (64, 128)]
 TILE = 4              # tokens multiplied per pass over a weight row in prefill: unpack once, use 4 times
 PREFETCH = 8192       # bytes ahead of the row being read: with the hardware prefetcher alone a row
                       # streams at a third of the memory bandwidth here, 8 KiB ahead at 3/4 of it
@@ -136,8 +137,17 @@ def vnni_instruction() -> str | None:
     return None
 
 
+@register_jitable
 def values_per_lane(bits: int) -> int:
-    return 16 // bits
+    """Values of a 16-bit lane of unpacked weights: 16 // bits, and 4 for 3 bits (12 of the lane's
+    bits: a 32-byte vector of lanes comes from 24 bytes, 64 values, as a 4-bit chunk's)."""
+    return 4 if bits == 3 else 16 // bits
+
+
+@register_jitable
+def chunk_values(bits: int) -> int:
+    """Values of a chunk: the weights one 256-bit vector of 16-bit lanes holds once unpacked."""
+    return 16 * values_per_lane(bits)
 
 
 # Rows of weights per full tile of prompt tokens: with two, each activation vector loaded serves

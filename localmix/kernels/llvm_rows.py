@@ -2,7 +2,8 @@
 
 The weights stay packed. A 32-byte chunk is read as 16 lanes of 16 bits; lane i holds values
 i*vpl .. i*vpl+vpl-1 of the chunk (vpl = 16 / bits values per lane), so `(lane >> bits*j) & mask` is
-value j of every lane at once. The activations are stored in that order (value j of every lane side
+value j of every lane at once. 3-bit weights come in 24-byte chunks, spread into the same 16 lanes
+of 4 values by a byte shuffle and a shift (three_bit_lanes), then read as the others. The activations are stored in that order (value j of every lane side
 by side, see localmix.kernels.activations), so the product of a chunk is vpl `pmaddwd`s on
 registers, with no unpacking to bytes and no shuffles; in prompts `vpdpwssd` where the CPU has VNNI
 (12% faster here). The float accumulators stay in registers for the whole row.
@@ -35,6 +36,7 @@ llvm.initialize_native_asmparser()
 # two groups (4 bits, group 32). Its integer dot product is an [8 x i32] vector per token.
 
 _i16, _i32, _i64, _f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+THREE_BIT_SHIFT = 4  # where a 3-bit lane's first value starts (see _RowEmitter.three_bit_lanes)
 
 
 def _vector(t, n):
@@ -61,6 +63,7 @@ class _RowEmitter:
         self.f32s = _vector(_f32, self.lanes)
         self.per_lane = values_per_lane(bits)
         self.chunk_values = 2 * self.lanes * self.per_lane
+        self.chunk_bytes = self.chunk_values * bits // 8
         unit_values = max(group_size, self.chunk_values)
         self.chunks_per_unit, self.groups_per_unit = unit_values // self.chunk_values, unit_values // group_size
         module = builder.module
@@ -74,6 +77,27 @@ class _RowEmitter:
         self.prefetch = _llvm_function(module, "llvm.prefetch.p0", ir.VoidType(),
                                        [ir.IntType(8).as_pointer(), _i32, _i32, _i32])
         self.reduce = _llvm_function(module, f"llvm.vector.reduce.fadd.v{self.lanes}f32", _f32, [_f32, self.f32s])
+
+    def three_bit_lanes(self, addr):
+        """A 3-bit chunk (24 bytes, or 48: 64 or 128 values, a little-endian stream of 3-bit values)
+        as 16-bit lanes of 4 values each, lane i holding values 4i..4i+3 at bits 4, 7, 10, 13 (read
+        with THREE_BIT_SHIFT added to the shifts): lane i's 12 bits start at bit 12i of the chunk, in
+        bytes 3i/2 and the next. Each 128-bit quarter of lanes (8 lanes, 12 bytes) is one 16-byte
+        load, within the chunk, and one in-lane byte shuffle (vpshufb); even lanes are then shifted
+        left by 4 (odd ones start at bit 4 of their pair already), a multiplication by a constant."""
+        b, byte16 = self.b, _vector(ir.IntType(8), 16)
+        quarters = []
+        for q in range(self.lanes // 4):
+            skip = 4 * (q % 2)  # odd quarters load 4 bytes early: the last one ends at the chunk's end
+            piece = self.load(addr, byte16, self.const(12 * q - skip))
+            pairs = [skip + 3 * i // 2 + k for i in range(8) for k in (0, 1)]
+            quarters.append(b.shuffle_vector(piece, piece, ir.Constant(_vector(_i32, 16), pairs)))
+        while len(quarters) > 1:
+            n = 2 * quarters[0].type.count
+            quarters = [b.shuffle_vector(quarters[k], quarters[k + 1], ir.Constant(_vector(_i32, n), list(range(n))))
+                        for k in range(0, len(quarters), 2)]
+        lanes = b.bitcast(quarters[0], self.i16s)
+        return b.shl(lanes, ir.Constant(self.i16s, [4 * (1 - i % 2) for i in range(2 * self.lanes)]))
 
     def const(self, v, ty=_i64):
         return ir.Constant(ty, v)
@@ -127,12 +151,13 @@ class _RowEmitter:
             chunk = b.add(b.mul(u, self.const(self.chunks_per_unit)), self.const(c))
             lanes = []
             for r in range(rows):
-                w_chunk = self.at(self.row_addr(self.w_addr, r, self.w_row_stride), chunk, self.width // 8)
-                w = self.load(w_chunk, self.i16s)
+                w_chunk = self.at(self.row_addr(self.w_addr, r, self.w_row_stride), chunk, self.chunk_bytes)
+                w = self.load(w_chunk, self.i16s) if self.bits != 3 else self.three_bit_lanes(w_chunk)
                 ahead = b.add(w_chunk, self.const(PREFETCH))
                 b.call(self.prefetch, [b.inttoptr(ahead, ir.IntType(8).as_pointer()), self.const(0, _i32),
                                        self.const(3, _i32), self.const(1, _i32)])
-                lanes.append([b.and_(b.lshr(w, ir.Constant(self.i16s, [self.bits * j] * (2 * self.lanes))), mask)
+                start = THREE_BIT_SHIFT if self.bits == 3 else 0
+                lanes.append([b.and_(b.lshr(w, ir.Constant(self.i16s, [start + self.bits * j] * (2 * self.lanes))), mask)
                               for j in range(self.per_lane)])
             # activations in 64-byte blocks of weights: value j of the block's 32 lanes side by side
             if self.width == 512:

@@ -15,7 +15,7 @@ from numba import njit, prange
 from localmix import kernels
 from localmix.kernels.activations import QuantizedActivations, quantize_activations
 from localmix.kernels.features import (BLOCK_BYTES, FORMATS, HALF_TO_FLOAT, TILE, TILE_ROWS, WIDE_TILE, WIDE_VECTORS,
-                                       values_per_lane, wide_decode)
+                                       chunk_values, values_per_lane, wide_decode)
 from localmix.kernels.llvm_rows import row_products
 from localmix.quant.affine import dequantize as dequantize_reference
 
@@ -44,7 +44,7 @@ def matrix_row(m) -> list[int]:
         cached = [0] * 12
         cached[W], cached[S], cached[B] = (a.__array_interface__["data"][0] for a in (m.words, m.scales, m.biases))
         cached[W_STRIDE], cached[S_STRIDE] = row_bytes, m.scales.strides[0]
-        cached[UNITS] = row_bytes * 8 // m.bits // max(m.group_size, 256 // m.bits)
+        cached[UNITS] = row_bytes * 8 // m.bits // max(m.group_size, chunk_values(m.bits))
         cached[ROWS], cached[BLOCK] = rows, max(1, BLOCK_BYTES // row_bytes)
         if not isinstance(m, tuple):
             m.addresses = cached
@@ -71,7 +71,7 @@ def _vector_matmul(table, xv, xd, xs, xt, out, bits, group_size):
         # token where a chunk is one or two groups and the groups come in eights
         wide_rows = WIDE_VECTORS and job[W_STRIDE] % 64 == 0
         groups = job[W_STRIDE] * 8 // bits // group_size
-        wide_units = job[W_STRIDE] * 8 // bits // max(group_size, 512 // bits)
+        wide_units = job[W_STRIDE] * 8 // bits // max(group_size, 2 * chunk_values(bits))
         t = 0
         while t < job[TOKENS]:
             # tiles of WIDE_TILE tokens in 512-bit vectors, of TILE in 256 bits, then what is left
@@ -100,7 +100,7 @@ def runs_vector(bits: int, group_size: int, cols: int) -> bool:
     """Whether the vector kernels take a matrix of this format and width: they work in units of
     max(group, 32 bytes), so 4-bit rows of 32 values more than a multiple of 64 (no real model has
     them) take the plain kernel, and so do 2-bit groups of 32."""
-    return (bits, group_size) in FORMATS and cols % max(group_size, 256 // bits) == 0
+    return (bits, group_size) in FORMATS and cols % max(group_size, chunk_values(bits)) == 0
 
 
 def _vector_runner(bits: int, group_size: int):
@@ -116,18 +116,24 @@ def _plain_matmul(bits: int, group_size: int):
     per_lane = values_per_lane(bits)
     mask = np.uint16((1 << bits) - 1)
     lanes_per_group = group_size // per_lane
+    three = bits == 3
 
     @njit(cache=True, nogil=True, parallel=True)
-    def matmul(xq, dx, xsum, lanes, scales, biases, half, out):
+    def matmul(xq, dx, xsum, packed, scales, biases, half, out):
         T, groups = xq.shape[0], scales.shape[1]
-        for n in prange(lanes.shape[0]):
+        for n in prange(packed.shape[0]):
             for t in range(T):
                 total = np.float32(0.0)
                 for g in range(groups):
                     dot = np.int32(0)
                     for i in range(g * lanes_per_group, (g + 1) * lanes_per_group):
                         chunk, lane = divmod(i, 16)
-                        word = lanes[n, i]
+                        if three:  # lane i's 12 bits (4 values) start at bit 12 i of the row's stream
+                            bit = 12 * i
+                            pair = np.uint32(packed[n, bit // 8]) | (np.uint32(packed[n, bit // 8 + 1]) << 8)
+                            word = np.uint16((pair >> (bit % 8)) & 0xFFF)
+                        else:
+                            word = packed[n, i]
                         for j in range(per_lane):
                             q = np.int32((word >> np.uint16(bits * j)) & mask)
                             at = (chunk // 2) * 32 * per_lane + j * 32 + (chunk % 2) * 16 + lane  # kernel order
@@ -139,7 +145,8 @@ def _plain_matmul(bits: int, group_size: int):
     def run(x: QuantizedActivations, jobs: list[Job], out: np.ndarray) -> None:
         for m, x_row, tokens, out_row, out_col in jobs:
             rows = slice(x_row, x_row + tokens)
-            matmul(x.values[rows], x.scales[rows], x.sums[:, :, rows], m.words.view(np.uint16), m.scales.view(np.uint16),
+            packed = m.words.view(np.uint8 if bits == 3 else np.uint16)  # 3 bits: bytes (a lane spans two)
+            matmul(x.values[rows], x.scales[rows], x.sums[:, :, rows], packed, m.scales.view(np.uint16),
                    m.biases.view(np.uint16), HALF_TO_FLOAT,
                    out[out_row:out_row + tokens, out_col:out_col + m.words.shape[0]])
 
@@ -198,29 +205,31 @@ def matmul_reference(x, matrix) -> np.ndarray:
 # --- dequantize (embedding rows) -----------------------------------------------------------------
 
 def _dequantize_kernel(bits: int):
-    per_word = 32 // bits
     mask = np.uint32((1 << bits) - 1)
 
     @njit(cache=True, nogil=True, parallel=True)
-    def dequantize(words, scales, biases, half, group_size, out):
+    def dequantize(packed, scales, biases, half, group_size, out):
+        # value k of a row: `bits` bits from bit k * bits of the row's little-endian stream (MLX's
+        # packing: whole words for 2, 4 and 8 bits, 8 values in 3 bytes for 3)
         rows, groups = scales.shape
-        words_per_group = group_size // per_word
         for n in prange(rows):
             for g in range(groups):
                 scale, bias = half[scales[n, g]], half[biases[n, g]]
-                for j in range(words_per_group):
-                    word = words[n, g * words_per_group + j]
-                    for k in range(per_word):
-                        out[n, g * group_size + j * per_word + k] = (
-                            np.float32((word >> np.uint32(bits * k)) & mask) * scale + bias)
+                for k in range(g * group_size, (g + 1) * group_size):
+                    bit = k * bits
+                    pair = np.uint32(packed[n, bit // 8])
+                    if bit % 8 + bits > 8:
+                        pair |= np.uint32(packed[n, bit // 8 + 1]) << 8
+                    out[n, k] = np.float32((pair >> np.uint32(bit % 8)) & mask) * scale + bias
 
     return dequantize
 
 
-_DEQUANTIZE = {bits: _dequantize_kernel(bits) for bits in (2, 4, 8)}
+_DEQUANTIZE = {bits: _dequantize_kernel(bits) for bits in (2, 3, 4, 8)}
 
 
 def dequantize(words, scales, biases, bits: int, group_size: int) -> np.ndarray:
     out = np.empty((words.shape[0], words.shape[1] * 32 // bits), np.float32)
-    _DEQUANTIZE[bits](words, scales.view(np.uint16), biases.view(np.uint16), HALF_TO_FLOAT, group_size, out)
+    _DEQUANTIZE[bits](words.view(np.uint8), scales.view(np.uint16), biases.view(np.uint16), HALF_TO_FLOAT, group_size,
+                      out)
     return out

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from localmix.kernels.experts import swiglu
-from localmix.kernels.features import TILE
+from localmix.kernels.features import TILE, chunk_values
 from localmix.kernels.products import matmul
 from localmix.kernels.small_ops import apply_rope, attend, rms_norm, route_tokens
 
@@ -28,7 +28,7 @@ def warm_up(shapes, vector: bool | None = None) -> float:
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     for bits, group_size in sorted(set(shapes)):
-        n = max(group_size, 256 // bits) * 2
+        n = max(group_size, chunk_values(bits)) * 2
         words = rng.integers(0, 2**32, (4, n * bits // 32), dtype=np.uint32)
         scales = np.ones((4, n // group_size), np.float16)
         for tokens in (1, TILE + 1):  # decoding and prompts run different variants
