@@ -138,6 +138,33 @@ def test_answers_decoded_together_get_the_tokens_they_get_alone(model_dir, withi
     assert greedy_tokens(localmix.load(model_dir, backend="numpy").transformer, prompts, 6, together=True) == alone
 
 
+def test_the_server_decodes_answers_together_on_mlx(model_dir):
+    """Eight chats at once through `serve`'s engine on MLX: each answer is the one the model gives
+    alone, and the engine decoded several together (Transformer.step)."""
+    if not model_dir.name.startswith("q4-g64-top2"):
+        pytest.skip("one model is enough for the server")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from conftest import running
+    from localmix.server import create_app
+    model = localmix.load(model_dir, backend="mlx-f32")
+    prompts = [f"Tell me about the number {i}" for i in range(8)]
+    greedy = dict(temperature=0, repeat_penalty=1.0)
+    alone = [model.chat(p, max_tokens=6, **greedy) for p in prompts]
+    app = create_app(model, "tiny")
+    engine = app.state.server.catalog.fixed.engine
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+        def ask(prompt):
+            return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=6, extra_body=greedy).choices[0].message.content
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(ask, prompts)) == alone
+    assert engine.widest >= 2
+
+
 def test_the_kv_cache_option(model_dir):
     """--kv-cache f16 on float32 activations: float16 keys and values, half the bytes, the same tokens
     here; float16 activations keep float16 whatever is asked (their keys are float16 already)."""
