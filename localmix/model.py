@@ -311,7 +311,7 @@ def moe_block(h: np.ndarray, layer: Layer, args: ModelArgs, ops: Ops, call: Rout
     if on_device is not None:
         chosen, weights, out = on_device
         if layer.routing is not None:
-            layer.routing.count(chosen, weights, call)  # device arrays: read back when the counts are
+            layer.routing.count(chosen, weights, call, on_device=True)  # read back when the counts are
     else:
         chosen, weights = ops.route_tokens(h, layer.router, call.experts_per_token, args.norm_topk_prob,
                                            layer.router_bias)

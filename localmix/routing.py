@@ -100,12 +100,12 @@ class LayerRouting:
                                        [[source.is_resident(int(e)) for e in row] for row in chosen])
         return chosen, weights
 
-    def count(self, chosen, weights, call: RoutingCall) -> None:
+    def count(self, chosen, weights, call: RoutingCall, on_device: bool = False) -> None:
         """Count a call's choice ([T, k] experts and weights). A decoded token's is kept in `pending`
-        and counted with the others; so is any choice left on a backend's device (an MLX array),
-        which is read back when they are counted, not in every layer of every token."""
+        and counted with the others; so is a choice left on a backend's device (on_device: MLX
+        arrays), read back when they are counted, not in every layer of every token."""
         consecutive = not call.batched  # rows of several sequences (Transformer.step) count no reuse
-        if (len(chosen) == 1 and consecutive) or not isinstance(chosen, np.ndarray):
+        if (len(chosen) == 1 and consecutive) or on_device:
             if self.pending and (len(self.pending) >= self.PENDING or self.pending[-1][0].shape[1] != chosen.shape[1]):
                 self.flush()
             self.pending.append((chosen, weights, consecutive))

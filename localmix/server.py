@@ -230,7 +230,8 @@ class Ask:
     # structured output: each answer's grammar state, made in the worker thread (a grammar's matcher
     # takes up to a second to build; in the engine thread it would hold up every answer being decoded)
     constraints: list[Constraint] | None = None
-    calls: ToolSyntax | None = None  # tools were offered: the answers' calls are read in this syntax
+    tool_syntax: ToolSyntax | None = None  # tools were offered: the answers' calls are read in this syntax
+    parallel_calls: bool = True  # False: an answer's first call only (OpenAI's parallel_tool_calls)
 
 
 @dataclass
@@ -252,7 +253,7 @@ UNSUPPORTED = {
             "frequency_penalty": (None, 0),
             "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "best_of": (None, 1),
             "echo": (None, False), "suffix": (None, "")},
-    True: {"images": (None, []), "think": (None,), "suffix": (None, ""), "template": (None, ""),
+    True: {"images": (None, []), "think": (None, False), "suffix": (None, ""), "template": (None, ""),
            "context": (None, [])},
 }
 
@@ -428,8 +429,9 @@ def tools_asked(body: dict, ollama: bool) -> tuple[list[dict] | None, str | None
     """The request's tools (None: none offered), its tool_choice ("auto", "none", "required" or a
     function's name: OpenAI's field; Ollama has none, so localmix reads one among its options, as
     it reads its routing fields there), and whether several calls may be made at once."""
-    tools = body.get("tools")
-    choice = ((body.get("options") or {}) if ollama else body).get("tool_choice")
+    fields = (body.get("options") or {}) if ollama else body
+    tools, choice = body.get("tools"), fields.get("tool_choice")
+    parallel = optional(fields, "parallel_tool_calls", True, validate.boolean)
     if tools in (None, []):
         if choice not in (None, "none", "auto"):
             raise BadRequest(400, "request: tool_choice needs tools", param="tool_choice")
@@ -443,8 +445,21 @@ def tools_asked(body: dict, ollama: bool) -> tuple[list[dict] | None, str | None
         if choice not in tool_names(tools):
             raise BadRequest(400, 'request: tool_choice must be "none", "auto", "required" or {"type": "function", '
                                   '"function": {"name": the name of one of the tools}}', param="tool_choice")
-    parallel = optional((body.get("options") or {}) if ollama else body, "parallel_tool_calls", True, validate.boolean)
     return tools, choice, parallel
+
+
+class AnswerCalls:
+    """One answer's tool calls, read as its steps come (tools.CallReader), as the APIs report them: the
+    text to show at each step, and at the last the calls (the first alone where parallel calls
+    were not asked for) and the finish reason ("tool_calls" where an answer that stopped called)."""
+
+    def __init__(self, syntax: ToolSyntax, parallel: bool):
+        self.reader, self.parallel = CallReader(syntax), parallel
+
+    def step(self, r: GenerationResponse) -> tuple[str, list[ToolCall], str | None]:
+        text, calls = self.reader.step(r.token, r.text, r.finish_reason is not None)
+        calls = calls if self.parallel else calls[:1]
+        return text, calls, "tool_calls" if calls and r.finish_reason == "stop" else r.finish_reason
 
 
 def token_logprobs(tokenizer, r: GenerationResponse) -> dict:
@@ -585,7 +600,7 @@ class Server:
         constraints = None if grammar is None else [checked(Constraint, served.engine.vocabulary(), grammar)
                                                     for _ in range(n)]
         return Ask(served, ids, params, options, length, stream, new_text, include_usage, n, logprobs, constraints,
-                   syntax if tools and choice != "none" else None)
+                   syntax if tools and choice != "none" else None, parallel)
 
     def prompt(self, model, body: dict, chat: bool, ollama: bool, tools: list[dict] | None = None
                ) -> tuple[list[int], bool]:
@@ -605,6 +620,8 @@ class Server:
                                              {"role": "user", "content": prompt}])
         except LocalmixError as e:
             raise BadRequest(400, str(e)) from None
+        except RecursionError:  # (tools and arguments are bounded in depth: a last guard)
+            raise BadRequest(400, "request: the messages or tools are nested too deeply") from None
 
     def queue(self, ask: Ask) -> list[Job]:
         """The request's n answers, queued for its model's engine (503 if too many wait already); the
@@ -724,28 +741,26 @@ class Server:
             if not chat:
                 return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs(parts)}
             message = {"role": "assistant", "content": text}
-            if ask.calls is not None:
-                reader, text, calls = CallReader(ask.calls), "", []
+            if ask.tool_syntax is not None:
+                calls, text, answer = [], "", AnswerCalls(ask.tool_syntax, ask.parallel_calls)
                 for r in parts:
-                    shown, calls = reader.step(r.token, r.text, r.finish_reason is not None)
+                    shown, calls, finish = answer.step(r)
                     text += shown
                 message = {"role": "assistant", "content": text or (None if calls else "")}
                 if calls:
                     message["tool_calls"] = [openai_call(c) for c in calls]
-                    finish = "tool_calls" if finish == "stop" else finish
             return {"index": index, "message": message, "logprobs": logprobs(parts), "finish_reason": finish}
 
-        def delta(index: int, r: GenerationResponse, reader: CallReader | None) -> dict:
+        def delta(index: int, r: GenerationResponse, answer: AnswerCalls | None) -> dict:
             """A streamed step: its text (with tools offered: what is not part of a call), and at the end
             the calls, whole, as one delta."""
             if not chat:
                 return {"index": index, "text": r.text, "finish_reason": r.finish_reason, "logprobs": logprobs([r])}
             text, finish, change = r.text, r.finish_reason, {"role": "assistant"}
-            if reader is not None:
-                text, calls = reader.step(r.token, r.text, finish is not None)
+            if answer is not None:
+                text, calls, finish = answer.step(r)
                 if calls:
                     change["tool_calls"] = [{"index": i, **openai_call(c)} for i, c in enumerate(calls)]
-                    finish = "tool_calls" if finish == "stop" else finish
             change["content"] = text
             return {"index": index, "delta": change, "logprobs": logprobs([r]), "finish_reason": finish}
 
@@ -775,10 +790,10 @@ class Server:
 
         async def events():
             generated = 0
-            readers = [CallReader(ask.calls) if ask.calls else None for _ in streams]
+            answers = [AnswerCalls(ask.tool_syntax, ask.parallel_calls) if ask.tool_syntax else None for _ in streams]
             try:
                 async for index, r in _merged(streams):
-                    yield sse(envelope([delta(index, r, readers[index])], chunk=True))
+                    yield sse(envelope([delta(index, r, answers[index])], chunk=True))
                     generated += r.generation_tokens if r.finish_reason else 0
                 if ask.include_usage:
                     yield sse(envelope([], {"usage": usage(generated)}, chunk=True))
@@ -809,7 +824,7 @@ class Server:
         ids = ask.ids
         started = time.perf_counter_ns()
 
-        reader = CallReader(ask.calls) if ask.calls else None
+        answer = AnswerCalls(ask.tool_syntax, ask.parallel_calls) if ask.tool_syntax else None
         tokenizer = ask.served.model.tokenizer
 
         def line(r: GenerationResponse, text: str, calls: list[ToolCall] = ()) -> dict:
@@ -833,9 +848,10 @@ class Server:
 
         def step(r: GenerationResponse) -> dict:
             """A step's line: its text (with tools offered: what is not part of a call; the calls at the end)."""
-            if reader is None:
+            if answer is None:
                 return line(r, r.text)
-            return line(r, *reader.step(r.token, r.text, r.finish_reason is not None))
+            text, calls, _ = answer.step(r)  # (Ollama's done_reason stays "stop" for a call)
+            return line(r, text, calls)
 
         if not ask.stream:
             try:
@@ -857,13 +873,13 @@ class Server:
             return JSONResponse(whole)
 
         try:
-            answer = self.responses(self.queue(ask)[0])
+            responses = self.responses(self.queue(ask)[0])
         except BadRequest as e:
             return ollama_error(e.status, str(e))
 
         async def lines():
             try:
-                async for r in answer:
+                async for r in responses:
                     yield json.dumps(step(r)) + "\n"
             except LocalmixError as e:
                 yield json.dumps({"error": str(e)}) + "\n"

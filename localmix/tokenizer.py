@@ -6,8 +6,10 @@ The chat format reproduces mistral-common's encoding (`MistralTokenizer.v1()` fo
 `.v3()` for Mixtral 8x22B) id for id, including how it merges and validates conversations, and for
 v3 its tools: the offered tools ([AVAILABLE_TOOLS]), earlier calls ([TOOL_CALLS]) and their results
 ([TOOL_RESULTS]). Which one applies is read off the tokenizer: v2/v3 vocabularies have [INST] and
-[/INST] as control tokens, v1 writes them as plain text (a v2 vocabulary is v3's, so it gets v3's
-encoding of tools). Text from a user never becomes a control token, because sentencepiece never
+[/INST] as control tokens, v1 writes them as plain text. A v2 vocabulary cannot be told from v3's,
+so a v2 model (Mistral Large 2402, none of the MoE models) would get v3's encoding of tools, which
+differs from its own (v2 writes results as [{"name", "content"}] and drops the calls and results
+before the last user turn). Text from a user never becomes a control token, because sentencepiece never
 emits control pieces when it encodes text.
 """
 
@@ -24,7 +26,7 @@ import sentencepiece
 
 from localmix import validate
 from localmix.errors import LocalmixError
-from localmix.tools import MistralToolCalls, ToolCall, ToolSyntax, arguments_of
+from localmix.tools import MAX_DEPTH, MistralToolCalls, ToolCall, ToolSyntax, arguments_of
 
 ROLES = ("system", "user", "assistant", "tool")
 # Which role may follow which, as mistral-common's validator has it.
@@ -49,11 +51,12 @@ class Message:
         """The message as chat templates read it (transformers' form; no key whose value is None)."""
         data = {"role": self.role, "content": self.content}
         if self.tool_calls:
-            data["tool_calls"] = [{**({"id": c.id} if c.id != "null" else {}), "type": "function",
+            data["tool_calls"] = [{**({"id": c.id} if c.id is not None else {}), "type": "function",
                                    "function": {"name": c.name, "arguments": c.arguments}} for c in self.tool_calls]
-        for key in ("tool_call_id", "name"):
-            if getattr(self, key) is not None:
-                data[key] = getattr(self, key)
+        if self.tool_call_id is not None:
+            data["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            data["name"] = self.name
         return data
 
 
@@ -245,8 +248,7 @@ class Tokenizer:
             if turn.role == "assistant" and turn.tool_calls:
                 if turn.content:  # (two assistant messages in a row, one with calls, one with text)
                     raise LocalmixError("an assistant turn cannot have both content and tool calls")
-                calls = [{"name": c.name, "arguments": c.arguments, **({"id": c.id} if c.id != "null" else {})}
-                         for c in turn.tool_calls]
+                calls = [{"name": c.name, "arguments": c.arguments, "id": c.id} for c in turn.tool_calls]
                 ids += [self._tool_tokens[2]] + self._json_ids(calls) + [self.eos_id]
             elif turn.role == "assistant":
                 text = turn.content if self.chat_version == "v1" else turn.content.rstrip(" ")
@@ -282,12 +284,15 @@ def _mistral_tools(tools: list[dict]) -> list[dict]:
 
 
 def _json_or_text(text: str):
-    """A tool result as mistral-common reads it: its JSON where it parses (empty: {}), else the text."""
+    """A tool result as mistral-common reads it: its JSON where it parses (empty: {}), else the text
+    (also JSON nested deeper than a tool's arguments may be)."""
     if not text:
         return {}
     try:
-        return json.loads(text)
-    except ValueError:
+        value = json.loads(text)
+        validate.json_depth(value, MAX_DEPTH, "a tool result")
+        return value
+    except (ValueError, RecursionError, LocalmixError):
         return text
 
 
@@ -330,14 +335,14 @@ def _as_message(m) -> Message:
         raise LocalmixError(f"a {role} message cannot call tools")
     if not isinstance(calls, (list, tuple)):
         raise LocalmixError("tool_calls must be a list")
-    message = Message(role, content, tuple(_as_call(c, i) for i, c in enumerate(calls)))
-    for key in ("tool_call_id", "name"):
-        value = m.get(key)
-        if value is not None and role == "tool":
-            if not isinstance(value, str) or len(value) > 256:
-                raise LocalmixError(f"a tool message's {key} must be a string of at most 256 characters")
-            setattr(message, key, value)
-    return message
+    tool_call_id, name = (_short_string(m.get(key), key) if role == "tool" else None for key in ("tool_call_id", "name"))
+    return Message(role, content, tuple(_as_call(c, i) for i, c in enumerate(calls)), tool_call_id, name)
+
+
+def _short_string(value, key: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or len(value) > 256):
+        raise LocalmixError(f"a tool message's {key} must be a string of at most 256 characters")
+    return value
 
 
 def _as_call(call, i: int) -> ToolCall:
@@ -352,8 +357,7 @@ def _as_call(call, i: int) -> ToolCall:
     call_id = call.get("id")
     if call_id is not None and (not isinstance(call_id, str) or len(call_id) > 256):
         raise LocalmixError(f"{where}.id must be a string of at most 256 characters")
-    return ToolCall(function["name"], arguments_of(function.get("arguments", {}), where),
-                    "null" if call_id is None else call_id)
+    return ToolCall(function["name"], arguments_of(function.get("arguments", {}), where), call_id)
 
 
 def _validate(messages, tools: bool = False) -> list[Message]:
@@ -384,7 +388,7 @@ def _validate(messages, tools: bool = False) -> list[Message]:
         if m.role == "assistant" and not m.content and not m.tool_calls:
             raise LocalmixError("an assistant message must have content")
         for call in m.tool_calls:
-            if not _MISTRAL_CALL_ID.match(call.id):
+            if call.id is None or not _MISTRAL_CALL_ID.match(call.id):
                 raise LocalmixError(f"tool call id {call.id!r:.40} must be 9 letters or digits")
             if not _MISTRAL_NAME.match(call.name):
                 raise LocalmixError(f"tool call name {call.name!r:.80} must be 1-64 letters, digits, '_' or '-'")

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 from localmix.errors import LocalmixError
 from localmix.structured import lark_grammar
-from localmix.validate import parse_json
+from localmix.validate import json_depth, parse_json
 
 MAX_TOOLS = 128
+MAX_DEPTH = 32  # levels of nesting in a tool's schema or a call's arguments (real ones: under 10)
 NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")  # OpenAI's function names (mistral-common's, and dots)
 
 
@@ -37,7 +38,7 @@ NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")  # OpenAI's function names (mistral
 class ToolCall:
     name: str
     arguments: dict
-    id: str
+    id: str | None  # None: a call in a conversation's history that came without one
 
 
 def call_id() -> str:
@@ -52,6 +53,7 @@ def read_tools(value, where: str = "tools") -> list[dict]:
     them as transformers would pass them); LocalmixError names what is wrong."""
     if not isinstance(value, list) or len(value) > MAX_TOOLS:
         raise LocalmixError(f"{where} must be a list of at most {MAX_TOOLS} tools")
+    json_depth(value, MAX_DEPTH + 3, where)
     names = set()
     for i, tool in enumerate(value):
         at = f"{where}[{i}]"
@@ -86,6 +88,7 @@ def arguments_of(value, where: str) -> dict:
             raise LocalmixError(f"{where}: arguments must be a JSON object (a string that does not parse)") from None
     if not isinstance(value, dict):
         raise LocalmixError(f"{where}: arguments must be a JSON object")
+    json_depth(value, MAX_DEPTH, f"{where}: arguments")
     return value
 
 

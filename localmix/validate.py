@@ -72,6 +72,18 @@ def parse_json(data: bytes | str, source: str, what: str = "JSON"):
         raise LocalmixError(f"{source}: not valid {what} ({str(e)[:120]})") from None
 
 
+def json_depth(value, limit: int, what: str) -> None:
+    """Refuses a parsed JSON value nested more than `limit` levels of objects and lists (walked without
+    recursion: what is done with it later, json.dumps or a template, recurses)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                raise LocalmixError(f"{what} is nested more than {limit} levels deep")
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+
+
 def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 

@@ -250,6 +250,17 @@ def test_mistral_calls_follow_their_control_token():
     assert read(syntax, [(5, ""), (9, " [{broken")]) == (" [{broken", [])
 
 
+def test_an_answer_without_parallel_calls_reports_its_first_call():
+    from localmix.generate import GenerationResponse
+    from localmix.server import AnswerCalls
+    body = ' [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]'
+    steps = [(5, "", None), (9, body, "stop")]
+    for parallel, names in [(True, ["a", "b"]), (False, ["a"])]:
+        answer = AnswerCalls(MistralToolCalls(5), parallel)
+        out = [answer.step(GenerationResponse(text, token, 1, 1.0, 1, 1.0, 0.0, finish)) for token, text, finish in steps]
+        assert out[0] == ("", [], None) and [c.name for c in out[1][1]] == names and out[1][2] == "tool_calls"
+
+
 # -- required calls: the grammar holds any model to the tools' schemas ---------------------------------------
 
 
@@ -420,6 +431,13 @@ def test_ollama_client_tools(served):
         assert offered.prompt_eval_count > plain.prompt_eval_count
 
 
+def deep(levels: int) -> dict:
+    value = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
 def test_tool_requests_the_server_refuses(served, client):
     import requests
     url = served[0]
@@ -435,6 +453,12 @@ def test_tool_requests_the_server_refuses(served, client):
                 {"role": "tool", "tool_call_id": "abcDEF123", "content": "x"}]}, None, "arguments must be"),
             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
               "tool_choice": "required"}, None, "schemas cannot be used"),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": deep(200)}}]}, None,
+             "nested more than"),
+            ({"tools": TOOLS, "messages": ASK + [{"role": "assistant", "tool_calls": [
+                {"id": "abcDEF123", "function": {"name": "search", "arguments": json.dumps(deep(900))}}]},
+                {"role": "tool", "tool_call_id": "abcDEF123", "content": "x"}]}, None, "nested"),
+            ({"parallel_tool_calls": "no"}, None, "parallel_tool_calls must be"),
             ({"functions": [{"name": "f"}]}, "functions", "not supported")]:
         response = requests.post(f"{url}/v1/chat/completions", json={"model": "qwen-tools", "messages": ASK, **body})
         assert response.status_code == 400, body

@@ -296,6 +296,10 @@ class MLXOps(Ops):
             return None
         h = self.to_mlx(h)
         chosen, weights = self.route(h, layer.router, call.experts_per_token, args.norm_topk_prob, layer.router_bias)
+        return chosen, weights, self.mix_stacked(h, chosen, weights, stacked)
+
+    def mix_stacked(self, h: mx.array, chosen: mx.array, weights: mx.array, stacked: "StackedExperts") -> mx.array:
+        """Each row's chosen experts ([T, k] indices into the stack) applied and summed by weight."""
         T, k = chosen.shape
         if T * k >= SORT_FROM:  # a prompt: rows sorted by expert, so that each expert's weights are read once
             flat = chosen.reshape(-1)
@@ -305,8 +309,7 @@ class MLXOps(Ops):
             y = y[mx.argsort(order)].reshape(T, k, -1)
         else:
             y = self.switch_glu(h[:, None, None, :], chosen, stacked)[:, :, 0]
-        out = (y * weights.astype(y.dtype)[..., None]).sum(axis=1)
-        return chosen, weights, out
+        return (y * weights.astype(y.dtype)[..., None]).sum(axis=1)
 
     def switch_glu(self, x: mx.array, indices: mx.array, stacked: "StackedExperts",
                    sorted_indices: bool = False) -> mx.array:
@@ -360,7 +363,13 @@ class MLXOps(Ops):
         return mx.concatenate([self.expert_ffn(x[int(a):int(b)], e) for e, a, b in zip(experts, starts[:-1], starts[1:])])
 
     def mix_experts(self, h, chosen, weights, source, groups):
-        """Each chosen expert over its rows, added in index order."""
+        """Each chosen expert over its rows, added in index order; resident experts of one format
+        through their stack (a steered choice: a dropped expert, marked len(source), weighs 0), so
+        that they are never copied into MLX a second time one by one."""
+        stacked = None if source.on_demand else self.stacked_experts(source)
+        if stacked is not None:
+            kept = np.where(chosen < len(source), chosen, 0).astype(np.uint32)
+            return self.mix_stacked(self.to_mlx(h), mx.array(kept), mx.array(np.asarray(weights, np.float32)), stacked)
         out = mx.zeros(h.shape, h.dtype)
         for batch, experts in groups:
             for e, expert in zip(batch, experts):
