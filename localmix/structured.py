@@ -78,35 +78,30 @@ class _Wrapped:
 def json_grammar(schema: dict | None) -> str:
     """llguidance's grammar for JSON conforming to `schema` (None: any JSON object, as OpenAI's
     json_object and Ollama's format "json" mean). A schema it cannot compile is a LocalmixError."""
-    import llguidance
-
-    text = json.dumps({"type": "object"} if schema is None else schema)
-    if len(text) > MAX_SCHEMA_BYTES:
-        raise LocalmixError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
-    except ValueError as e:
-        raise LocalmixError(f"the JSON schema cannot be used: {e}") from None
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
-    if failed:
-        raise LocalmixError(f"the JSON schema cannot be used: {messages[0][:300]}")
-    return grammar
+    return _grammar(json.dumps({"type": "object"} if schema is None else schema), "json", "the JSON schema")
 
 
 def lark_grammar(text: str) -> str:
     """llguidance's grammar of a lark grammar (with JSON schemas in it: tools.ToolSyntax.grammar);
     one it cannot compile is a LocalmixError."""
+    return _grammar(text, "lark", "the tools' grammar")
+
+
+def _grammar(text: str, kind: str, what: str) -> str:
+    """llguidance's grammar of a JSON schema or a lark grammar, checked: larger than MAX_SCHEMA_BYTES,
+    or one it cannot compile, is a LocalmixError saying `what` it is."""
     import llguidance
 
     if len(text) > MAX_SCHEMA_BYTES:
-        raise LocalmixError(f"the grammar (the tools' schemas) is larger than {MAX_SCHEMA_BYTES} bytes")
+        raise LocalmixError(f"{what} is larger than {MAX_SCHEMA_BYTES} bytes")
     try:
-        grammar = llguidance.grammar_from("lark", text)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False}) \
+            if kind == "json" else llguidance.grammar_from("lark", text)
     except ValueError as e:
-        raise LocalmixError(f"the tools' schemas cannot be used: {str(e)[:300]}") from None
+        raise LocalmixError(f"{what} cannot be used: {str(e)[:300]}") from None
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
-        raise LocalmixError(f"the tools' schemas cannot be used: {messages[0][:300]}")
+        raise LocalmixError(f"{what} cannot be used: {messages[0][:300]}")
     return grammar
 
 

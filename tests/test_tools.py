@@ -452,7 +452,7 @@ def test_tool_requests_the_server_refuses(served, client):
                 {"id": "abcDEF123", "function": {"name": "search", "arguments": "{not json"}}]},
                 {"role": "tool", "tool_call_id": "abcDEF123", "content": "x"}]}, None, "arguments must be"),
             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
-              "tool_choice": "required"}, None, "schemas cannot be used"),
+              "tool_choice": "required"}, None, "grammar cannot be used"),
             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": deep(200)}}]}, None,
              "nested more than"),
             ({"tools": TOOLS, "messages": ASK + [{"role": "assistant", "tool_calls": [
