@@ -329,9 +329,9 @@ class HFTokenizer:
             raise LocalmixError("this model's chat template has no tools localmix can read")
         marked = []
         for m in messages:
-            data = self._mark(m.as_template_data(), self._control_re)
-            data["content"] = self._mark(m.content, self._special_re if m.role == "assistant" else self._control_re)
-            marked.append(data)
+            content = self._special_re if m.role == "assistant" else self._control_re
+            marked.append({key: self._mark(value, content if key == "content" else self._control_re)
+                           for key, value in m.as_template_data().items()})
         tools = self._mark(tools, self._control_re) if tools else None
         return self._encode_marked_chat(self.template.render(marked, dict(self.special_tokens), tools=tools))
 
