@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import sentencepiece
 
@@ -36,6 +36,17 @@ _MAY_FOLLOW = {"system": {"system", "user", "assistant"},
                "tool": {"user", "assistant", "tool"}}
 _MISTRAL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _MISTRAL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+
+
+class MistralToolTokens(NamedTuple):
+    """The control tokens of Mistral's v3 tools, by their pieces (PIECES, in the fields' order)."""
+    begin_tools: int | None
+    end_tools: int | None
+    calls: int | None
+    begin_results: int | None
+    end_results: int | None
+
+    PIECES = ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")
 
 
 @dataclass
@@ -197,10 +208,9 @@ class Tokenizer:
         # plain conversations is the same as v3's).
         self.chat_version = "v3" if self.begin_inst is not None and self.end_inst is not None else "v1"
         self.has_chat_template = True  # Mistral's instruct format, always
-        tool_tokens = [self._control_id(p) for p in ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
-                                                     "[TOOL_RESULTS]", "[/TOOL_RESULTS]")]
+        tool_tokens = MistralToolTokens(*(self._control_id(p) for p in MistralToolTokens.PIECES))
         self._tool_tokens = tool_tokens if self.chat_version == "v3" and None not in tool_tokens else None
-        self.tool_syntax = MistralToolCalls(tool_tokens[2]) if self._tool_tokens else None
+        self.tool_syntax = MistralToolCalls(tool_tokens.calls) if self._tool_tokens else None
         self.stop_ids = frozenset([self.eos_id])
         # What each id decodes to as bytes, for streaming: "▁" is a space, <0xNN> is a raw byte.
         self._piece_bytes = [self._bytes_of(i) for i in range(self.vocab_size)]
@@ -249,20 +259,21 @@ class Tokenizer:
                 if turn.content:  # (two assistant messages in a row, one with calls, one with text)
                     raise LocalmixError("an assistant turn cannot have both content and tool calls")
                 calls = [{"name": c.name, "arguments": c.arguments, "id": c.id} for c in turn.tool_calls]
-                ids += [self._tool_tokens[2]] + self._json_ids(calls) + [self.eos_id]
+                ids += [self._tool_tokens.calls] + self._json_ids(calls) + [self.eos_id]
             elif turn.role == "assistant":
                 text = turn.content if self.chat_version == "v1" else turn.content.rstrip(" ")
                 ids += self.encode(text) + [self.eos_id]
             elif turn.role == "tool":
                 result = {"content": _json_or_text(turn.content), "call_id": turn.tool_call_id}
-                ids += [self._tool_tokens[3]] + self._json_ids(result) + [self._tool_tokens[4]]
+                ids += [self._tool_tokens.begin_results] + self._json_ids(result) + [self._tool_tokens.end_results]
             elif self.chat_version == "v1":  # the system prompt goes into the first user turn
                 text = f"{system}\n\n{turn.content}" if system and i == first_user else turn.content
                 ids += self.encode(f"[INST] {text} [/INST]")
             else:  # v3: the system prompt and the tools go into the last user turn
                 text = f"{system}\n\n{turn.content}" if system and i == last_user else turn.content
                 if tools and i == last_user:
-                    ids += [self._tool_tokens[0]] + self._json_ids(_mistral_tools(tools)) + [self._tool_tokens[1]]
+                    tokens = self._tool_tokens
+                    ids += [tokens.begin_tools] + self._json_ids(_mistral_tools(tools)) + [tokens.end_tools]
                 ids += [self.begin_inst] + self.encode(text) + [self.end_inst]
         return ids
 
