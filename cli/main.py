@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ Stats = typer.Option(False, "--stats", help="After each answer, one line on the 
                                             "waits, routing balance.")
 
 
+STOP_SECONDS = 10.0  # how long `serve`, stopped, waits for its answers' decoding steps to end
 FIRST_START = "half a minute"  # measured: see README ("First start")
 
 
@@ -171,7 +173,8 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model name or folder
     """Serve over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Ollama (/api/chat,
     /api/generate, /api/tags, /api/show, /api/ps, /api/pull, ...) routes; one model, or every model on demand."""
     import uvicorn
-    from localmix.server import QuietCancellations, create_app
+    from localmix.catalog import Catalog
+    from localmix.server import QuietCancellations, create_app, served_model
     if not 0 < port < 65536:
         raise LocalmixError(f"--port must be between 1 and 65535, got {port}")
     if not api_key and not is_loopback(host):
@@ -181,17 +184,15 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model name or folder
         raise LocalmixError("--name names the one model of `localmix serve MODEL`")
     if max_loaded < 1:
         raise LocalmixError(f"--max-loaded must be at least 1, got {max_loaded}")
-    catalog = None
     if model is None:
         catalog = on_demand(keep_alive, max_loaded, experts_per_token, backend, threads, kv_cache, memory, policy)
+        served = f"the models of {models_dir()}, on demand"
     sock = listening_socket(host, port)  # a busy port or a bad address: one error line, before the long load
     if model is not None:
         llm, _ = load_model(model, experts_per_token, backend, threads, kv_cache, memory, policy)
         served = name or Path(str(llm.path)).name
-        app = create_app(llm, served, trace=TraceFile(trace) if trace else None, api_key=api_key)
-    else:
-        served = f"the models of {models_dir()}, on demand"
-        app = create_app(trace=TraceFile(trace) if trace else None, api_key=api_key, catalog=catalog)
+        catalog = Catalog(fixed=served_model(llm, served))
+    app = create_app(trace=TraceFile(trace) if trace else None, api_key=api_key, catalog=catalog)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))  # sets up its loggers
     requests_log = logging.StreamHandler()  # a line per request on stderr, as Ollama prints
     requests_log.setFormatter(logging.Formatter("[localmix] %(asctime)s | %(message)s", "%Y/%m/%d - %H:%M:%S"))
@@ -203,8 +204,15 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model name or folder
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down
         pass
-    if server.should_exit:  # stopped by Ctrl-C (or SIGTERM), as `run` is: exit 130
-        raise SystemExit(130)
+    # A second Ctrl-C ends uvicorn without the app's shutdown: the engines may still be decoding. The
+    # answers under way end their step; then the process ends at once, without the interpreter's
+    # exit, which would run the C++ runtimes' destructors (OpenMP's, LLVM's) beneath a thread still
+    # in a kernel (an engine's past the wait, a pull's) and abort: "terminate called without an
+    # active exception". A pull's hidden folder is removed by the next pull of its model.
+    catalog.stop(wait=STOP_SECONDS)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130 if server.should_exit else 0)  # stopped by Ctrl-C (or SIGTERM), as `run` is: exit 130
 
 
 def on_demand(keep_alive: str, max_loaded: int, experts_per_token, backend, threads, kv_cache, memory, policy):

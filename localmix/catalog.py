@@ -182,6 +182,16 @@ class Catalog:
             self._unload(served)
             return True
 
+    def stop(self, wait: float) -> bool:
+        """Stop every loaded model's engine (the server's end), waiting up to `wait` seconds for the
+        steps under way to end; whether they all did."""
+        with self.changed:
+            engines = [served.engine for served in self.loaded.values()]
+        for engine in engines:
+            engine.stop()
+        deadline = time.monotonic() + wait
+        return all([engine.ended(max(0.0, deadline - time.monotonic())) for engine in engines])
+
     def expire(self) -> None:
         """Unload the idle models whose keep-alive has run out."""
         now = time.monotonic()

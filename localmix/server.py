@@ -118,9 +118,15 @@ class Engine:
             self.wake.notify()
 
     def stop(self) -> None:
+        """The engine ends after the step under way (ended() says when)."""
         with self.wake:
             self.stopped = True
             self.wake.notify()
+
+    def ended(self, wait: float) -> bool:
+        """Whether the engine's thread has ended, waiting up to `wait` seconds for it."""
+        self.thread.join(wait)
+        return not self.thread.is_alive()
 
     def idle(self) -> bool:
         """No answer waits or is being decoded (a model may be unloaded)."""
@@ -1234,8 +1240,7 @@ def create_app(model=None, name: str | None = None, max_body: int = MAX_BODY_BYT
         yield
         if expiry:
             expiry.cancel()
-        for served in list(catalog.loaded.values()):
-            served.engine.stop()
+        catalog.stop(wait=0.0)
         server.workers.shutdown(wait=False, cancel_futures=True)
 
     async def not_found(request: Request, exc) -> Response:

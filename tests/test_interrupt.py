@@ -113,8 +113,18 @@ def test_ctrl_c_stops_a_chat_answer_and_the_chat_goes_on(terminal):
         terminal.process.send_signal(signal.SIGINT)
         terminal.screen = answer
         terminal.read_until(b">>> ", timeout=30)  # the answer stopped, the next message is asked for
-    terminal.process.send_signal(signal.SIGINT)  # at the prompt: as before, a hint and the chat goes on
-    assert b"Use Ctrl + d or /bye to exit." in terminal.read_until(b">>> ")
+    # At the prompt: as before, a hint and the chat goes on. CPython's readline prints the prompt, then
+    # waits in select() and checks signals only when select is interrupted: a SIGINT landing between
+    # the two (a busy machine widens that window past the test's reaction time, never a person's)
+    # waits for the next key or press. So a second press comes if the first shows nothing.
+    for press in range(2):
+        terminal.process.send_signal(signal.SIGINT)
+        try:
+            hint = terminal.read_until(b">>> ", timeout=5)
+            break
+        except AssertionError:
+            assert press == 0, "two Ctrl-C at the prompt showed no hint"
+    assert b"Use Ctrl + d or /bye to exit." in hint
     terminal.type("/set parameter num_predict 12")
     terminal.read_until(b">>> ")
     terminal.type("The king said")

@@ -231,6 +231,29 @@ def test_one_engine_step_decodes_each_routing_apart(q4, monkeypatch):
     assert answers == expected * 2
 
 
+def test_a_stopped_catalog_ends_its_engines_after_the_step_under_way(q4):
+    """`serve` stopped with an answer under way (a second Ctrl-C skips the app's shutdown): the
+    engine's thread ends after its step, not after the answer, and the stop says so; the process
+    must not exit while a thread is inside a kernel (the C++ runtimes abort)."""
+    from localmix.catalog import Catalog
+    from localmix.sampling import SamplingParams
+    from localmix.server import Job, served_model
+
+    model = localmix.load(q4)
+    catalog = Catalog(fixed=served_model(model, "tiny"))
+    engine = catalog.fixed.engine
+    loop = asyncio.new_event_loop()
+    ids, _ = model.encode_prompt([{"role": "user", "content": "Tell me a long story."}])
+    engine.submit(Job(ids, 400, SamplingParams(**GREEDY), model.routing_options(), True, loop, asyncio.Queue()))
+    deadline = time.monotonic() + 60
+    while engine.decoded < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert catalog.stop(wait=30)
+    assert not engine.thread.is_alive() and engine.decoded < 400
+    loop.close()
+
+
 # --- Ollama's routes through its official client ---------------------------------------------------
 
 ollama = pytest.importorskip("ollama", reason="the ollama client is in the test extra")
