@@ -52,7 +52,7 @@ def pull(source: str = typer.Argument(..., help="Hub repository (OWNER/NAME), Hu
                                             help="Delete each source shard once converted."),
          file: Optional[str] = typer.Option(None, "--file", help="A .gguf file of the hub repository to import."),
          size: Optional[str] = typer.Option(None, "--size", help="Fit this size (e.g. 14GB): the experts "
-                                            "least routed to and least hurt by it are stored at 2 bits."),
+                                            "least routed to and least hurt by it are stored at 3 or 2 bits."),
          calibration: Optional[Path] = typer.Option(None, "--calibration", help="With --size: a text file whose "
                                                     "routing counts (default: a built-in text).")):
     """Download (or read) a checkpoint and quantize it per expert into $LOCALMIX_HOME/models."""
@@ -75,7 +75,7 @@ def shrink(model: str = typer.Argument(..., help="Model name or folder."),
            calibration: Optional[Path] = typer.Option(None, "--calibration", help="A text file whose routing "
                                                       "counts (default: the model's `stats --save` counts, "
                                                       "else a built-in text).")):
-    """A copy of a model that fits a size: the experts least routed to and least hurt by it at 2 bits."""
+    """A copy of a model that fits a size: the experts least routed to and least hurt by it at 3 or 2 bits."""
     target, text = size_options(size, calibration)
     progress = PullProgress()
     try:

@@ -36,7 +36,7 @@ def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = 
          size: int | None = None, text: str | None = None, on_step=None, hub_only: bool = False) -> Path:
     """Quantize a local Hugging Face folder or a hub repository into $LOCALMIX_HOME/models/NAME; an
     mlx-lm folder or repository (already quantized) is imported as it is. With a size (bytes), the
-    model is made first in a hidden folder, then the experts that matter least are stored at 2 bits
+    model is made first in a hidden folder, then the experts that matter least are stored at 3 or 2 bits
     until it fits (quant/sizing.py: routing counted on `text`, or the built-in calibration text;
     on_step(what, done, total) reports those stages). hub_only: SOURCE is a hub repository even if a
     folder of that name exists here (the server's /api/pull: a client names what the hub has)."""
@@ -69,7 +69,7 @@ def pull(source: str, bits: str = "4", group_size: int = 64, name: str | None = 
 
 def shrink(model: str, size: int, name: str | None = None, text: str | None = None, on_step=None,
            say=print) -> Path:
-    """A copy of a model with the experts that matter least at 2 bits, to fit `size` bytes, as
+    """A copy of a model with the experts that matter least at 3 or 2 bits, to fit `size` bytes, as
     $LOCALMIX_HOME/models/NAME (default MODEL-SIZE)."""
     folder = resolve_model(model)
     name = name or default_name(folder.name, "", size)

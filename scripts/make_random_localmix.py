@@ -3,7 +3,7 @@
 random integers, so a model of Mixtral 8x7B's real shape (about 26 GB) or Qwen3-30B-A3B's (about 17 GB, 6,144 experts) is written
 in minutes, one tensor block at a time, with little memory.
 
-    python scripts/make_random_localmix.py OUT [--family mixtral|qwen3_moe] [--bits 4|8|mixed|2]
+    python scripts/make_random_localmix.py OUT [--family mixtral|qwen3_moe] [--bits 4|8|mixed|3|2]
         [--hidden H --ffn F --layers L --heads N --kv-heads K --head-dim D --experts E --top-k k --vocab V]
 
 Each family's defaults are its real shape: mixtral is Mixtral 8x7B (--ffn is each expert's width),

@@ -1,6 +1,7 @@
-"""Per-expert bit widths to fit a size (`localmix shrink`, `localmix pull --size`): the fewest experts
-at 2 bits, those least routed to; the rest kept byte for byte; a model whose layers mix 2- and 4-bit
-experts decodes as the numpy reference does, resident and from expert slots."""
+"""Per-expert bit widths to fit a size (`localmix shrink`, `localmix pull --size`): the cheapest steps
+down (3 bits, then 2) per byte saved, weighed by routing; the rest kept byte for byte; a model whose
+layers mix 2-, 3- and 4-bit experts decodes as the numpy reference does, resident and from expert
+slots."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import torch
 import localmix
 from localmix import kernels
 from localmix.quant.convert import LocalSource, convert
-from localmix.quant.sizing import resize
+from localmix.quant.sizing import Step, cheapest_steps, resize
 from localmix.routing import ROUTING_FILE
 from localmix.store import read_manifest, verify
 
@@ -21,6 +22,7 @@ from test_cli import assert_one_line_error, localmix_cli
 from test_expert_cache import budget, prompt_then_decode
 
 LAYERS, EXPERTS = 2, 8
+THREE, TWO = (3, 64), (2, 64)
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +41,30 @@ def total_bytes(folder) -> int:
     return sum(f["size"] for f in read_manifest(folder)["files"].values())
 
 
-def two_bit_experts(folder) -> set:
-    """(layer, expert) of the experts stored at 2 bits, from the manifest."""
-    found = set()
+def expert_bits(folder) -> dict:
+    """(layer, expert) -> the bits its matrices are stored at, from the manifest."""
+    found = {}
     for name, t in read_manifest(folder)["tensors"].items():
-        if t["dtype"] == "q2":
+        if t["file"].startswith("experts/") and t["dtype"].startswith("q"):
             layer, expert = t["file"].removeprefix("experts/L").removesuffix(".bin").split("-E")
-            found.add((int(layer), int(expert)))
+            found[int(layer), int(expert)] = int(t["dtype"][1:])
     return found
 
 
+def at(folder, bits: int) -> set:
+    return {key for key, b in expert_bits(folder).items() if b == bits}
+
+
 @pytest.fixture(scope="module")
-def per_expert(q4, tmp_path_factory) -> int:
-    """The bytes one expert saves at 2 bits (all of them have the same shape): a size one byte short
-    of the model's puts exactly one expert at 2 bits."""
-    one = resize(q4, tmp_path_factory.mktemp("one") / "m", total_bytes(q4) - 1, say=quiet)
-    assert len(two_bit_experts(one)) == 1
-    return total_bytes(q4) - total_bytes(one)
+def saving(hf, q4, tmp_path_factory) -> tuple[int, int]:
+    """The bytes one expert saves going from 4 to 3 bits, and from 3 to 2 (all have the same shape):
+    from the expert files of the model pulled with --bits 3 and --bits 2."""
+    file = "experts/L000-E000.bin"
+    sizes = [read_manifest(q4)["files"][file]["size"]]
+    for bits in ("3", "2"):
+        out = convert(LocalSource(hf), tmp_path_factory.mktemp("models") / f"tiny-q{bits}", bits=bits)
+        sizes.append(read_manifest(out)["files"][file]["size"])
+    return sizes[0] - sizes[1], sizes[1] - sizes[2]
 
 
 def quiet(_):
@@ -76,38 +85,59 @@ def with_routing(folder, tmp_path, routed) -> "os.PathLike":
     return copy
 
 
-def test_the_fewest_experts_go_to_2_bits_and_the_rest_keep_their_bytes(q4, per_expert, tmp_path):
-    whole = total_bytes(q4)
-    size = whole - int(2.5 * per_expert)
-    out = resize(q4, tmp_path / "m", size, say=quiet)
-    small = two_bit_experts(out)
-    assert len(small) == 3 and total_bytes(out) <= size < total_bytes(out) + per_expert
+def routed_as(q4, tmp_path, groups: dict[int, set]) -> "os.PathLike":
+    """A copy of the model whose routing.json gives each expert of groups[count] that many tokens,
+    the others 10**6."""
+    routed = np.full((LAYERS, EXPERTS), 10**6)
+    for count, experts in groups.items():
+        for layer, e in experts:
+            routed[layer, e] = count
+    return with_routing(q4, tmp_path, routed)
+
+
+def test_cheapest_steps_per_byte_first_and_a_step_not_worth_stopping_at_skipped():
+    """Expert A's 3-bit step costs 5 per byte, going on to 2 bits 1: A goes to 2 bits in one step of 3
+    per byte. B's steps cost 0.1 and then 2 per byte; C, stored at 3 bits, has one step of 0.5."""
+    steps = cheapest_steps({(0, 0): [(THREE, 10, 50.0), (TWO, 20, 60.0)],
+                            (0, 1): [(THREE, 10, 1.0), (TWO, 20, 21.0)],
+                            (1, 0): [(THREE, 0, 0.0), (TWO, 10, 5.0)]})  # stored at 3 bits: one step
+    assert steps == [Step((0, 1), THREE, 10, 1.0), Step((1, 0), TWO, 10, 5.0), Step((0, 1), TWO, 10, 20.0),
+                     Step((0, 0), TWO, 20, 60.0)]
+
+
+def test_the_cheapest_steps_are_taken_and_the_rest_keep_their_bytes(q4, saving, tmp_path):
+    """3 bits cost a fifth of 2 bits' error or less for the same bytes saved: a size 2.5 steps below
+    the model's puts three experts at 3 bits, none at 2, and every other file stays as it was."""
+    whole, (to_three, _) = total_bytes(q4), saving
+    size = whole - int(2.5 * to_three)
+    out = resize(routed_as(q4, tmp_path / "copy", {}), tmp_path / "m", size, say=quiet)  # routed evenly
+    assert len(at(out, 3)) == 3 and not at(out, 2) and total_bytes(out) <= size < total_bytes(out) + to_three
     assert verify(out) == []
     for file in ["dense.bin"] + [f"experts/L{layer:03d}-E{e:03d}.bin" for layer in range(LAYERS)
-                                 for e in range(EXPERTS) if (layer, e) not in small]:
+                                 for e in range(EXPERTS) if (layer, e) not in at(out, 3)]:
         assert (out / file).read_bytes() == (q4 / file).read_bytes(), file
     manifest = read_manifest(out)["quantization"]
-    assert manifest["bits"] == "2-4" and manifest["experts_at_2_bits"] == 3
+    assert manifest["bits"] == "3-4" and (manifest["experts_at_3_bits"], manifest["experts_at_2_bits"]) == (3, 0)
 
 
-def test_the_least_routed_experts_are_the_ones_made_small(q4, per_expert, tmp_path):
-    """With the model's routing counts (`localmix stats --save`): the experts no token went to are
-    the ones stored at 2 bits, whichever they are."""
-    for i, quiet_ones in enumerate(({(0, 5), (1, 2)}, {(0, 0), (0, 7)})):
-        routed = np.full((LAYERS, EXPERTS), 10**6)
-        for layer, e in quiet_ones:
-            routed[layer, e] = 0
-        folder = with_routing(q4, tmp_path / f"copy{i}", routed)
-        out = resize(folder, tmp_path / f"out{i}", total_bytes(q4) - int(1.5 * per_expert), say=quiet)
-        assert two_bit_experts(out) == quiet_ones
+def test_the_least_routed_experts_go_furthest(q4, saving, tmp_path):
+    """With the model's routing counts (`localmix stats --save`): the experts no token went to go to 2
+    bits, those a thousand went to stop at 3, the busy ones keep 4 bits, whichever they are."""
+    to_three, to_two = saving
+    for i, (idle, some) in enumerate((({(0, 5), (1, 2)}, {(1, 7)}), ({(0, 0), (0, 7)}, {(0, 3), (1, 1)}))):
+        folder = routed_as(q4, tmp_path / f"copy{i}", {0: idle, 1000: some})
+        size = total_bytes(q4) - len(idle) * (to_three + to_two) - len(some) * to_three
+        out = resize(folder, tmp_path / f"out{i}", size, say=quiet)
+        assert (at(out, 2), at(out, 3)) == (idle, some)
 
 
-def test_experts_of_two_formats_in_a_layer_decode_as_the_reference(q4, per_expert, tmp_path):
-    """A layer's experts at 2 and 4 bits, through the fused decoding kernel (one call per format),
+def test_experts_of_three_formats_in_a_layer_decode_as_the_reference(q4, saving, tmp_path):
+    """A layer's experts at 2, 3 and 4 bits, through the fused decoding kernel (one call per format),
     resident and from expert slots, against the numpy path on the same weights."""
-    out = resize(q4, tmp_path / "m", total_bytes(q4) - 5 * per_expert, say=quiet)
-    per_layer = [sum(layer == l for l, _ in two_bit_experts(out)) for layer in range(LAYERS)]
-    assert any(0 < n < EXPERTS for n in per_layer)
+    idle, some = {(0, 1), (0, 4), (1, 0)}, {(0, 2), (0, 6), (1, 5)}
+    folder = routed_as(q4, tmp_path / "copy", {0: idle, 1000: some})
+    out = resize(folder, tmp_path / "m", total_bytes(q4) - 3 * sum(saving) - 3 * saving[0], say=quiet)
+    assert set(expert_bits(out)[0, e] for e in range(EXPERTS)) == {2, 3, 4}
     ids = np.random.default_rng(7).integers(0, 32000, 12)
     reference = prompt_then_decode(localmix.load(out, backend="numpy"), ids)
     for memory in (None, budget(out, 6)):
@@ -117,20 +147,26 @@ def test_experts_of_two_formats_in_a_layer_decode_as_the_reference(q4, per_exper
         assert np.abs(ours - reference).max() <= 1e-3 * np.abs(reference).max()
 
 
-def test_pull_and_shrink_with_a_size(hf, q4, per_expert, tmp_path):
+def test_pull_and_shrink_with_a_size(hf, q4, saving, tmp_path):
     env = {"LOCALMIX_HOME": str(tmp_path / "home")}
-    size = total_bytes(q4) - 2 * per_expert
+    to_three, to_two = saving
+    size = total_bytes(q4) - 2 * to_three
     result = localmix_cli("pull", hf, "--size", size, env=env)
     assert result.returncode == 0, result.stderr
     name = f"{hf.name}-{size / 1e9:.3g}GB"
     models = tmp_path / "home" / "models"
-    assert "2-4-bit" in result.stdout and len(two_bit_experts(models / name)) == 2
-    assert "of 16 experts at 2 bits (routing: " in result.stderr
+    threes, twos = len(at(models / name, 3)), len(at(models / name, 2))
+    assert total_bytes(models / name) <= size and threes + twos in (1, 2)
+    assert f"of 16 experts, {threes} at 3 bits, {twos} at 2 bits (routing: " in result.stderr
     assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == [name]
 
-    result = localmix_cli("shrink", name, "--size", size - per_expert, "--name", "smaller", env=env)
+    smaller = total_bytes(q4) - 16 * to_three - to_two  # past every expert at 3 bits
+    result = localmix_cli("shrink", name, "--size", smaller, "--name", "smaller", env=env)
     assert result.returncode == 0, result.stderr
-    assert len(two_bit_experts(models / "smaller")) == 3
+    assert total_bytes(models / "smaller") <= smaller and at(models / "smaller", 2)
+    label = "-".join(str(b) for b in sorted(set(expert_bits(models / "smaller").values())))
+    listed = [line.split() for line in localmix_cli("list", env=env).stdout.splitlines()]
+    assert label in ("2-3-4", "2-4") and ["smaller", label] in [row[:2] for row in listed]
 
     assert_one_line_error(localmix_cli("shrink", name, "--size", size, "--name", "smaller", env=env),
                           "a model named smaller exists already")
@@ -142,10 +178,14 @@ def test_pull_and_shrink_with_a_size(hf, q4, per_expert, tmp_path):
     assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == [name, "smaller"]
 
 
-def test_a_budget_holds_more_small_experts_than_large_ones(q4, per_expert, tmp_path):
+def test_a_budget_holds_more_small_experts_than_large_ones(q4, saving, tmp_path):
     """The budget is bytes (`slots` largest experts): with most experts at 2 bits, more experts than
     that stay resident, and the pages the slots hold never pass it."""
-    out = resize(q4, tmp_path / "m", total_bytes(q4) - 15 * per_expert, say=quiet)
+    busy = {(0, 3)}
+    idle = {(layer, e) for layer in range(LAYERS) for e in range(EXPERTS)} - busy
+    folder = routed_as(q4, tmp_path / "copy", {0: idle, 10**6: busy})
+    out = resize(folder, tmp_path / "m", total_bytes(q4) - len(idle) * sum(saving), say=quiet)
+    assert at(out, 2) == idle
     model = localmix.load(out, memory=budget(out, 3))
     cache = model.expert_cache
     assert cache.slots == 3 and len(cache.buffer) > 3
