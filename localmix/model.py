@@ -272,26 +272,25 @@ def used_experts(chosen: np.ndarray, experts: int) -> np.ndarray:
 
 
 def mix_experts(x: np.ndarray, chosen: np.ndarray, weights: np.ndarray, groups, experts_ffn=experts_ffn) -> np.ndarray:
-    """Each row's chosen experts applied to it and summed by weight. groups: the chosen experts
-    (in index order) as (indices, experts) in memory together (see moe_block). (row, slot) pairs
-    are grouped by expert, so that each expert's weights are read once per call (experts_ffn: a
+    """Each row's chosen experts applied to it and summed by weight. groups: the chosen experts as
+    (indices, experts) in memory together, in any order (see moe_block). (row, slot) pairs are
+    grouped by expert, so that each expert's weights are read once per call (experts_ffn: a
     backend's), then each row sums its experts in index order, as transformers does. A dropped
     expert (an index past the layer's) adds nothing."""
     k = chosen.shape[1]
     order = np.argsort(chosen.ravel(), kind="stable")
     rows, slots = np.divmod(order, k)
     counts = np.bincount(chosen.ravel())
-    used, y, start = [], [], 0
+    starts = np.concatenate([[0], np.cumsum(counts)])  # expert e's pairs: rows[starts[e]:starts[e + 1]]
+    added = {}
     for ids, experts in groups:
-        size = counts[ids].sum()
-        y.append(experts_ffn(x[rows[start:start + size]], experts, counts[ids].tolist()))
-        used += list(ids)
-        start += size
-    y = np.concatenate(y) * weights[rows[:start], slots[:start], None]
-    out, start = np.zeros_like(x), 0
-    for count in counts[used]:
-        out[rows[start:start + count]] += y[start:start + count]
-        start += count
+        pairs = np.concatenate([np.arange(starts[e], starts[e + 1]) for e in ids])
+        y = experts_ffn(x[rows[pairs]], experts, counts[ids].tolist()) * weights[rows[pairs], slots[pairs], None]
+        for e, part in zip(ids, np.split(y, np.cumsum(counts[ids])[:-1])):
+            added[int(e)] = part
+    out = np.zeros_like(x)
+    for e in sorted(added):
+        out[rows[starts[e]:starts[e + 1]]] += added[e]
     return out
 
 
@@ -302,7 +301,7 @@ def moe_block(h: np.ndarray, layer: Layer, args: ModelArgs, ops: Ops, call: Rout
     family has one. A backend with a device of its own (MLX) may route and run resident experts
     there, the host never waiting for the choice (ops.routed_experts_on_device)."""
     if layer.router is None:
-        return ops.experts_ffn(h, layer.experts.for_token([0]), [len(h)])
+        return ops.experts_ffn(h, [layer.experts[0]], [len(h)])
     source = layer.experts
     # With every expert resident and nothing to steer or trace, the host need not see the choice: a
     # backend that can route and run the experts on its device does the whole block there.
@@ -317,10 +316,11 @@ def moe_block(h: np.ndarray, layer: Layer, args: ModelArgs, ops: Ops, call: Rout
                                            layer.router_bias)
         if layer.routing is not None:  # counted, and steered where asked: a dropped expert is len(experts)
             chosen, weights = layer.routing(h, chosen, weights, layer, call)
-        # The chosen experts, brought in: one token's at once (an expert cache may answer with low-bit
-        # shadow copies), more tokens' in batches that fit its slots together, each as it is reached.
+        # The chosen experts, brought in: one token's as groups (an expert cache computes those it
+        # holds while it reads the others, or answers with low-bit shadow copies), more tokens' in
+        # batches that fit its slots together, each as it is reached.
         used = used_experts(chosen, len(source))
-        groups = [(used, source.for_token(used))] if len(h) == 1 else source.batches(used)
+        groups = source.for_token(used) if len(h) == 1 else source.batches(used)
         if len(h) == 1 or call.batched:  # decoding, this token's experts in: the cache reads the next layer's meanwhile
             source.speculate(h, call.experts_per_token)
         out = ops.mix_experts(h, chosen, weights, source, groups)

@@ -206,7 +206,7 @@ def test_mxfp4_experts_as_published(tmp_path):
             name = f"model.layers.{i}.mlp.experts.{e}."
             assert [entries[name + f"{m}.weight"]["dtype"] for m in ("gate_proj", "up_proj", "down_proj")] == ["q8"] * 3
             assert entries[name + "gate_proj.weight"]["group_size"] == 32
-            expert = pulled[i].experts.for_token([e])[0]
+            expert = pulled[i].experts[e]
             np.testing.assert_array_equal(expert.w1.dequantize(), gate_up[e, :, 0::2].T.numpy())
             np.testing.assert_array_equal(expert.w3.dequantize(), gate_up[e, :, 1::2].T.numpy())
             np.testing.assert_array_equal(expert.w2.dequantize(), down[e].T.numpy())

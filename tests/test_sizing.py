@@ -196,5 +196,6 @@ def test_a_budget_holds_more_small_experts_than_large_ones(q4, saving, tmp_path)
         model.transformer(ids[i:i + 1], kv)
         cache.counters()  # background reads done
         cache_held.append((len(cache.resident), sum(cache.held)))
+        assert cache.held_total == sum(cache.held)
     assert max(resident for resident, _ in cache_held) > 3
     assert all(held <= 3 * cache.slot_bytes for _, held in cache_held)

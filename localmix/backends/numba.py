@@ -84,16 +84,18 @@ class NumbaOps(Ops):
 
     def mix_experts(self, h, chosen, weights, source, groups):
         """A few rows (decoded tokens) through decode_experts, one call per format of the chosen
-        experts; more rows, float experts or widths the vector kernels do not take, through the
-        grouped products of model.mix_experts."""
+        experts in each group; more rows, float experts or widths the vector kernels do not take,
+        through the grouped products of model.mix_experts. Each row sums its experts in index order
+        whatever order the groups come in (an expert cache gives those it holds first), so the sum
+        is the resident model's bit for bit."""
         if len(h) > NumbaOps.FUSED_ROWS or not source.on_vector_kernels() or not kernels.has_vector_kernels():
             return Ops.mix_experts(self, h, chosen, weights, source, groups)
         h = np.ascontiguousarray(h, np.float32)
         chosen, weights = np.ascontiguousarray(chosen, np.int64), np.ascontiguousarray(weights, np.float32)
-        out = np.zeros_like(h)
+        added = []  # (expert, its rows, its output there times their weights)
         for ids, experts in groups:
             if not experts[0].plain:  # gpt-oss's biases and clamped SwiGLU: not fused (no kernel yet)
-                out = add_experts(out, h, chosen, weights, ids, experts)
+                added += expert_outputs(h, chosen, weights, ids, experts)
                 continue
             formats: dict = {}  # one call for the experts of each format (shadow copies have their own)
             for e, expert in zip(ids, experts):
@@ -103,18 +105,28 @@ class NumbaOps(Ops):
                 some = [expert for _, expert in members]
                 up = one_token_rows([e.w1 for e in some] + [e.w3 for e in some])
                 down = one_token_rows([e.w2 for e in some])
-                out = kernels.decode_experts(out, h, chosen, weights, np.array([e for e, _ in members], np.int64),
-                                             up, up_bits, up_group, down, down_bits, down_group)
+                ids_here = np.array([e for e, _ in members], np.int64)
+                rows, y = kernels.decode_experts(h, chosen, weights, ids_here, up, up_bits, up_group,
+                                                 down, down_bits, down_group)
+                start = 0
+                for e in ids_here:
+                    count = np.count_nonzero(chosen == e)
+                    added.append((int(e), rows[start:start + count], y[start:start + count]))
+                    start += count
+        out = np.zeros_like(h)
+        for _, rows, y in sorted(added, key=lambda one: one[0]):
+            out[rows] += y
         return out
 
 
-def add_experts(out: np.ndarray, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray, ids, experts) -> np.ndarray:
-    """out plus each of these experts over the rows that chose it, by weight, in index order (as
-    model.mix_experts adds them): the kernels' matrix products, the biases and activation in numpy."""
+def expert_outputs(h: np.ndarray, chosen: np.ndarray, weights: np.ndarray, ids, experts) -> list:
+    """(expert, rows, output) of each of these experts over the rows that chose it, by weight: the
+    kernels' matrix products, the biases and activation in numpy."""
+    outputs = []
     for e, expert in zip(ids, experts):
         rows, slots = np.nonzero(chosen == e)
-        out[rows] += expert_ffn(h[rows], expert, NumbaOps.linears) * weights[rows, slots, None]
-    return out
+        outputs.append((int(e), rows, expert_ffn(h[rows], expert, NumbaOps.linears) * weights[rows, slots, None]))
+    return outputs
 
 
 def one_token_rows(matrices, cols=None) -> np.ndarray:

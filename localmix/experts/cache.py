@@ -34,6 +34,7 @@ from localmix.store import ModelFolder, QuantizedMatrix, TensorLayout, align, ex
 
 
 RELEASE = getattr(mmap, "MADV_DONTNEED", None)  # gives a retired slot's pages back (Linux, macOS)
+READERS = 2  # a decoded token's misses read at once, one per thread: 2 in flight read as fast as more here
 
 
 def page_rows(rows: int, row_bytes: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -94,6 +95,7 @@ class ExpertCache:
             self.region, buffer = page_rows(rows, self.slot_bytes)
         self.buffer = buffer
         self.held = [0] * len(buffer)  # bytes of each slot's pages in use (what the budget counts)
+        self.held_total = 0  # their sum, kept as they change (asked at every miss)
         self.resident: dict[tuple[int, int], tuple[int, Expert]] = {}  # key -> (slot, expert views)
         self.free = list(range(len(buffer) - 1, -1, -1))
         self.in_use: set = set()  # the experts of the batch being computed: never evicted
@@ -101,6 +103,7 @@ class ExpertCache:
         self.prefetched: set = set()  # brought in ahead of time and not asked for yet
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="localmix-prefetch")
+        self.readers = ThreadPoolExecutor(READERS, thread_name_prefix="localmix-read")  # a token's misses
         self.failure: BaseException | None = None
         # Counters per layer and expert: lookups that found the expert resident (hits), had to
         # read it (misses), found it brought in by a guess (prefetch hits); and in all.
@@ -163,6 +166,46 @@ class ExpertCache:
         self.stall_s += time.perf_counter() - start
         return views
 
+    def token_groups(self, layer: int, experts) -> Iterator[tuple[list[int], list[Expert]]]:
+        """One decoded token's experts as groups computed in turn: those in slots first, while the
+        others are read, each by a reader thread (past the GIL, waiting on the disk, not on the
+        cores: the kernels keep both), then those others once read. The reads start here, before
+        the first group is computed. With shadow copies, one group (token_experts)."""
+        if self.shadows:
+            return iter([(list(map(int, experts)), self.token_experts(layer, experts))])
+        self._raise_failure()
+        keys = [(layer, int(e)) for e in experts]
+        started = {}
+        with self.lock:
+            self.in_use = set(keys)
+            for key in keys:
+                if key in self.resident or key in self.loading:
+                    continue
+                slot = self._take_slot(self.file_bytes[key])
+                if slot is None:  # every free slot is being filled: get() waits for one
+                    continue
+                self.policy.used(key)
+                self.misses[key] += 1
+                self.loading[key] = started[key] = self.readers.submit(self._load, key, slot, False)
+            ready = [key for key in keys if key in self.resident]
+        return self._token_groups(ready, [key for key in keys if key not in ready], started)
+
+    def _token_groups(self, ready, later, started) -> Iterator[tuple[list[int], list[Expert]]]:
+        if ready:
+            yield [e for _, e in ready], [self.get(*key) for key in ready]
+        if later:
+            yield [e for _, e in later], [self._wait(key, started[key]) if key in started else self.get(*key)
+                                          for key in later]
+
+    def _wait(self, key, loading) -> Expert:
+        """A miss token_groups started reading: its expert, once read."""
+        start = time.perf_counter()
+        loading.exception()
+        self._raise_failure()
+        self.stall_s += time.perf_counter() - start
+        with self.lock:
+            return self.resident[key][1]
+
     def token_experts(self, layer: int, experts) -> list[Expert]:
         """One decoded token's experts: those in slots, and for the others their shadow copies,
         whose full experts are read in the background for the tokens that follow (as HOBBIT
@@ -200,7 +243,7 @@ class ExpertCache:
                 **biases)
             if on_progress:
                 on_progress(i + 1, len(self.layouts))
-        self.held[self.free[0]] = self.slot_bytes
+        self._hold(self.free[0], self.slot_bytes)
         self._release(self.free[0], 0)  # its pages back: the slots' budget starts empty
         self.bytes_read = 0
 
@@ -273,7 +316,7 @@ class ExpertCache:
         while True:
             if self.free:
                 slot = max(self.free, key=self.held.__getitem__)
-                if sum(self.held) - self.held[slot] + size <= self.slots * self.slot_bytes:
+                if self.held_total - self.held[slot] + size <= self.slots * self.slot_bytes:
                     self.free.remove(slot)
                     self._release(slot, size)
                     return slot
@@ -287,7 +330,7 @@ class ExpertCache:
     def _evict(self) -> bool:
         """The policy's victim out (its slot free, its pages kept for the next expert); False if
         there is none. Called with the lock held."""
-        victim = self.policy.victim([key for key in self.resident if key not in self.in_use])
+        victim = self.policy.victim(lambda key: key in self.resident and key not in self.in_use)
         if victim is None:
             return False
         self.policy.removed(victim)
@@ -303,7 +346,11 @@ class ExpertCache:
         if self.held[slot] > keep and self.region is not None and RELEASE is not None:
             stride = self.buffer.shape[1]
             self.region.madvise(RELEASE, slot * stride + keep, self.held[slot] - keep)
-        self.held[slot] = keep
+        self._hold(slot, keep)
+
+    def _hold(self, slot: int, nbytes: int) -> None:
+        self.held_total += nbytes - self.held[slot]
+        self.held[slot] = nbytes
 
     def give_up(self, nbytes: int) -> int:
         """Lower the budget by whole largest experts until `nbytes` are freed (a KV cache growing
@@ -315,7 +362,7 @@ class ExpertCache:
             while freed < nbytes and self.slots > self.least_slots:
                 self.slots -= 1
                 freed += self.slot_bytes
-            while sum(self.held) > self.slots * self.slot_bytes:
+            while self.held_total > self.slots * self.slot_bytes:
                 spare = [slot for slot in self.free if self.held[slot]]
                 if spare:
                     self._release(spare[0], 0)
@@ -427,9 +474,10 @@ class CachedExperts(ExpertSource):
     def speculate(self, h: np.ndarray, k: int) -> None:
         self.cache.speculate(self.layer, h, k)
 
-    def for_token(self, experts) -> list[Expert]:
-        """A decoded token's experts (shadow copies for those not in the cache, where kept)."""
-        return self.cache.token_experts(self.layer, experts)
+    def for_token(self, experts) -> Iterator[tuple[list[int], list[Expert]]]:
+        """A decoded token's experts, those in slots first while the others are read (shadow copies
+        for those not in the cache, where kept)."""
+        return self.cache.token_groups(self.layer, experts)
 
     def batches(self, experts) -> Iterator[tuple[list[int], list[Expert]]]:
         """The experts in groups that fit the slots together (pinned experts have their own), each

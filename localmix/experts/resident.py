@@ -32,7 +32,7 @@ class ResidentExperts(ExpertSource):
         return [(list(chosen), [self.experts[e] for e in chosen])]
 
     def for_token(self, chosen):
-        return [self.experts[e] for e in chosen]
+        return self.batches(chosen)
 
     def on_vector_kernels(self) -> bool:
         if self._vector is None:  # asked at every layer of every token: found once

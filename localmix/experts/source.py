@@ -46,9 +46,10 @@ class ExpertSource(Sequence):
         (indices, experts): one batch, unless the source holds fewer experts than were chosen."""
 
     @abstractmethod
-    def for_token(self, chosen) -> list[Expert]:
-        """One decoded token's experts, in the order chosen (an expert cache may answer with a
-        low-bit shadow copy for an expert not in memory)."""
+    def for_token(self, chosen) -> Iterable[tuple[list[int], list[Expert]]]:
+        """One decoded token's experts as groups of (indices, experts) computed in turn, each brought
+        in as it is reached (an expert cache gives those in memory first while it reads the others,
+        or answers with low-bit shadow copies for those not in memory)."""
 
     @abstractmethod
     def on_vector_kernels(self) -> bool:

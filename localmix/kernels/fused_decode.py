@@ -67,12 +67,13 @@ def attention_out(x, attended, o, o_bits, o_group, norm, eps):
 
 
 @njit(cache=True, nogil=True)
-def decode_experts(x, h, chosen, weights, experts, up, up_bits, up_group, down, down_bits, down_group):
-    """x + the SwiGLU of each row of h by these experts (ids, in index order) where chosen, times
-    its weight, each added to x in turn in the order of `experts`, whatever the order of chosen
-    (model.mix_experts' order, also when an expert cache splits the experts into batches). up: the table rows of the experts' w1 then their w3, down: of their w2. Each
-    expert's rows go through its weights together: one read of them for all the sequences decoded
-    together that chose it."""
+def decode_experts(h, chosen, weights, experts, up, up_bits, up_group, down, down_bits, down_group):
+    """The SwiGLU of each row of h by these experts (ids) where chosen, times its weight: (rows,
+    added), the (row, expert) pairs grouped by expert in the order of `experts`, for the caller to
+    add to the block's output in index order (NumbaOps.mix_experts: the experts may come in several
+    calls, a format or a group of an expert cache at a time). up: the table rows of the experts' w1
+    then their w3, down: of their w2. Each expert's rows go through its weights together: one read
+    of them for all the sequences decoded together that chose it."""
     n = experts.size
     pairs = 0
     for j in range(n):
@@ -92,8 +93,7 @@ def decode_experts(x, h, chosen, weights, experts, up, up_bits, up_group, down, 
         up[j, TOKENS] = up[n + j, TOKENS] = down[j, TOKENS] = p - up[j, X_ROW]
         up[n + j, OUT_COL] = up[0, ROWS]
     gate_up = _products(hs, up, up_bits, up_group, pairs, 2 * up[0, ROWS])
-    y = _products(_swiglu_serial(gate_up), down, down_bits, down_group, pairs, x.shape[1])
-    out = x.copy()
-    for p in range(pairs):  # each row adds its experts one by one, in the order of `experts`: called
-        out[rows[p]] += y[p] * scale[p]  # batch after batch on the sum so far, it sums as one call would
-    return out
+    y = _products(_swiglu_serial(gate_up), down, down_bits, down_group, pairs, h.shape[1])
+    for p in range(pairs):
+        y[p] *= scale[p]
+    return rows, y
