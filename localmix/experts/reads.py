@@ -1,6 +1,7 @@
 """An expert's file read into a slot: straight into the slot's memory (`pread`, no intermediate
 copy and no memory map that the kernel would count against the process), by all the kernels'
-threads when the model waits for it, by one thread in the background.
+threads when the model waits for it (a prompt's batch), by one thread otherwise: a reader of a
+decoded token's misses (two at once, while the token's other experts compute) or a prefetch.
 
 Where the system allows, the reads bypass the page cache (O_DIRECT): the slot holds the expert,
 and a second copy in the page cache is memory the budget does not see, which a memory limit
