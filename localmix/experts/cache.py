@@ -204,7 +204,8 @@ class ExpertCache:
         self._raise_failure()
         self.stall_s += time.perf_counter() - start
         with self.lock:
-            return self.resident[key][1]
+            read = self.resident.get(key)
+        return read[1] if read is not None else self.get(*key)  # its failure raised elsewhere: read again
 
     def token_experts(self, layer: int, experts) -> list[Expert]:
         """One decoded token's experts: those in slots, and for the others their shadow copies,
