@@ -582,10 +582,10 @@ def test_export_copies_4_3_and_2_bit_groups_as_q4_1_exactly_and_imports_back(hf,
                           "unknown export format 'onnx'")
 
 
-def test_a_model_with_experts_at_2_and_4_bits_exports_to_gguf_not_to_mlx_lm(hf, tmp_path):
-    """A `shrink`-made model: its layers' expert stacks in GGUF hold each expert's values bit for bit
-    (2- and 4-bit groups both become Q4_1 exactly); mlx-lm keeps a layer's experts in one format,
-    so that export is refused in one line."""
+def test_a_model_with_experts_at_3_and_4_bits_exports_to_gguf_not_to_mlx_lm(hf, tmp_path):
+    """A `shrink`-made model (a size one byte short: one expert at 3 bits): its layers' expert stacks
+    in GGUF hold each expert's values bit for bit (3- and 4-bit groups both become Q4_1 exactly);
+    mlx-lm keeps a layer's experts in one format, so that export is refused in one line."""
     from localmix.quant.convert import LocalSource, convert
     from localmix.quant.sizing import resize
     from localmix.store import read_manifest
@@ -594,7 +594,7 @@ def test_a_model_with_experts_at_2_and_4_bits_exports_to_gguf_not_to_mlx_lm(hf, 
     folder = resize(whole, tmp_path / "shrunk", size, say=lambda _: None)
     model = localmix.load(folder, backend="numpy")
     bits = [[e.w1.bits for e in layer.experts] for layer in model.transformer.weights.layers]
-    assert sorted(b for layer in bits for b in layer) == [2] + [4] * (sum(map(len, bits)) - 1)
+    assert sorted(b for layer in bits for b in layer) == [3] + [4] * (sum(map(len, bits)) - 1)
     out = tmp_path / "shrunk.gguf"
     result = localmix_cli("export", folder, out)
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,7 @@ count against the process), evicting one chosen by the policy. The slot holds th
 exactly, so the products, and the logits, are bit for bit those of the resident model.
 
 The budget is in bytes: `slots` largest experts' worth. Where the experts differ in size (a model
-`localmix shrink` made, with experts at 2 and 4 bits) there are more slots than that, each on pages
+`localmix shrink` made, with experts at 2, 3 and 4 bits) there are more slots than that, each on pages
 of its own, and the cache counts the pages its slots hold: a small expert takes only its own
 pages (a larger one's tail is given back), so more small experts stay resident in the same bytes.
 """
