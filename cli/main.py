@@ -209,7 +209,10 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model name or folder
     # exit, which would run the C++ runtimes' destructors (OpenMP's, LLVM's) beneath a thread still
     # in a kernel (an engine's past the wait, a pull's) and abort: "terminate called without an
     # active exception". A pull's hidden folder is removed by the next pull of its model.
-    catalog.stop(wait=STOP_SECONDS)
+    try:
+        catalog.stop(wait=STOP_SECONDS)
+    except KeyboardInterrupt:  # a third Ctrl-C: end now all the same
+        pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130 if server.should_exit else 0)  # stopped by Ctrl-C (or SIGTERM), as `run` is: exit 130

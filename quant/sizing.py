@@ -115,8 +115,10 @@ def cheapest_steps(options: dict[Expert, list[tuple[tuple[int, int], int, float]
     for expert, formats in options.items():
         hull = [(None, 0, 0.0)]
         for format, saving, cost in formats:
-            if saving <= hull[-1][1]:
-                continue
+            if saving < hull[-1][1] or (saving == hull[-1][1] and cost >= hull[-1][2]):
+                continue  # saves less, or as much for no less
+            if saving == hull[-1][1]:
+                hull.pop()  # as much saved for less
             while len(hull) > 1 and rate(hull[-2], hull[-1]) >= rate(hull[-1], (format, saving, cost)):
                 hull.pop()  # the point before is not worth stopping at: go on past it
             hull.append((format, saving, cost))
@@ -219,7 +221,8 @@ def resize(folder: Path, out: Path, size: int, text: str | None = None, on_step:
             entries.setdefault(layout.name, manifest["tensors"][layout.name])
         return dict(sorted(entries.items()))
 
-    base = manifest["quantization"].get("bits_before_size", manifest["quantization"]["bits"])
+    # the format before any --size ("2-4" from a model shrunk before this field was written: "4")
+    base = manifest["quantization"].get("bits_before_size") or str(manifest["quantization"]["bits"]).split("-")[-1]
     experts_bits = {}  # (layer, expert) -> the bits of its matrices in the new model
     for layout in layouts:
         if expert_matrix(layout.name) and layout.bits is not None:

@@ -1,5 +1,6 @@
 """Running within a memory budget: experts in preallocated slots, read from their files on demand."""
 
+import dataclasses
 import json
 import mmap
 import shutil
@@ -107,6 +108,27 @@ def test_a_failed_background_read_surfaces_in_the_caller(q4, tmp_path):
     cache.loading.get((1, 7)) and cache.loading[(1, 7)].result()
     with pytest.raises(LocalmixError, match="missing.bin: cannot read"):
         cache.get(0, 0)
+
+
+def test_a_decoded_tokens_failed_reads_are_raised_in_it_and_not_after(q4):
+    """Two of a token's misses whose files are gone, read by the reader threads: the token raises
+    one of them; the next token, of other experts, is not failed by the other (each read's error
+    stays with its own future), and the two are read again once their files are back."""
+    model = localmix.load(q4, memory=budget(q4, 6), prefetch=False)
+    cache = model.expert_cache
+    gone = {key: cache.layouts[key][0] for key in [(0, 1), (0, 2)]}
+    for key, layout in gone.items():
+        cache.layouts[key][0] = dataclasses.replace(layout, file="experts/missing.bin")
+    failing = cache.token_groups(0, [0, 1, 2, 3])  # the reads start here; their groups are taken below
+    for loading in list(cache.loading.values()):
+        loading.exception()  # every read has ended, two of them failed
+    assert [ids for ids, _ in cache.token_groups(0, [4, 5])] == [[4, 5]]
+    with pytest.raises(LocalmixError, match="missing.bin: cannot read"):
+        list(failing)
+    for key, layout in gone.items():
+        cache.layouts[key][0] = layout
+    groups = list(cache.token_groups(0, [1, 2]))
+    assert sorted(e for ids, _ in groups for e in ids) == [1, 2] and cache.held_total == sum(cache.held)
 
 
 def test_a_budget_that_holds_everything_keeps_the_model_resident(q4):

@@ -103,6 +103,9 @@ def test_cheapest_steps_per_byte_first_and_a_step_not_worth_stopping_at_skipped(
                             (1, 0): [(THREE, 0, 0.0), (TWO, 10, 5.0)]})  # stored at 3 bits: one step
     assert steps == [Step((0, 1), THREE, 10, 1.0), Step((1, 0), TWO, 10, 5.0), Step((0, 1), TWO, 10, 20.0),
                      Step((0, 0), TWO, 20, 60.0)]
+    # two formats saving the same bytes: the cheaper, whichever comes first
+    assert cheapest_steps({(0, 0): [(THREE, 10, 5.0), (TWO, 10, 3.0)]}) == [Step((0, 0), TWO, 10, 3.0)]
+    assert cheapest_steps({(0, 0): [(THREE, 10, 3.0), (TWO, 10, 5.0)]}) == [Step((0, 0), THREE, 10, 3.0)]
 
 
 def test_the_cheapest_steps_are_taken_and_the_rest_keep_their_bytes(q4, saving, tmp_path):

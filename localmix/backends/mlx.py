@@ -370,18 +370,24 @@ class MLXOps(Ops):
         if stacked is not None:
             kept = np.where(chosen < len(source), chosen, 0).astype(np.uint32)
             return self.mix_stacked(self.to_mlx(h), mx.array(kept), mx.array(np.asarray(weights, np.float32)), stacked)
-        out = mx.zeros(h.shape, h.dtype)
+        added = []  # (expert, its rows, its output there times their weights)
         for batch, experts in groups:
+            outputs = []
             for e, expert in zip(batch, experts):
                 rows, slots = np.nonzero(chosen == e)
                 scale = mx.array(weights[rows, slots].astype(np.float32)).astype(h.dtype)[:, None]
                 rows_mx = mx.array(rows)
-                out = out.at[rows_mx].add(self.expert_ffn(h[rows_mx], expert) * scale)
-            # computed before the next batch may take these slots. One token's experts are one batch,
-            # left lazy: the next layer's routing, which the host waits for before it brings experts
-            # in, computes them (and the cache evicts none of them, in use, until then).
+                outputs.append((int(e), rows_mx, self.expert_ffn(h[rows_mx], expert) * scale))
+            # computed before the next batch may take these slots. One token's experts (a group in
+            # slots, then one read meanwhile) are left lazy: the next layer's routing, which the host
+            # waits for before it brings experts in, computes them (the cache evicts none of them, in
+            # use, until then).
             if source.on_demand and len(h) > 1:
-                mx.eval(out)
+                mx.eval([y for _, _, y in outputs])
+            added += outputs
+        out = mx.zeros(h.shape, h.dtype)
+        for _, rows_mx, y in sorted(added, key=lambda one: one[0]):  # index order, however they came
+            out = out.at[rows_mx].add(y)
         return out
 
 

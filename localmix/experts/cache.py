@@ -186,7 +186,7 @@ class ExpertCache:
                     continue
                 self.policy.used(key)
                 self.misses[key] += 1
-                self.loading[key] = started[key] = self.readers.submit(self._load, key, slot, False)
+                self.loading[key] = started[key] = self.readers.submit(self._load, key, slot, False, True)
             ready = [key for key in keys if key in self.resident]
         return self._token_groups(ready, [key for key in keys if key not in ready], started)
 
@@ -198,14 +198,16 @@ class ExpertCache:
                                           for key in later]
 
     def _wait(self, key, loading) -> Expert:
-        """A miss token_groups started reading: its expert, once read."""
+        """A miss token_groups started reading: its expert, once read (its read's failure raised
+        here, and only here: a token whose other reads failed too leaves them in their futures, and
+        those experts are read again when next asked for)."""
         start = time.perf_counter()
-        loading.exception()
-        self._raise_failure()
-        self.stall_s += time.perf_counter() - start
+        try:
+            loading.result()
+        finally:
+            self.stall_s += time.perf_counter() - start
         with self.lock:
-            read = self.resident.get(key)
-        return read[1] if read is not None else self.get(*key)  # its failure raised elsewhere: read again
+            return self.resident[key][1]
 
     def token_experts(self, layer: int, experts) -> list[Expert]:
         """One decoded token's experts: those in slots, and for the others their shadow copies,
@@ -288,14 +290,19 @@ class ExpertCache:
         """Read an expert into a slot in the background thread. Called with the lock held."""
         self.loading[key] = self.pool.submit(self._load, key, slot, guess)
 
-    def _load(self, key, slot: int, guess: bool) -> None:  # in the background thread
+    def _load(self, key, slot: int, guess: bool, waited_for: bool = False) -> None:  # in a background thread
+        """waited_for: a token's miss (token_groups), whose own future its token waits on: a failure
+        is raised there. Otherwise (a prefetch) it is kept for the next lookup to raise."""
         try:
             views = self._read(key, slot)
         except BaseException as e:
             with self.lock:
                 self.loading.pop(key, None)
                 self.free.append(slot)
-                self.failure = e
+                if not waited_for:
+                    self.failure = e
+            if waited_for:
+                raise
             return
         with self.lock:
             self.loading.pop(key, None)
