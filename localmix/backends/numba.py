@@ -106,13 +106,10 @@ class NumbaOps(Ops):
                 up = one_token_rows([e.w1 for e in some] + [e.w3 for e in some])
                 down = one_token_rows([e.w2 for e in some])
                 ids_here = np.array([e for e, _ in members], np.int64)
-                rows, y = kernels.decode_experts(h, chosen, weights, ids_here, up, up_bits, up_group,
-                                                 down, down_bits, down_group)
-                start = 0
-                for e in ids_here:
-                    count = np.count_nonzero(chosen == e)
-                    added.append((int(e), rows[start:start + count], y[start:start + count]))
-                    start += count
+                rows, y, counts = kernels.decode_experts(h, chosen, weights, ids_here, up, up_bits, up_group,
+                                                         down, down_bits, down_group)
+                ends = np.cumsum(counts)[:-1]
+                added += zip(ids_here.tolist(), np.split(rows, ends), np.split(y, ends))
         out = np.zeros_like(h)
         for _, rows, y in sorted(added, key=lambda one: one[0]):
             out[rows] += y

@@ -69,7 +69,8 @@ def attention_out(x, attended, o, o_bits, o_group, norm, eps):
 @njit(cache=True, nogil=True)
 def decode_experts(h, chosen, weights, experts, up, up_bits, up_group, down, down_bits, down_group):
     """The SwiGLU of each row of h by these experts (ids) where chosen, times its weight: (rows,
-    added), the (row, expert) pairs grouped by expert in the order of `experts`, for the caller to
+    added, counts), the (row, expert) pairs grouped by expert in the order of `experts`, counts[j]
+    of them for experts[j], for the caller to
     add to the block's output in index order (NumbaOps.mix_experts: the experts may come in several
     calls, a format or a group of an expert cache at a time). up: the table rows of the experts' w1
     then their w3, down: of their w2. Each expert's rows go through its weights together: one read
@@ -78,7 +79,7 @@ def decode_experts(h, chosen, weights, experts, up, up_bits, up_group, down, dow
     pairs = 0
     for j in range(n):
         pairs += np.count_nonzero(chosen == experts[j])
-    rows, scale = np.empty(pairs, np.int64), np.empty(pairs, np.float32)
+    rows, scale, counts = np.empty(pairs, np.int64), np.empty(pairs, np.float32), np.empty(n, np.int64)
     hs = np.empty((pairs, h.shape[1]), np.float32)
     p = 0
     for j in range(n):  # (row, expert) pairs grouped by expert
@@ -90,10 +91,10 @@ def decode_experts(h, chosen, weights, experts, up, up_bits, up_group, down, dow
                     rows[p], scale[p] = t, weights[t, slot]
                     hs[p] = h[t]
                     p += 1
-        up[j, TOKENS] = up[n + j, TOKENS] = down[j, TOKENS] = p - up[j, X_ROW]
+        counts[j] = up[j, TOKENS] = up[n + j, TOKENS] = down[j, TOKENS] = p - up[j, X_ROW]
         up[n + j, OUT_COL] = up[0, ROWS]
     gate_up = _products(hs, up, up_bits, up_group, pairs, 2 * up[0, ROWS])
     y = _products(_swiglu_serial(gate_up), down, down_bits, down_group, pairs, h.shape[1])
     for p in range(pairs):
         y[p] *= scale[p]
-    return rows, y
+    return rows, y, counts
